@@ -1,0 +1,116 @@
+//! The cache record (`CacheResult`) and cache keys, compatible with the original library.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ids::FlowRunId;
+use crate::options::CachePolicy;
+
+/// A cached task result, stored as JSON exactly as the original library stored it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CacheResult {
+    /// The run that produced the result.
+    pub flow_run_id: FlowRunId,
+    /// The task.
+    pub task_name: String,
+    /// The result, as JSON.
+    pub result: Value,
+    /// The MD5 hex key of the call (see [`original_md5`]).
+    pub cache_key: String,
+    /// When it was stored: RFC 3339 UTC with microseconds.
+    pub timestamp: String,
+}
+
+impl CacheResult {
+    /// How old the entry is, if its timestamp parses.
+    pub fn age(&self, now: std::time::SystemTime) -> Option<std::time::Duration> {
+        let at = humantime::parse_rfc3339_weak(self.timestamp.trim_end_matches('Z')).ok()?;
+        Some(now.duration_since(at).unwrap_or_default())
+    }
+}
+
+/// The original library's key: MD5 hex of the compact, sorted-keys JSON
+/// `{"args":[...],"kwargs":{},"task_name":"..."}` (serde_json's map is ordered by key, so
+/// nested objects are sorted too, like the original's `sort_keys`).
+pub fn original_md5(task_name: &str, args: &Value) -> String {
+    let mut doc = serde_json::Map::new();
+    doc.insert("args".into(), args.clone());
+    doc.insert("kwargs".into(), Value::Object(serde_json::Map::new()));
+    doc.insert("task_name".into(), Value::String(task_name.to_string()));
+    let text = serde_json::to_string(&Value::Object(doc)).unwrap_or_default();
+    format!("{:x}", md5::compute(text.as_bytes()))
+}
+
+/// The object key of a cached call, or `None` for [`CachePolicy::None`].
+///
+/// - `run`: `result_cache/flow-<flow_run_id>/tasks/<task_name>/<md5>.json` (the original);
+/// - `inputs`: `result_cache/inputs/<task_name>/v<version>/<md5>.json`.
+pub fn object_key(
+    policy: CachePolicy,
+    flow_run_id: FlowRunId,
+    task_name: &str,
+    version: &str,
+    md5_hex: &str,
+) -> Option<String> {
+    match policy {
+        CachePolicy::None => None,
+        CachePolicy::Run => Some(format!(
+            "{}/tasks/{task_name}/{md5_hex}.json",
+            run_prefix(flow_run_id)
+        )),
+        CachePolicy::Inputs => Some(format!(
+            "{INPUTS_PREFIX}/{task_name}/v{}/{md5_hex}.json",
+            if version.is_empty() { "0" } else { version }
+        )),
+    }
+}
+
+/// Prefix of every `inputs`-policy object.
+pub const INPUTS_PREFIX: &str = "result_cache/inputs";
+
+/// Prefix of a run's `run`-policy objects.
+pub fn run_prefix(flow_run_id: FlowRunId) -> String {
+    format!("result_cache/flow-{flow_run_id}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn md5_matches_the_original_compact_sorted_json() {
+        // md5 of {"args":[3],"kwargs":{},"task_name":"square"}
+        let text = r#"{"args":[3],"kwargs":{},"task_name":"square"}"#;
+        let expected = format!("{:x}", md5::compute(text.as_bytes()));
+        assert_eq!(original_md5("square", &json!([3])), expected);
+        // nested keys are sorted too
+        let a = original_md5("t", &json!([{"b": 1, "a": 2}]));
+        let text = r#"{"args":[{"a":2,"b":1}],"kwargs":{},"task_name":"t"}"#;
+        assert_eq!(a, format!("{:x}", md5::compute(text.as_bytes())));
+    }
+
+    #[test]
+    fn run_layout_is_the_original() {
+        let run = FlowRunId(uuid::Uuid::nil());
+        assert_eq!(
+            object_key(CachePolicy::Run, run, "square", "", "abc").unwrap(),
+            "result_cache/flow-00000000-0000-0000-0000-000000000000/tasks/square/abc.json"
+        );
+        assert_eq!(object_key(CachePolicy::None, run, "square", "", "abc"), None);
+    }
+
+    #[test]
+    fn age_parses_our_timestamps() {
+        let now = std::time::SystemTime::now();
+        let rec = CacheResult {
+            flow_run_id: FlowRunId::new(),
+            task_name: "t".into(),
+            result: json!(1),
+            cache_key: "k".into(),
+            timestamp: crate::events::timestamp(now - std::time::Duration::from_secs(30)),
+        };
+        let age = rec.age(now).unwrap().as_secs();
+        assert!((29..=31).contains(&age), "{age}");
+    }
+}

@@ -1,0 +1,246 @@
+//! Errors at the public boundaries, each with a message a user can act on.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Why an attempt failed, as reported by the agent that ran it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// The task returned `Err`.
+    Error,
+    /// The task panicked.
+    Panic,
+    /// The attempt ran over its timeout and was stopped.
+    Timeout,
+    /// The arguments could not be decoded into the task's parameter types.
+    BadArguments,
+    /// The result could not be encoded.
+    BadResult,
+    /// The agent does not know the task.
+    UnknownTask,
+    /// The attempt was cancelled.
+    Cancelled,
+    /// The actor running the attempt failed (a bug, not a task error).
+    Crashed,
+}
+
+impl FailureKind {
+    /// Whether a retry can help. Decoding errors and unknown tasks fail the same way again.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            FailureKind::Error | FailureKind::Panic | FailureKind::Timeout | FailureKind::Crashed
+        )
+    }
+}
+
+/// A failed attempt: the kind, the message and the full error chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorInfo {
+    /// What went wrong.
+    pub kind: FailureKind,
+    /// One line, suitable for `error_message`.
+    pub message: String,
+    /// The error chain (Debug of the error; for `anyhow` the "Caused by" list).
+    pub traceback: Option<String>,
+}
+
+impl ErrorInfo {
+    /// A failure with a message and no chain.
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        ErrorInfo {
+            kind,
+            message: message.into(),
+            traceback: None,
+        }
+    }
+
+    /// From a user error: `Display` for the message, `Debug` for the chain when it adds
+    /// something.
+    pub fn from_user_error<E: fmt::Display + fmt::Debug + ?Sized>(kind: FailureKind, e: &E) -> Self {
+        let message = e.to_string();
+        let debug = format!("{e:?}");
+        ErrorInfo {
+            kind,
+            traceback: (debug != message).then_some(debug),
+            message,
+        }
+    }
+}
+
+impl fmt::Display for ErrorInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            FailureKind::Error => f.write_str(&self.message),
+            FailureKind::Panic => write!(f, "panicked: {}", self.message),
+            FailureKind::Timeout => write!(f, "timed out: {}", self.message),
+            FailureKind::BadArguments => write!(f, "bad arguments: {}", self.message),
+            FailureKind::BadResult => write!(f, "bad result: {}", self.message),
+            FailureKind::UnknownTask => write!(f, "unknown task: {}", self.message),
+            FailureKind::Cancelled => write!(f, "cancelled: {}", self.message),
+            FailureKind::Crashed => write!(f, "crashed: {}", self.message),
+        }
+    }
+}
+
+/// What a task call returns to the flow code when it does not succeed.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum TaskError {
+    /// The task was called outside a flow.
+    #[error("task `{task}` can only be called within a flow (call it from a #[flow] function)")]
+    OutsideFlow {
+        /// The task's name.
+        task: String,
+    },
+    /// Every attempt failed.
+    #[error("task `{task}` failed after {attempts} attempt(s): {last_error}")]
+    Failed {
+        /// The task's name.
+        task: String,
+        /// How many attempts ran.
+        attempts: u32,
+        /// The last attempt's error.
+        last_error: ErrorInfo,
+    },
+    /// The arguments could not be encoded.
+    #[error("task `{task}`: arguments could not be encoded: {reason}")]
+    InvalidArguments {
+        /// The task's name.
+        task: String,
+        /// The encoder's message.
+        reason: String,
+    },
+    /// The result could not be decoded into the type the caller expects.
+    #[error("task `{task}`: result could not be decoded: {reason}")]
+    InvalidResult {
+        /// The task's name.
+        task: String,
+        /// The decoder's message.
+        reason: String,
+    },
+    /// The run ended or its runner stopped before the call was answered.
+    #[error("task `{task}`: the flow run is no longer accepting calls: {reason}")]
+    RunClosed {
+        /// The task's name.
+        task: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl TaskError {
+    /// The task's name.
+    pub fn task(&self) -> &str {
+        match self {
+            TaskError::OutsideFlow { task }
+            | TaskError::Failed { task, .. }
+            | TaskError::InvalidArguments { task, .. }
+            | TaskError::InvalidResult { task, .. }
+            | TaskError::RunClosed { task, .. } => task,
+        }
+    }
+}
+
+/// Errors of flow parameters, before a run starts.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ParamError {
+    /// A required parameter was not given.
+    #[error("flow `{flow}`: missing parameter `{param}` (pass --{param}=VALUE or --input '{{\"{param}\": ...}}'); parameters: {known}")]
+    Missing {
+        /// The flow.
+        flow: String,
+        /// The parameter.
+        param: String,
+        /// All parameters of the flow.
+        known: String,
+    },
+    /// A parameter the flow does not have.
+    #[error("flow `{flow}`: unknown parameter `{param}`; parameters: {known}")]
+    Unknown {
+        /// The flow.
+        flow: String,
+        /// The parameter.
+        param: String,
+        /// All parameters of the flow.
+        known: String,
+    },
+    /// A parameter of the wrong type.
+    #[error("flow `{flow}`: parameter `{param}`: {reason}")]
+    Invalid {
+        /// The flow.
+        flow: String,
+        /// The parameter.
+        param: String,
+        /// The decoder's message.
+        reason: String,
+    },
+    /// `--input` was not a JSON object.
+    #[error("--input must be a JSON object such as '{{\"n\": 10}}': {reason}")]
+    BadInput {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Configuration errors, reported at start-up.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// `FLOW_RUN_ID` (or `--flow-run-id`) is not a UUID.
+    #[error("invalid flow run id {value:?} from {source_name}: {reason} (expected a UUID such as 0b8f4a5e-7c1d-4b6e-9a51-3f1e2d4c5b6a, or leave it unset to generate one)")]
+    InvalidFlowRunId {
+        /// Where the value came from.
+        source_name: String,
+        /// The value.
+        value: String,
+        /// The parser's message.
+        reason: String,
+    },
+    /// Any other invalid setting.
+    #[error("invalid setting {name}={value:?}: {reason}")]
+    Invalid {
+        /// The setting.
+        name: String,
+        /// The value.
+        value: String,
+        /// What is expected.
+        reason: String,
+    },
+}
+
+/// Errors of the wire codec.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The bytes are not a valid message.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// The message is of a protocol version this build does not speak.
+    #[error("unsupported protocol version {got} (this build speaks {expected})")]
+    Version {
+        /// The version in the envelope.
+        got: u16,
+        /// Ours.
+        expected: u16,
+    },
+    /// A value could not be encoded.
+    #[error("could not encode: {0}")]
+    Encode(String),
+}
+
+/// Errors of an object store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The key is not acceptable to the store.
+    #[error("invalid object key {0:?}")]
+    InvalidKey(String),
+    /// An I/O or service error.
+    #[error("object store {op} {key:?}: {reason}")]
+    Io {
+        /// The operation.
+        op: &'static str,
+        /// The key.
+        key: String,
+        /// The underlying error.
+        reason: String,
+    },
+}

@@ -1,0 +1,17 @@
+//! The vocabulary of Pinazu Flows, shared by the coordinator, the agents and the facade:
+//! ids, task and flow definitions, options, status events, cache records, wire messages,
+//! the codec, the transport seam and the errors a user can act on.
+
+pub mod cache;
+pub mod codec;
+pub mod error;
+pub mod events;
+pub mod ids;
+pub mod options;
+pub mod registry;
+pub mod store;
+pub mod transport;
+pub mod wire;
+
+/// A boxed, sendable future: the shape of everything invoked through a registry entry.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

@@ -1,0 +1,149 @@
+//! The object store behind the cache (and, later, large payloads): a small trait, and the
+//! local-directory store that is the default.
+
+use bytes::Bytes;
+use std::path::{Path, PathBuf};
+
+use crate::error::StoreError;
+use crate::BoxFuture;
+
+/// A flat key -> bytes store. Keys are `/`-separated paths.
+pub trait ObjectStore: Send + Sync + 'static {
+    /// The object, or `None` when absent.
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>>;
+    /// Stores the object, replacing any previous one atomically.
+    fn put<'a>(&'a self, key: &'a str, value: Bytes) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Removes every object under `prefix`; returns how many.
+    fn delete_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<u64, StoreError>>;
+    /// A short description for logs (`dir:/path`, `s3://bucket/prefix`).
+    fn describe(&self) -> String;
+}
+
+/// Objects as files under a root directory.
+#[derive(Clone, Debug)]
+pub struct LocalDirStore {
+    root: PathBuf,
+}
+
+impl LocalDirStore {
+    /// A store rooted at `root` (created on first write).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalDirStore { root: root.into() }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf, StoreError> {
+        let ok = !key.is_empty()
+            && !key.starts_with('/')
+            && key
+                .split('/')
+                .all(|seg| !seg.is_empty() && seg != "." && seg != ".." && !seg.contains('\\'));
+        if !ok {
+            return Err(StoreError::InvalidKey(key.to_string()));
+        }
+        Ok(self.root.join(key))
+    }
+}
+
+fn io_err(op: &'static str, key: &str, e: std::io::Error) -> StoreError {
+    StoreError::Io {
+        op,
+        key: key.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+impl ObjectStore for LocalDirStore {
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+        Box::pin(async move {
+            let path = self.path(key)?;
+            match tokio::fs::read(&path).await {
+                Ok(b) => Ok(Some(Bytes::from(b))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(io_err("get", key, e)),
+            }
+        })
+    }
+
+    fn put<'a>(&'a self, key: &'a str, value: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let path = self.path(key)?;
+            if let Some(dir) = path.parent() {
+                tokio::fs::create_dir_all(dir)
+                    .await
+                    .map_err(|e| io_err("put", key, e))?;
+            }
+            // write then rename, so a reader never sees half an object
+            let tmp = path.with_extension(format!("tmp.{}", fastrand_suffix()));
+            tokio::fs::write(&tmp, &value)
+                .await
+                .map_err(|e| io_err("put", key, e))?;
+            tokio::fs::rename(&tmp, &path)
+                .await
+                .map_err(|e| io_err("put", key, e))
+        })
+    }
+
+    fn delete_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let prefix = prefix.trim_end_matches('/');
+            let path = if prefix.is_empty() {
+                self.root.clone()
+            } else {
+                self.path(prefix)?
+            };
+            let count = count_files(&path).await;
+            match tokio::fs::remove_dir_all(&path).await {
+                Ok(()) => Ok(count),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+                Err(e) => Err(io_err("delete", prefix, e)),
+            }
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("dir:{}", self.root.display())
+    }
+}
+
+fn fastrand_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+async fn count_files(dir: &Path) -> u64 {
+    let mut count = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(mut rd) = tokio::fs::read_dir(&d).await else {
+            continue;
+        };
+        while let Ok(Some(entry)) = rd.next_entry().await {
+            match entry.file_type().await {
+                Ok(t) if t.is_dir() => stack.push(entry.path()),
+                Ok(_) => count += 1,
+                Err(_) => {}
+            }
+        }
+    }
+    count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_keys_that_escape_the_root() {
+        let s = LocalDirStore::new("/tmp/x");
+        for bad in ["", "/abs", "a/../b", "a//b", "..", "a/./b"] {
+            assert!(s.path(bad).is_err(), "{bad}");
+        }
+        assert!(s.path("result_cache/flow-1/tasks/t/abc.json").is_ok());
+    }
+}

@@ -1,0 +1,71 @@
+//! Messages between the coordinator and agents. In distributed mode they travel as
+//! MessagePack with named fields inside a versioned envelope (`codec`).
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+use crate::error::ErrorInfo;
+use crate::ids::{AgentId, AttemptId, CallId, FlowRunId};
+
+/// Coordinator -> agent: run one attempt of a call.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SpawnTask {
+    /// The run.
+    pub flow_run_id: FlowRunId,
+    /// The call.
+    pub call_id: CallId,
+    /// This attempt.
+    pub attempt_id: AttemptId,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// Task name.
+    pub task: Arc<str>,
+    /// MessagePack argument tuple.
+    pub args: Bytes,
+    /// Stop the attempt after this long.
+    pub timeout_ms: Option<u64>,
+}
+
+/// Agent -> coordinator: an attempt started executing.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AttemptStarted {
+    /// The run.
+    pub flow_run_id: FlowRunId,
+    /// The call.
+    pub call_id: CallId,
+    /// The attempt.
+    pub attempt_id: AttemptId,
+    /// Who runs it.
+    pub agent_id: AgentId,
+}
+
+/// Agent -> coordinator: an attempt ended.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AttemptFinished {
+    /// The run.
+    pub flow_run_id: FlowRunId,
+    /// The call.
+    pub call_id: CallId,
+    /// The attempt.
+    pub attempt_id: AttemptId,
+    /// Who ran it.
+    pub agent_id: AgentId,
+    /// MessagePack result, or the failure.
+    pub outcome: Result<Bytes, ErrorInfo>,
+    /// How long the attempt ran, in microseconds.
+    pub elapsed_us: u64,
+}
+
+/// An agent's advertisement: what it runs and how much at once.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// Its id.
+    pub agent_id: AgentId,
+    /// Attempts it runs at once.
+    pub slots: u32,
+    /// Task names it can run.
+    pub tasks: Vec<String>,
+    /// Labels (`k=v`) tasks may require.
+    pub labels: Vec<(String, String)>,
+}
