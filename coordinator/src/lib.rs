@@ -1,1 +1,17 @@
-//! placeholder
+//! The coordinator side of Pinazu Flows: one [`FlowRunner`](flow_runner::FlowRunner) per
+//! flow run, the [`Scheduler`](scheduler::Scheduler) (agent registry and dispatch), the
+//! [`CacheActor`](cache::CacheActor) in front of the object store, and the
+//! [`StatusPublisher`](status::StatusPublisher). [`Coordinator`] wires them together.
+
+pub mod cache;
+pub mod context;
+pub mod coordinator;
+pub mod flow_runner;
+pub mod scheduler;
+pub mod stats;
+pub mod status;
+
+pub use context::{call_task, current_flow_run_id, map, spawn_in_flow, FlowContext, Payload};
+pub use coordinator::{Coordinator, CoordinatorConfig, FlowRunOutcome, RunHandle, StartError};
+pub use stats::{RunStats, StatsSnapshot};
+pub use status::{CollectingSink, EventSink, LogSink};

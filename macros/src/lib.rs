@@ -1,1 +1,548 @@
-//! placeholder
+//! `#[task]` and `#[flow]`: the attribute macros of Pinazu Flows. They keep the function's
+//! body in a hidden function, register a definition (so the runtime can find it by name),
+//! and generate a public function with the same parameters that goes through the runtime.
+//! Use them through `pinazu_flows` (`use pinazu_flows::prelude::*`).
+
+use proc_macro::TokenStream;
+use proc_macro2::{Span, TokenStream as TokenStream2};
+use quote::{format_ident, quote};
+use syn::spanned::Spanned;
+use syn::{
+    parse_macro_input, Error, Expr, FnArg, GenericArgument, ItemFn, Lit, LitStr, Pat,
+    PathArguments, ReturnType, Type,
+};
+
+/// Marks an `async fn` as a task. Its parameters must be owned serde types and it must
+/// return `Result<T, E>` (`E: Display + Debug`, e.g. `anyhow::Error`).
+///
+/// Options: `name = "..."`, `version = "..."`, `retries = N`, `retry_delay = "100ms"`,
+/// `backoff = 2.0`, `max_delay = "60s"`, `jitter = 0.1`, `timeout = "30s"`,
+/// `cache = "none" | "run" | "inputs"`, `expire = "1h"`, `refresh = true`.
+///
+/// The generated function returns `Result<T, pinazu_flows::TaskError>` and can only be
+/// called within a flow.
+#[proc_macro_attribute]
+pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let func = parse_macro_input!(item as ItemFn);
+    let mut opts = TaskOpts::default();
+    let parser = syn::meta::parser(|meta| opts.parse(meta));
+    parse_macro_input!(attr with parser);
+    expand_task(opts, func)
+        .unwrap_or_else(Error::into_compile_error)
+        .into()
+}
+
+/// Marks an `async fn` as a flow. Its parameters are the flow's named parameters
+/// (`--key=value` on the command line); mark one `#[default(expr)]` to make it optional
+/// (an `Option<T>` parameter is optional anyway). It must return `Result<T, E>`.
+///
+/// Option: `name = "..."`. The generated function runs the flow on the current runtime
+/// and returns `Result<T, pinazu_flows::FlowError>`.
+#[proc_macro_attribute]
+pub fn flow(attr: TokenStream, item: TokenStream) -> TokenStream {
+    let func = parse_macro_input!(item as ItemFn);
+    let mut name: Option<LitStr> = None;
+    let parser = syn::meta::parser(|meta| {
+        if meta.path.is_ident("name") {
+            name = Some(meta.value()?.parse()?);
+            Ok(())
+        } else {
+            Err(meta.error("unknown #[flow] option; the option is `name = \"...\"`"))
+        }
+    });
+    parse_macro_input!(attr with parser);
+    expand_flow(name, func)
+        .unwrap_or_else(Error::into_compile_error)
+        .into()
+}
+
+#[derive(Default)]
+struct TaskOpts {
+    name: Option<LitStr>,
+    version: Option<LitStr>,
+    retries: Option<u32>,
+    retry_delay: Option<u64>,
+    backoff: Option<f64>,
+    max_delay: Option<u64>,
+    jitter: Option<f64>,
+    timeout: Option<u64>,
+    cache: Option<String>,
+    expire: Option<u64>,
+    refresh: Option<bool>,
+}
+
+impl TaskOpts {
+    fn parse(&mut self, meta: syn::meta::ParseNestedMeta) -> syn::Result<()> {
+        let key = meta
+            .path
+            .get_ident()
+            .map(|i| i.to_string())
+            .unwrap_or_default();
+        let lit: Lit = meta.value()?.parse()?;
+        let span = lit.span();
+        match key.as_str() {
+            "name" => self.name = Some(lit_str(&lit)?),
+            "version" => self.version = Some(lit_str(&lit)?),
+            "retries" => self.retries = Some(lit_int(&lit)?),
+            "retry_delay" => self.retry_delay = Some(lit_duration(&lit)?),
+            "backoff" => self.backoff = Some(lit_float(&lit)?),
+            "max_delay" => self.max_delay = Some(lit_duration(&lit)?),
+            "jitter" => {
+                let j = lit_float(&lit)?;
+                if !(0.0..=1.0).contains(&j) {
+                    return Err(Error::new(span, "jitter is a fraction between 0.0 and 1.0"));
+                }
+                self.jitter = Some(j)
+            }
+            "timeout" => self.timeout = Some(lit_duration(&lit)?),
+            "cache" => {
+                let v = lit_str(&lit)?.value();
+                if !matches!(v.as_str(), "none" | "run" | "inputs") {
+                    return Err(Error::new(span, "cache is one of \"none\", \"run\", \"inputs\""));
+                }
+                self.cache = Some(v)
+            }
+            "expire" => self.expire = Some(lit_duration(&lit)?),
+            "refresh" => match lit {
+                Lit::Bool(b) => self.refresh = Some(b.value),
+                _ => return Err(Error::new(span, "refresh is true or false")),
+            },
+            _ => {
+                return Err(meta.error(
+                    "unknown #[task] option; options: name, version, retries, retry_delay, backoff, max_delay, jitter, timeout, cache, expire, refresh",
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
+fn lit_str(lit: &Lit) -> syn::Result<LitStr> {
+    match lit {
+        Lit::Str(s) => Ok(s.clone()),
+        _ => Err(Error::new(lit.span(), "expected a string")),
+    }
+}
+
+fn lit_int(lit: &Lit) -> syn::Result<u32> {
+    match lit {
+        Lit::Int(i) => i.base10_parse(),
+        _ => Err(Error::new(lit.span(), "expected a whole number")),
+    }
+}
+
+fn lit_float(lit: &Lit) -> syn::Result<f64> {
+    match lit {
+        Lit::Float(f) => f.base10_parse(),
+        Lit::Int(i) => i.base10_parse::<u64>().map(|v| v as f64),
+        _ => Err(Error::new(lit.span(), "expected a number")),
+    }
+}
+
+/// Parses "250ms", "2s", "1m30s", "1h", "1d" (or a bare number of seconds) into nanoseconds.
+fn lit_duration(lit: &Lit) -> syn::Result<u64> {
+    let text = match lit {
+        Lit::Str(s) => s.value(),
+        Lit::Int(i) => format!("{}s", i.base10_digits()),
+        _ => {
+            return Err(Error::new(
+                lit.span(),
+                "expected a duration such as \"500ms\" or \"2s\"",
+            ))
+        }
+    };
+    parse_duration_nanos(&text).ok_or_else(|| {
+        Error::new(
+            lit.span(),
+            format!("invalid duration {text:?}; use e.g. \"500ms\", \"2s\", \"1m30s\", \"1h\""),
+        )
+    })
+}
+
+fn parse_duration_nanos(text: &str) -> Option<u64> {
+    let s = text.trim();
+    if s.is_empty() {
+        return None;
+    }
+    let mut total: f64 = 0.0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let (num, tail) = rest.split_at(num_end);
+        let value: f64 = num.parse().ok()?;
+        let unit_end = tail
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_end);
+        let scale = match unit.trim() {
+            "ns" => 1.0,
+            "us" | "µs" => 1e3,
+            "ms" => 1e6,
+            "" | "s" => 1e9,
+            "m" | "min" => 60e9,
+            "h" => 3600e9,
+            "d" => 86400e9,
+            _ => return None,
+        };
+        total += value * scale;
+        rest = tail;
+    }
+    Some(total as u64)
+}
+
+struct Param {
+    /// Name used in the generated public function.
+    ident: syn::Ident,
+    pat: Box<Pat>,
+    ty: Box<Type>,
+    default: Option<Expr>,
+}
+
+fn params(func: &mut ItemFn, kind: &str) -> syn::Result<Vec<Param>> {
+    let mut out = Vec::new();
+    for (i, arg) in func.sig.inputs.iter_mut().enumerate() {
+        let FnArg::Typed(pt) = arg else {
+            return Err(Error::new(
+                arg.span(),
+                format!("a {kind} is a free function; it cannot take self"),
+            ));
+        };
+        if let Type::Reference(r) = &*pt.ty {
+            return Err(Error::new(
+                r.span(),
+                format!("{kind} parameters are sent between processes, so they must be owned (e.g. String, not &str)"),
+            ));
+        }
+        let mut default = None;
+        let mut err = None;
+        pt.attrs.retain(|a| {
+            if a.path().is_ident("default") {
+                match a.parse_args::<Expr>() {
+                    Ok(e) => default = Some(e),
+                    Err(e) => err = Some(e),
+                }
+                false
+            } else {
+                true
+            }
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        let ident = match &*pt.pat {
+            Pat::Ident(pi) => pi.ident.clone(),
+            _ => format_ident!("__pinazu_arg{}", i),
+        };
+        out.push(Param {
+            ident,
+            pat: pt.pat.clone(),
+            ty: pt.ty.clone(),
+            default,
+        });
+    }
+    Ok(out)
+}
+
+/// `T` of a `Result<T, E>` / `anyhow::Result<T>` return type.
+fn ok_type(sig: &syn::Signature, kind: &str) -> syn::Result<Type> {
+    let err = || {
+        Error::new(
+            sig.output.span(),
+            format!(
+                "a {kind} must return Result<T, E> (E: Display + Debug, e.g. anyhow::Result<T>)"
+            ),
+        )
+    };
+    let ReturnType::Type(_, ty) = &sig.output else {
+        return Err(err());
+    };
+    let Type::Path(tp) = &**ty else {
+        return Err(err());
+    };
+    let last = tp.path.segments.last().ok_or_else(err)?;
+    if !last.ident.to_string().ends_with("Result") {
+        return Err(err());
+    }
+    let PathArguments::AngleBracketed(args) = &last.arguments else {
+        return Err(err());
+    };
+    match args.args.first() {
+        Some(GenericArgument::Type(t)) => Ok(t.clone()),
+        _ => Err(err()),
+    }
+}
+
+fn check_signature(func: &ItemFn, kind: &str) -> syn::Result<()> {
+    if func.sig.asyncness.is_none() {
+        return Err(Error::new(
+            func.sig.fn_token.span(),
+            format!("a {kind} must be an `async fn`"),
+        ));
+    }
+    if !func.sig.generics.params.is_empty() {
+        return Err(Error::new(
+            func.sig.generics.span(),
+            format!("a {kind} cannot be generic: it is registered by name"),
+        ));
+    }
+    Ok(())
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+fn expand_task(opts: TaskOpts, mut func: ItemFn) -> syn::Result<TokenStream2> {
+    check_signature(&func, "task")?;
+    let ok_ty = ok_type(&func.sig, "task")?;
+    let params = params(&mut func, "task")?;
+    if let Some(p) = params.iter().find(|p| p.default.is_some()) {
+        return Err(Error::new(
+            p.ident.span(),
+            "#[default] is for flow parameters; task calls pass every argument",
+        ));
+    }
+    let fn_ident = func.sig.ident.clone();
+    let name = opts
+        .name
+        .clone()
+        .unwrap_or_else(|| LitStr::new(&fn_ident.to_string(), fn_ident.span()));
+    if !valid_name(&name.value()) {
+        return Err(Error::new(
+            name.span(),
+            "a task name uses letters, digits, '_', '-' and '.' only",
+        ));
+    }
+    let version = opts
+        .version
+        .clone()
+        .unwrap_or_else(|| LitStr::new("", Span::call_site()));
+    let def_ident = format_ident!("__PINAZU_TASK_{}", fn_ident);
+    let invoke_ident = format_ident!("__pinazu_invoke_{}", fn_ident);
+    let body_ident = format_ident!("__pinazu_body_{}", fn_ident);
+
+    let retries = opts.retries.unwrap_or(0);
+    let dur = |v: Option<u64>, d: TokenStream2| match v {
+        Some(n) => quote!(::core::time::Duration::from_nanos(#n)),
+        None => d,
+    };
+    let retry_delay = dur(
+        opts.retry_delay,
+        quote!(::pinazu_flows::__private::RetryPolicy::DEFAULT.delay),
+    );
+    let max_delay = dur(
+        opts.max_delay,
+        quote!(::pinazu_flows::__private::RetryPolicy::DEFAULT.max_delay),
+    );
+    let backoff = match opts.backoff {
+        Some(b) => quote!(#b),
+        None => quote!(::pinazu_flows::__private::RetryPolicy::DEFAULT.backoff),
+    };
+    let jitter = match opts.jitter {
+        Some(j) => quote!(#j),
+        None => quote!(::pinazu_flows::__private::RetryPolicy::DEFAULT.jitter),
+    };
+    let opt_dur = |v: Option<u64>| match v {
+        Some(n) => quote!(::core::option::Option::Some(::core::time::Duration::from_nanos(#n))),
+        None => quote!(::core::option::Option::None),
+    };
+    let timeout = opt_dur(opts.timeout);
+    let expire = opt_dur(opts.expire);
+    let cache = match opts.cache.as_deref() {
+        Some("run") => quote!(::pinazu_flows::__private::CachePolicy::Run),
+        Some("inputs") => quote!(::pinazu_flows::__private::CachePolicy::Inputs),
+        _ => quote!(::pinazu_flows::__private::CachePolicy::None),
+    };
+    let refresh = opts.refresh.unwrap_or(false);
+
+    let vis = &func.vis;
+    let attrs: Vec<_> = func
+        .attrs
+        .iter()
+        .filter(|a| a.path().is_ident("doc"))
+        .collect();
+    let idents: Vec<_> = params.iter().map(|p| &p.ident).collect();
+    let pats: Vec<_> = params.iter().map(|p| &p.pat).collect();
+    let tys: Vec<_> = params.iter().map(|p| &p.ty).collect();
+    let arg_names: Vec<_> = (0..params.len())
+        .map(|i| format_ident!("__a{}", i))
+        .collect();
+
+    let mut body_fn = func.clone();
+    body_fn.sig.ident = body_ident.clone();
+    body_fn.vis = syn::Visibility::Inherited;
+    body_fn.attrs.retain(|a| !a.path().is_ident("doc"));
+
+    let _ = pats;
+    Ok(quote! {
+        #(#attrs)*
+        #[doc = ""]
+        #[doc = concat!("Task `", #name, "`: runs on an agent; can only be called within a flow.")]
+        #vis async fn #fn_ident(#(#idents: #tys),*) -> ::core::result::Result<#ok_ty, ::pinazu_flows::TaskError> {
+            ::pinazu_flows::__private::call_task::<#ok_ty, _>(&#def_ident, (#(#idents,)*)).await
+        }
+
+        #[doc(hidden)]
+        #[allow(non_upper_case_globals)]
+        static #def_ident: ::pinazu_flows::__private::TaskDef = ::pinazu_flows::__private::TaskDef {
+            name: #name,
+            version: #version,
+            options: ::pinazu_flows::__private::TaskOptions {
+                retry: ::pinazu_flows::__private::RetryPolicy {
+                    retries: #retries,
+                    delay: #retry_delay,
+                    backoff: #backoff,
+                    max_delay: #max_delay,
+                    jitter: #jitter,
+                },
+                timeout: #timeout,
+                cache: #cache,
+                expire: #expire,
+                refresh: #refresh,
+            },
+            invoke: #invoke_ident,
+            source: ::pinazu_flows::__private::Source {
+                module: ::core::module_path!(),
+                file: ::core::file!(),
+                line: ::core::line!(),
+            },
+        };
+
+        ::pinazu_flows::__private::inventory::submit! {
+            ::pinazu_flows::__private::TaskEntry(&#def_ident)
+        }
+
+        #[doc(hidden)]
+        fn #invoke_ident(
+            args: ::pinazu_flows::__private::Bytes,
+        ) -> ::pinazu_flows::__private::BoxFuture<'static, ::core::result::Result<::pinazu_flows::__private::Bytes, ::pinazu_flows::__private::ErrorInfo>> {
+            ::std::boxed::Box::pin(async move {
+                let (#(#arg_names,)*): (#(#tys,)*) = ::pinazu_flows::__private::decode_args(#name, &args)?;
+                ::pinazu_flows::__private::encode_result(#name, #body_ident(#(#arg_names),*).await)
+            })
+        }
+
+        #[doc(hidden)]
+        #body_fn
+    })
+}
+
+fn expand_flow(name: Option<LitStr>, mut func: ItemFn) -> syn::Result<TokenStream2> {
+    check_signature(&func, "flow")?;
+    let ok_ty = ok_type(&func.sig, "flow")?;
+    let params = params(&mut func, "flow")?;
+    let fn_ident = func.sig.ident.clone();
+    let name = name.unwrap_or_else(|| LitStr::new(&fn_ident.to_string(), fn_ident.span()));
+    if !valid_name(&name.value()) {
+        return Err(Error::new(
+            name.span(),
+            "a flow name uses letters, digits, '_', '-' and '.' only",
+        ));
+    }
+    let def_ident = format_ident!("__PINAZU_FLOW_{}", fn_ident);
+    let invoke_ident = format_ident!("__pinazu_flow_invoke_{}", fn_ident);
+    let body_ident = format_ident!("__pinazu_flow_body_{}", fn_ident);
+    let vis = &func.vis;
+    let attrs: Vec<_> = func
+        .attrs
+        .iter()
+        .filter(|a| a.path().is_ident("doc"))
+        .collect();
+    let idents: Vec<_> = params.iter().map(|p| &p.ident).collect();
+    let tys: Vec<_> = params.iter().map(|p| &p.ty).collect();
+    let names: Vec<_> = params
+        .iter()
+        .map(|p| {
+            LitStr::new(
+                p.ident.to_string().trim_start_matches("r#"),
+                p.ident.span(),
+            )
+        })
+        .collect();
+    let takes = params.iter().zip(&names).map(|(p, n)| {
+        let ident = &p.ident;
+        let ty = &p.ty;
+        let default = match &p.default {
+            Some(e) => quote!(::core::option::Option::Some((|| -> #ty { #e }) as fn() -> #ty)),
+            None => quote!(::core::option::Option::None),
+        };
+        quote!(let #ident: #ty = __params.take(#n, #default)?;)
+    });
+
+    let mut body_fn = func.clone();
+    body_fn.sig.ident = body_ident.clone();
+    body_fn.vis = syn::Visibility::Inherited;
+    body_fn.attrs.retain(|a| !a.path().is_ident("doc"));
+
+    Ok(quote! {
+        #(#attrs)*
+        #[doc = ""]
+        #[doc = concat!("Flow `", #name, "`: calling it runs the flow on the current runtime (embedded by default).")]
+        #vis async fn #fn_ident(#(#idents: #tys),*) -> ::core::result::Result<#ok_ty, ::pinazu_flows::FlowError> {
+            let mut __params = ::pinazu_flows::__private::Map::new();
+            #(
+                __params.insert(
+                    ::std::string::String::from(#names),
+                    ::pinazu_flows::__private::param_value(#name, #names, &#idents)?,
+                );
+            )*
+            ::pinazu_flows::__private::run_flow::<#ok_ty>(&#def_ident, __params).await
+        }
+
+        #[doc(hidden)]
+        #[allow(non_upper_case_globals)]
+        static #def_ident: ::pinazu_flows::__private::FlowDef = ::pinazu_flows::__private::FlowDef {
+            name: #name,
+            params: &[#(#names),*],
+            invoke: #invoke_ident,
+            source: ::pinazu_flows::__private::Source {
+                module: ::core::module_path!(),
+                file: ::core::file!(),
+                line: ::core::line!(),
+            },
+        };
+
+        ::pinazu_flows::__private::inventory::submit! {
+            ::pinazu_flows::__private::FlowEntry(&#def_ident)
+        }
+
+        #[doc(hidden)]
+        fn #invoke_ident(
+            params: ::pinazu_flows::__private::Map<::std::string::String, ::pinazu_flows::__private::Value>,
+        ) -> ::core::result::Result<
+            ::pinazu_flows::__private::BoxFuture<'static, ::core::result::Result<::pinazu_flows::__private::Value, ::pinazu_flows::__private::ErrorInfo>>,
+            ::pinazu_flows::__private::ParamError,
+        > {
+            let mut __params = ::pinazu_flows::__private::Params::new(#name, &[#(#names),*], params)?;
+            #(#takes)*
+            ::core::result::Result::Ok(::std::boxed::Box::pin(async move {
+                ::pinazu_flows::__private::encode_flow_result(#name, #body_ident(#(#idents),*).await)
+            }))
+        }
+
+        #[doc(hidden)]
+        #body_fn
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration_nanos as p;
+
+    #[test]
+    fn durations() {
+        assert_eq!(p("500ms"), Some(500_000_000));
+        assert_eq!(p("2s"), Some(2_000_000_000));
+        assert_eq!(p("1m30s"), Some(90_000_000_000));
+        assert_eq!(p("1h"), Some(3_600_000_000_000));
+        assert_eq!(p("1.5s"), Some(1_500_000_000));
+        assert_eq!(p("3"), Some(3_000_000_000));
+        assert_eq!(p("abc"), None);
+        assert_eq!(p(""), None);
+    }
+}

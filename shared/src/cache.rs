@@ -97,7 +97,10 @@ mod tests {
             object_key(CachePolicy::Run, run, "square", "", "abc").unwrap(),
             "result_cache/flow-00000000-0000-0000-0000-000000000000/tasks/square/abc.json"
         );
-        assert_eq!(object_key(CachePolicy::None, run, "square", "", "abc"), None);
+        assert_eq!(
+            object_key(CachePolicy::None, run, "square", "", "abc"),
+            None
+        );
     }
 
     #[test]

@@ -66,12 +66,26 @@ mod tests {
 
     #[test]
     fn envelope_round_trips_and_rejects_other_versions() {
-        let bytes = encode_envelope(&Ping { n: 7, s: "x".into() }).unwrap();
+        let bytes = encode_envelope(&Ping {
+            n: 7,
+            s: "x".into(),
+        })
+        .unwrap();
         assert_eq!(
             decode_envelope::<Ping>(&bytes).unwrap(),
-            Ping { n: 7, s: "x".into() }
+            Ping {
+                n: 7,
+                s: "x".into()
+            }
         );
-        let other = to_msgpack(&EnvelopeRef { v: 99, body: &Ping { n: 1, s: String::new() } }).unwrap();
+        let other = to_msgpack(&EnvelopeRef {
+            v: 99,
+            body: &Ping {
+                n: 1,
+                s: String::new(),
+            },
+        })
+        .unwrap();
         assert!(matches!(
             decode_envelope::<Ping>(&other),
             Err(CodecError::Version { got: 99, .. })

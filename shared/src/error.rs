@@ -58,7 +58,10 @@ impl ErrorInfo {
 
     /// From a user error: `Display` for the message, `Debug` for the chain when it adds
     /// something.
-    pub fn from_user_error<E: fmt::Display + fmt::Debug + ?Sized>(kind: FailureKind, e: &E) -> Self {
+    pub fn from_user_error<E: fmt::Display + fmt::Debug + ?Sized>(
+        kind: FailureKind,
+        e: &E,
+    ) -> Self {
         let message = e.to_string();
         let debug = format!("{e:?}");
         ErrorInfo {

@@ -267,11 +267,7 @@ impl Params {
 
 /// Builds the named-parameter map of a direct typed flow call.
 pub fn params_to_map(names: &[&str], values: Vec<Value>) -> Map<String, Value> {
-    names
-        .iter()
-        .map(|n| n.to_string())
-        .zip(values)
-        .collect()
+    names.iter().map(|n| n.to_string()).zip(values).collect()
 }
 
 /// Encodes one typed parameter value of a direct flow call as JSON.

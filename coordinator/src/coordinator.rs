@@ -1,0 +1,265 @@
+//! The coordinator: starts the `Scheduler`, `CacheActor` and `StatusPublisher`, hosts one
+//! `FlowRunner` per run, and routes agents' reports to them. It is the same in embedded
+//! and distributed mode; only the `AgentLink` it is given and where its `ResultSink`
+//! is called from differ.
+
+use dashmap::DashMap;
+use ractor::{Actor, ActorRef, SpawnErr};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+use pinazu_shared::error::ParamError;
+use pinazu_shared::events::{EventHeader, FlowStatus};
+use pinazu_shared::ids::FlowRunId;
+use pinazu_shared::options::CachePolicy;
+use pinazu_shared::registry::FlowDef;
+use pinazu_shared::store::ObjectStore;
+use pinazu_shared::transport::{AgentLink, ResultSink};
+use pinazu_shared::wire::{AgentInfo, AttemptFinished, AttemptStarted};
+
+use crate::cache::{CacheActor, CacheCounters, CacheMsg};
+use crate::flow_runner::{FlowRunner, FlowRunnerArgs, FlowRunnerMsg};
+use crate::scheduler::{AgentView, Scheduler, SchedulerMsg};
+use crate::stats::{RunStats, StatsSnapshot};
+use crate::status::{EventSink, StatusMsg, StatusPublisher};
+
+/// Coordinator settings.
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    /// Header of every status event.
+    pub header: EventHeader,
+    /// Policy of tasks that set none: `run` when `ENABLE_S3_CACHING=true`, as the original.
+    pub default_cache: CachePolicy,
+    /// Execute cached calls anyway and overwrite their entries.
+    pub refresh_cache: bool,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            header: EventHeader::default(),
+            default_cache: CachePolicy::None,
+            refresh_cache: false,
+        }
+    }
+}
+
+/// The end of a run, as the CLI prints it and callers receive it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FlowRunOutcome {
+    /// The run.
+    pub flow_run_id: FlowRunId,
+    /// The flow's name.
+    pub flow: String,
+    /// SUCCESS or FAILED.
+    pub status: FlowStatus,
+    /// The flow's return value, as JSON, on SUCCESS.
+    pub result: Option<Value>,
+    /// The error, on FAILED.
+    pub error: Option<String>,
+    /// The error chain, on FAILED.
+    pub traceback: Option<String>,
+    /// Counters.
+    pub stats: StatsSnapshot,
+}
+
+/// Why a run could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad parameters.
+    #[error(transparent)]
+    Params(#[from] ParamError),
+    /// A run with this id is already active here.
+    #[error("flow run {0} is already running on this coordinator")]
+    AlreadyRunning(FlowRunId),
+    /// The runner actor could not start.
+    #[error("could not start the flow runner: {0}")]
+    Spawn(String),
+}
+
+/// A started run.
+pub struct RunHandle {
+    /// Its id.
+    pub flow_run_id: FlowRunId,
+    /// Live counters.
+    pub stats: Arc<RunStats>,
+    outcome: oneshot::Receiver<FlowRunOutcome>,
+}
+
+impl RunHandle {
+    /// Waits for the run to end.
+    pub async fn wait(self) -> FlowRunOutcome {
+        let id = self.flow_run_id;
+        let stats = self.stats.clone();
+        self.outcome.await.unwrap_or_else(|_| FlowRunOutcome {
+            flow_run_id: id,
+            flow: String::new(),
+            status: FlowStatus::Failed,
+            result: None,
+            error: Some("the flow runner stopped without an outcome (internal error)".into()),
+            traceback: None,
+            stats: stats.snapshot(),
+        })
+    }
+}
+
+/// What every runner of this coordinator shares.
+pub struct CoordShared {
+    pub(crate) config: CoordinatorConfig,
+    pub(crate) scheduler: ActorRef<SchedulerMsg>,
+    pub(crate) cache: ActorRef<CacheMsg>,
+    pub(crate) status: ActorRef<StatusMsg>,
+    pub(crate) runs: DashMap<FlowRunId, ActorRef<FlowRunnerMsg>>,
+    pub(crate) events_enabled: bool,
+    /// Reports for runs that are not (or no longer) here.
+    pub(crate) unknown_run_reports: AtomicU64,
+}
+
+/// A handle to a running coordinator. Cheap to clone.
+#[derive(Clone)]
+pub struct Coordinator {
+    shared: Arc<CoordShared>,
+    cache_counters: Arc<CacheCounters>,
+}
+
+impl Coordinator {
+    /// Starts the coordinator's actors.
+    pub async fn start(
+        config: CoordinatorConfig,
+        link: Arc<dyn AgentLink>,
+        store: Arc<dyn ObjectStore>,
+        sink: Arc<dyn EventSink>,
+    ) -> Result<Coordinator, SpawnErr> {
+        let events_enabled = sink.enabled();
+        let (scheduler, _) = Actor::spawn(None, Scheduler, link).await?;
+        let cache_counters = Arc::new(CacheCounters::default());
+        let (cache, _) = Actor::spawn(None, CacheActor, (store, cache_counters.clone())).await?;
+        let (status, _) =
+            Actor::spawn(None, StatusPublisher, (config.header.clone(), sink)).await?;
+        Ok(Coordinator {
+            shared: Arc::new(CoordShared {
+                config,
+                scheduler,
+                cache,
+                status,
+                runs: DashMap::new(),
+                events_enabled,
+                unknown_run_reports: AtomicU64::new(0),
+            }),
+            cache_counters,
+        })
+    }
+
+    /// The sink agents report to. Embedded agents call it directly; the NATS transport
+    /// calls it for each decoded report.
+    pub fn result_sink(&self) -> Arc<dyn ResultSink> {
+        Arc::new(Inbound {
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// Adds (or refreshes) an agent in the scheduler's registry.
+    pub fn register_agent(&self, info: AgentInfo) {
+        let _ = self
+            .shared
+            .scheduler
+            .send_message(SchedulerMsg::Register(info));
+    }
+
+    /// The agents as the scheduler sees them.
+    pub async fn agents(&self) -> Vec<AgentView> {
+        ractor::call!(self.shared.scheduler, SchedulerMsg::Agents).unwrap_or_default()
+    }
+
+    /// Cache counters.
+    pub fn cache_counters(&self) -> &CacheCounters {
+        &self.cache_counters
+    }
+
+    /// Removes every cache object under `prefix`.
+    pub async fn clear_cache(&self, prefix: &str) -> Result<u64, String> {
+        let prefix = prefix.to_string();
+        ractor::call!(self.shared.cache, |reply| CacheMsg::Clear { prefix, reply })
+            .map_err(|e| e.to_string())?
+    }
+
+    /// Starts a run of `flow` with named parameters. Parameter errors are reported here,
+    /// before anything runs.
+    pub async fn start_run(
+        &self,
+        flow: &'static FlowDef,
+        params: Map<String, Value>,
+        flow_run_id: FlowRunId,
+    ) -> Result<RunHandle, StartError> {
+        if self.shared.runs.contains_key(&flow_run_id) {
+            return Err(StartError::AlreadyRunning(flow_run_id));
+        }
+        let body = (flow.invoke)(params)?;
+        let stats = Arc::new(RunStats::default());
+        let (tx, rx) = oneshot::channel();
+        let args = FlowRunnerArgs {
+            flow_run_id,
+            flow,
+            body,
+            shared: self.shared.clone(),
+            stats: stats.clone(),
+            outcome: tx,
+        };
+        let (runner, _) = Actor::spawn(None, FlowRunner, args)
+            .await
+            .map_err(|e| StartError::Spawn(e.to_string()))?;
+        self.shared.runs.insert(flow_run_id, runner);
+        Ok(RunHandle {
+            flow_run_id,
+            stats,
+            outcome: rx,
+        })
+    }
+
+    /// Waits until every status event published so far is delivered.
+    pub async fn flush_events(&self) {
+        let _ = ractor::call!(self.shared.status, StatusMsg::Flush);
+    }
+
+    /// Reports that arrived for runs not hosted here (late or misrouted).
+    pub fn unknown_run_reports(&self) -> u64 {
+        self.shared.unknown_run_reports.load(Relaxed)
+    }
+}
+
+/// Routes agents' reports: slot accounting to the scheduler, outcomes to the run's runner.
+struct Inbound {
+    shared: Arc<CoordShared>,
+}
+
+impl Inbound {
+    fn route(&self, run: FlowRunId, msg: FlowRunnerMsg) {
+        match self.shared.runs.get(&run) {
+            Some(runner) => {
+                let _ = runner.send_message(msg);
+            }
+            None => {
+                self.shared.unknown_run_reports.fetch_add(1, Relaxed);
+                tracing::debug!(flow_run_id = %run, "report for a run that is not active here; dropped");
+            }
+        }
+    }
+}
+
+impl ResultSink for Inbound {
+    fn started(&self, started: AttemptStarted) {
+        self.route(started.flow_run_id, FlowRunnerMsg::Started(started));
+    }
+
+    fn finished(&self, finished: AttemptFinished) {
+        let _ = self.shared.scheduler.send_message(SchedulerMsg::SlotFreed {
+            agent: finished.agent_id.clone(),
+            run: finished.flow_run_id,
+            attempt: finished.attempt_id,
+        });
+        self.route(finished.flow_run_id, FlowRunnerMsg::Finished(finished));
+    }
+}

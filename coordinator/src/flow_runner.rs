@@ -1,0 +1,466 @@
+//! One actor per flow run. It owns the run's call table: every task call gets a
+//! deterministic call id, goes through the cache policy, is dispatched as attempts through
+//! the scheduler, retried per its policy, and answered exactly once. It ends the run in
+//! SUCCESS or FAILED, whatever the flow body does.
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+use pinazu_shared::cache::{object_key, original_md5, CacheResult};
+use pinazu_shared::error::{ErrorInfo, FailureKind, TaskError};
+use pinazu_shared::events::{now_timestamp, FlowStatus, FlowStatusMessage, TaskStatusMessage};
+use pinazu_shared::ids::{AttemptId, CallId, FlowRunId};
+use pinazu_shared::options::CachePolicy;
+use pinazu_shared::registry::{FlowDef, TaskDef};
+use pinazu_shared::wire::{AttemptFinished, AttemptStarted, SpawnTask};
+use pinazu_shared::BoxFuture;
+
+use crate::cache::CacheMsg;
+use crate::context::{FlowContext, Payload, FLOW_CONTEXT};
+use crate::coordinator::{CoordShared, FlowRunOutcome};
+use crate::scheduler::SchedulerMsg;
+use crate::stats::RunStats;
+use crate::status::StatusMsg;
+
+type CallReply = oneshot::Sender<Result<Payload, TaskError>>;
+
+/// Messages to a flow runner.
+pub enum FlowRunnerMsg {
+    /// The flow body called a task.
+    Call {
+        /// The task.
+        task: &'static TaskDef,
+        /// MessagePack argument tuple.
+        args: Bytes,
+        /// The same arguments as JSON, when the call is cached.
+        args_json: Option<Value>,
+        /// Answered once, with the result or the final error.
+        reply: CallReply,
+    },
+    /// The cache answered a lookup.
+    CacheChecked {
+        /// The call.
+        call_id: CallId,
+        /// The record, on a hit.
+        hit: Option<CacheResult>,
+    },
+    /// An attempt started on an agent.
+    Started(AttemptStarted),
+    /// An attempt ended.
+    Finished(AttemptFinished),
+    /// A retry's backoff elapsed.
+    RetryDue(CallId),
+    /// The flow body returned (or panicked).
+    FlowDone(Result<Value, ErrorInfo>),
+}
+
+/// What a flow runner starts with.
+pub struct FlowRunnerArgs {
+    pub(crate) flow_run_id: FlowRunId,
+    pub(crate) flow: &'static FlowDef,
+    pub(crate) body: BoxFuture<'static, Result<Value, ErrorInfo>>,
+    pub(crate) shared: Arc<CoordShared>,
+    pub(crate) stats: Arc<RunStats>,
+    pub(crate) outcome: oneshot::Sender<FlowRunOutcome>,
+}
+
+struct CallState {
+    task: &'static TaskDef,
+    args: Bytes,
+    /// Object key and md5 of the call, when cached.
+    cache: Option<(String, String)>,
+    attempt: u32,
+    /// The attempt whose result is accepted; `None` while waiting for a retry.
+    current: Option<AttemptId>,
+    reply: Option<CallReply>,
+}
+
+/// The flow runner actor.
+pub struct FlowRunner;
+
+/// Its state.
+pub struct RunnerState {
+    flow_run_id: FlowRunId,
+    flow: &'static FlowDef,
+    shared: Arc<CoordShared>,
+    stats: Arc<RunStats>,
+    outcome: Option<oneshot::Sender<FlowRunOutcome>>,
+    calls: HashMap<CallId, CallState>,
+    occurrences: HashMap<u64, u32>,
+    next_attempt: u64,
+    events: bool,
+    finished: bool,
+}
+
+impl RunnerState {
+    fn task_event(
+        &self,
+        task: &str,
+        status: FlowStatus,
+        cache_key: Option<String>,
+        error: Option<&ErrorInfo>,
+        note: Option<String>,
+    ) {
+        if !self.events {
+            return;
+        }
+        let _ = self
+            .shared
+            .status
+            .send_message(StatusMsg::Task(TaskStatusMessage {
+                flow_run_id: self.flow_run_id,
+                task_name: task.to_string(),
+                status,
+                result_cache_key: cache_key,
+                error_message: error.map(|e| e.to_string()).or(note),
+                traceback: error.and_then(|e| e.traceback.clone()),
+                event_timestamp: now_timestamp(),
+            }));
+    }
+
+    fn flow_event(&self, status: FlowStatus, error: Option<&ErrorInfo>) {
+        let _ = self
+            .shared
+            .status
+            .send_message(StatusMsg::Flow(FlowStatusMessage {
+                flow_run_id: self.flow_run_id,
+                status,
+                error_message: error.map(|e| e.to_string()),
+                traceback: error.map(|e| e.traceback.clone().unwrap_or_else(|| e.to_string())),
+                event_timestamp: now_timestamp(),
+            }));
+    }
+
+    fn effective_policy(&self, task: &TaskDef) -> CachePolicy {
+        match task.options.cache {
+            CachePolicy::None => self.shared.config.default_cache,
+            p => p,
+        }
+    }
+
+    fn new_call(
+        &mut self,
+        myself: &ActorRef<FlowRunnerMsg>,
+        task: &'static TaskDef,
+        args: Bytes,
+        args_json: Option<Value>,
+        reply: CallReply,
+    ) {
+        if self.finished {
+            let _ = reply.send(Err(TaskError::RunClosed {
+                task: task.name.to_string(),
+                reason: "the flow has already finished".into(),
+            }));
+            return;
+        }
+        RunStats::bump(&self.stats.tasks);
+        let key = CallId::content_key(task.name, &args);
+        let seq = self.occurrences.entry(key).or_insert(0);
+        let call_id = CallId { key, seq: *seq };
+        *seq += 1;
+        let policy = self.effective_policy(task);
+        let cache = args_json.and_then(|json| {
+            let md5 = original_md5(task.name, &json);
+            object_key(policy, self.flow_run_id, task.name, task.version, &md5).map(|k| (k, md5))
+        });
+        self.task_event(task.name, FlowStatus::Pending, None, None, None);
+        let lookup = match &cache {
+            Some((key, _)) if !task.options.refresh && !self.shared.config.refresh_cache => {
+                Some(key.clone())
+            }
+            _ => None,
+        };
+        self.calls.insert(
+            call_id,
+            CallState {
+                task,
+                args,
+                cache,
+                attempt: 0,
+                current: None,
+                reply: Some(reply),
+            },
+        );
+        match lookup {
+            Some(key) => {
+                let me = myself.clone();
+                let _ = self.shared.cache.send_message(CacheMsg::Get {
+                    key,
+                    expire: task.options.expire,
+                    reply: Box::new(move |hit| {
+                        let _ = me.send_message(FlowRunnerMsg::CacheChecked { call_id, hit });
+                    }),
+                });
+            }
+            None => self.dispatch(call_id),
+        }
+    }
+
+    fn dispatch(&mut self, call_id: CallId) {
+        let Some(call) = self.calls.get_mut(&call_id) else {
+            return;
+        };
+        call.attempt += 1;
+        self.next_attempt = self.next_attempt.wrapping_add(1);
+        let attempt_id = AttemptId(self.next_attempt);
+        call.current = Some(attempt_id);
+        let spawn = SpawnTask {
+            flow_run_id: self.flow_run_id,
+            call_id,
+            attempt_id,
+            attempt: call.attempt,
+            task: Arc::from(call.task.name),
+            args: call.args.clone(),
+            timeout_ms: call.task.options.timeout.map(|t| t.as_millis() as u64),
+        };
+        let _ = self
+            .shared
+            .scheduler
+            .send_message(SchedulerMsg::Submit(spawn));
+    }
+
+    fn resolve(&mut self, call_id: CallId, result: Result<Payload, TaskError>) {
+        if let Some(mut call) = self.calls.remove(&call_id) {
+            RunStats::bump(&self.stats.completed);
+            if result.is_err() {
+                RunStats::bump(&self.stats.failed);
+            }
+            if let Some(reply) = call.reply.take() {
+                // the flow may have dropped the call's future; nothing to answer then
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    fn cache_hit(&mut self, call_id: CallId, record: CacheResult) {
+        let Some(call) = self.calls.get(&call_id) else {
+            return;
+        };
+        RunStats::bump(&self.stats.cache_hits);
+        let key = call.cache.as_ref().map(|(k, _)| k.clone());
+        self.task_event(call.task.name, FlowStatus::Success, key, None, None);
+        self.resolve(call_id, Ok(Payload::Json(record.result)));
+    }
+
+    fn finished(&mut self, myself: &ActorRef<FlowRunnerMsg>, f: AttemptFinished) {
+        let current = self.calls.get(&f.call_id).and_then(|c| c.current);
+        if current != Some(f.attempt_id) {
+            RunStats::bump(&self.stats.stale_results);
+            tracing::debug!(flow_run_id = %self.flow_run_id, call_id = %f.call_id, attempt_id = %f.attempt_id, "ignoring a result from a superseded attempt");
+            return;
+        }
+        let call = self.calls.get_mut(&f.call_id).expect("call present");
+        let task = call.task;
+        match f.outcome {
+            Ok(bytes) => {
+                let cache_key = call.cache.as_ref().map(|(k, _)| k.clone());
+                if let Some((key, md5)) = &call.cache {
+                    match rmp_serde::from_slice::<Value>(&bytes) {
+                        Ok(result) => {
+                            let _ = self.shared.cache.send_message(CacheMsg::Put {
+                                key: key.clone(),
+                                record: CacheResult {
+                                    flow_run_id: self.flow_run_id,
+                                    task_name: task.name.to_string(),
+                                    result,
+                                    cache_key: md5.clone(),
+                                    timestamp: now_timestamp(),
+                                },
+                            });
+                        }
+                        Err(e) => {
+                            tracing::warn!(task = task.name, error = %e, "result is not representable as JSON; not cached")
+                        }
+                    }
+                }
+                self.task_event(task.name, FlowStatus::Success, cache_key, None, None);
+                self.resolve(f.call_id, Ok(Payload::Msgpack(bytes)));
+            }
+            Err(info) => {
+                let policy = task.options.retry;
+                let attempt = call.attempt;
+                if info.kind.retryable() && attempt <= policy.retries && !self.finished {
+                    call.current = None;
+                    RunStats::bump(&self.stats.retries);
+                    let delay = policy.delay_with_jitter(attempt, fastrand::f64());
+                    tracing::info!(flow_run_id = %self.flow_run_id, task = task.name, call_id = %f.call_id, attempt, error = %info, delay_ms = delay.as_millis() as u64, "attempt failed; retrying");
+                    let note = format!(
+                        "attempt {attempt} of {} failed: {info}; retrying in {delay:?}",
+                        policy.retries + 1
+                    );
+                    self.task_event(task.name, FlowStatus::Pending, None, None, Some(note));
+                    schedule_retry(myself.clone(), f.call_id, delay);
+                } else {
+                    tracing::warn!(flow_run_id = %self.flow_run_id, task = task.name, call_id = %f.call_id, attempts = attempt, error = %info, "task failed");
+                    self.task_event(task.name, FlowStatus::Failed, None, Some(&info), None);
+                    self.resolve(
+                        f.call_id,
+                        Err(TaskError::Failed {
+                            task: task.name.to_string(),
+                            attempts: attempt,
+                            last_error: info,
+                        }),
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn schedule_retry(me: ActorRef<FlowRunnerMsg>, call_id: CallId, delay: Duration) {
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let _ = me.send_message(FlowRunnerMsg::RetryDue(call_id));
+    });
+}
+
+fn panic_info(payload: Box<dyn std::any::Any + Send>) -> ErrorInfo {
+    let msg = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with a non-string payload".into());
+    ErrorInfo::new(FailureKind::Panic, msg)
+}
+
+impl Actor for FlowRunner {
+    type Msg = FlowRunnerMsg;
+    type State = RunnerState;
+    type Arguments = FlowRunnerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let FlowRunnerArgs {
+            flow_run_id,
+            flow,
+            body,
+            shared,
+            stats,
+            outcome,
+        } = args;
+        let ctx = FlowContext {
+            runner: myself.clone(),
+            flow_run_id,
+            default_cache: shared.config.default_cache,
+        };
+        let state = RunnerState {
+            flow_run_id,
+            flow,
+            events: shared.events_enabled,
+            shared,
+            stats,
+            outcome: Some(outcome),
+            calls: HashMap::new(),
+            occurrences: HashMap::new(),
+            next_attempt: fastrand::u64(..) & !0xffff_ffff,
+            finished: false,
+        };
+        tracing::info!(flow_run_id = %flow_run_id, flow = flow.name, "flow run started");
+        state.flow_event(FlowStatus::Running, None);
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let result = FLOW_CONTEXT
+                .scope(ctx, AssertUnwindSafe(body).catch_unwind())
+                .await
+                .unwrap_or_else(|p| Err(panic_info(p)));
+            let _ = me.send_message(FlowRunnerMsg::FlowDone(result));
+        });
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            FlowRunnerMsg::Call {
+                task,
+                args,
+                args_json,
+                reply,
+            } => state.new_call(&myself, task, args, args_json, reply),
+            FlowRunnerMsg::CacheChecked { call_id, hit } => match hit {
+                Some(record) => state.cache_hit(call_id, record),
+                None => state.dispatch(call_id),
+            },
+            FlowRunnerMsg::Started(s) => {
+                let current = state
+                    .calls
+                    .get(&s.call_id)
+                    .filter(|c| c.current == Some(s.attempt_id));
+                if let Some(call) = current {
+                    RunStats::bump(&state.stats.executions);
+                    let note = (call.attempt > 1)
+                        .then(|| format!("attempt {} on agent {}", call.attempt, s.agent_id));
+                    state.task_event(call.task.name, FlowStatus::Running, None, None, note);
+                }
+            }
+            FlowRunnerMsg::Finished(f) => state.finished(&myself, f),
+            FlowRunnerMsg::RetryDue(call_id) => state.dispatch(call_id),
+            FlowRunnerMsg::FlowDone(result) => {
+                state.finished = true;
+                if !state.calls.is_empty() {
+                    // calls the flow stopped waiting for: stop their attempts too
+                    let _ = state
+                        .shared
+                        .scheduler
+                        .send_message(SchedulerMsg::CancelRun(state.flow_run_id));
+                    let ids: Vec<CallId> = state.calls.keys().copied().collect();
+                    for id in ids {
+                        let task = state.calls[&id].task.name.to_string();
+                        state.resolve(
+                            id,
+                            Err(TaskError::RunClosed {
+                                task,
+                                reason: "the flow finished".into(),
+                            }),
+                        );
+                    }
+                }
+                let (status, error) = match &result {
+                    Ok(_) => (FlowStatus::Success, None),
+                    Err(e) => (FlowStatus::Failed, Some(e.clone())),
+                };
+                state.flow_event(status, error.as_ref());
+                match &error {
+                    None => {
+                        tracing::info!(flow_run_id = %state.flow_run_id, flow = state.flow.name, "flow run succeeded")
+                    }
+                    Some(e) => {
+                        tracing::error!(flow_run_id = %state.flow_run_id, flow = state.flow.name, error = %e, "flow run failed")
+                    }
+                }
+                // deliver the run's events and cache writes before anyone sees the outcome
+                let _ = ractor::call!(state.shared.status, StatusMsg::Flush);
+                let _ = ractor::call!(state.shared.cache, CacheMsg::Flush);
+                let outcome = FlowRunOutcome {
+                    flow_run_id: state.flow_run_id,
+                    flow: state.flow.name.to_string(),
+                    status,
+                    result: result.as_ref().ok().cloned(),
+                    error: error.as_ref().map(|e| e.to_string()),
+                    traceback: error.and_then(|e| e.traceback),
+                    stats: state.stats.snapshot(),
+                };
+                if let Some(tx) = state.outcome.take() {
+                    let _ = tx.send(outcome);
+                }
+                state.shared.runs.remove(&state.flow_run_id);
+                myself.stop(None);
+            }
+        }
+        Ok(())
+    }
+}

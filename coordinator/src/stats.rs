@@ -1,0 +1,78 @@
+//! Per-run counters, shared with whoever watches the run (progress bars, summaries).
+
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+/// Live counters of one run.
+#[derive(Debug)]
+pub struct RunStats {
+    started: Instant,
+    /// Task calls made by the flow.
+    pub tasks: AtomicU64,
+    /// Attempts that started executing on an agent.
+    pub executions: AtomicU64,
+    /// Calls answered from the cache.
+    pub cache_hits: AtomicU64,
+    /// Retries scheduled after failed attempts.
+    pub retries: AtomicU64,
+    /// Calls resolved (success or final failure).
+    pub completed: AtomicU64,
+    /// Calls that failed for good.
+    pub failed: AtomicU64,
+    /// Results from superseded attempts, ignored.
+    pub stale_results: AtomicU64,
+}
+
+impl Default for RunStats {
+    fn default() -> Self {
+        RunStats {
+            started: Instant::now(),
+            tasks: AtomicU64::new(0),
+            executions: AtomicU64::new(0),
+            cache_hits: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            completed: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            stale_results: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A copy of the counters at one moment, as printed in the final JSON line.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatsSnapshot {
+    /// Task calls made by the flow.
+    pub tasks: u64,
+    /// Attempts that started executing.
+    pub executions: u64,
+    /// Calls answered from the cache.
+    pub cache_hits: u64,
+    /// Retries.
+    pub retries: u64,
+    /// Wall time since the run started, in milliseconds.
+    pub wall_ms: u64,
+}
+
+impl RunStats {
+    /// Adds one to a counter.
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Relaxed);
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            tasks: self.tasks.load(Relaxed),
+            executions: self.executions.load(Relaxed),
+            cache_hits: self.cache_hits.load(Relaxed),
+            retries: self.retries.load(Relaxed),
+            wall_ms: self.started.elapsed().as_millis() as u64,
+        }
+    }
+
+    /// Calls resolved so far.
+    pub fn completed(&self) -> u64 {
+        self.completed.load(Relaxed)
+    }
+}

@@ -1,0 +1,136 @@
+//! The status publisher: turns status transitions into Pinazu Core JSON events and hands
+//! them to an [`EventSink`] (a log in embedded mode, NATS in distributed mode, a
+//! collector in tests), in the order the runners sent them.
+
+use bytes::Bytes;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde_json::Value;
+use std::sync::{Arc, Mutex};
+
+use pinazu_shared::events::{
+    Event, EventHeader, FlowStatusMessage, TaskStatusMessage, FLOW_STATUS_SUBJECT,
+    TASK_STATUS_SUBJECT,
+};
+use pinazu_shared::BoxFuture;
+
+/// Where status events go.
+pub trait EventSink: Send + Sync + 'static {
+    /// Whether anyone listens; when not, runners skip building events.
+    fn enabled(&self) -> bool {
+        true
+    }
+    /// Publishes one JSON event on `subject`.
+    fn publish(&self, subject: &'static str, payload: Bytes);
+    /// Resolves when everything published so far has been delivered.
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// Embedded mode: events are logged at debug level (target `pinazu::events`).
+#[derive(Debug, Default)]
+pub struct LogSink;
+
+impl EventSink for LogSink {
+    fn enabled(&self) -> bool {
+        tracing::enabled!(target: "pinazu::events", tracing::Level::DEBUG)
+    }
+
+    fn publish(&self, subject: &'static str, payload: Bytes) {
+        tracing::debug!(target: "pinazu::events", subject, event = %String::from_utf8_lossy(&payload));
+    }
+}
+
+/// Keeps every event in memory, parsed; for tests and embedding applications.
+#[derive(Debug, Default)]
+pub struct CollectingSink {
+    events: Mutex<Vec<(String, Value)>>,
+}
+
+impl CollectingSink {
+    /// A new empty collector.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Every event so far: (subject, parsed JSON).
+    pub fn events(&self) -> Vec<(String, Value)> {
+        self.events.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    /// The raw JSON text of every event is kept parsed; this returns them re-serialised.
+    pub fn clear(&self) {
+        if let Ok(mut e) = self.events.lock() {
+            e.clear();
+        }
+    }
+}
+
+impl EventSink for CollectingSink {
+    fn publish(&self, subject: &'static str, payload: Bytes) {
+        let value = serde_json::from_slice(&payload).unwrap_or(Value::Null);
+        if let Ok(mut e) = self.events.lock() {
+            e.push((subject.to_string(), value));
+        }
+    }
+}
+
+/// Messages to the status publisher.
+pub enum StatusMsg {
+    /// A flow transition.
+    Flow(FlowStatusMessage),
+    /// A task transition.
+    Task(TaskStatusMessage),
+    /// Reply once everything before it is delivered.
+    Flush(RpcReplyPort<()>),
+}
+
+/// The status publisher actor.
+pub struct StatusPublisher;
+
+/// Its state.
+pub struct StatusState {
+    header: EventHeader,
+    sink: Arc<dyn EventSink>,
+}
+
+impl StatusState {
+    fn publish<M: serde::Serialize>(&self, subject: &'static str, message: M) {
+        let event = Event::new(self.header.clone(), message);
+        match serde_json::to_vec(&event) {
+            Ok(json) => self.sink.publish(subject, Bytes::from(json)),
+            Err(e) => tracing::error!(error = %e, "status event could not be encoded"),
+        }
+    }
+}
+
+impl Actor for StatusPublisher {
+    type Msg = StatusMsg;
+    type State = StatusState;
+    type Arguments = (EventHeader, Arc<dyn EventSink>);
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        (header, sink): Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(StatusState { header, sink })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            StatusMsg::Flow(m) => state.publish(FLOW_STATUS_SUBJECT, m),
+            StatusMsg::Task(m) => state.publish(TASK_STATUS_SUBJECT, m),
+            StatusMsg::Flush(reply) => {
+                state.sink.flush().await;
+                let _ = reply.send(());
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,53 @@
+//! Logging like the original library: coloured console lines (time, target, level,
+//! message) on a terminal, or JSON lines with `LOG_FORMAT=json`. The level comes from
+//! `LOG_LEVEL` (e.g. `debug`), or a full filter from `RUST_LOG`.
+
+use std::io::IsTerminal;
+use tracing_subscriber::EnvFilter;
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines, coloured on a terminal.
+    Console,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Installs the global subscriber (once; later calls are ignored). Logs go to stderr so
+/// stdout stays the program's output.
+pub fn init(level: Option<&str>, format: Option<LogFormat>) {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(f) if !f.trim().is_empty() => EnvFilter::new(f),
+        _ => {
+            let level = level
+                .map(str::to_string)
+                .or_else(|| std::env::var("LOG_LEVEL").ok())
+                .unwrap_or_else(|| "info".into())
+                .to_ascii_lowercase();
+            let level = match level.as_str() {
+                "warning" => "warn".to_string(),
+                "critical" | "fatal" => "error".to_string(),
+                other => other.to_string(),
+            };
+            EnvFilter::try_new(&level).unwrap_or_else(|_| {
+                eprintln!("LOG_LEVEL={level:?} is not a level (error, warn, info, debug, trace); using info");
+                EnvFilter::new("info")
+            })
+        }
+    };
+    let format = format.unwrap_or_else(|| match std::env::var("LOG_FORMAT") {
+        Ok(f) if f.eq_ignore_ascii_case("json") => LogFormat::Json,
+        _ => LogFormat::Console,
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(true);
+    let _ = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Console => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
+}
