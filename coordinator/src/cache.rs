@@ -8,7 +8,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 
 use pinazu_shared::cache::CacheResult;
 use pinazu_shared::error::StoreError;
@@ -69,6 +69,25 @@ pub struct CacheState {
     store: Arc<dyn ObjectStore>,
     permits: Arc<Semaphore>,
     counters: Arc<CacheCounters>,
+    /// Operations accepted and not yet finished; counted when accepted, so a flush
+    /// waits for every operation that came before it.
+    pending: Arc<watch::Sender<usize>>,
+}
+
+/// Counts an accepted operation until dropped.
+struct PendingGuard(Arc<watch::Sender<usize>>);
+
+impl PendingGuard {
+    fn new(pending: &Arc<watch::Sender<usize>>) -> Self {
+        pending.send_modify(|n| *n += 1);
+        PendingGuard(pending.clone())
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 /// How many store operations run at once.
@@ -127,6 +146,7 @@ impl Actor for CacheActor {
             store,
             permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             counters,
+            pending: Arc::new(watch::channel(0).0),
         })
     }
 
@@ -139,9 +159,11 @@ impl Actor for CacheActor {
         let store = state.store.clone();
         let permits = state.permits.clone();
         let counters = state.counters.clone();
+        let guard = PendingGuard::new(&state.pending);
         match msg {
             CacheMsg::Get { key, expire, reply } => {
                 tokio::spawn(async move {
+                    let _guard = guard;
                     let _permit = permits.acquire_owned().await;
                     let found = lookup(&*store, &key, expire, &counters).await;
                     let counter = if found.is_some() {
@@ -155,6 +177,7 @@ impl Actor for CacheActor {
             }
             CacheMsg::Put { key, record } => {
                 tokio::spawn(async move {
+                    let _guard = guard;
                     let _permit = permits.acquire_owned().await;
                     let json = match serde_json::to_vec(&record) {
                         Ok(j) => j,
@@ -173,6 +196,7 @@ impl Actor for CacheActor {
             }
             CacheMsg::Clear { prefix, reply } => {
                 tokio::spawn(async move {
+                    let _guard = guard;
                     let r = store
                         .delete_prefix(&prefix)
                         .await
@@ -181,9 +205,10 @@ impl Actor for CacheActor {
                 });
             }
             CacheMsg::Flush(reply) => {
-                // the semaphore is fair: this waits behind every operation queued before it
+                drop(guard);
+                let mut idle = state.pending.subscribe();
                 tokio::spawn(async move {
-                    let _all = permits.acquire_many(MAX_IN_FLIGHT as u32).await;
+                    let _ = idle.wait_for(|n| *n == 0).await;
                     let _ = reply.send(());
                 });
             }

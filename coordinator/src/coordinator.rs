@@ -208,10 +208,10 @@ impl Coordinator {
             stats: stats.clone(),
             outcome: tx,
         };
-        let (runner, _) = Actor::spawn(None, FlowRunner, args)
+        // the runner registers itself in `runs` before its body starts
+        Actor::spawn(None, FlowRunner, args)
             .await
             .map_err(|e| StartError::Spawn(e.to_string()))?;
-        self.shared.runs.insert(flow_run_id, runner);
         Ok(RunHandle {
             flow_run_id,
             stats,

@@ -365,6 +365,8 @@ impl Actor for FlowRunner {
             next_attempt: fastrand::u64(..) & !0xffff_ffff,
             finished: false,
         };
+        // route reports to this runner before the body can make its first call
+        state.shared.runs.insert(flow_run_id, myself.clone());
         tracing::info!(flow_run_id = %flow_run_id, flow = flow.name, "flow run started");
         state.flow_event(FlowStatus::Running, None);
         let me = myself.clone();

@@ -41,10 +41,10 @@ impl EventSink for LogSink {
     }
 }
 
-/// Keeps every event in memory, parsed; for tests and embedding applications.
+/// Keeps every event in memory, as published; for tests and embedding applications.
 #[derive(Debug, Default)]
 pub struct CollectingSink {
-    events: Mutex<Vec<(String, Value)>>,
+    events: Mutex<Vec<(String, String)>>,
 }
 
 impl CollectingSink {
@@ -55,10 +55,18 @@ impl CollectingSink {
 
     /// Every event so far: (subject, parsed JSON).
     pub fn events(&self) -> Vec<(String, Value)> {
+        self.raw_events()
+            .into_iter()
+            .map(|(s, text)| (s, serde_json::from_str(&text).unwrap_or(Value::Null)))
+            .collect()
+    }
+
+    /// Every event so far: (subject, the JSON text exactly as published).
+    pub fn raw_events(&self) -> Vec<(String, String)> {
         self.events.lock().map(|e| e.clone()).unwrap_or_default()
     }
 
-    /// The raw JSON text of every event is kept parsed; this returns them re-serialised.
+    /// Forgets the events collected so far.
     pub fn clear(&self) {
         if let Ok(mut e) = self.events.lock() {
             e.clear();
@@ -68,9 +76,9 @@ impl CollectingSink {
 
 impl EventSink for CollectingSink {
     fn publish(&self, subject: &'static str, payload: Bytes) {
-        let value = serde_json::from_slice(&payload).unwrap_or(Value::Null);
+        let text = String::from_utf8_lossy(&payload).into_owned();
         if let Ok(mut e) = self.events.lock() {
-            e.push((subject.to_string(), value));
+            e.push((subject.to_string(), text));
         }
     }
 }

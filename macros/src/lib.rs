@@ -457,12 +457,7 @@ fn expand_flow(name: Option<LitStr>, mut func: ItemFn) -> syn::Result<TokenStrea
     let tys: Vec<_> = params.iter().map(|p| &p.ty).collect();
     let names: Vec<_> = params
         .iter()
-        .map(|p| {
-            LitStr::new(
-                p.ident.to_string().trim_start_matches("r#"),
-                p.ident.span(),
-            )
-        })
+        .map(|p| LitStr::new(p.ident.to_string().trim_start_matches("r#"), p.ident.span()))
         .collect();
     let takes = params.iter().zip(&names).map(|(p, n)| {
         let ident = &p.ident;

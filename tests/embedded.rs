@@ -1,0 +1,697 @@
+//! Embedded mode end to end: real actors, real task futures, a real cache directory.
+//! Each test builds its own runtime (own cache dir, own event collector), so they run in
+//! parallel.
+
+use pinazu_flows::prelude::*;
+use pinazu_flows::{CollectingSink, FailureKind, FlowRunId, FlowRunOutcome, FlowStatus};
+use serde_json::{json, Map, Value};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+// ---------- tasks and flows under test ----------
+
+#[task]
+async fn square(i: u64) -> anyhow::Result<u64> {
+    Ok(i * i)
+}
+
+#[flow]
+async fn fan_out(n: u64) -> anyhow::Result<u64> {
+    let results = pinazu_flows::map(0..n, 2_000, square).await;
+    let mut sum = 0;
+    for r in results {
+        sum += r?;
+    }
+    Ok(sum)
+}
+
+#[flow]
+async fn one_square(x: u64) -> anyhow::Result<u64> {
+    Ok(square(x).await?)
+}
+
+fn attempts_log() -> &'static Mutex<HashMap<String, Vec<Instant>>> {
+    static LOG: OnceLock<Mutex<HashMap<String, Vec<Instant>>>> = OnceLock::new();
+    LOG.get_or_init(Default::default)
+}
+
+fn record_attempt(tag: &str) -> usize {
+    let mut log = attempts_log().lock().unwrap();
+    let v = log.entry(tag.to_string()).or_default();
+    v.push(Instant::now());
+    v.len()
+}
+
+fn attempts_of(tag: &str) -> Vec<Instant> {
+    attempts_log()
+        .lock()
+        .unwrap()
+        .get(tag)
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[task(retries = 2, retry_delay = "10ms")]
+async fn always_fails(tag: String) -> anyhow::Result<u64> {
+    let n = record_attempt(&tag);
+    Err(anyhow::anyhow!("disk full on attempt {n}").context("writing the report"))
+}
+
+#[task(
+    retries = 3,
+    retry_delay = "100ms",
+    backoff = 2.0,
+    jitter = 0.0,
+    max_delay = "1s"
+)]
+async fn backoff_probe(tag: String) -> anyhow::Result<u64> {
+    record_attempt(&tag);
+    anyhow::bail!("still failing")
+}
+
+#[task(retries = 3, retry_delay = "5ms")]
+async fn fails_twice(tag: String) -> anyhow::Result<String> {
+    let n = record_attempt(&tag);
+    if n <= 2 {
+        anyhow::bail!("transient failure {n}");
+    }
+    Ok(format!("ok on attempt {n}"))
+}
+
+static HUNG_DROPPED: AtomicBool = AtomicBool::new(false);
+
+struct DropFlag(&'static AtomicBool);
+impl Drop for DropFlag {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+#[task(timeout = "200ms")]
+async fn hangs() -> anyhow::Result<u64> {
+    let _flag = DropFlag(&HUNG_DROPPED);
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    Ok(0)
+}
+
+#[task]
+async fn panics(msg: String) -> anyhow::Result<u64> {
+    panic!("{msg}");
+}
+
+/// Calls one task by kind and reports how it ended, handling the error.
+#[flow]
+async fn call_and_report(kind: String, tag: String) -> anyhow::Result<Value> {
+    let res = match kind.as_str() {
+        "always_fails" => always_fails(tag).await,
+        "backoff_probe" => backoff_probe(tag).await,
+        "hangs" => hangs().await,
+        "panics" => panics(tag).await,
+        other => anyhow::bail!("unknown kind {other}"),
+    };
+    Ok(match res {
+        Ok(v) => json!({ "ok": v }),
+        Err(TaskError::Failed {
+            task,
+            attempts,
+            last_error,
+        }) => json!({
+            "task": task,
+            "attempts": attempts,
+            "kind": last_error.kind,
+            "message": last_error.message,
+            "traceback": last_error.traceback,
+        }),
+        Err(other) => json!({ "other": other.to_string() }),
+    })
+}
+
+#[flow]
+async fn transient(tag: String) -> anyhow::Result<String> {
+    Ok(fails_twice(tag).await?)
+}
+
+#[flow]
+async fn failing_flow(tag: String) -> anyhow::Result<u64> {
+    Ok(always_fails(tag).await?)
+}
+
+#[flow]
+async fn panicking_flow() -> anyhow::Result<u64> {
+    panic!("the flow body blew up")
+}
+
+#[task(cache = "inputs", version = "1")]
+async fn cached_square(i: u64, salt: String) -> anyhow::Result<u64> {
+    let _ = salt;
+    Ok(i * i)
+}
+
+#[flow]
+async fn cached_fan_out(n: u64, salt: String) -> anyhow::Result<u64> {
+    let results = pinazu_flows::map(0..n, 1_000, |i| cached_square(i, salt.clone())).await;
+    let mut sum = 0;
+    for r in results {
+        sum += r?;
+    }
+    Ok(sum)
+}
+
+#[task(cache = "run")]
+async fn run_cached_square(i: u64) -> anyhow::Result<u64> {
+    Ok(i * i)
+}
+
+#[flow]
+async fn run_cached_fan_out(n: u64) -> anyhow::Result<u64> {
+    let results = pinazu_flows::map(0..n, 1_000, run_cached_square).await;
+    let mut sum = 0;
+    for r in results {
+        sum += r?;
+    }
+    Ok(sum)
+}
+
+#[task(cache = "inputs", expire = "1s")]
+async fn expiring(i: u64) -> anyhow::Result<u64> {
+    Ok(i + 1)
+}
+
+#[flow]
+async fn expiring_flow(i: u64) -> anyhow::Result<u64> {
+    Ok(expiring(i).await?)
+}
+
+// ---------- helpers ----------
+
+struct Env {
+    rt: Runtime,
+    events: Arc<CollectingSink>,
+    _dir: tempfile::TempDir,
+}
+
+async fn env() -> Env {
+    let dir = tempfile::tempdir().expect("temp dir");
+    env_in(dir).await
+}
+
+async fn env_in(dir: tempfile::TempDir) -> Env {
+    let events = CollectingSink::new();
+    let rt = Runtime::embedded(RuntimeConfig {
+        agents: 2,
+        slots: 4,
+        cache_dir: dir.path().to_path_buf(),
+        events: events.clone(),
+        ..RuntimeConfig::default()
+    })
+    .await
+    .expect("embedded runtime starts");
+    Env {
+        rt,
+        events,
+        _dir: dir,
+    }
+}
+
+fn params(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => panic!("params must be an object"),
+    }
+}
+
+async fn run(env: &Env, flow: &str, p: Value) -> FlowRunOutcome {
+    run_as(env, flow, p, FlowRunId::new()).await
+}
+
+async fn run_as(env: &Env, flow: &str, p: Value, id: FlowRunId) -> FlowRunOutcome {
+    tokio::time::timeout(Duration::from_secs(60), env.rt.run(flow, params(p), id))
+        .await
+        .expect("run finishes within 60 s")
+        .expect("run starts")
+}
+
+fn sum_squares(n: u64) -> u64 {
+    (0..n).map(|i| i * i).sum()
+}
+
+// ---------- tests ----------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_succeeds_with_the_exact_result() {
+    let env = env().await;
+    let out = run(&env, "fan_out", json!({"n": 100})).await;
+    assert_eq!(out.status, FlowStatus::Success, "{out:?}");
+    assert_eq!(out.result, Some(json!(sum_squares(100))));
+    assert_eq!(out.stats.tasks, 100);
+    assert_eq!(out.stats.executions, 100);
+    assert_eq!(out.error, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_task_fan_out_returns_the_exact_sum() {
+    let env = env().await;
+    let out = run(&env, "fan_out", json!({"n": 10_000})).await;
+    assert_eq!(out.status, FlowStatus::Success, "{out:?}");
+    assert_eq!(out.result, Some(json!(333_283_335_000u64)));
+    assert_eq!(out.result, Some(json!(sum_squares(10_000))));
+    assert_eq!(out.stats.tasks, 10_000);
+    assert_eq!(out.stats.executions, 10_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_flow_call_runs_on_the_scoped_runtime() {
+    let env = env().await;
+    let sum = env.rt.scope(fan_out(10)).await.expect("flow succeeds");
+    assert_eq!(sum, 285);
+    let err = env
+        .rt
+        .scope(failing_flow("typed-fail".into()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FlowError::Failed { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_error_reaches_the_flow_with_task_attempts_and_last_error() {
+    let env = env().await;
+    let tag = "error-reaches-flow";
+    let out = run(
+        &env,
+        "call_and_report",
+        json!({"kind": "always_fails", "tag": tag}),
+    )
+    .await;
+    // the flow handled the failure, so the run itself succeeds
+    assert_eq!(out.status, FlowStatus::Success, "{out:?}");
+    let r = out.result.unwrap();
+    assert_eq!(r["task"], "always_fails");
+    assert_eq!(r["attempts"], 3);
+    assert_eq!(r["kind"], "error");
+    assert_eq!(r["message"], "writing the report");
+    let tb = r["traceback"].as_str().expect("traceback holds the chain");
+    assert!(tb.contains("disk full on attempt 3"), "{tb}");
+    assert_eq!(attempts_of(tag).len(), 3);
+    assert_eq!(out.stats.retries, 2);
+    assert_eq!(out.stats.executions, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unhandled_task_failure_fails_the_run_with_error_and_traceback() {
+    let env = env().await;
+    let out = run(&env, "failing_flow", json!({"tag": "unhandled"})).await;
+    assert_eq!(out.status, FlowStatus::Failed);
+    let err = out.error.unwrap();
+    assert!(
+        err.contains("always_fails") && err.contains("3 attempt"),
+        "{err}"
+    );
+    let flow_events: Vec<Value> = env
+        .events
+        .events()
+        .into_iter()
+        .filter(|(s, _)| s == "v1.svc.worker.flow.status")
+        .map(|(_, e)| e)
+        .collect();
+    let last = flow_events.last().unwrap();
+    assert_eq!(last["message"]["status"], "FAILED");
+    assert!(last["message"]["error_message"]
+        .as_str()
+        .unwrap()
+        .contains("always_fails"));
+    assert!(last["message"]["traceback"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_are_retried_to_success() {
+    let env = env().await;
+    let out = run(&env, "transient", json!({"tag": "transient-1"})).await;
+    assert_eq!(out.status, FlowStatus::Success, "{out:?}");
+    assert_eq!(out.result, Some(json!("ok on attempt 3")));
+    assert_eq!(out.stats.retries, 2);
+    assert_eq!(out.stats.executions, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_count_and_exponential_backoff_are_honoured() {
+    let env = env().await;
+    let tag = "backoff";
+    let out = run(
+        &env,
+        "call_and_report",
+        json!({"kind": "backoff_probe", "tag": tag}),
+    )
+    .await;
+    let r = out.result.unwrap();
+    assert_eq!(r["attempts"], 4, "{r}");
+    let at = attempts_of(tag);
+    assert_eq!(at.len(), 4);
+    let gaps: Vec<Duration> = at.windows(2).map(|w| w[1] - w[0]).collect();
+    // 100 ms, 200 ms, 400 ms, no jitter; allow scheduling slack above, none below
+    for (gap, expected) in gaps.iter().zip([100u64, 200, 400]) {
+        let expected = Duration::from_millis(expected);
+        assert!(
+            *gap >= expected,
+            "gap {gap:?} shorter than backoff {expected:?}"
+        );
+        assert!(
+            *gap < expected + Duration::from_millis(150),
+            "gap {gap:?} far above {expected:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_stops_a_hung_task_and_counts_as_a_failure() {
+    let env = env().await;
+    let started = Instant::now();
+    let out = run(&env, "call_and_report", json!({"kind": "hangs", "tag": ""})).await;
+    let r = out.result.unwrap();
+    assert_eq!(r["kind"], "timeout", "{r}");
+    assert_eq!(r["attempts"], 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    // the task's future was dropped, not left running
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !HUNG_DROPPED.load(Ordering::SeqCst) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        HUNG_DROPPED.load(Ordering::SeqCst),
+        "the hung future was not dropped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_task_is_captured_as_a_failure() {
+    let env = env().await;
+    let out = run(
+        &env,
+        "call_and_report",
+        json!({"kind": "panics", "tag": "kaboom 42"}),
+    )
+    .await;
+    assert_eq!(out.status, FlowStatus::Success);
+    let r = out.result.unwrap();
+    assert_eq!(r["kind"], "panic", "{r}");
+    assert_eq!(r["message"], "kaboom 42");
+    // the agent survives: the same runtime still runs tasks
+    let out = run(&env, "fan_out", json!({"n": 20})).await;
+    assert_eq!(out.result, Some(json!(sum_squares(20))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_flow_body_ends_failed() {
+    let env = env().await;
+    let out = run(&env, "panicking_flow", json!({})).await;
+    assert_eq!(out.status, FlowStatus::Failed);
+    assert!(out.error.unwrap().contains("the flow body blew up"));
+}
+
+#[tokio::test]
+async fn a_task_called_outside_a_flow_is_a_clear_error() {
+    let err = square(3).await.unwrap_err();
+    assert!(matches!(err, TaskError::OutsideFlow { .. }));
+    let msg = err.to_string();
+    assert!(msg.contains("`square`"), "{msg}");
+    assert!(msg.contains("can only be called within a flow"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_parameters_are_rejected_before_the_run_starts() {
+    let env = env().await;
+    let err = env
+        .rt
+        .run("fan_out", params(json!({"n": "many"})), FlowRunId::new())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("parameter `n`"), "{err}");
+    let err = env
+        .rt
+        .run("fan_out", params(json!({})), FlowRunId::new())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("missing parameter `n`"), "{err}");
+    let err = env
+        .rt
+        .run("no_such_flow", params(json!({})), FlowRunId::new())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("no_such_flow") && err.to_string().contains("fan_out"),
+        "{err}"
+    );
+    assert!(
+        env.events.events().is_empty(),
+        "nothing ran, nothing was published"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_cache_hits_on_rerun_across_runtimes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let salt = "rerun";
+    {
+        let env = env_in(tempfile::TempDir::new_in(&path).unwrap()).await;
+        drop(env);
+    }
+    let env = env_in(dir).await;
+    let first = run(&env, "cached_fan_out", json!({"n": 300, "salt": salt})).await;
+    assert_eq!(first.result, Some(json!(sum_squares(300))));
+    assert_eq!(first.stats.executions, 300);
+    assert_eq!(first.stats.cache_hits, 0);
+    let second = run(&env, "cached_fan_out", json!({"n": 300, "salt": salt})).await;
+    assert_eq!(second.result, Some(json!(sum_squares(300))));
+    assert_eq!(second.stats.executions, 0, "every call is a hit");
+    assert_eq!(second.stats.cache_hits, 300);
+
+    // a new runtime on the same directory (a new process, in effect) hits too
+    let again = Runtime::embedded(RuntimeConfig {
+        agents: 1,
+        cache_dir: path.clone(),
+        events: CollectingSink::new(),
+        ..RuntimeConfig::default()
+    })
+    .await
+    .unwrap();
+    let third = again
+        .run(
+            "cached_fan_out",
+            params(json!({"n": 300, "salt": salt})),
+            FlowRunId::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(third.stats.executions, 0);
+    assert_eq!(third.result, Some(json!(sum_squares(300))));
+    // task SUCCESS events of hits carry the cache key
+    let hit_event = env
+        .events
+        .events()
+        .into_iter()
+        .rev()
+        .find(|(s, e)| s == "v1.svc.worker.task.status" && e["message"]["status"] == "SUCCESS")
+        .unwrap()
+        .1;
+    let key = hit_event["message"]["result_cache_key"].as_str().unwrap();
+    assert!(
+        key.starts_with("result_cache/inputs/cached_square/v1/"),
+        "{key}"
+    );
+    assert!(path.join(key).is_file());
+}
+
+fn cache_object(dir: &Path, run: FlowRunId, task: &str, args: Value) -> std::path::PathBuf {
+    let md5 = pinazu_shared::cache::original_md5(task, &args);
+    dir.join(format!("result_cache/flow-{run}/tasks/{task}/{md5}.json"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_cache_uses_the_original_layout_and_is_isolated_per_run() {
+    let env = env().await;
+    let dir = env._dir.path().to_path_buf();
+    let run_a = FlowRunId::new();
+    let first = run_as(&env, "run_cached_fan_out", json!({"n": 50}), run_a).await;
+    assert_eq!(first.result, Some(json!(sum_squares(50))));
+    assert_eq!(first.stats.executions, 50);
+
+    // the object for square(7) sits at the original key and parses as CacheResult
+    let path = cache_object(&dir, run_a, "run_cached_square", json!([7]));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let rec: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(rec["flow_run_id"], json!(run_a.to_string()));
+    assert_eq!(rec["task_name"], "run_cached_square");
+    assert_eq!(rec["result"], 49);
+    assert_eq!(
+        rec["cache_key"],
+        json!(format!(
+            "{:x}",
+            md5::compute(br#"{"args":[7],"kwargs":{},"task_name":"run_cached_square"}"#)
+        ))
+    );
+    assert!(rec["timestamp"].as_str().unwrap().ends_with('Z'));
+
+    // same run id again: everything is a hit
+    let again = run_as(&env, "run_cached_fan_out", json!({"n": 50}), run_a).await;
+    assert_eq!(again.stats.executions, 0);
+    assert_eq!(again.stats.cache_hits, 50);
+    assert_eq!(again.result, Some(json!(sum_squares(50))));
+
+    // another run id: nothing is shared
+    let other = run(&env, "run_cached_fan_out", json!({"n": 50})).await;
+    assert_eq!(other.stats.executions, 50);
+    assert_eq!(other.stats.cache_hits, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_cache_object_is_a_miss_and_is_rewritten() {
+    let env = env().await;
+    let dir = env._dir.path().to_path_buf();
+    let run_id = FlowRunId::new();
+    let path = cache_object(&dir, run_id, "run_cached_square", json!([3]));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, b"{ this is not json").unwrap();
+    let out = run_as(&env, "run_cached_fan_out", json!({"n": 5}), run_id).await;
+    assert_eq!(out.status, FlowStatus::Success);
+    assert_eq!(out.result, Some(json!(sum_squares(5))));
+    assert_eq!(out.stats.executions, 5);
+    assert_eq!(
+        env.rt
+            .coordinator()
+            .cache_counters()
+            .corrupt
+            .load(Ordering::Relaxed),
+        1
+    );
+    let rec: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(rec["result"], 9, "the corrupt object was replaced");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_entries_are_misses() {
+    let env = env().await;
+    let first = run(&env, "expiring_flow", json!({"i": 1})).await;
+    assert_eq!(first.stats.executions, 1);
+    let hit = run(&env, "expiring_flow", json!({"i": 1})).await;
+    assert_eq!(hit.stats.cache_hits, 1);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let expired = run(&env, "expiring_flow", json!({"i": 1})).await;
+    assert_eq!(expired.stats.cache_hits, 0);
+    assert_eq!(expired.stats.executions, 1);
+    assert_eq!(expired.result, Some(json!(2)));
+}
+
+/// Replaces the run id and every RFC 3339 micros timestamp with placeholders.
+fn normalize(text: &str, run: FlowRunId) -> String {
+    let text = text.replace(&run.to_string(), "<RUN>");
+    let bytes = text.as_bytes();
+    let mut out = String::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        // "2026-11-26T15:27:32.123456Z" is 27 characters between quotes
+        if bytes[i] == b'"' && i + 28 < bytes.len() && bytes[i + 28] == b'"' {
+            let cand = &text[i + 1..i + 28];
+            let shape_ok = cand.char_indices().all(|(j, c)| match j {
+                4 | 7 => c == '-',
+                10 => c == 'T',
+                13 | 16 => c == ':',
+                19 => c == '.',
+                26 => c == 'Z',
+                _ => c.is_ascii_digit(),
+            });
+            if shape_ok {
+                out.push_str("\"<TS>\"");
+                i += 29;
+                continue;
+            }
+        }
+        out.push(bytes[i] as char);
+        i += 1;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_follow_the_lifecycle_in_the_exact_pinazu_core_shape() {
+    let env = env().await;
+    let run_id = FlowRunId::new();
+    let out = run_as(&env, "one_square", json!({"x": 6}), run_id).await;
+    assert_eq!(out.result, Some(json!(36)));
+    let raw = env.events.raw_events();
+    let got: Vec<(String, String)> = raw
+        .iter()
+        .map(|(s, t)| (s.clone(), normalize(t, run_id)))
+        .collect();
+    let header = r#"{"user_id":"00000000-0000-0000-0000-000000000000","thread_id":null,"connection_id":null}"#;
+    let flow = |status: &str| {
+        format!(
+            r#"{{"header":{header},"message":{{"flow_run_id":"<RUN>","status":"{status}","error_message":null,"traceback":null,"event_timestamp":"<TS>"}},"metadata":{{"trace_id":null,"timestamp":"<TS>"}}}}"#
+        )
+    };
+    let task = |status: &str| {
+        format!(
+            r#"{{"header":{header},"message":{{"flow_run_id":"<RUN>","task_name":"square","status":"{status}","result_cache_key":null,"error_message":null,"traceback":null,"event_timestamp":"<TS>"}},"metadata":{{"trace_id":null,"timestamp":"<TS>"}}}}"#
+        )
+    };
+    let f = "v1.svc.worker.flow.status".to_string();
+    let t = "v1.svc.worker.task.status".to_string();
+    let expected = vec![
+        (f.clone(), flow("RUNNING")),
+        (t.clone(), task("PENDING")),
+        (t.clone(), task("RUNNING")),
+        (t.clone(), task("SUCCESS")),
+        (f.clone(), flow("SUCCESS")),
+    ];
+    assert_eq!(got, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retried_then_failed_task_events_carry_the_errors() {
+    let env = env().await;
+    let _ = run(
+        &env,
+        "call_and_report",
+        json!({"kind": "always_fails", "tag": "events-fail"}),
+    )
+    .await;
+    let statuses: Vec<(String, Value)> = env
+        .events
+        .events()
+        .into_iter()
+        .filter(|(s, _)| s == "v1.svc.worker.task.status")
+        .map(|(_, e)| {
+            (
+                e["message"]["status"].as_str().unwrap().to_string(),
+                e["message"].clone(),
+            )
+        })
+        .collect();
+    let names: Vec<&str> = statuses.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(
+        names,
+        ["PENDING", "RUNNING", "PENDING", "RUNNING", "PENDING", "RUNNING", "FAILED"]
+    );
+    let retry_note = statuses[2].1["error_message"].as_str().unwrap();
+    assert!(retry_note.contains("attempt 1 of 3 failed"), "{retry_note}");
+    let failed = &statuses[6].1;
+    assert_eq!(failed["error_message"], "writing the report");
+    assert!(failed["traceback"]
+        .as_str()
+        .unwrap()
+        .contains("disk full on attempt 3"));
+}
+
+#[test]
+fn failure_kinds_serialise_in_snake_case() {
+    assert_eq!(
+        serde_json::to_value(FailureKind::BadArguments).unwrap(),
+        json!("bad_arguments")
+    );
+}
