@@ -241,6 +241,9 @@ pub fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage_error(e),
     };
+    if config.default_cache == pinazu_shared::options::CachePolicy::Run {
+        tracing::info!(dir = %cli.cache_dir.display(), "ENABLE_S3_CACHING=true: tasks with no cache policy use the per-run cache; the store is the local directory (the S3 store is not built yet)");
+    }
     if let Some(a) = cli.agents {
         config.agents = a.max(1);
     }

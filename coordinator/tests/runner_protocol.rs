@@ -1,0 +1,227 @@
+//! The coordinator against a scripted agent link: the transport seam lets the test play
+//! the agent and produce what a real agent cannot on demand (a late result from a
+//! superseded attempt), and observe dispatch exactly.
+
+use bytes::Bytes;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+use pinazu_coordinator::{call_task, CollectingSink, Coordinator, CoordinatorConfig};
+use pinazu_shared::error::{ErrorInfo, FailureKind, ParamError};
+use pinazu_shared::ids::{AgentId, AttemptId, FlowRunId};
+use pinazu_shared::options::{RetryPolicy, TaskOptions};
+use pinazu_shared::registry::{FlowDef, Source, TaskDef};
+use pinazu_shared::store::LocalDirStore;
+use pinazu_shared::transport::AgentLink;
+use pinazu_shared::wire::{AgentInfo, AttemptFinished, AttemptStarted, SpawnTask};
+use pinazu_shared::BoxFuture;
+
+const SOURCE: Source = Source {
+    module: "runner_protocol",
+    file: file!(),
+    line: 0,
+};
+
+fn never_invoked(_: Bytes) -> BoxFuture<'static, Result<Bytes, ErrorInfo>> {
+    Box::pin(async { unreachable!("the scripted agent never runs task bodies") })
+}
+
+static PROBE: TaskDef = TaskDef {
+    name: "probe",
+    version: "",
+    options: TaskOptions {
+        retry: RetryPolicy {
+            retries: 1,
+            delay: Duration::from_millis(1),
+            backoff: 1.0,
+            max_delay: Duration::from_millis(1),
+            jitter: 0.0,
+        },
+        ..TaskOptions::DEFAULT
+    },
+    invoke: never_invoked,
+    source: SOURCE,
+};
+
+fn one_probe(
+    _: Map<String, Value>,
+) -> Result<BoxFuture<'static, Result<Value, ErrorInfo>>, ParamError> {
+    Ok(Box::pin(async {
+        let v: u64 = call_task(&PROBE, (1u64,))
+            .await
+            .map_err(|e| ErrorInfo::new(FailureKind::Error, e.to_string()))?;
+        Ok(json!(v))
+    }))
+}
+
+static ONE_PROBE: FlowDef = FlowDef {
+    name: "one_probe",
+    params: &[],
+    invoke: one_probe,
+    source: SOURCE,
+};
+
+fn five_probes(
+    _: Map<String, Value>,
+) -> Result<BoxFuture<'static, Result<Value, ErrorInfo>>, ParamError> {
+    Ok(Box::pin(async {
+        let calls = (0..5u64).map(|i| call_task::<u64, _>(&PROBE, (i,)));
+        let all = futures_util::future::join_all(calls).await;
+        let sum: u64 = all.into_iter().map(|r| r.unwrap_or(0)).sum();
+        Ok(json!(sum))
+    }))
+}
+
+static FIVE_PROBES: FlowDef = FlowDef {
+    name: "five_probes",
+    params: &[],
+    invoke: five_probes,
+    source: SOURCE,
+};
+
+/// Hands every dispatched batch to the test.
+struct ScriptedLink(mpsc::UnboundedSender<SpawnTask>);
+
+impl AgentLink for ScriptedLink {
+    fn spawn(&self, _agent: &AgentId, tasks: Vec<SpawnTask>) {
+        for t in tasks {
+            let _ = self.0.send(t);
+        }
+    }
+    fn cancel(&self, _agent: &AgentId, _attempts: Vec<(FlowRunId, AttemptId)>) {}
+}
+
+async fn coordinator(
+    slots: u32,
+) -> (
+    Coordinator,
+    mpsc::UnboundedReceiver<SpawnTask>,
+    tempfile::TempDir,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(
+        CoordinatorConfig::default(),
+        Arc::new(ScriptedLink(tx)),
+        Arc::new(LocalDirStore::new(dir.path())),
+        CollectingSink::new(),
+    )
+    .await
+    .unwrap();
+    c.register_agent(AgentInfo {
+        agent_id: AgentId("scripted".into()),
+        slots,
+        tasks: vec!["probe".into()],
+        labels: vec![],
+    });
+    (c, rx, dir)
+}
+
+async fn next(rx: &mut mpsc::UnboundedReceiver<SpawnTask>) -> SpawnTask {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a dispatch within 10 s")
+        .expect("link open")
+}
+
+fn finished(s: &SpawnTask, outcome: Result<Bytes, ErrorInfo>) -> AttemptFinished {
+    AttemptFinished {
+        flow_run_id: s.flow_run_id,
+        call_id: s.call_id,
+        attempt_id: s.attempt_id,
+        agent_id: AgentId("scripted".into()),
+        outcome,
+        elapsed_us: 1,
+    }
+}
+
+fn started(s: &SpawnTask) -> AttemptStarted {
+    AttemptStarted {
+        flow_run_id: s.flow_run_id,
+        call_id: s.call_id,
+        attempt_id: s.attempt_id,
+        agent_id: AgentId("scripted".into()),
+    }
+}
+
+fn ok(v: u64) -> Result<Bytes, ErrorInfo> {
+    Ok(Bytes::from(rmp_serde::to_vec_named(&v).unwrap()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_result_from_a_superseded_attempt_is_ignored() {
+    let (c, mut rx, _dir) = coordinator(4).await;
+    let sink = c.result_sink();
+    let run = c
+        .start_run(&ONE_PROBE, Map::new(), FlowRunId::new())
+        .await
+        .unwrap();
+    let stats = run.stats.clone();
+
+    let first = next(&mut rx).await;
+    assert_eq!(first.attempt, 1);
+    sink.started(started(&first));
+    sink.finished(finished(
+        &first,
+        Err(ErrorInfo::new(FailureKind::Error, "flaky")),
+    ));
+
+    let second = next(&mut rx).await;
+    assert_eq!(second.attempt, 2);
+    assert_eq!(second.call_id, first.call_id, "same call, new attempt");
+    assert_ne!(second.attempt_id, first.attempt_id);
+
+    // the first attempt "comes back to life" and reports a success: superseded, ignored
+    sink.finished(finished(&first, ok(111)));
+    sink.started(started(&second));
+    sink.finished(finished(&second, ok(222)));
+    // and a duplicate of the accepted result changes nothing either
+    sink.finished(finished(&second, ok(333)));
+
+    let out = tokio::time::timeout(Duration::from_secs(10), run.wait())
+        .await
+        .unwrap();
+    assert_eq!(out.result, Some(json!(222)));
+    assert_eq!(
+        stats
+            .stale_results
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    assert_eq!(out.stats.executions, 2);
+    assert_eq!(out.stats.retries, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_never_gets_more_attempts_than_its_slots() {
+    let (c, mut rx, _dir) = coordinator(2).await;
+    let sink = c.result_sink();
+    let run = c
+        .start_run(&FIVE_PROBES, Map::new(), FlowRunId::new())
+        .await
+        .unwrap();
+
+    let mut in_flight = vec![next(&mut rx).await, next(&mut rx).await];
+    // with both slots taken nothing more is dispatched
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), rx.recv())
+            .await
+            .is_err(),
+        "a third attempt was dispatched to a 2-slot agent"
+    );
+    let mut done = 0;
+    while let Some(t) = in_flight.pop() {
+        let arg: (u64,) = rmp_serde::from_slice(&t.args).unwrap();
+        sink.finished(finished(&t, ok(arg.0 * 10)));
+        done += 1;
+        if done <= 3 {
+            in_flight.push(next(&mut rx).await);
+        }
+    }
+    let out = tokio::time::timeout(Duration::from_secs(10), run.wait())
+        .await
+        .unwrap();
+    assert_eq!(out.result, Some(json!((0..5).map(|i| i * 10).sum::<u64>())));
+}
