@@ -210,6 +210,7 @@ impl Runtime {
                 header: config.header.clone(),
                 default_cache: config.default_cache,
                 refresh_cache: config.refresh_cache,
+                ..CoordinatorConfig::default()
             },
             link.clone(),
             store,

@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 
+use pinazu_shared::api::{AgentSummary, RunInfo};
 use pinazu_shared::error::ParamError;
 use pinazu_shared::events::{EventHeader, FlowStatus};
 use pinazu_shared::ids::FlowRunId;
@@ -18,11 +19,11 @@ use pinazu_shared::options::CachePolicy;
 use pinazu_shared::registry::FlowDef;
 use pinazu_shared::store::ObjectStore;
 use pinazu_shared::transport::{AgentLink, ResultSink};
-use pinazu_shared::wire::{AgentInfo, AttemptFinished, AttemptStarted};
+use pinazu_shared::wire::{AgentInfo, AttemptFinished, AttemptStarted, Heartbeat};
 
 use crate::cache::{CacheActor, CacheCounters, CacheMsg};
 use crate::flow_runner::{FlowRunner, FlowRunnerArgs, FlowRunnerMsg};
-use crate::scheduler::{AgentView, Scheduler, SchedulerMsg};
+use crate::scheduler::{Scheduler, SchedulerArgs, SchedulerMsg, SchedulerTiming};
 use crate::stats::{RunStats, StatsSnapshot};
 use crate::status::{EventSink, StatusMsg, StatusPublisher};
 
@@ -35,6 +36,8 @@ pub struct CoordinatorConfig {
     pub default_cache: CachePolicy,
     /// Execute cached calls anyway and overwrite their entries.
     pub refresh_cache: bool,
+    /// Agent liveness and schedule timeout.
+    pub timing: SchedulerTiming,
 }
 
 impl Default for CoordinatorConfig {
@@ -43,6 +46,7 @@ impl Default for CoordinatorConfig {
             header: EventHeader::default(),
             default_cache: CachePolicy::None,
             refresh_cache: false,
+            timing: SchedulerTiming::default(),
         }
     }
 }
@@ -72,7 +76,7 @@ pub enum StartError {
     /// Bad parameters.
     #[error(transparent)]
     Params(#[from] ParamError),
-    /// A run with this id is already active here.
+    /// A run with this id is active here.
     #[error("flow run {0} is already running on this coordinator")]
     AlreadyRunning(FlowRunId),
     /// The runner actor could not start.
@@ -86,15 +90,21 @@ pub struct RunHandle {
     pub flow_run_id: FlowRunId,
     /// Live counters.
     pub stats: Arc<RunStats>,
-    outcome: oneshot::Receiver<FlowRunOutcome>,
+    outcome: watch::Receiver<Option<FlowRunOutcome>>,
 }
 
 impl RunHandle {
     /// Waits for the run to end.
-    pub async fn wait(self) -> FlowRunOutcome {
+    pub async fn wait(mut self) -> FlowRunOutcome {
         let id = self.flow_run_id;
         let stats = self.stats.clone();
-        self.outcome.await.unwrap_or_else(|_| FlowRunOutcome {
+        let ended = self
+            .outcome
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|o| o.clone());
+        ended.unwrap_or_else(|| FlowRunOutcome {
             flow_run_id: id,
             flow: String::new(),
             status: FlowStatus::Failed,
@@ -112,10 +122,44 @@ pub struct CoordShared {
     pub(crate) scheduler: ActorRef<SchedulerMsg>,
     pub(crate) cache: ActorRef<CacheMsg>,
     pub(crate) status: ActorRef<StatusMsg>,
-    pub(crate) runs: DashMap<FlowRunId, ActorRef<FlowRunnerMsg>>,
+    pub(crate) runs: Arc<DashMap<FlowRunId, ActorRef<FlowRunnerMsg>>>,
+    /// Every run started here, active or ended, for status queries.
+    table: DashMap<FlowRunId, RunEntry>,
     pub(crate) events_enabled: bool,
     /// Reports for runs that are not (or no longer) here.
     pub(crate) unknown_run_reports: AtomicU64,
+}
+
+/// A run in the coordinator's table.
+struct RunEntry {
+    flow: &'static str,
+    started: std::time::Instant,
+    stats: Arc<RunStats>,
+    outcome: watch::Receiver<Option<FlowRunOutcome>>,
+}
+
+impl RunEntry {
+    fn info(&self, id: FlowRunId) -> RunInfo {
+        let outcome = self.outcome.borrow().clone();
+        let snap = match &outcome {
+            Some(o) => o.stats.clone(),
+            None => self.stats.snapshot(),
+        };
+        RunInfo {
+            flow_run_id: id,
+            flow: self.flow.to_string(),
+            status: outcome.as_ref().map_or(FlowStatus::Running, |o| o.status),
+            tasks: snap.tasks,
+            completed: self.stats.completed(),
+            executions: snap.executions,
+            cache_hits: snap.cache_hits,
+            retries: snap.retries,
+            wall_ms: snap.wall_ms,
+            result: outcome.as_ref().and_then(|o| o.result.clone()),
+            error: outcome.as_ref().and_then(|o| o.error.clone()),
+            note: self.stats.note(),
+        }
+    }
 }
 
 /// A handle to a running coordinator. Cheap to clone.
@@ -134,7 +178,17 @@ impl Coordinator {
         sink: Arc<dyn EventSink>,
     ) -> Result<Coordinator, SpawnErr> {
         let events_enabled = sink.enabled();
-        let (scheduler, _) = Actor::spawn(None, Scheduler, link).await?;
+        let runs = Arc::new(DashMap::new());
+        let (scheduler, _) = Actor::spawn(
+            None,
+            Scheduler,
+            SchedulerArgs {
+                link,
+                runs: runs.clone(),
+                timing: config.timing,
+            },
+        )
+        .await?;
         let cache_counters = Arc::new(CacheCounters::default());
         let (cache, _) = Actor::spawn(None, CacheActor, (store, cache_counters.clone())).await?;
         let (status, _) =
@@ -145,7 +199,8 @@ impl Coordinator {
                 scheduler,
                 cache,
                 status,
-                runs: DashMap::new(),
+                runs,
+                table: DashMap::new(),
                 events_enabled,
                 unknown_run_reports: AtomicU64::new(0),
             }),
@@ -169,9 +224,55 @@ impl Coordinator {
             .send_message(SchedulerMsg::Register(info));
     }
 
-    /// The agents as the scheduler sees them.
-    pub async fn agents(&self) -> Vec<AgentView> {
+    /// Hands a remote agent's heartbeat to the scheduler.
+    pub fn heartbeat(&self, hb: Heartbeat) {
+        let _ = self
+            .shared
+            .scheduler
+            .send_message(SchedulerMsg::Heartbeat(hb));
+    }
+
+    /// The live agents as the scheduler sees them.
+    pub async fn agents(&self) -> Vec<AgentSummary> {
         ractor::call!(self.shared.scheduler, SchedulerMsg::Agents).unwrap_or_default()
+    }
+
+    /// One run's state, if this coordinator started it.
+    pub fn run_info(&self, id: FlowRunId) -> Option<RunInfo> {
+        self.shared.table.get(&id).map(|e| e.info(id))
+    }
+
+    /// Every run this coordinator started, oldest first.
+    pub fn runs(&self) -> Vec<RunInfo> {
+        let mut v: Vec<(std::time::Instant, RunInfo)> = self
+            .shared
+            .table
+            .iter()
+            .map(|e| (e.started, e.info(*e.key())))
+            .collect();
+        v.sort_by_key(|(t, _)| *t);
+        v.into_iter().map(|(_, i)| i).collect()
+    }
+
+    /// Waits for a run this coordinator started to end.
+    pub async fn wait(&self, id: FlowRunId) -> Option<FlowRunOutcome> {
+        let mut rx = self.shared.table.get(&id)?.outcome.clone();
+        let ended = rx.wait_for(Option::is_some).await.ok()?;
+        ended.clone()
+    }
+
+    /// Cancels an active run: its attempts stop, and it ends FAILED with `reason`.
+    pub fn cancel(&self, id: FlowRunId, reason: &str) -> Result<(), String> {
+        match self.shared.runs.get(&id) {
+            Some(r) => {
+                let _ = r.send_message(FlowRunnerMsg::Cancel(reason.to_string()));
+                Ok(())
+            }
+            None if self.shared.table.contains_key(&id) => {
+                Err(format!("flow run {id} has already ended"))
+            }
+            None => Err(format!("flow run {id} is not known to this coordinator")),
+        }
     }
 
     /// Cache counters.
@@ -194,12 +295,28 @@ impl Coordinator {
         params: Map<String, Value>,
         flow_run_id: FlowRunId,
     ) -> Result<RunHandle, StartError> {
-        if self.shared.runs.contains_key(&flow_run_id) {
+        // an ended run may be run again under its id (its `run`-policy cache entries make
+        // the re-run skip finished calls); an active one may not
+        let active = self
+            .shared
+            .table
+            .get(&flow_run_id)
+            .is_some_and(|e| e.outcome.borrow().is_none());
+        if active {
             return Err(StartError::AlreadyRunning(flow_run_id));
         }
         let body = (flow.invoke)(params)?;
         let stats = Arc::new(RunStats::default());
-        let (tx, rx) = oneshot::channel();
+        let (tx, rx) = watch::channel(None);
+        self.shared.table.insert(
+            flow_run_id,
+            RunEntry {
+                flow: flow.name,
+                started: std::time::Instant::now(),
+                stats: stats.clone(),
+                outcome: rx.clone(),
+            },
+        );
         let args = FlowRunnerArgs {
             flow_run_id,
             flow,
@@ -256,7 +373,6 @@ impl ResultSink for Inbound {
 
     fn finished(&self, finished: AttemptFinished) {
         let _ = self.shared.scheduler.send_message(SchedulerMsg::SlotFreed {
-            agent: finished.agent_id.clone(),
             run: finished.flow_run_id,
             attempt: finished.attempt_id,
         });

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use pinazu_shared::cache::{object_key, original_md5, CacheResult};
 use pinazu_shared::error::{ErrorInfo, FailureKind, TaskError};
@@ -57,6 +57,19 @@ pub enum FlowRunnerMsg {
     Finished(AttemptFinished),
     /// A retry's backoff elapsed.
     RetryDue(CallId),
+    /// An attempt was lost (its agent died, or its spawn or report went missing).
+    AttemptLost {
+        /// The call.
+        call_id: CallId,
+        /// The lost attempt.
+        attempt_id: AttemptId,
+        /// Why.
+        reason: String,
+    },
+    /// A note for the operator (or `None` to clear it).
+    Note(Option<String>),
+    /// Cancel the run: stop its attempts and end it FAILED.
+    Cancel(String),
     /// The flow body returned (or panicked).
     FlowDone(Result<Value, ErrorInfo>),
 }
@@ -68,7 +81,7 @@ pub struct FlowRunnerArgs {
     pub(crate) body: BoxFuture<'static, Result<Value, ErrorInfo>>,
     pub(crate) shared: Arc<CoordShared>,
     pub(crate) stats: Arc<RunStats>,
-    pub(crate) outcome: oneshot::Sender<FlowRunOutcome>,
+    pub(crate) outcome: watch::Sender<Option<FlowRunOutcome>>,
 }
 
 struct CallState {
@@ -77,6 +90,8 @@ struct CallState {
     /// Object key and md5 of the call, when cached.
     cache: Option<(String, String)>,
     attempt: u32,
+    /// Failed attempts (lost ones are not failures and use no retry).
+    failures: u32,
     /// The attempt whose result is accepted; `None` while waiting for a retry.
     current: Option<AttemptId>,
     reply: Option<CallReply>,
@@ -91,7 +106,8 @@ pub struct RunnerState {
     flow: &'static FlowDef,
     shared: Arc<CoordShared>,
     stats: Arc<RunStats>,
-    outcome: Option<oneshot::Sender<FlowRunOutcome>>,
+    outcome: watch::Sender<Option<FlowRunOutcome>>,
+    body: Option<tokio::task::AbortHandle>,
     calls: HashMap<CallId, CallState>,
     occurrences: HashMap<u64, u32>,
     next_attempt: u64,
@@ -184,6 +200,7 @@ impl RunnerState {
                 args,
                 cache,
                 attempt: 0,
+                failures: 0,
                 current: None,
                 reply: Some(reply),
             },
@@ -286,14 +303,15 @@ impl RunnerState {
             Err(info) => {
                 let policy = task.options.retry;
                 let attempt = call.attempt;
-                if info.kind.retryable() && attempt <= policy.retries && !self.finished {
+                call.failures += 1;
+                if info.kind.retryable() && call.failures <= policy.retries && !self.finished {
                     call.current = None;
                     RunStats::bump(&self.stats.retries);
                     let delay = policy.delay_with_jitter(attempt, fastrand::f64());
                     tracing::info!(flow_run_id = %self.flow_run_id, task = task.name, call_id = %f.call_id, attempt, error = %info, delay_ms = delay.as_millis() as u64, "attempt failed; retrying");
                     let note = format!(
-                        "attempt {attempt} of {} failed: {info}; retrying in {delay:?}",
-                        policy.retries + 1
+                        "attempt {attempt} failed: {info}; retry {} of {} in {delay:?}",
+                        call.failures, policy.retries
                     );
                     self.task_event(task.name, FlowStatus::Pending, None, None, Some(note));
                     schedule_retry(myself.clone(), f.call_id, delay);
@@ -311,6 +329,77 @@ impl RunnerState {
                 }
             }
         }
+    }
+}
+
+impl RunnerState {
+    fn lost(&mut self, call_id: CallId, attempt_id: AttemptId, reason: String) {
+        let Some(call) = self.calls.get(&call_id) else {
+            return;
+        };
+        if call.current != Some(attempt_id) || self.finished {
+            return;
+        }
+        RunStats::bump(&self.stats.lost);
+        let note = format!(
+            "attempt {} lost ({reason}); dispatching it again",
+            call.attempt
+        );
+        self.task_event(call.task.name, FlowStatus::Pending, None, None, Some(note));
+        self.dispatch(call_id);
+    }
+
+    /// Ends the run: stops what it still runs, publishes the final status, delivers
+    /// events and cache writes, then answers whoever waits for the outcome.
+    async fn finish(&mut self, myself: &ActorRef<FlowRunnerMsg>, result: Result<Value, ErrorInfo>) {
+        self.finished = true;
+        if !self.calls.is_empty() {
+            // calls the flow stopped waiting for: stop their attempts too
+            let _ = self
+                .shared
+                .scheduler
+                .send_message(SchedulerMsg::CancelRun(self.flow_run_id));
+            let ids: Vec<CallId> = self.calls.keys().copied().collect();
+            for id in ids {
+                let task = self.calls[&id].task.name.to_string();
+                self.resolve(
+                    id,
+                    Err(TaskError::RunClosed {
+                        task,
+                        reason: "the flow run ended".into(),
+                    }),
+                );
+            }
+        }
+        let (status, error) = match &result {
+            Ok(_) => (FlowStatus::Success, None),
+            Err(e) => (FlowStatus::Failed, Some(e.clone())),
+        };
+        self.flow_event(status, error.as_ref());
+        match &error {
+            None => {
+                tracing::info!(flow_run_id = %self.flow_run_id, flow = self.flow.name, "flow run succeeded")
+            }
+            Some(e) => {
+                tracing::error!(flow_run_id = %self.flow_run_id, flow = self.flow.name, error = %e, "flow run failed")
+            }
+        }
+        // deliver the run's events and cache writes before anyone sees the outcome
+        let _ = ractor::call!(self.shared.status, StatusMsg::Flush);
+        let _ = ractor::call!(self.shared.cache, CacheMsg::Flush);
+        let outcome = FlowRunOutcome {
+            flow_run_id: self.flow_run_id,
+            flow: self.flow.name.to_string(),
+            status,
+            result: result.as_ref().ok().cloned(),
+            error: error.as_ref().map(|e| e.to_string()),
+            traceback: error.and_then(|e| e.traceback),
+            stats: self.stats.snapshot(),
+        };
+        self.stats.set_note(None);
+        self.outcome.send_replace(Some(outcome));
+        self.shared.runs.remove(&self.flow_run_id);
+        myself.stop(None);
     }
 }
 
@@ -353,13 +442,14 @@ impl Actor for FlowRunner {
             flow_run_id,
             default_cache: shared.config.default_cache,
         };
-        let state = RunnerState {
+        let mut state = RunnerState {
             flow_run_id,
             flow,
             events: shared.events_enabled,
             shared,
             stats,
-            outcome: Some(outcome),
+            outcome,
+            body: None,
             calls: HashMap::new(),
             occurrences: HashMap::new(),
             next_attempt: fastrand::u64(..) & !0xffff_ffff,
@@ -370,13 +460,14 @@ impl Actor for FlowRunner {
         tracing::info!(flow_run_id = %flow_run_id, flow = flow.name, "flow run started");
         state.flow_event(FlowStatus::Running, None);
         let me = myself.clone();
-        tokio::spawn(async move {
+        let handle = tokio::spawn(async move {
             let result = FLOW_CONTEXT
                 .scope(ctx, AssertUnwindSafe(body).catch_unwind())
                 .await
                 .unwrap_or_else(|p| Err(panic_info(p)));
             let _ = me.send_message(FlowRunnerMsg::FlowDone(result));
         });
+        state.body = Some(handle.abort_handle());
         Ok(state)
     }
 
@@ -411,56 +502,26 @@ impl Actor for FlowRunner {
             }
             FlowRunnerMsg::Finished(f) => state.finished(&myself, f),
             FlowRunnerMsg::RetryDue(call_id) => state.dispatch(call_id),
+            FlowRunnerMsg::AttemptLost {
+                call_id,
+                attempt_id,
+                reason,
+            } => state.lost(call_id, attempt_id, reason),
+            FlowRunnerMsg::Note(note) => state.stats.set_note(note),
+            FlowRunnerMsg::Cancel(reason) => {
+                if !state.finished {
+                    if let Some(body) = state.body.take() {
+                        body.abort();
+                    }
+                    tracing::warn!(flow_run_id = %state.flow_run_id, %reason, "flow run cancelled");
+                    let info = ErrorInfo::new(FailureKind::Cancelled, reason);
+                    state.finish(&myself, Err(info)).await;
+                }
+            }
             FlowRunnerMsg::FlowDone(result) => {
-                state.finished = true;
-                if !state.calls.is_empty() {
-                    // calls the flow stopped waiting for: stop their attempts too
-                    let _ = state
-                        .shared
-                        .scheduler
-                        .send_message(SchedulerMsg::CancelRun(state.flow_run_id));
-                    let ids: Vec<CallId> = state.calls.keys().copied().collect();
-                    for id in ids {
-                        let task = state.calls[&id].task.name.to_string();
-                        state.resolve(
-                            id,
-                            Err(TaskError::RunClosed {
-                                task,
-                                reason: "the flow finished".into(),
-                            }),
-                        );
-                    }
+                if !state.finished {
+                    state.finish(&myself, result).await;
                 }
-                let (status, error) = match &result {
-                    Ok(_) => (FlowStatus::Success, None),
-                    Err(e) => (FlowStatus::Failed, Some(e.clone())),
-                };
-                state.flow_event(status, error.as_ref());
-                match &error {
-                    None => {
-                        tracing::info!(flow_run_id = %state.flow_run_id, flow = state.flow.name, "flow run succeeded")
-                    }
-                    Some(e) => {
-                        tracing::error!(flow_run_id = %state.flow_run_id, flow = state.flow.name, error = %e, "flow run failed")
-                    }
-                }
-                // deliver the run's events and cache writes before anyone sees the outcome
-                let _ = ractor::call!(state.shared.status, StatusMsg::Flush);
-                let _ = ractor::call!(state.shared.cache, CacheMsg::Flush);
-                let outcome = FlowRunOutcome {
-                    flow_run_id: state.flow_run_id,
-                    flow: state.flow.name.to_string(),
-                    status,
-                    result: result.as_ref().ok().cloned(),
-                    error: error.as_ref().map(|e| e.to_string()),
-                    traceback: error.and_then(|e| e.traceback),
-                    stats: state.stats.snapshot(),
-                };
-                if let Some(tx) = state.outcome.take() {
-                    let _ = tx.send(outcome);
-                }
-                state.shared.runs.remove(&state.flow_run_id);
-                myself.stop(None);
             }
         }
         Ok(())

@@ -13,5 +13,6 @@ pub mod status;
 
 pub use context::{call_task, current_flow_run_id, map, spawn_in_flow, FlowContext, Payload};
 pub use coordinator::{Coordinator, CoordinatorConfig, FlowRunOutcome, RunHandle, StartError};
+pub use scheduler::SchedulerTiming;
 pub use stats::{RunStats, StatsSnapshot};
 pub use status::{CollectingSink, EventSink, LogSink};

@@ -1,26 +1,59 @@
 //! The scheduler: the agent registry and dispatch. It never hands an agent more attempts
-//! than its free slots, matches tasks to agents that serve them, and serves runs round
-//! robin so concurrent runs progress fairly.
+//! than its free slots, matches tasks to agents that serve them, serves runs round robin
+//! so concurrent runs progress fairly, and notices lost attempts: an agent that stops
+//! heartbeating is dead, and an attempt its agent no longer lists is lost. Lost attempts
+//! go back to their runner, which dispatches them again.
 
+use dashmap::DashMap;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use pinazu_shared::ids::{AgentId, AttemptId, FlowRunId};
+use pinazu_shared::api::AgentSummary;
+use pinazu_shared::error::{ErrorInfo, FailureKind};
+use pinazu_shared::ids::{AgentId, AttemptId, CallId, FlowRunId};
 use pinazu_shared::transport::AgentLink;
-use pinazu_shared::wire::{AgentInfo, SpawnTask};
+use pinazu_shared::wire::{AgentInfo, AttemptFinished, Heartbeat, SpawnTask};
+
+use crate::flow_runner::FlowRunnerMsg;
+
+/// Timing of liveness checks.
+#[derive(Clone, Copy, Debug)]
+pub struct SchedulerTiming {
+    /// An agent silent this long is dead.
+    pub dead_after: Duration,
+    /// An attempt dispatched this long ago that its agent does not list is lost.
+    pub lost_grace: Duration,
+    /// How long an attempt may wait for an agent that can run its task.
+    pub schedule_timeout: Duration,
+    /// How often liveness and waiting attempts are checked.
+    pub tick: Duration,
+}
+
+impl Default for SchedulerTiming {
+    fn default() -> Self {
+        SchedulerTiming {
+            dead_after: Duration::from_secs(3),
+            lost_grace: Duration::from_secs(3),
+            schedule_timeout: Duration::from_secs(60),
+            tick: Duration::from_millis(500),
+        }
+    }
+}
 
 /// Messages to the scheduler.
 pub enum SchedulerMsg {
-    /// An agent joined (or re-advertised).
+    /// An in-process agent joined (no heartbeats; never declared dead).
     Register(AgentInfo),
+    /// A remote agent's heartbeat.
+    Heartbeat(Heartbeat),
+    /// Periodic liveness and schedule-timeout check.
+    Tick,
     /// An attempt wants a slot.
     Submit(SpawnTask),
-    /// An attempt ended on `agent`; its slot is free.
+    /// An attempt ended; its slot is free.
     SlotFreed {
-        /// The agent.
-        agent: AgentId,
         /// The run.
         run: FlowRunId,
         /// The attempt.
@@ -29,51 +62,83 @@ pub enum SchedulerMsg {
     /// Drop a run's queued attempts and cancel its running ones.
     CancelRun(FlowRunId),
     /// A view of the agents.
-    Agents(RpcReplyPort<Vec<AgentView>>),
-}
-
-/// What an operator sees of an agent.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentView {
-    /// Its id.
-    pub agent_id: AgentId,
-    /// All slots.
-    pub slots: u32,
-    /// Free slots.
-    pub free: u32,
-    /// Task names it serves.
-    pub tasks: usize,
+    Agents(RpcReplyPort<Vec<AgentSummary>>),
 }
 
 struct AgentSlot {
     info: AgentInfo,
     tasks: HashSet<String>,
     free: u32,
+    /// `None` for in-process agents.
+    last_seen: Option<Instant>,
+    alive: bool,
+    draining: bool,
+}
+
+impl AgentSlot {
+    fn accepts(&self) -> bool {
+        self.alive && !self.draining
+    }
+}
+
+struct Dispatched {
+    agent: usize,
+    call_id: CallId,
+    at: Instant,
+}
+
+struct Queued {
+    since: Instant,
+    task: SpawnTask,
 }
 
 /// The scheduler actor.
 pub struct Scheduler;
 
+/// What the scheduler starts with.
+pub struct SchedulerArgs {
+    /// How attempts reach agents.
+    pub link: Arc<dyn AgentLink>,
+    /// Runners by run, to report lost or unschedulable attempts.
+    pub runs: Arc<DashMap<FlowRunId, ActorRef<FlowRunnerMsg>>>,
+    /// Liveness timing.
+    pub timing: SchedulerTiming,
+}
+
 /// Its state.
 pub struct SchedulerState {
     link: Arc<dyn AgentLink>,
+    runs: Arc<DashMap<FlowRunId, ActorRef<FlowRunnerMsg>>>,
+    timing: SchedulerTiming,
     agents: Vec<AgentSlot>,
-    queues: HashMap<FlowRunId, VecDeque<SpawnTask>>,
+    queues: HashMap<FlowRunId, VecDeque<Queued>>,
     round_robin: VecDeque<FlowRunId>,
-    running: HashMap<(FlowRunId, AttemptId), usize>,
+    running: HashMap<(FlowRunId, AttemptId), Dispatched>,
     cursor: usize,
+    warned: HashSet<(FlowRunId, String)>,
 }
 
 impl SchedulerState {
     fn free_slots(&self) -> u32 {
-        self.agents.iter().map(|a| a.free).sum()
+        self.agents
+            .iter()
+            .filter(|a| a.accepts())
+            .map(|a| a.free)
+            .sum()
     }
 
-    fn pick_agent(&mut self, task: &str) -> Option<usize> {
+    fn pick_agent(&self, task: &str) -> Option<usize> {
         let n = self.agents.len();
-        (0..n)
-            .map(|i| (self.cursor + i) % n)
-            .find(|&i| self.agents[i].free > 0 && self.agents[i].tasks.contains(task))
+        (0..n).map(|i| (self.cursor + i) % n).find(|&i| {
+            let a = &self.agents[i];
+            a.accepts() && a.free > 0 && a.tasks.contains(task)
+        })
+    }
+
+    fn servable(&self, task: &str) -> bool {
+        self.agents
+            .iter()
+            .any(|a| a.accepts() && a.tasks.contains(task))
     }
 
     /// Hands queued attempts to agents with free slots, one per run per round.
@@ -81,23 +146,30 @@ impl SchedulerState {
         let mut free = self.free_slots();
         let mut batches: HashMap<usize, Vec<SpawnTask>> = HashMap::new();
         let mut misses = 0;
+        let now = Instant::now();
         while free > 0 && misses < self.round_robin.len() {
             let Some(run) = self.round_robin.pop_front() else {
                 break;
             };
-            let Some(queue) = self.queues.get_mut(&run) else {
-                continue;
+            let picked = match self.queues.get(&run).and_then(|q| q.front()) {
+                Some(head) => self.pick_agent(&head.task.task),
+                None => continue,
             };
-            let head_task = queue.front().map(|t| t.task.clone());
-            let picked = head_task.and_then(|t| self.pick_agent(&t));
             let queue = self.queues.get_mut(&run).expect("queue present");
             match picked {
                 Some(i) => {
-                    let task = queue.pop_front().expect("queue head present");
+                    let Queued { task, .. } = queue.pop_front().expect("queue head present");
                     self.agents[i].free -= 1;
                     free -= 1;
                     self.cursor = (i + 1) % self.agents.len();
-                    self.running.insert((task.flow_run_id, task.attempt_id), i);
+                    self.running.insert(
+                        (task.flow_run_id, task.attempt_id),
+                        Dispatched {
+                            agent: i,
+                            call_id: task.call_id,
+                            at: now,
+                        },
+                    );
                     batches.entry(i).or_default().push(task);
                     misses = 0;
                 }
@@ -113,25 +185,242 @@ impl SchedulerState {
             self.link.spawn(&self.agents[i].info.agent_id, batch);
         }
     }
+
+    fn tell_runner(&self, run: FlowRunId, msg: FlowRunnerMsg) {
+        if let Some(r) = self.runs.get(&run) {
+            let _ = r.send_message(msg);
+        }
+    }
+
+    fn lose(&mut self, key: (FlowRunId, AttemptId), reason: String) {
+        if let Some(d) = self.running.remove(&key) {
+            tracing::warn!(flow_run_id = %key.0, call_id = %d.call_id, attempt_id = %key.1, %reason, "attempt lost; dispatching it again");
+            self.tell_runner(
+                key.0,
+                FlowRunnerMsg::AttemptLost {
+                    call_id: d.call_id,
+                    attempt_id: key.1,
+                    reason,
+                },
+            );
+        }
+    }
+
+    fn declare_dead(&mut self, i: usize, why: &str) {
+        let agent = &mut self.agents[i];
+        if !agent.alive {
+            return;
+        }
+        agent.alive = false;
+        agent.free = 0;
+        let id = agent.info.agent_id.clone();
+        tracing::warn!(agent = %id, why, "agent is gone; its attempts run elsewhere");
+        let lost: Vec<_> = self
+            .running
+            .iter()
+            .filter(|(_, d)| d.agent == i)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in lost {
+            self.lose(key, format!("agent {id} {why}"));
+        }
+    }
+
+    fn heartbeat(&mut self, hb: Heartbeat) {
+        let now = Instant::now();
+        let id = hb.info.agent_id.clone();
+        let i = match self.agents.iter().position(|a| a.info.agent_id == id) {
+            Some(i) => i,
+            None => {
+                self.agents.push(AgentSlot {
+                    tasks: HashSet::new(),
+                    free: 0,
+                    last_seen: None,
+                    alive: false,
+                    draining: false,
+                    info: hb.info.clone(),
+                });
+                self.agents.len() - 1
+            }
+        };
+        if hb.leaving {
+            self.declare_dead(i, "left");
+            return;
+        }
+        let listed: HashSet<(FlowRunId, AttemptId)> = hb.running.iter().copied().collect();
+        let recent: HashSet<(FlowRunId, AttemptId)> = hb.recent.iter().copied().collect();
+        let ours: Vec<(FlowRunId, AttemptId)> = self
+            .running
+            .iter()
+            .filter(|(_, d)| d.agent == i)
+            .map(|(k, _)| *k)
+            .collect();
+        let a = &mut self.agents[i];
+        if !a.alive {
+            tracing::info!(agent = %id, slots = hb.info.slots, tasks = hb.info.tasks.len(), "agent joined");
+        }
+        a.alive = true;
+        a.last_seen = Some(now);
+        a.draining = hb.draining;
+        a.tasks = hb.info.tasks.iter().cloned().collect();
+        a.info = hb.info;
+        // free slots = slots minus what it runs: ours plus any it runs that we do not know
+        let unknown = listed
+            .iter()
+            .filter(|k| !self.running.contains_key(k))
+            .count() as u32;
+        let a = &mut self.agents[i];
+        a.free = a
+            .info
+            .slots
+            .saturating_sub(ours.len() as u32)
+            .saturating_sub(unknown);
+        // attempts we dispatched long enough ago that the agent does not list are lost
+        let grace = self.timing.lost_grace;
+        let missing: Vec<_> = ours
+            .into_iter()
+            .filter(|k| !listed.contains(k) && !recent.contains(k))
+            .filter(|k| now.duration_since(self.running[k].at) > grace)
+            .collect();
+        for key in missing {
+            self.lose(key, format!("agent {id} no longer lists it"));
+        }
+        // attempts it runs that we do not (or no longer) want: stop them
+        let orphans: Vec<_> = listed
+            .into_iter()
+            .filter(|k| !self.running.contains_key(k) && !self.runs.contains_key(&k.0))
+            .collect();
+        if !orphans.is_empty() {
+            self.link.cancel(&id, orphans);
+        }
+        let a = &mut self.agents[i];
+        a.free = a.free.min(a.info.slots);
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.agents.len() {
+            let silent = match (self.agents[i].alive, self.agents[i].last_seen) {
+                (true, Some(seen)) => now.duration_since(seen),
+                _ => continue,
+            };
+            if silent > self.timing.dead_after {
+                self.declare_dead(
+                    i,
+                    &format!("stopped heartbeating ({} ms)", silent.as_millis()),
+                );
+            }
+        }
+        self.expire_unservable(now);
+    }
+
+    /// Attempts no live agent can run: warn once, then fail after the schedule timeout.
+    fn expire_unservable(&mut self, now: Instant) {
+        let timeout = self.timing.schedule_timeout;
+        let mut expired: Vec<SpawnTask> = Vec::new();
+        let mut waiting: Vec<(FlowRunId, String, Duration)> = Vec::new();
+        let mut servable: HashMap<Arc<str>, bool> = HashMap::new();
+        let runs: Vec<FlowRunId> = self.queues.keys().copied().collect();
+        for run in runs {
+            let queue = &self.queues[&run];
+            let mut all_ok = true;
+            for q in queue {
+                let ok = match servable.get(&q.task.task) {
+                    Some(ok) => *ok,
+                    None => {
+                        let ok = self.servable(&q.task.task);
+                        servable.insert(q.task.task.clone(), ok);
+                        ok
+                    }
+                };
+                all_ok &= ok;
+            }
+            if all_ok {
+                continue;
+            }
+            let queue = self.queues.remove(&run).expect("queue present");
+            let mut keep = VecDeque::with_capacity(queue.len());
+            for q in queue {
+                if servable[&q.task.task] {
+                    keep.push_back(q);
+                    continue;
+                }
+                let waited = now.duration_since(q.since);
+                if waited >= timeout {
+                    expired.push(q.task);
+                } else {
+                    waiting.push((run, q.task.task.to_string(), waited));
+                    keep.push_back(q);
+                }
+            }
+            if keep.is_empty() {
+                self.round_robin.retain(|r| *r != run);
+            } else {
+                self.queues.insert(run, keep);
+            }
+        }
+        for (run, task, waited) in waiting {
+            if self.warned.insert((run, task.clone())) {
+                let note = format!("waiting for a live agent that can run task `{task}` (waited {} s, gives up after {} s)", waited.as_secs(), timeout.as_secs());
+                tracing::warn!(flow_run_id = %run, task, "{note}");
+                self.tell_runner(run, FlowRunnerMsg::Note(Some(note)));
+            }
+        }
+        for task in expired {
+            let known: Vec<String> = self
+                .agents
+                .iter()
+                .filter(|a| a.accepts())
+                .map(|a| a.info.agent_id.to_string())
+                .collect();
+            let message = format!(
+                "task `{}` is not registered on any live agent (live agents: {}); waited {} s",
+                task.task,
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                },
+                timeout.as_secs()
+            );
+            self.warned
+                .remove(&(task.flow_run_id, task.task.to_string()));
+            self.tell_runner(
+                task.flow_run_id,
+                FlowRunnerMsg::Finished(AttemptFinished {
+                    flow_run_id: task.flow_run_id,
+                    call_id: task.call_id,
+                    attempt_id: task.attempt_id,
+                    agent_id: AgentId("scheduler".into()),
+                    outcome: Err(ErrorInfo::new(FailureKind::NoAgent, message)),
+                    elapsed_us: 0,
+                }),
+            );
+        }
+    }
 }
 
 impl Actor for Scheduler {
     type Msg = SchedulerMsg;
     type State = SchedulerState;
-    type Arguments = Arc<dyn AgentLink>;
+    type Arguments = SchedulerArgs;
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
-        link: Self::Arguments,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
+        myself.send_interval(args.timing.tick, || SchedulerMsg::Tick);
         Ok(SchedulerState {
-            link,
+            link: args.link,
+            runs: args.runs,
+            timing: args.timing,
             agents: Vec::new(),
             queues: HashMap::new(),
             round_robin: VecDeque::new(),
             running: HashMap::new(),
             cursor: 0,
+            warned: HashSet::new(),
         })
     }
 
@@ -150,10 +439,9 @@ impl Actor for Scheduler {
                     .find(|a| a.info.agent_id == info.agent_id)
                 {
                     Some(a) => {
-                        let busy = a.info.slots.saturating_sub(a.free);
-                        a.free = info.slots.saturating_sub(busy);
                         a.tasks = tasks;
                         a.info = info;
+                        a.alive = true;
                     }
                     None => {
                         tracing::debug!(agent = %info.agent_id, slots = info.slots, "agent registered");
@@ -161,9 +449,20 @@ impl Actor for Scheduler {
                             free: info.slots,
                             tasks,
                             info,
+                            last_seen: None,
+                            alive: true,
+                            draining: false,
                         });
                     }
                 }
+                state.dispatch();
+            }
+            SchedulerMsg::Heartbeat(hb) => {
+                state.heartbeat(hb);
+                state.dispatch();
+            }
+            SchedulerMsg::Tick => {
+                state.tick();
                 state.dispatch();
             }
             SchedulerMsg::Submit(task) => {
@@ -172,18 +471,19 @@ impl Actor for Scheduler {
                 if queue.is_empty() {
                     state.round_robin.push_back(run);
                 }
-                queue.push_back(task);
+                queue.push_back(Queued {
+                    since: Instant::now(),
+                    task,
+                });
                 state.dispatch();
             }
-            SchedulerMsg::SlotFreed {
-                agent: _,
-                run,
-                attempt,
-            } => {
+            SchedulerMsg::SlotFreed { run, attempt } => {
                 // idempotent: only an attempt we dispatched frees a slot, once
-                if let Some(i) = state.running.remove(&(run, attempt)) {
-                    let a = &mut state.agents[i];
-                    a.free = (a.free + 1).min(a.info.slots);
+                if let Some(d) = state.running.remove(&(run, attempt)) {
+                    let a = &mut state.agents[d.agent];
+                    if a.alive {
+                        a.free = (a.free + 1).min(a.info.slots);
+                    }
                     state.dispatch();
                 }
             }
@@ -191,9 +491,9 @@ impl Actor for Scheduler {
                 state.queues.remove(&run);
                 state.round_robin.retain(|r| *r != run);
                 let mut per_agent: HashMap<usize, Vec<(FlowRunId, AttemptId)>> = HashMap::new();
-                for (&(r, attempt), &i) in &state.running {
+                for (&(r, attempt), d) in &state.running {
                     if r == run {
-                        per_agent.entry(i).or_default().push((r, attempt));
+                        per_agent.entry(d.agent).or_default().push((r, attempt));
                     }
                 }
                 for (i, attempts) in per_agent {
@@ -201,14 +501,26 @@ impl Actor for Scheduler {
                 }
             }
             SchedulerMsg::Agents(reply) => {
+                let now = Instant::now();
                 let view = state
                     .agents
                     .iter()
-                    .map(|a| AgentView {
+                    .enumerate()
+                    .filter(|(_, a)| a.alive)
+                    .map(|(i, a)| AgentSummary {
                         agent_id: a.info.agent_id.clone(),
                         slots: a.info.slots,
-                        free: a.free,
-                        tasks: a.tasks.len(),
+                        running: state.running.values().filter(|d| d.agent == i).count() as u32,
+                        tasks: {
+                            let mut t: Vec<String> = a.tasks.iter().cloned().collect();
+                            t.sort();
+                            t
+                        },
+                        labels: a.info.labels.clone(),
+                        draining: a.draining,
+                        last_seen_ms: a
+                            .last_seen
+                            .map_or(0, |s| now.duration_since(s).as_millis() as u64),
                     })
                     .collect();
                 let _ = reply.send(view);

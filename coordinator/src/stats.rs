@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
 use std::time::Instant;
 
 /// Live counters of one run.
@@ -22,6 +23,10 @@ pub struct RunStats {
     pub failed: AtomicU64,
     /// Results from superseded attempts, ignored.
     pub stale_results: AtomicU64,
+    /// Attempts lost with their agent (or in transit) and dispatched again.
+    pub lost: AtomicU64,
+    /// A note for the operator, e.g. "waiting for an agent that can run `x`".
+    pub note: Mutex<Option<String>>,
 }
 
 impl Default for RunStats {
@@ -35,6 +40,8 @@ impl Default for RunStats {
             completed: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             stale_results: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            note: Mutex::new(None),
         }
     }
 }
@@ -74,5 +81,17 @@ impl RunStats {
     /// Calls resolved so far.
     pub fn completed(&self) -> u64 {
         self.completed.load(Relaxed)
+    }
+
+    /// Sets (or clears) the operator note.
+    pub fn set_note(&self, note: Option<String>) {
+        if let Ok(mut n) = self.note.lock() {
+            *n = note;
+        }
+    }
+
+    /// The operator note.
+    pub fn note(&self) -> Option<String> {
+        self.note.lock().ok().and_then(|n| n.clone())
     }
 }

@@ -23,6 +23,8 @@ pub enum FailureKind {
     Cancelled,
     /// The actor running the attempt failed (a bug, not a task error).
     Crashed,
+    /// No live agent can run the task, and the schedule timeout passed.
+    NoAgent,
 }
 
 impl FailureKind {
@@ -83,6 +85,7 @@ impl fmt::Display for ErrorInfo {
             FailureKind::UnknownTask => write!(f, "unknown task: {}", self.message),
             FailureKind::Cancelled => write!(f, "cancelled: {}", self.message),
             FailureKind::Crashed => write!(f, "crashed: {}", self.message),
+            FailureKind::NoAgent => write!(f, "no agent: {}", self.message),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! ids, task and flow definitions, options, status events, cache records, wire messages,
 //! the codec, the transport seam and the errors a user can act on.
 
+pub mod api;
 pub mod cache;
 pub mod codec;
 pub mod error;
@@ -10,6 +11,7 @@ pub mod ids;
 pub mod options;
 pub mod registry;
 pub mod store;
+pub mod subjects;
 pub mod transport;
 pub mod wire;
 

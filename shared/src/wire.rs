@@ -69,3 +69,28 @@ pub struct AgentInfo {
     /// Labels (`k=v`) tasks may require.
     pub labels: Vec<(String, String)>,
 }
+
+/// Agent -> coordinator, every second: who it is and what it is running.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The advertisement.
+    pub info: AgentInfo,
+    /// Attempts running now.
+    pub running: Vec<(FlowRunId, AttemptId)>,
+    /// Attempts that finished in the last few seconds: their reports may still be in
+    /// flight, so they are not lost.
+    pub recent: Vec<(FlowRunId, AttemptId)>,
+    /// Draining: finish what runs, take nothing new.
+    pub draining: bool,
+    /// The agent is exiting now; forget it at once.
+    pub leaving: bool,
+}
+
+/// One attempt report, batched on the reports subject.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Report {
+    /// An attempt started.
+    Started(AttemptStarted),
+    /// An attempt ended.
+    Finished(AttemptFinished),
+}

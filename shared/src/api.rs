@@ -1,0 +1,106 @@
+//! The coordinator's request/reply API (`<prefix>.api.<verb>`), used by the CLI's `run`,
+//! `status`, `runs`, `cancel` and `agents`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::events::FlowStatus;
+use crate::ids::{AgentId, FlowRunId};
+
+/// A request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ApiRequest {
+    /// Start a run (or return the run an idempotency key already started).
+    Start {
+        /// The flow.
+        flow: String,
+        /// Named parameters.
+        params: Map<String, Value>,
+        /// The run id to use (Pinazu Core passes `FLOW_RUN_ID`); generated when absent.
+        flow_run_id: Option<FlowRunId>,
+        /// The same key returns the same run.
+        idempotency_key: Option<String>,
+    },
+    /// One run's state.
+    Status {
+        /// The run.
+        flow_run_id: FlowRunId,
+    },
+    /// Every run this coordinator knows.
+    Runs,
+    /// Cancel a run.
+    Cancel {
+        /// The run.
+        flow_run_id: FlowRunId,
+    },
+    /// The agents.
+    Agents,
+}
+
+/// A reply.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ApiReply {
+    /// A run was started, or an existing one returned.
+    Started {
+        /// The run.
+        run: RunInfo,
+        /// Whether the run already existed (same idempotency key or run id).
+        existing: bool,
+    },
+    /// One run.
+    Run(RunInfo),
+    /// Runs.
+    Runs(Vec<RunInfo>),
+    /// Agents.
+    Agents(Vec<AgentSummary>),
+    /// The request could not be served; the message says why.
+    Error(String),
+}
+
+/// What an operator sees of a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    /// The run.
+    pub flow_run_id: FlowRunId,
+    /// The flow.
+    pub flow: String,
+    /// RUNNING, SUCCESS or FAILED.
+    pub status: FlowStatus,
+    /// Calls made so far.
+    pub tasks: u64,
+    /// Calls resolved so far.
+    pub completed: u64,
+    /// Attempts that started.
+    pub executions: u64,
+    /// Calls answered from the cache.
+    pub cache_hits: u64,
+    /// Retries.
+    pub retries: u64,
+    /// Milliseconds since the run started (until it ended).
+    pub wall_ms: u64,
+    /// The result (JSON), once SUCCESS.
+    pub result: Option<Value>,
+    /// The error, once FAILED.
+    pub error: Option<String>,
+    /// A note for the operator (e.g. waiting for an agent that can run a task).
+    pub note: Option<String>,
+}
+
+/// What an operator sees of an agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentSummary {
+    /// Its id.
+    pub agent_id: AgentId,
+    /// All slots.
+    pub slots: u32,
+    /// Attempts running on it.
+    pub running: u32,
+    /// Task names it serves.
+    pub tasks: Vec<String>,
+    /// Its labels.
+    pub labels: Vec<(String, String)>,
+    /// Draining (takes no new work).
+    pub draining: bool,
+    /// Milliseconds since its last heartbeat (0 for in-process agents).
+    pub last_seen_ms: u64,
+}
