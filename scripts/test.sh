@@ -1,13 +1,29 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine with only the Rust toolchain.
 #
-# The tests start every server they need themselves, on free ports. Today they need
-# none: embedded mode runs without servers. When the distributed (NATS) and S3 issues
-# land, this script installs nats-server (apt) and s3s-fs (cargo install) first.
+# It installs what the tests need and is missing (nats-server from Debian's packages);
+# the tests start every server themselves, on free ports, and stop them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
+
+find_nats() {
+  for p in "${NATS_SERVER_BIN:-}" /usr/sbin/nats-server /usr/local/bin/nats-server "$(command -v nats-server || true)"; do
+    if [ -n "$p" ] && [ -x "$p" ]; then echo "$p"; return 0; fi
+  done
+  return 1
+}
+
+if ! find_nats >/dev/null; then
+  step "installing nats-server (apt-get)"
+  if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nats-server >/dev/null
+fi
+NATS_SERVER_BIN="$(find_nats)" || { echo "error: nats-server could not be installed" >&2; exit 1; }
+export NATS_SERVER_BIN
+echo "nats-server: $NATS_SERVER_BIN ($("$NATS_SERVER_BIN" --version))"
 
 if cargo fmt --version >/dev/null 2>&1; then
   step "cargo fmt --check"

@@ -1,30 +1,85 @@
 //! The command-line entry point every app gets through [`crate::main`].
 //!
-//! `app [OPTIONS] [--key=value ...]` runs the app's flow in embedded mode: flow
-//! parameters are `--key=value` (values parse as JSON where they can, else are strings) or
-//! `--input '<json object>'`. The last line on stdout is always one JSON object:
+//! - `app [--key=value ...]`: runs the app's flow in embedded mode (no servers). Flow
+//!   parameters are `--key=value` (values parse as JSON where they can, else strings) or
+//!   `--input '<json object>'`. With `NATS_URL` set, status events also go to NATS.
+//! - `app coordinator`, `app agent`: the long-running roles of distributed mode.
+//! - `app run [FLOW] [--key=value ...]`: submits a run to the coordinator and follows it.
+//! - `app status RUN`, `app cancel RUN`, `app runs`, `app agents`: operator views.
+//!
+//! A run's last stdout line is always one JSON object:
 //! `{"flow_run_id":..,"status":..,"result":..,"error":..,"stats":{..}}`; the exit code is
 //! 0 on SUCCESS, 1 on FAILED, 2 on a usage or configuration error.
 
-use clap::{CommandFactory, FromArgMatches, Parser};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use serde_json::{Map, Value};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use pinazu_coordinator::FlowRunOutcome;
+use pinazu_coordinator::{FlowRunOutcome, StatsSnapshot};
 use pinazu_shared::error::ParamError;
 use pinazu_shared::events::FlowStatus;
 use pinazu_shared::ids::FlowRunId;
+use pinazu_shared::nats::NatsConfig;
 use pinazu_shared::registry::Registry;
+use pinazu_shared::subjects::{Subjects, DEFAULT_PREFIX};
 
 use crate::logging::{self, LogFormat};
 use crate::runtime::{FlowError, Runtime, RuntimeConfig};
 
-/// Runs a flow of this program. Flow parameters: --key=value (JSON values where they
-/// parse, else strings) or --input '<json object>'.
+/// Runs this program's flows: embedded (no subcommand) or distributed over NATS.
+/// Flow parameters: --key=value (JSON values where they parse, else strings) or
+/// --input '<json object>'.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 pub struct Cli {
+    /// The role to play; none runs the flow in embedded mode.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Embedded-run settings.
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// In-process agents (embedded mode); default one per core.
+    #[arg(long)]
+    pub agents: Option<usize>,
+    /// Attempts each in-process agent runs at once (embedded mode).
+    #[arg(long, default_value_t = 4)]
+    pub slots: u32,
+    /// Execute cached calls anyway and overwrite their cache entries.
+    #[arg(long, global = true)]
+    pub refresh_cache: bool,
+    /// Directory of the local cache store.
+    #[arg(
+        long,
+        global = true,
+        env = "PINAZU_CACHE_DIR",
+        default_value = ".pinazu/cache"
+    )]
+    pub cache_dir: PathBuf,
+    /// NATS connection.
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Log level (error, warn, info, debug, trace); `RUST_LOG` takes precedence.
+    #[arg(long, global = true, env = "LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        env = "LOG_FORMAT",
+        value_enum,
+        ignore_case = true
+    )]
+    pub log_format: Option<LogFormat>,
+    /// List this program's flows and tasks, then exit.
+    #[arg(long)]
+    pub list: bool,
+}
+
+/// What a run takes, embedded or submitted.
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
     /// The flow to run (needed only when the program defines several).
     #[arg(long)]
     pub flow: Option<String>,
@@ -34,53 +89,114 @@ pub struct Cli {
     /// The flow run id (a UUID); generated when unset.
     #[arg(long, env = "FLOW_RUN_ID")]
     pub flow_run_id: Option<String>,
-    /// In-process agents (embedded mode); default one per core.
-    #[arg(long)]
-    pub agents: Option<usize>,
-    /// Attempts each agent runs at once.
-    #[arg(long, default_value_t = 4)]
-    pub slots: u32,
-    /// Directory of the local cache store.
-    #[arg(long, env = "PINAZU_CACHE_DIR", default_value = ".pinazu/cache")]
-    pub cache_dir: PathBuf,
-    /// Execute cached calls anyway and overwrite their cache entries.
-    #[arg(long)]
-    pub refresh_cache: bool,
     /// Results of already-completed tasks, as Pinazu Core passes them (a JSON object).
     /// Accepted for compatibility; resuming from them arrives with the journal.
     #[arg(long)]
     pub success_task_results: Option<String>,
-    /// Log level (error, warn, info, debug, trace); `RUST_LOG` takes precedence.
-    #[arg(long, env = "LOG_LEVEL")]
-    pub log_level: Option<String>,
-    /// Log format.
-    #[arg(long, env = "LOG_FORMAT", value_enum, ignore_case = true)]
-    pub log_format: Option<LogFormat>,
-    /// Do not draw a progress bar.
+    /// Do not draw a progress bar (none is drawn when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
-    /// List this program's flows and tasks, then exit.
-    #[arg(long)]
-    pub list: bool,
 }
 
-/// Splits the raw arguments into the ones clap knows and flow parameters.
+/// NATS connection flags (global: every subcommand takes them).
+#[derive(Args, Debug, Clone)]
+pub struct NatsArgs {
+    /// NATS server(s), comma separated; unset = embedded mode.
+    #[arg(long, global = true, env = "NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Prefix of every internal subject.
+    #[arg(long, global = true, env = "PINAZU_SUBJECT_PREFIX", default_value = DEFAULT_PREFIX)]
+    pub subject_prefix: String,
+    /// NATS user (with --nats-password).
+    #[arg(long, global = true, env = "NATS_USER")]
+    pub nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, global = true, env = "NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// NATS token.
+    #[arg(long, global = true, env = "NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// NATS credentials file (JWT and nkey).
+    #[arg(long, global = true, env = "NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// CA certificate to trust for TLS (PEM).
+    #[arg(long, global = true, env = "NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// TLS client certificate (PEM).
+    #[arg(long, global = true, env = "NATS_TLS_CERT")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// TLS client key (PEM).
+    #[arg(long, global = true, env = "NATS_TLS_KEY")]
+    pub nats_tls_key: Option<PathBuf>,
+}
+
+impl NatsArgs {
+    fn config(&self, url: &str, name: &str) -> NatsConfig {
+        NatsConfig {
+            urls: url.to_string(),
+            user: self.nats_user.clone(),
+            password: self.nats_password.clone(),
+            token: self.nats_token.clone(),
+            creds_file: self.nats_creds.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_cert: self.nats_tls_cert.clone(),
+            tls_key: self.nats_tls_key.clone(),
+            tls_required: false,
+            name: name.to_string(),
+        }
+    }
+
+    fn subjects(&self) -> Subjects {
+        Subjects::new(&self.subject_prefix)
+    }
+}
+
+/// The roles and operator commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Host flow runs: the long-running coordinator of distributed mode.
+    Coordinator(crate::distributed::CoordinatorArgs),
+    /// Run tasks for the coordinator: a long-running agent.
+    Agent(crate::distributed::AgentArgs),
+    /// Submit a run to the coordinator and follow it to its end.
+    Run(crate::distributed::SubmitArgs),
+    /// Show one run.
+    Status(crate::distributed::RunIdArgs),
+    /// Cancel a run: its attempts stop and it ends FAILED.
+    Cancel(crate::distributed::RunIdArgs),
+    /// List the coordinator's runs.
+    Runs(crate::distributed::ListArgs),
+    /// List the live agents.
+    Agents(crate::distributed::ListArgs),
+}
+
+/// Splits the raw arguments into the ones clap knows and flow parameters (`--key=value`
+/// or `--key value` that no command defines). Parameters are taken only for the embedded
+/// run and for `run`.
 pub fn split_args(args: impl IntoIterator<Item = String>) -> (Vec<String>, Vec<(String, Value)>) {
     let cmd = Cli::command();
-    let mut known: Vec<(String, bool)> = cmd
-        .get_arguments()
-        .filter_map(|a| {
-            let takes = a.get_action().takes_values();
-            a.get_long().map(|l| (l.to_string(), takes))
-        })
-        .collect();
-    known.push(("help".into(), false));
-    known.push(("version".into(), false));
+    let flags = |c: &clap::Command| -> Vec<(String, bool)> {
+        c.get_arguments()
+            .filter_map(|a| {
+                a.get_long()
+                    .map(|l| (l.to_string(), a.get_action().takes_values()))
+            })
+            .chain([("help".to_string(), false), ("version".to_string(), false)])
+            .collect()
+    };
+    let mut known = flags(&cmd);
+    let mut sub: Option<String> = None;
     let mut args = args.into_iter().peekable();
     let mut clap_args = vec![args.next().unwrap_or_else(|| "app".into())];
     let mut params = Vec::new();
     while let Some(arg) = args.next() {
         let Some(body) = arg.strip_prefix("--").filter(|b| !b.is_empty()) else {
+            if sub.is_none() && !arg.starts_with('-') {
+                if let Some(sc) = cmd.find_subcommand(&arg) {
+                    known.extend(flags(sc));
+                    sub = Some(sc.get_name().to_string());
+                }
+            }
             clap_args.push(arg);
             continue;
         };
@@ -95,6 +211,10 @@ pub fn split_args(args: impl IntoIterator<Item = String>) -> (Vec<String>, Vec<(
                     clap_args.push(v);
                 }
             }
+            continue;
+        }
+        if !matches!(sub.as_deref(), None | Some("run")) {
+            clap_args.push(arg); // clap reports the unknown flag
             continue;
         }
         let value = match value {
@@ -151,7 +271,7 @@ pub struct FinalLine<'a> {
     /// The error, or null.
     pub error: &'a Option<String>,
     /// Counters.
-    pub stats: &'a pinazu_coordinator::StatsSnapshot,
+    pub stats: &'a StatsSnapshot,
 }
 
 /// The final stdout line of a run, as text.
@@ -166,14 +286,14 @@ pub fn final_line(outcome: &FlowRunOutcome) -> String {
     serde_json::to_string(&line).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
-fn usage_error(msg: impl std::fmt::Display) -> ExitCode {
+pub(crate) fn usage_error(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {msg}");
     ExitCode::from(2)
 }
 
 /// A run that could not start still ends with the final JSON line (status FAILED), so
 /// whoever reads stdout learns why; the exit code is 2.
-fn rejected(flow_run_id: FlowRunId, flow: &str, e: FlowError) -> ExitCode {
+pub(crate) fn rejected(flow_run_id: FlowRunId, flow: &str, e: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {e}");
     let outcome = FlowRunOutcome {
         flow_run_id,
@@ -186,6 +306,27 @@ fn rejected(flow_run_id: FlowRunId, flow: &str, e: FlowError) -> ExitCode {
     };
     println!("{}", final_line(&outcome));
     ExitCode::from(2)
+}
+
+/// The run id from `--flow-run-id` / `FLOW_RUN_ID`, or a new one.
+pub(crate) fn run_id(raw: Option<&str>) -> Result<FlowRunId, pinazu_shared::error::ConfigError> {
+    match raw.map(str::trim) {
+        Some(v) if !v.is_empty() => FlowRunId::parse(v, "FLOW_RUN_ID / --flow-run-id"),
+        _ => Ok(FlowRunId::new()),
+    }
+}
+
+/// The flow to run: the one named, or the program's only flow.
+pub(crate) fn pick_flow(registry: &Registry, named: Option<&str>) -> Result<String, String> {
+    match (named, registry.flow_names().as_slice()) {
+        (Some(name), _) => Ok(name.to_string()),
+        (None, [only]) => Ok(only.to_string()),
+        (None, []) => Err("this program defines no #[flow]".into()),
+        (None, many) => Err(format!(
+            "this program defines several flows ({}); name one",
+            many.join(", ")
+        )),
+    }
 }
 
 /// Parses the process arguments and runs the app.
@@ -210,29 +351,62 @@ pub fn main() -> ExitCode {
         println!("tasks: {}", registry.task_names().join(", "));
         return ExitCode::SUCCESS;
     }
-    let flow_run_id = match cli.flow_run_id.as_deref().map(str::trim) {
-        Some(v) if !v.is_empty() => match FlowRunId::parse(v, "FLOW_RUN_ID / --flow-run-id") {
-            Ok(id) => id,
-            Err(e) => return usage_error(e),
-        },
-        _ => FlowRunId::new(),
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return usage_error(format!("could not start the async runtime: {e}")),
     };
-    let flow = match (&cli.flow, registry.flow_names().as_slice()) {
-        (Some(name), _) => name.clone(),
-        (None, [only]) => only.to_string(),
-        (None, []) => return usage_error("this program defines no #[flow]"),
-        (None, many) => {
-            return usage_error(format!(
-                "this program defines several flows ({}); choose one with --flow NAME",
-                many.join(", ")
-            ))
-        }
+    let code = match &cli.command {
+        None => rt.block_on(run_embedded(&cli, registry, params)),
+        Some(cmd) => rt.block_on(crate::distributed::run_command(&cli, cmd, registry, params)),
     };
-    let params = match merge_params(cli.input.as_deref(), params) {
+    // do not wait for stray tasks (e.g. a NATS reconnect loop) at exit
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    code
+}
+
+pub(crate) fn require_nats(cli: &Cli) -> Result<String, ExitCode> {
+    cli.nats.nats_url.clone().filter(|u| !u.trim().is_empty()).ok_or_else(|| {
+        usage_error("this command needs a NATS server: set NATS_URL or pass --nats-url nats://host:4222")
+    })
+}
+
+pub(crate) async fn connect(
+    cli: &Cli,
+    url: &str,
+    name: &str,
+) -> Result<async_nats::Client, ExitCode> {
+    cli.nats
+        .config(url, name)
+        .connect()
+        .await
+        .map_err(usage_error)
+}
+
+pub(crate) fn nats_subjects(cli: &Cli) -> Subjects {
+    cli.nats.subjects()
+}
+
+async fn run_embedded(
+    cli: &Cli,
+    registry: &'static Registry,
+    params: Vec<(String, Value)>,
+) -> ExitCode {
+    let flow_run_id = match run_id(cli.run.flow_run_id.as_deref()) {
+        Ok(id) => id,
+        Err(e) => return usage_error(e),
+    };
+    let flow = match pick_flow(registry, cli.run.flow.as_deref()) {
+        Ok(f) => f,
+        Err(e) => return usage_error(format!("{e} with --flow NAME")),
+    };
+    let params = match merge_params(cli.run.input.as_deref(), params) {
         Ok(p) => p,
-        Err(e) => return rejected(flow_run_id, &flow, e.into()),
+        Err(e) => return rejected(flow_run_id, &flow, e),
     };
-    if cli.success_task_results.is_some() {
+    if cli.run.success_task_results.is_some() {
         tracing::warn!(
             "--success-task-results is accepted but not used yet: completed tasks will run again"
         );
@@ -241,60 +415,58 @@ pub fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage_error(e),
     };
-    if config.default_cache == pinazu_shared::options::CachePolicy::Run {
-        tracing::info!(dir = %cli.cache_dir.display(), "ENABLE_S3_CACHING=true: tasks with no cache policy use the per-run cache; the store is the local directory (the S3 store is not built yet)");
-    }
     if let Some(a) = cli.agents {
         config.agents = a.max(1);
     }
     config.slots = cli.slots.max(1);
     config.cache_dir = cli.cache_dir.clone();
     config.refresh_cache = cli.refresh_cache;
-
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    if config.default_cache == pinazu_shared::options::CachePolicy::Run {
+        tracing::info!(dir = %cli.cache_dir.display(), "ENABLE_S3_CACHING=true: tasks with no cache policy use the per-run cache; the store is the local directory (the S3 store is not built yet)");
+    }
+    // like the original library: with NATS_URL set, status events go to NATS
+    if let Some(url) = cli
+        .nats
+        .nats_url
+        .as_deref()
+        .filter(|u| !u.trim().is_empty())
     {
-        Ok(rt) => rt,
-        Err(e) => return usage_error(format!("could not start the async runtime: {e}")),
-    };
-    rt.block_on(run_embedded(
-        config,
-        flow,
-        params,
-        flow_run_id,
-        !cli.no_progress,
-    ))
-}
-
-async fn run_embedded(
-    config: RuntimeConfig,
-    flow: String,
-    params: Map<String, Value>,
-    flow_run_id: FlowRunId,
-    progress: bool,
-) -> ExitCode {
+        match connect(cli, url, "pinazu-embedded").await {
+            Ok(client) => {
+                let publisher = pinazu_shared::nats::Publisher::start(client);
+                config.events = Arc::new(pinazu_coordinator::nats::NatsEventSink::new(publisher));
+            }
+            Err(code) => return code,
+        }
+    }
     let runtime = match Runtime::embedded(config).await {
         Ok(r) => r,
         Err(e) => return usage_error(e),
     };
     let handle = match runtime.start(&flow, params, flow_run_id).await {
         Ok(h) => h,
+        Err(e @ FlowError::Params(_)) | Err(e @ FlowError::UnknownFlow { .. }) => {
+            return rejected(flow_run_id, &flow, e)
+        }
         Err(e) => return rejected(flow_run_id, &flow, e),
     };
-    let bar = crate::progress::show(handle.stats.clone(), progress);
+    let bar = crate::progress::show(handle.stats.clone(), !cli.run.no_progress);
     let outcome = handle.wait().await;
     drop(bar);
     runtime.shutdown().await;
     print_summary(&outcome);
-    if outcome.status == FlowStatus::Success {
+    exit_code(outcome.status)
+}
+
+pub(crate) fn exit_code(status: FlowStatus) -> ExitCode {
+    if status == FlowStatus::Success {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     }
 }
 
-fn print_summary(outcome: &FlowRunOutcome) {
+pub(crate) fn print_summary(outcome: &FlowRunOutcome) {
     let s = &outcome.stats;
     let secs = (s.wall_ms as f64 / 1000.0).max(1e-3);
     println!(
@@ -347,6 +519,34 @@ mod tests {
                 ("flag".to_string(), json!(true)),
             ]
         );
+    }
+
+    #[test]
+    fn subcommands_get_their_flags_and_run_gets_parameters() {
+        let (c, p) = split(&[
+            "app",
+            "run",
+            "parallel_flow",
+            "--n=5",
+            "--detach",
+            "--nats-url",
+            "nats://x:1",
+        ]);
+        assert_eq!(
+            c,
+            vec![
+                "app",
+                "run",
+                "parallel_flow",
+                "--detach",
+                "--nats-url",
+                "nats://x:1"
+            ]
+        );
+        assert_eq!(p, vec![("n".to_string(), json!(5))]);
+        let (c, p) = split(&["app", "agent", "--slots", "8", "--bogus=1"]);
+        assert_eq!(c, vec!["app", "agent", "--slots", "8", "--bogus=1"]);
+        assert!(p.is_empty());
     }
 
     #[test]

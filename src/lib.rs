@@ -27,6 +27,7 @@
 extern crate self as pinazu_flows;
 
 pub mod cli;
+mod distributed;
 pub mod logging;
 mod progress;
 pub mod runtime;

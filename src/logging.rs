@@ -30,7 +30,8 @@ pub fn init(level: Option<&str>, format: Option<LogFormat>) {
                 "critical" | "fatal" => "error".to_string(),
                 other => other.to_string(),
             };
-            EnvFilter::try_new(&level).unwrap_or_else(|_| {
+            // the NATS client narrates every (re)connect at info; ours says what matters
+            EnvFilter::try_new(format!("{level},async_nats=warn")).unwrap_or_else(|_| {
                 eprintln!("LOG_LEVEL={level:?} is not a level (error, warn, info, debug, trace); using info");
                 EnvFilter::new("info")
             })

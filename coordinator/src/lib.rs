@@ -7,6 +7,7 @@ pub mod cache;
 pub mod context;
 pub mod coordinator;
 pub mod flow_runner;
+pub mod nats;
 pub mod scheduler;
 pub mod stats;
 pub mod status;

@@ -8,6 +8,7 @@ pub mod codec;
 pub mod error;
 pub mod events;
 pub mod ids;
+pub mod nats;
 pub mod options;
 pub mod registry;
 pub mod store;

@@ -1,0 +1,296 @@
+//! The coordinator's side of the NATS transport: the `AgentLink` that publishes attempts
+//! to agents, the `EventSink` that publishes Pinazu Core status events, and the service
+//! loops that take agents' heartbeats and reports and answer the API.
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pinazu_shared::api::{ApiReply, ApiRequest, RunInfo};
+use pinazu_shared::codec::{decode_envelope, encode_envelope};
+use pinazu_shared::events::FlowStatus;
+use pinazu_shared::ids::{AgentId, AttemptId, FlowRunId};
+use pinazu_shared::nats::{Drops, Publisher};
+use pinazu_shared::registry::Registry;
+use pinazu_shared::subjects::{valid_token, Subjects};
+use pinazu_shared::transport::AgentLink;
+use pinazu_shared::wire::{Heartbeat, Report, SpawnTask};
+use pinazu_shared::BoxFuture;
+
+use crate::coordinator::Coordinator;
+use crate::status::EventSink;
+
+/// Publishes attempts and cancellations to agents' subjects.
+pub struct NatsAgentLink {
+    publisher: Publisher,
+    subjects: Subjects,
+    max_payload: usize,
+}
+
+impl NatsAgentLink {
+    /// A link publishing through `publisher`; batches above `max_payload` are split.
+    pub fn new(publisher: Publisher, subjects: Subjects, max_payload: usize) -> Self {
+        NatsAgentLink {
+            publisher,
+            subjects,
+            max_payload,
+        }
+    }
+
+    fn publish_batch(&self, subject: &str, tasks: &[SpawnTask]) {
+        match encode_envelope(&tasks) {
+            Ok(bytes) if bytes.len() <= self.max_payload || tasks.len() == 1 => {
+                if bytes.len() > self.max_payload {
+                    tracing::error!(subject, bytes = bytes.len(), max = self.max_payload, task = %tasks[0].task, "attempt arguments exceed the NATS max payload; the attempt will be reported lost and retried");
+                }
+                self.publisher
+                    .publish(subject.to_string(), Bytes::from(bytes));
+            }
+            Ok(_) => {
+                let (a, b) = tasks.split_at(tasks.len() / 2);
+                self.publish_batch(subject, a);
+                self.publish_batch(subject, b);
+            }
+            Err(e) => tracing::error!(subject, error = %e, "could not encode attempts"),
+        }
+    }
+}
+
+impl AgentLink for NatsAgentLink {
+    fn spawn(&self, agent: &AgentId, tasks: Vec<SpawnTask>) {
+        self.publish_batch(&self.subjects.agent_spawn(agent), &tasks);
+    }
+
+    fn cancel(&self, agent: &AgentId, attempts: Vec<(FlowRunId, AttemptId)>) {
+        match encode_envelope(&attempts) {
+            Ok(b) => self
+                .publisher
+                .publish(self.subjects.agent_cancel(agent), Bytes::from(b)),
+            Err(e) => tracing::error!(error = %e, "could not encode a cancellation"),
+        }
+    }
+}
+
+/// Publishes status events on the Pinazu Core subjects.
+pub struct NatsEventSink {
+    publisher: Publisher,
+}
+
+impl NatsEventSink {
+    /// A sink publishing through `publisher`.
+    pub fn new(publisher: Publisher) -> Self {
+        NatsEventSink { publisher }
+    }
+}
+
+impl EventSink for NatsEventSink {
+    fn publish(&self, subject: &'static str, payload: Bytes) {
+        self.publisher.publish(subject.to_string(), payload);
+    }
+
+    fn flush(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.publisher.flush())
+    }
+}
+
+/// Counters of the coordinator service.
+#[derive(Debug, Default)]
+pub struct ServiceCounters {
+    /// Messages dropped (undecodable, wrong version, invalid).
+    pub drops: Drops,
+}
+
+/// Serves the coordinator on NATS until the client closes: heartbeats, reports and the
+/// API. Returns once every subscription is in place.
+pub async fn serve(
+    coordinator: Coordinator,
+    client: async_nats::Client,
+    subjects: Subjects,
+    registry: &'static Registry,
+    publisher: Publisher,
+) -> Result<Arc<ServiceCounters>, async_nats::SubscribeError> {
+    let counters = Arc::new(ServiceCounters::default());
+    let mut heartbeats = client.subscribe(subjects.heartbeat()).await?;
+    let mut reports = client.subscribe(subjects.reports()).await?;
+    let mut api = client
+        .subscribe(format!("{}.api.*", subjects.prefix()))
+        .await?;
+
+    let (c, k) = (coordinator.clone(), counters.clone());
+    tokio::spawn(async move {
+        while let Some(msg) = heartbeats.next().await {
+            match decode_envelope::<Heartbeat>(&msg.payload) {
+                Ok(hb) if valid_token(&hb.info.agent_id.0) => c.heartbeat(hb),
+                Ok(hb) => k.drops.record(
+                    &msg.subject,
+                    &format!("invalid agent id {:?}", hb.info.agent_id.0),
+                ),
+                Err(e) => k.drops.record(&msg.subject, &e),
+            }
+        }
+    });
+
+    let (sink, k) = (coordinator.result_sink(), counters.clone());
+    tokio::spawn(async move {
+        while let Some(msg) = reports.next().await {
+            match decode_envelope::<Vec<Report>>(&msg.payload) {
+                Ok(batch) => {
+                    for report in batch {
+                        match report {
+                            Report::Started(s) => sink.started(s),
+                            Report::Finished(f) => sink.finished(f),
+                        }
+                    }
+                }
+                Err(e) => k.drops.record(&msg.subject, &e),
+            }
+        }
+    });
+
+    let (c, k, s) = (coordinator.clone(), counters.clone(), subjects.clone());
+    tokio::spawn(async move {
+        let mut api_state = ApiState::default();
+        while let Some(msg) = api.next().await {
+            let reply = match decode_envelope::<ApiRequest>(&msg.payload) {
+                Ok(req) => api_state.handle(&c, registry, &s, &publisher, req).await,
+                Err(e) => {
+                    k.drops.record(&msg.subject, &e);
+                    ApiReply::Error(format!("malformed request on {}: {e}", msg.subject))
+                }
+            };
+            if let Some(to) = msg.reply {
+                match encode_envelope(&reply) {
+                    Ok(b) => {
+                        if let Err(e) = client.publish(to, Bytes::from(b)).await {
+                            tracing::warn!(error = %e, "could not send an API reply");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "could not encode an API reply"),
+                }
+            }
+        }
+    });
+    Ok(counters)
+}
+
+#[derive(Default)]
+struct ApiState {
+    idempotency: HashMap<String, FlowRunId>,
+}
+
+impl ApiState {
+    async fn handle(
+        &mut self,
+        c: &Coordinator,
+        registry: &'static Registry,
+        subjects: &Subjects,
+        publisher: &Publisher,
+        req: ApiRequest,
+    ) -> ApiReply {
+        match req {
+            ApiRequest::Start {
+                flow,
+                params,
+                flow_run_id,
+                idempotency_key,
+            } => {
+                if let Some(id) = idempotency_key
+                    .as_ref()
+                    .and_then(|k| self.idempotency.get(k))
+                {
+                    if let Some(run) = c.run_info(*id) {
+                        return ApiReply::Started {
+                            run,
+                            existing: true,
+                        };
+                    }
+                }
+                let id = flow_run_id.unwrap_or_default();
+                if let Some(run) = c.run_info(id).filter(|r| r.status == FlowStatus::Running) {
+                    return ApiReply::Started {
+                        run,
+                        existing: true,
+                    };
+                }
+                let Some(def) = registry.flow(&flow) else {
+                    return ApiReply::Error(format!(
+                        "flow `{flow}` is not defined on this coordinator; flows: {}",
+                        registry.flow_names().join(", ")
+                    ));
+                };
+                match c.start_run(def, params, id).await {
+                    Ok(_) => {
+                        if let Some(k) = idempotency_key {
+                            self.idempotency.insert(k, id);
+                        }
+                        watch_run(c.clone(), id, subjects.clone(), publisher.clone());
+                        match c.run_info(id) {
+                            Some(run) => ApiReply::Started {
+                                run,
+                                existing: false,
+                            },
+                            None => {
+                                ApiReply::Error(format!("run {id} vanished right after it started"))
+                            }
+                        }
+                    }
+                    Err(e) => ApiReply::Error(e.to_string()),
+                }
+            }
+            ApiRequest::Status { flow_run_id } => match c.run_info(flow_run_id) {
+                Some(run) => ApiReply::Run(run),
+                None => ApiReply::Error(format!(
+                    "flow run {flow_run_id} is not known to this coordinator"
+                )),
+            },
+            ApiRequest::Runs => ApiReply::Runs(c.runs()),
+            ApiRequest::Cancel { flow_run_id } => {
+                match c.cancel(flow_run_id, "the run was cancelled by an operator") {
+                    Ok(()) => {
+                        // answer with the ended run, so `cancel` can show the final state
+                        let wait = c.wait(flow_run_id);
+                        let _ = tokio::time::timeout(Duration::from_secs(10), wait).await;
+                        match c.run_info(flow_run_id) {
+                            Some(run) => ApiReply::Run(run),
+                            None => ApiReply::Error(format!("flow run {flow_run_id} vanished")),
+                        }
+                    }
+                    Err(e) => ApiReply::Error(e),
+                }
+            }
+            ApiRequest::Agents => ApiReply::Agents(c.agents().await),
+        }
+    }
+}
+
+/// Publishes a run's progress four times a second, and its end once.
+fn watch_run(c: Coordinator, id: FlowRunId, subjects: Subjects, publisher: Publisher) {
+    tokio::spawn(async move {
+        let progress = subjects.run_progress(id);
+        let wait = c.wait(id);
+        tokio::pin!(wait);
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = &mut wait => break,
+                _ = tick.tick() => {
+                    if let Some(info) = c.run_info(id) {
+                        publish_info(&publisher, progress.clone(), &info);
+                    }
+                }
+            }
+        }
+        if let Some(info) = c.run_info(id) {
+            publish_info(&publisher, subjects.run_done(id), &info);
+        }
+    });
+}
+
+fn publish_info(publisher: &Publisher, subject: String, info: &RunInfo) {
+    match encode_envelope(info) {
+        Ok(b) => publisher.publish(subject, Bytes::from(b)),
+        Err(e) => tracing::error!(error = %e, "could not encode run progress"),
+    }
+}

@@ -1,0 +1,549 @@
+//! The distributed-mode commands: `coordinator`, `agent`, `run`, `status`, `cancel`,
+//! `runs`, `agents`.
+
+use bytes::Bytes;
+use clap::Args;
+use futures_util::StreamExt;
+use serde_json::Value;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pinazu_agent::nats::{serve_agent, AgentServeConfig};
+use pinazu_agent::AgentConfig;
+use pinazu_coordinator::nats::{serve, NatsAgentLink, NatsEventSink};
+use pinazu_coordinator::{
+    Coordinator, CoordinatorConfig, FlowRunOutcome, SchedulerTiming, StatsSnapshot,
+};
+use pinazu_shared::api::{AgentSummary, ApiReply, ApiRequest, RunInfo};
+use pinazu_shared::codec::{decode_envelope, encode_envelope};
+use pinazu_shared::ids::{AgentId, FlowRunId};
+use pinazu_shared::nats::Publisher;
+use pinazu_shared::registry::Registry;
+use pinazu_shared::store::LocalDirStore;
+use pinazu_shared::subjects::{valid_token, Subjects};
+
+use crate::cli::{
+    connect, exit_code, merge_params, nats_subjects, pick_flow, print_summary, rejected,
+    require_nats, run_id, usage_error, Cli, Command, RunArgs,
+};
+use crate::runtime::{env_flag, RuntimeConfig};
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 500ms, 3s, 1m)"))
+}
+
+/// `coordinator` settings.
+#[derive(Args, Debug, Clone)]
+pub struct CoordinatorArgs {
+    /// How long an attempt may wait for a live agent that can run its task.
+    #[arg(long, env = "PINAZU_SCHEDULE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub schedule_timeout: Duration,
+    /// An agent silent this long is declared dead and its attempts run elsewhere.
+    #[arg(long, env = "PINAZU_DEAD_AFTER", default_value = "3s", value_parser = parse_duration)]
+    pub dead_after: Duration,
+}
+
+/// `agent` settings.
+#[derive(Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// Attempts this agent runs at once.
+    #[arg(long, env = "PINAZU_SLOTS", default_value_t = 4)]
+    pub slots: u32,
+    /// Labels tasks may require, `k=v` (repeat or comma separate).
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// This agent's id (letters, digits, `-`, `_`); default `<host>-<pid>`.
+    #[arg(long, env = "PINAZU_AGENT_ID")]
+    pub agent_id: Option<String>,
+    /// On SIGTERM, how long running attempts may take to finish.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+/// `run` settings.
+#[derive(Args, Debug, Clone)]
+pub struct SubmitArgs {
+    /// The flow (default: the program's only flow).
+    pub flow_name: Option<String>,
+    /// Run settings shared with embedded mode.
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Print the run id and return without waiting.
+    #[arg(long)]
+    pub detach: bool,
+    /// Submitting again with the same key returns the same run (default: the run id).
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+}
+
+/// A command about one run.
+#[derive(Args, Debug, Clone)]
+pub struct RunIdArgs {
+    /// The run id.
+    pub flow_run_id: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A listing command.
+#[derive(Args, Debug, Clone)]
+pub struct ListArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs one subcommand.
+pub(crate) async fn run_command(
+    cli: &Cli,
+    cmd: &Command,
+    registry: &'static Registry,
+    params: Vec<(String, Value)>,
+) -> ExitCode {
+    let url = match require_nats(cli) {
+        Ok(u) => u,
+        Err(code) => return code,
+    };
+    match cmd {
+        Command::Coordinator(a) => coordinator(cli, a, &url, registry).await,
+        Command::Agent(a) => agent(cli, a, &url, registry).await,
+        Command::Run(a) => submit(cli, a, &url, registry, params).await,
+        Command::Status(a) => one_run(cli, a, &url, false).await,
+        Command::Cancel(a) => one_run(cli, a, &url, true).await,
+        Command::Runs(a) => list(cli, a, &url, true).await,
+        Command::Agents(a) => list(cli, a, &url, false).await,
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn coordinator(
+    cli: &Cli,
+    a: &CoordinatorArgs,
+    url: &str,
+    registry: &'static Registry,
+) -> ExitCode {
+    let client = match connect(cli, url, "pinazu-coordinator").await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let subjects = nats_subjects(cli);
+    let publisher = Publisher::start(client.clone());
+    let default_cache = match RuntimeConfig::from_env() {
+        Ok(c) => c.default_cache,
+        Err(e) => return usage_error(e),
+    };
+    let config = CoordinatorConfig {
+        default_cache,
+        refresh_cache: cli.refresh_cache,
+        timing: SchedulerTiming {
+            dead_after: a.dead_after,
+            schedule_timeout: a.schedule_timeout,
+            ..SchedulerTiming::default()
+        },
+        ..CoordinatorConfig::default()
+    };
+    let link = Arc::new(NatsAgentLink::new(
+        publisher.clone(),
+        subjects.clone(),
+        client.server_info().max_payload,
+    ));
+    let coordinator = match Coordinator::start(
+        config,
+        link,
+        Arc::new(LocalDirStore::new(cli.cache_dir.clone())),
+        Arc::new(NatsEventSink::new(publisher.clone())),
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(e) => return usage_error(format!("could not start the coordinator: {e}")),
+    };
+    let counters = match serve(
+        coordinator.clone(),
+        client.clone(),
+        subjects.clone(),
+        registry,
+        publisher.clone(),
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(e) => return usage_error(format!("could not subscribe on NATS: {e}")),
+    };
+    publisher.publish(subjects.hello(), Bytes::new());
+    tracing::info!(nats = url, prefix = subjects.prefix(), flows = ?registry.flow_names(), "coordinator serving");
+    shutdown_signal().await;
+    tracing::info!(
+        dropped_messages = counters.drops.count(),
+        "coordinator stopping"
+    );
+    coordinator.flush_events().await;
+    publisher.flush().await;
+    ExitCode::SUCCESS
+}
+
+fn default_agent_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "agent".into());
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!(
+        "{}-{}",
+        if host.is_empty() { "agent" } else { &host },
+        std::process::id()
+    )
+}
+
+fn parse_labels(raw: &[String]) -> Result<Vec<(String, String)>, String> {
+    raw.iter()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| match l.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                Ok((k.trim().to_string(), v.trim().to_string()))
+            }
+            _ => Err(format!("label {l:?} is not k=v")),
+        })
+        .collect()
+}
+
+async fn agent(cli: &Cli, a: &AgentArgs, url: &str, registry: &'static Registry) -> ExitCode {
+    let id = a.agent_id.clone().unwrap_or_else(default_agent_id);
+    if !valid_token(&id) {
+        return usage_error(format!(
+            "agent id {id:?} cannot stand in a NATS subject: use letters, digits, '-' and '_'"
+        ));
+    }
+    let labels = match parse_labels(&a.labels) {
+        Ok(l) => l,
+        Err(e) => return usage_error(e),
+    };
+    let client = match connect(cli, url, &format!("pinazu-agent-{id}")).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let cfg = AgentServeConfig {
+        agent: AgentConfig {
+            id: AgentId(id),
+            slots: a.slots.max(1),
+            labels,
+            registry,
+        },
+        subjects: nats_subjects(cli),
+        heartbeat: Duration::from_secs(1),
+        drain_timeout: a.drain_timeout,
+    };
+    match serve_agent(client, cfg, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => usage_error(e),
+    }
+}
+
+/// Sends one API request and decodes the reply.
+async fn request(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    verb: &str,
+    req: &ApiRequest,
+) -> Result<ApiReply, String> {
+    let body = encode_envelope(req).map_err(|e| e.to_string())?;
+    let msg = tokio::time::timeout(
+        Duration::from_secs(15),
+        client.request(subjects.api(verb), Bytes::from(body)),
+    )
+    .await
+    .map_err(|_| "the coordinator did not answer within 15 s".to_string())?
+    .map_err(|e| match e.kind() {
+        async_nats::RequestErrorKind::NoResponders => format!(
+            "no coordinator is serving on {} (start one with `coordinator`, same NATS_URL and subject prefix)",
+            subjects.api(verb)
+        ),
+        _ => format!("request to the coordinator failed: {e}"),
+    })?;
+    decode_envelope(&msg.payload).map_err(|e| format!("bad reply from the coordinator: {e}"))
+}
+
+fn outcome_of(info: &RunInfo) -> FlowRunOutcome {
+    FlowRunOutcome {
+        flow_run_id: info.flow_run_id,
+        flow: info.flow.clone(),
+        status: info.status,
+        result: info.result.clone(),
+        error: info.error.clone(),
+        traceback: None,
+        stats: StatsSnapshot {
+            tasks: info.tasks,
+            executions: info.executions,
+            cache_hits: info.cache_hits,
+            retries: info.retries,
+            wall_ms: info.wall_ms,
+        },
+    }
+}
+
+async fn submit(
+    cli: &Cli,
+    a: &SubmitArgs,
+    url: &str,
+    registry: &'static Registry,
+    params: Vec<(String, Value)>,
+) -> ExitCode {
+    let flow_run_id = match run_id(a.run.flow_run_id.as_deref()) {
+        Ok(id) => id,
+        Err(e) => return usage_error(e),
+    };
+    let named = a.flow_name.as_deref().or(a.run.flow.as_deref());
+    let flow = match pick_flow(registry, named) {
+        Ok(f) => f,
+        Err(e) => return usage_error(format!("{e}: `run FLOW`")),
+    };
+    let params = match merge_params(a.run.input.as_deref(), params) {
+        Ok(p) => p,
+        Err(e) => return rejected(flow_run_id, &flow, e),
+    };
+    if a.run.success_task_results.is_some() {
+        tracing::warn!(
+            "--success-task-results is accepted but not used yet: completed tasks will run again"
+        );
+    }
+    if let Err(e) = env_flag("ENABLE_S3_CACHING") {
+        return usage_error(e);
+    }
+    let client = match connect(cli, url, "pinazu-run").await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let subjects = nats_subjects(cli);
+    // subscribe before starting, so the end cannot slip by
+    let (mut done, mut progress) = match (
+        client.subscribe(subjects.run_done(flow_run_id)).await,
+        client.subscribe(subjects.run_progress(flow_run_id)).await,
+    ) {
+        (Ok(d), Ok(p)) => (d, p),
+        (Err(e), _) | (_, Err(e)) => return usage_error(format!("could not subscribe: {e}")),
+    };
+    let req = ApiRequest::Start {
+        flow: flow.clone(),
+        params,
+        flow_run_id: Some(flow_run_id),
+        idempotency_key: Some(
+            a.idempotency_key
+                .clone()
+                .unwrap_or_else(|| flow_run_id.to_string()),
+        ),
+    };
+    let started = match request(&client, &subjects, "start", &req).await {
+        Ok(ApiReply::Started { run, existing }) => {
+            if existing {
+                tracing::info!(flow_run_id = %run.flow_run_id, "this run already exists; following it");
+            }
+            run
+        }
+        Ok(ApiReply::Error(e)) => return rejected(flow_run_id, &flow, e),
+        Ok(other) => return rejected(flow_run_id, &flow, format!("unexpected reply: {other:?}")),
+        Err(e) => return rejected(flow_run_id, &flow, e),
+    };
+    let id = started.flow_run_id;
+    if a.detach {
+        println!("{id}");
+        return ExitCode::SUCCESS;
+    }
+    let tty = std::io::stderr().is_terminal() && !a.run.no_progress;
+    let bar = tty.then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} tasks {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let mut last_line = Instant::now();
+    let mut poll = tokio::time::interval(Duration::from_secs(2));
+    let show = |info: &RunInfo, last_line: &mut Instant| {
+        if let Some(b) = &bar {
+            b.set_length(info.tasks);
+            b.set_position(info.completed);
+            b.set_message(info.note.clone().unwrap_or_default());
+        } else if last_line.elapsed() >= Duration::from_secs(2) {
+            *last_line = Instant::now();
+            eprintln!(
+                "run {}: {} {}/{} tasks done, {} executions, {} retries{}",
+                info.flow_run_id,
+                info.status,
+                info.completed,
+                info.tasks,
+                info.executions,
+                info.retries,
+                info.note
+                    .as_deref()
+                    .map(|n| format!(" ({n})"))
+                    .unwrap_or_default()
+            );
+        }
+    };
+    let finished = loop {
+        tokio::select! {
+            Some(msg) = done.next() => {
+                if let Ok(info) = decode_envelope::<RunInfo>(&msg.payload) {
+                    break info;
+                }
+            }
+            Some(msg) = progress.next() => {
+                if let Ok(info) = decode_envelope::<RunInfo>(&msg.payload) {
+                    show(&info, &mut last_line);
+                }
+            }
+            _ = poll.tick() => {
+                // the `done` message can be lost (a NATS restart); ask
+                match request(&client, &subjects, "status", &ApiRequest::Status { flow_run_id: id }).await {
+                    Ok(ApiReply::Run(info)) if info.status.is_final() => break info,
+                    Ok(ApiReply::Run(info)) => show(&info, &mut last_line),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "cannot reach the coordinator; still waiting"),
+                }
+            }
+        }
+    };
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let outcome = outcome_of(&finished);
+    print_summary(&outcome);
+    exit_code(outcome.status)
+}
+
+fn print_run_table(runs: &[RunInfo]) {
+    println!(
+        "{:<36}  {:<20}  {:<8}  {:>13}  {:>10}  {:>7}  {:>9}",
+        "RUN", "FLOW", "STATUS", "DONE/TASKS", "EXECUTIONS", "RETRIES", "WALL"
+    );
+    for r in runs {
+        println!(
+            "{:<36}  {:<20}  {:<8}  {:>13}  {:>10}  {:>7}  {:>8.1}s",
+            r.flow_run_id,
+            r.flow,
+            r.status,
+            format!("{}/{}", r.completed, r.tasks),
+            r.executions,
+            r.retries,
+            r.wall_ms as f64 / 1000.0
+        );
+        if let Some(e) = &r.error {
+            println!("    error: {e}");
+        }
+        if let Some(n) = &r.note {
+            println!("    note: {n}");
+        }
+    }
+}
+
+fn print_agent_table(agents: &[AgentSummary]) {
+    println!(
+        "{:<28}  {:>5}  {:>7}  {:>8}  {:>9}  TASKS",
+        "AGENT", "SLOTS", "RUNNING", "DRAINING", "SEEN(ms)"
+    );
+    for a in agents {
+        println!(
+            "{:<28}  {:>5}  {:>7}  {:>8}  {:>9}  {}",
+            a.agent_id.to_string(),
+            a.slots,
+            a.running,
+            if a.draining { "yes" } else { "no" },
+            a.last_seen_ms,
+            a.tasks.join(",")
+        );
+    }
+}
+
+async fn one_run(cli: &Cli, a: &RunIdArgs, url: &str, cancel: bool) -> ExitCode {
+    let id = match FlowRunId::parse(&a.flow_run_id, "the RUN argument") {
+        Ok(id) => id,
+        Err(e) => return usage_error(e),
+    };
+    let client = match connect(cli, url, "pinazu-cli").await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let subjects = nats_subjects(cli);
+    let (verb, req) = if cancel {
+        ("cancel", ApiRequest::Cancel { flow_run_id: id })
+    } else {
+        ("status", ApiRequest::Status { flow_run_id: id })
+    };
+    match request(&client, &subjects, verb, &req).await {
+        Ok(ApiReply::Run(info)) => {
+            if a.json {
+                println!("{}", serde_json::to_string(&info).unwrap_or_default());
+            } else {
+                print_run_table(std::slice::from_ref(&info));
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(ApiReply::Error(e)) => usage_error(e),
+        Ok(other) => usage_error(format!("unexpected reply: {other:?}")),
+        Err(e) => usage_error(e),
+    }
+}
+
+async fn list(cli: &Cli, a: &ListArgs, url: &str, runs: bool) -> ExitCode {
+    let client = match connect(cli, url, "pinazu-cli").await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let subjects = nats_subjects(cli);
+    let (verb, req) = if runs {
+        ("runs", ApiRequest::Runs)
+    } else {
+        ("agents", ApiRequest::Agents)
+    };
+    match request(&client, &subjects, verb, &req).await {
+        Ok(ApiReply::Runs(v)) => {
+            if a.json {
+                println!("{}", serde_json::to_string(&v).unwrap_or_default());
+            } else {
+                print_run_table(&v);
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(ApiReply::Agents(v)) => {
+            if a.json {
+                println!("{}", serde_json::to_string(&v).unwrap_or_default());
+            } else {
+                print_agent_table(&v);
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(ApiReply::Error(e)) => usage_error(e),
+        Ok(other) => usage_error(format!("unexpected reply: {other:?}")),
+        Err(e) => usage_error(e),
+    }
+}

@@ -1,0 +1,274 @@
+//! Test harness: real servers and real processes, on free ports, killed on drop.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where nats-server is: `NATS_SERVER_BIN`, Debian's `/usr/sbin/nats-server`, or PATH.
+pub fn nats_server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    for p in [
+        "/usr/sbin/nats-server",
+        "/usr/local/bin/nats-server",
+        "/usr/bin/nats-server",
+    ] {
+        if Path::new(p).is_file() {
+            return PathBuf::from(p);
+        }
+    }
+    if let Ok(out) = Command::new("which").arg("nats-server").output() {
+        let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !s.is_empty() {
+            return PathBuf::from(s);
+        }
+    }
+    panic!(
+        "nats-server is not installed (looked in /usr/sbin, /usr/local/bin, /usr/bin and PATH; \
+         or set NATS_SERVER_BIN). Install it with `apt-get install -y nats-server`, or run \
+         scripts/test.sh, which does."
+    );
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn wait_port(port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// A nats-server with JetStream in a temp dir, on a free port.
+pub struct NatsServer {
+    pub port: u16,
+    child: Option<Child>,
+    store: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+impl NatsServer {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// With extra arguments, e.g. `["--user", "u", "--pass", "p"]`.
+    pub fn start_with(extra: &[&str]) -> Self {
+        let mut s = NatsServer {
+            port: free_port(),
+            child: None,
+            store: tempfile::tempdir().expect("temp dir"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let bin = nats_server_bin();
+        let child = Command::new(&bin)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.store.path())
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("could not start {}: {e}", bin.display()));
+        self.child = Some(child);
+        assert!(
+            wait_port(self.port, Duration::from_secs(10)),
+            "nats-server did not listen on port {} within 10 s",
+            self.port
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same port and store.
+    pub fn restart(&mut self) {
+        self.kill();
+        std::thread::sleep(Duration::from_millis(300));
+        self.spawn();
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The path of an example binary (`cargo test` builds them).
+pub fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("target profile directory");
+    let path = dir.join("examples").join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the examples first (`cargo test` does; or `cargo build --examples`)",
+        path.display()
+    );
+    path
+}
+
+/// A command for an example binary, with a clean environment for our variables.
+pub fn app(name: &str) -> Command {
+    let mut cmd = Command::new(example(name));
+    for var in [
+        "FLOW_RUN_ID",
+        "NATS_URL",
+        "RUST_LOG",
+        "ENABLE_S3_CACHING",
+        "PINAZU_SUBJECT_PREFIX",
+        "LOG_FORMAT",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("LOG_LEVEL", "info").env("NO_COLOR", "1");
+    cmd
+}
+
+/// A long-running child process with its stderr captured to a file; killed on drop.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("stderr.log");
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("could not start {name}: {e}"));
+        Proc {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to say goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait up to `timeout` for the exit code.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        let c = self.child.as_mut()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                self.child = None;
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The last stdout line of a finished command, parsed as JSON.
+pub fn last_json_line(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| {
+        panic!(
+            "last stdout line is not JSON ({e}): {line:?}\nstdout:\n{stdout}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Reads a child's stdout lines on a thread (for commands that run while the test acts).
+pub fn stdout_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = child.stdout.take().expect("piped stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}

@@ -1,0 +1,571 @@
+//! Distributed mode for real: a nats-server, a coordinator process and agent processes,
+//! all started by the test on free ports; faults caused for real (SIGKILL, SIGSTOP,
+//! server restart, garbage on subjects).
+
+mod common;
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::Value;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const APP: &str = "parallel_flow";
+
+fn sum_squares(n: u64) -> u64 {
+    (0..n).map(|i| i * i).sum()
+}
+
+struct Cluster {
+    nats: NatsServer,
+    coordinator: Proc,
+    agents: Vec<Proc>,
+    app: &'static str,
+    _cache: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start(app: &'static str, agents: usize, slots: u32) -> Self {
+        Self::start_on(NatsServer::start(), app, agents, slots, &[])
+    }
+
+    fn start_on(
+        nats: NatsServer,
+        app: &'static str,
+        agents: usize,
+        slots: u32,
+        coord_args: &[&str],
+    ) -> Self {
+        let cache = tempfile::tempdir().unwrap();
+        let mut c = Cluster {
+            coordinator: Proc::spawn("coordinator", {
+                let mut cmd = base(app, &nats.url(), cache.path());
+                cmd.arg("coordinator")
+                    .args(["--dead-after", "2s"])
+                    .args(coord_args);
+                cmd
+            }),
+            nats,
+            agents: Vec::new(),
+            app,
+            _cache: cache,
+        };
+        for i in 0..agents {
+            c.add_agent(&format!("agent-{i}"), slots);
+        }
+        c.wait_agents(agents);
+        c
+    }
+
+    fn add_agent(&mut self, id: &str, slots: u32) {
+        let mut cmd = self.cmd();
+        cmd.args([
+            "agent",
+            "--agent-id",
+            id,
+            "--slots",
+            &slots.to_string(),
+            "--drain-timeout",
+            "10s",
+        ]);
+        self.agents.push(Proc::spawn(id, cmd));
+    }
+
+    fn cmd(&self) -> Command {
+        base(self.app, &self.nats.url(), self._cache.path())
+    }
+
+    fn output(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().expect("command runs")
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let out = self.output(args);
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{args:?}: not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    fn agents(&self) -> Vec<Value> {
+        self.json(&["agents", "--json"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn wait_agents(&self, n: usize) {
+        wait_until(Duration::from_secs(20), &format!("{n} live agents"), || {
+            let out = self.output(&["agents", "--json"]);
+            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+            (v.as_array()?.len() == n).then_some(())
+        });
+    }
+
+    /// Starts `run ...` in the background with its stdout piped.
+    fn spawn_run(&self, args: &[&str]) -> std::process::Child {
+        let mut cmd = self.cmd();
+        cmd.arg("run")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.spawn().expect("run starts")
+    }
+
+    fn status(&self, id: &str) -> Value {
+        self.json(&["status", id, "--json"])
+    }
+
+    fn logs(&self) -> String {
+        let mut s = format!("--- coordinator ---\n{}", self.coordinator.logs());
+        for a in &self.agents {
+            s.push_str(&format!("\n--- {} ---\n{}", a.name, a.logs()));
+        }
+        s
+    }
+}
+
+fn base(app: &str, url: &str, cache: &std::path::Path) -> Command {
+    let mut cmd = common::app(app);
+    cmd.env("NATS_URL", url).env("PINAZU_CACHE_DIR", cache);
+    cmd
+}
+
+fn finish(child: std::process::Child, timeout: Duration, cluster: &Cluster) -> Output {
+    let deadline = Instant::now() + timeout;
+    let mut child = child;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "run did not finish within {timeout:?}\nstdout:\n{}\nstderr:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                cluster.logs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the run `id` has completed at least `n` calls.
+fn wait_progress(c: &Cluster, id: &str, n: u64) {
+    wait_until(
+        Duration::from_secs(30),
+        &format!("run {id} to complete {n} calls"),
+        || {
+            let out = c.output(&["status", id, "--json"]);
+            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+            (v["completed"].as_u64()? >= n).then_some(())
+        },
+    );
+}
+
+#[test]
+fn fan_out_of_5000_tasks_over_3_agent_processes_returns_the_exact_sum() {
+    let c = Cluster::start(APP, 3, 4);
+    let agents = c.agents();
+    assert_eq!(agents.len(), 3);
+    assert!(agents
+        .iter()
+        .all(|a| a["tasks"] == serde_json::json!(["square"])));
+    let out = c.output(&["run", "--n=5000"]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
+    let line = last_json_line(&out);
+    assert_eq!(line["status"], "SUCCESS");
+    assert_eq!(line["result"], sum_squares(5000));
+    assert_eq!(line["stats"]["tasks"], 5000);
+    assert_eq!(line["stats"]["executions"], 5000);
+    // every agent took part
+    let runs = c.json(&["runs", "--json"]);
+    assert_eq!(runs.as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn an_agent_killed_mid_run_has_its_attempts_run_elsewhere() {
+    let mut c = Cluster::start(APP, 3, 4);
+    let id = "3d1f6f4e-0c1b-4c55-9a2e-6a9a8e1b7c01";
+    let run = c.spawn_run(&["--n=1500", "--work-ms=20", "--flow-run-id", id]);
+    wait_progress(&c, id, 200);
+    let killed_at = Instant::now();
+    c.agents[0].kill9();
+    // within seconds the coordinator sees it gone
+    wait_until(
+        Duration::from_secs(6),
+        "the killed agent to be declared dead",
+        || (c.agents().len() == 2).then_some(()),
+    );
+    assert!(killed_at.elapsed() < Duration::from_secs(6));
+    let out = finish(run, Duration::from_secs(60), &c);
+    assert!(out.status.success(), "{}", c.logs());
+    let line = last_json_line(&out);
+    assert_eq!(line["result"], sum_squares(1500));
+    let executions = line["stats"]["executions"].as_u64().unwrap();
+    assert!(executions >= 1500, "{line}");
+    assert!(
+        c.coordinator.logs().contains("agent is gone"),
+        "{}",
+        c.logs()
+    );
+}
+
+#[test]
+fn a_frozen_agent_is_declared_dead_and_its_late_results_are_ignored() {
+    let c = Cluster::start(APP, 2, 4);
+    let id = "5b2c1a7e-7777-4a0b-8c1d-111122223333";
+    let run = c.spawn_run(&["--n=600", "--work-ms=30", "--flow-run-id", id]);
+    wait_progress(&c, id, 50);
+    let pid = c.agents[0].pid().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    wait_until(
+        Duration::from_secs(6),
+        "the frozen agent to be declared dead",
+        || (c.agents().len() == 1).then_some(()),
+    );
+    // wake it: its attempts were re-dispatched, so whatever it reports now is stale
+    assert!(Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = finish(run, Duration::from_secs(60), &c);
+    assert!(out.status.success(), "{}", c.logs());
+    let line = last_json_line(&out);
+    assert_eq!(line["result"], sum_squares(600));
+    // it comes back and is used again
+    c.wait_agents(2);
+}
+
+#[test]
+fn the_run_completes_across_a_nats_server_restart() {
+    let mut c = Cluster::start(APP, 2, 4);
+    let id = "9e0f5d1c-2b3a-4c5d-8e9f-0a1b2c3d4e5f";
+    let run = c.spawn_run(&["--n=1200", "--work-ms=10", "--flow-run-id", id]);
+    wait_progress(&c, id, 100);
+    c.nats.restart();
+    let out = finish(run, Duration::from_secs(90), &c);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
+    let line = last_json_line(&out);
+    assert_eq!(line["status"], "SUCCESS");
+    assert_eq!(line["result"], sum_squares(1200));
+}
+
+#[test]
+fn cancel_stops_the_running_attempts_and_fails_the_run() {
+    let c = Cluster::start(APP, 2, 4);
+    let out = c.output(&["run", "--detach", "--n=200", "--work-ms=60000"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    wait_until(
+        Duration::from_secs(10),
+        "attempts running on the agents",
+        || {
+            let busy: u64 = c
+                .agents()
+                .iter()
+                .map(|a| a["running"].as_u64().unwrap_or(0))
+                .sum();
+            (busy == 8).then_some(())
+        },
+    );
+    let cancelled = c.json(&["cancel", &id, "--json"]);
+    assert_eq!(cancelled["status"], "FAILED", "{cancelled}");
+    assert!(
+        cancelled["error"].as_str().unwrap().contains("cancelled"),
+        "{cancelled}"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the agents to stop the cancelled attempts",
+        || {
+            let busy: u64 = c
+                .agents()
+                .iter()
+                .map(|a| a["running"].as_u64().unwrap_or(0))
+                .sum();
+            (busy == 0).then_some(())
+        },
+    );
+    assert_eq!(c.status(&id)["status"], "FAILED");
+}
+
+#[test]
+fn submitting_twice_with_one_idempotency_key_returns_the_same_run() {
+    let c = Cluster::start(APP, 1, 4);
+    let submit = || {
+        let out = c.output(&[
+            "run",
+            "--detach",
+            "--n=20",
+            "--idempotency-key",
+            "nightly-2026-11-26",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let first = submit();
+    let second = submit();
+    assert_eq!(first, second);
+    assert_eq!(c.json(&["runs", "--json"]).as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn a_task_no_agent_can_run_fails_after_the_schedule_timeout_naming_the_task() {
+    let c = Cluster::start_on(
+        NatsServer::start(),
+        APP,
+        0,
+        1,
+        &["--schedule-timeout", "2s"],
+    );
+    let started = Instant::now();
+    let out = c.output(&["run", "--n=3"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = last_json_line(&out);
+    let err = line["error"].as_str().unwrap();
+    assert!(
+        err.contains("`square`") && err.contains("not registered on any live agent"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+#[test]
+fn an_authenticated_server_refuses_an_unauthenticated_client_clearly() {
+    let nats = NatsServer::start_with(&["--user", "alice", "--pass", "s3cret"]);
+    let out = base(APP, &nats.url(), std::path::Path::new("/tmp"))
+        .args(["agents"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("authorization violation") && err.contains("--nats-user"),
+        "{err}"
+    );
+
+    // with the credentials everything works
+    let cache = tempfile::tempdir().unwrap();
+    let with_auth = |args: &[&str]| {
+        let mut cmd = base(APP, &nats.url(), cache.path());
+        cmd.env("NATS_USER", "alice")
+            .env("NATS_PASSWORD", "s3cret")
+            .args(args);
+        cmd
+    };
+    let _coord = Proc::spawn("coordinator", with_auth(&["coordinator"]));
+    let _agent = Proc::spawn("agent", with_auth(&["agent", "--agent-id", "auth-1"]));
+    wait_until(Duration::from_secs(20), "the agent behind auth", || {
+        let out = with_auth(&["agents", "--json"]).output().ok()?;
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v.as_array()?.len() == 1).then_some(())
+    });
+    let out = with_auth(&["run", "--n=10"]).output().unwrap();
+    assert_eq!(last_json_line(&out)["result"], 285);
+}
+
+#[test]
+fn an_agent_drains_on_sigterm_and_the_run_still_completes() {
+    let mut c = Cluster::start(APP, 2, 4);
+    let id = "aa2c1a7e-7777-4a0b-8c1d-999922223333";
+    let run = c.spawn_run(&["--n=400", "--work-ms=50", "--flow-run-id", id]);
+    wait_progress(&c, id, 40);
+    let code = c.agents[0].terminate(Duration::from_secs(15));
+    assert_eq!(code, Some(0), "the agent exits cleanly after draining");
+    assert!(c.agents[0].logs().contains("draining"));
+    let out = finish(run, Duration::from_secs(60), &c);
+    let line = last_json_line(&out);
+    assert_eq!(line["result"], sum_squares(400), "{}", c.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_separate_subscriber_sees_pinazu_core_events_in_order_per_task() {
+    let c = tokio::task::spawn_blocking(|| Cluster::start("example_flow", 1, 2))
+        .await
+        .unwrap();
+    let client = async_nats::connect(c.nats.url()).await.unwrap();
+    let mut flows = client.subscribe("v1.svc.worker.flow.status").await.unwrap();
+    let mut tasks = client.subscribe("v1.svc.worker.task.status").await.unwrap();
+    client.flush().await.unwrap();
+    let mut cmd = c.cmd();
+    cmd.args(["run", "--a=5", "--b=3"]);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    let line = last_json_line(&out);
+    assert_eq!(line["status"], "SUCCESS");
+    let run_id = line["flow_run_id"].as_str().unwrap().to_string();
+
+    let mut flow_statuses = Vec::new();
+    while flow_statuses.len() < 2 {
+        let msg = tokio::time::timeout(Duration::from_secs(10), flows.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let e: Value = serde_json::from_slice(&msg.payload).expect("flow event is JSON");
+        assert_shape(&e, &run_id, false);
+        flow_statuses.push(e["message"]["status"].as_str().unwrap().to_string());
+    }
+    assert_eq!(flow_statuses, ["RUNNING", "SUCCESS"]);
+
+    let mut per_task: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut seen = 0;
+    while seen < 12 {
+        let msg = tokio::time::timeout(Duration::from_secs(10), tasks.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let e: Value = serde_json::from_slice(&msg.payload).expect("task event is JSON");
+        assert_shape(&e, &run_id, true);
+        per_task
+            .entry(e["message"]["task_name"].as_str().unwrap().to_string())
+            .or_default()
+            .push(e["message"]["status"].as_str().unwrap().to_string());
+        seen += 1;
+    }
+    for t in ["add", "multiply", "subtract", "describe"] {
+        assert_eq!(
+            per_task[t],
+            ["PENDING", "RUNNING", "SUCCESS"],
+            "task {t}: {per_task:?}"
+        );
+    }
+}
+
+fn assert_shape(e: &Value, run_id: &str, task: bool) {
+    let keys = |v: &Value| -> Vec<String> {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(e), ["header", "message", "metadata"]);
+    assert_eq!(
+        keys(&e["header"]),
+        ["connection_id", "thread_id", "user_id"]
+    );
+    assert_eq!(
+        e["header"]["user_id"],
+        "00000000-0000-0000-0000-000000000000"
+    );
+    assert_eq!(keys(&e["metadata"]), ["timestamp", "trace_id"]);
+    let mut expected = vec![
+        "error_message",
+        "event_timestamp",
+        "flow_run_id",
+        "status",
+        "traceback",
+    ];
+    if task {
+        expected.extend(["result_cache_key", "task_name"]);
+    }
+    expected.sort();
+    assert_eq!(keys(&e["message"]), expected);
+    assert_eq!(e["message"]["flow_run_id"], run_id);
+    let ts = e["message"]["event_timestamp"].as_str().unwrap();
+    assert!(ts.ends_with('Z') && ts.len() == 27, "{ts}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_every_subject_is_dropped_and_nothing_breaks() {
+    let mut c = tokio::task::spawn_blocking(|| Cluster::start(APP, 1, 4))
+        .await
+        .unwrap();
+    let client = async_nats::connect(c.nats.url()).await.unwrap();
+    let junk: Vec<Vec<u8>> = vec![
+        vec![],
+        b"hello".to_vec(),
+        vec![0xc1; 64],
+        vec![0x91, 0xff, 0x00, 0x13],
+        // a well-formed envelope of another protocol version
+        rmp_serde::to_vec_named(&serde_json::json!({"v": 99, "body": []})).unwrap(),
+        (0..=255u8).collect(),
+    ];
+    let subjects = [
+        "pinazu.agent.heartbeat",
+        "pinazu.coord.reports",
+        "pinazu.coord.hello",
+        "pinazu.agent.agent-0.spawn",
+        "pinazu.agent.agent-0.cancel",
+        "pinazu.run.00000000-0000-0000-0000-000000000000.done",
+    ];
+    for s in subjects {
+        for j in &junk {
+            client.publish(s, j.clone().into()).await.unwrap();
+        }
+    }
+    for verb in ["start", "status", "runs", "cancel", "agents"] {
+        for j in &junk {
+            let reply = tokio::time::timeout(
+                Duration::from_secs(5),
+                client.request(format!("pinazu.api.{verb}"), j.clone().into()),
+            )
+            .await
+            .expect("the API answers garbage")
+            .expect("a reply");
+            let decoded: pinazu_shared::api::ApiReply =
+                pinazu_shared::codec::decode_envelope(&reply.payload).unwrap();
+            match decoded {
+                pinazu_shared::api::ApiReply::Error(e) => assert!(e.contains("malformed"), "{e}"),
+                other => panic!("garbage got {other:?}"),
+            }
+        }
+    }
+    client.flush().await.unwrap();
+    // everyone is alive and a run still works
+    assert!(c.coordinator.is_running(), "{}", c.logs());
+    assert!(c.agents[0].is_running(), "{}", c.logs());
+    let mut cmd = c.cmd();
+    cmd.args(["run", "--n=50"]);
+    let out = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        last_json_line(&out)["result"],
+        sum_squares(50),
+        "{}",
+        c.logs()
+    );
+    assert!(
+        c.coordinator.logs().contains("dropped a message"),
+        "{}",
+        c.logs()
+    );
+}
