@@ -60,6 +60,10 @@ pub struct Cli {
     /// NATS connection.
     #[command(flatten)]
     pub nats: NatsArgs,
+    /// Arguments and results larger than this (bytes) go through the object store by
+    /// reference; default half the server's max payload.
+    #[arg(long, global = true, env = "PINAZU_PAYLOAD_THRESHOLD")]
+    pub payload_threshold: Option<usize>,
     /// Log level (error, warn, info, debug, trace); `RUST_LOG` takes precedence.
     #[arg(long, global = true, env = "LOG_LEVEL")]
     pub log_level: Option<String>,

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use pinazu_agent::nats::{serve_agent, AgentServeConfig};
 use pinazu_agent::AgentConfig;
-use pinazu_coordinator::nats::{serve, NatsAgentLink, NatsEventSink};
+use pinazu_coordinator::nats::{serve, NatsAgentLink, NatsEventSink, Payloads};
 use pinazu_coordinator::{
     Coordinator, CoordinatorConfig, FlowRunOutcome, SchedulerTiming, StatsSnapshot,
 };
@@ -21,7 +21,7 @@ use pinazu_shared::codec::{decode_envelope, encode_envelope};
 use pinazu_shared::ids::{AgentId, FlowRunId};
 use pinazu_shared::nats::Publisher;
 use pinazu_shared::registry::Registry;
-use pinazu_shared::store::LocalDirStore;
+use pinazu_shared::store::{LocalDirStore, ObjectStore};
 use pinazu_shared::subjects::{valid_token, Subjects};
 
 use crate::cli::{
@@ -159,15 +159,21 @@ async fn coordinator(
         },
         ..CoordinatorConfig::default()
     };
+    let store: Arc<dyn ObjectStore> = Arc::new(LocalDirStore::new(cli.cache_dir.clone()));
+    let payloads = Payloads {
+        store: store.clone(),
+        threshold: payload_threshold(cli, &client),
+    };
     let link = Arc::new(NatsAgentLink::new(
         publisher.clone(),
         subjects.clone(),
         client.server_info().max_payload,
+        payloads.clone(),
     ));
     let coordinator = match Coordinator::start(
         config,
-        link,
-        Arc::new(LocalDirStore::new(cli.cache_dir.clone())),
+        link.clone(),
+        store,
         Arc::new(NatsEventSink::new(publisher.clone())),
     )
     .await
@@ -175,12 +181,14 @@ async fn coordinator(
         Ok(c) => c,
         Err(e) => return usage_error(format!("could not start the coordinator: {e}")),
     };
+    link.report_failures_to(coordinator.result_sink());
     let counters = match serve(
         coordinator.clone(),
         client.clone(),
         subjects.clone(),
         registry,
         publisher.clone(),
+        payloads,
     )
     .await
     {
@@ -197,6 +205,12 @@ async fn coordinator(
     coordinator.flush_events().await;
     publisher.flush().await;
     ExitCode::SUCCESS
+}
+
+/// The size above which payloads go by reference: the flag, or half the server's limit.
+fn payload_threshold(cli: &Cli, client: &async_nats::Client) -> usize {
+    let max = client.server_info().max_payload.max(1024);
+    cli.payload_threshold.unwrap_or(max / 2).min(max - 512)
 }
 
 fn default_agent_id() -> String {
@@ -250,6 +264,8 @@ async fn agent(cli: &Cli, a: &AgentArgs, url: &str, registry: &'static Registry)
         Err(code) => return code,
     };
     let cfg = AgentServeConfig {
+        store: Arc::new(LocalDirStore::new(cli.cache_dir.clone())),
+        payload_threshold: payload_threshold(cli, &client),
         agent: AgentConfig {
             id: AgentId(id),
             slots: a.slots.max(1),

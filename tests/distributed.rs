@@ -569,3 +569,31 @@ async fn garbage_on_every_subject_is_dropped_and_nothing_breaks() {
         c.logs()
     );
 }
+
+#[test]
+fn results_and_arguments_above_the_nats_limit_travel_by_reference() {
+    let c = Cluster::start("payload_flow", 2, 2);
+    let bytes: u64 = 3_000_000; // three times the server's 1 MiB limit
+    let out = c.output(&["run", "--count=4", &format!("--bytes={bytes}")]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
+    let line = last_json_line(&out);
+    assert_eq!(line["status"], "SUCCESS");
+    assert_eq!(line["result"]["total_bytes"], 4 * bytes);
+    let expected: u64 = (0..bytes).map(|j| j % 251).sum();
+    assert_eq!(line["result"]["checksum_of_first"], expected);
+    // the run's payload objects are removed once it has ended
+    let payloads = c._cache.path().join("payloads");
+    wait_until(
+        Duration::from_secs(10),
+        "payload objects to be removed",
+        || {
+            let left = std::fs::read_dir(&payloads).map(|d| d.count()).unwrap_or(0);
+            (left == 0).then_some(())
+        },
+    );
+}

@@ -11,11 +11,15 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
 use pinazu_shared::codec::{decode_envelope, encode_envelope};
+use pinazu_shared::error::{ErrorInfo, FailureKind};
 use pinazu_shared::ids::{AttemptId, FlowRunId};
 use pinazu_shared::nats::Drops;
+use pinazu_shared::store::ObjectStore;
 use pinazu_shared::subjects::Subjects;
 use pinazu_shared::transport::ResultSink;
-use pinazu_shared::wire::{AttemptFinished, AttemptStarted, Heartbeat, Report, SpawnTask};
+use pinazu_shared::wire::{
+    payload_key, AttemptFinished, AttemptStarted, Heartbeat, Report, SpawnTask,
+};
 
 use crate::agent::{spawn_agent, AgentConfig, AgentMsg};
 
@@ -25,8 +29,12 @@ const RECENT_FOR: Duration = Duration::from_secs(5);
 const MAX_BATCH: usize = 512;
 
 /// Settings of a NATS-connected agent.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AgentServeConfig {
+    /// Where large arguments and results go (shared with the coordinator).
+    pub store: Arc<dyn ObjectStore>,
+    /// Results above this many bytes go to the store and travel by reference.
+    pub payload_threshold: usize,
     /// The agent.
     pub agent: AgentConfig,
     /// Subjects.
@@ -45,6 +53,7 @@ struct Tracker {
 
 /// Reports attempts through one batching publisher task and tracks what runs.
 struct NatsReportSink {
+    agent_id: pinazu_shared::ids::AgentId,
     tx: Mutex<Option<mpsc::UnboundedSender<Report>>>,
     tracker: Arc<Mutex<Tracker>>,
     idle: Arc<Notify>,
@@ -138,6 +147,7 @@ pub async fn serve_agent(
     let idle = Arc::new(Notify::new());
     let (tx, mut rx) = mpsc::unbounded_channel::<Report>();
     let sink = Arc::new(NatsReportSink {
+        agent_id: agent_id.clone(),
         tx: Mutex::new(Some(tx)),
         tracker: tracker.clone(),
         idle: idle.clone(),
@@ -147,6 +157,7 @@ pub async fn serve_agent(
     let reporter = {
         let client = client.clone();
         let subject = subjects.reports();
+        let (store, threshold) = (cfg.store.clone(), cfg.payload_threshold);
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
                 let mut batch = vec![first];
@@ -154,6 +165,11 @@ pub async fn serve_agent(
                     match rx.try_recv() {
                         Ok(r) => batch.push(r),
                         Err(_) => break,
+                    }
+                }
+                for report in &mut batch {
+                    if let Report::Finished(f) = report {
+                        store_large_result(&*store, threshold, f).await;
                     }
                 }
                 publish(&client, subject.clone(), &batch).await;
@@ -179,12 +195,25 @@ pub async fn serve_agent(
         .await
         .map_err(|e| format!("subscribe: {e}"))?;
 
-    let (a, d) = (agent.clone(), drops.clone());
+    let (a, d, s, store) = (
+        agent.clone(),
+        drops.clone(),
+        sink.clone(),
+        cfg.store.clone(),
+    );
     let spawn_loop = tokio::spawn(async move {
         while let Some(msg) = spawns.next().await {
             match decode_envelope::<Vec<SpawnTask>>(&msg.payload) {
                 Ok(tasks) => {
-                    let _ = a.send_message(AgentMsg::Spawn(tasks));
+                    let (by_ref, inline): (Vec<_>, Vec<_>) =
+                        tasks.into_iter().partition(|t| t.args_ref.is_some());
+                    if !inline.is_empty() {
+                        let _ = a.send_message(AgentMsg::Spawn(inline));
+                    }
+                    for task in by_ref {
+                        let (a, s, store) = (a.clone(), s.clone(), store.clone());
+                        tokio::spawn(async move { fetch_args(&*store, &a, &s, task).await });
+                    }
                 }
                 Err(e) => d.record(&msg.subject, &e),
             }
@@ -276,4 +305,53 @@ pub async fn serve_agent(
     }
     tracing::info!(agent = %agent_id, dropped = drops.count(), "agent stopped");
     Ok(())
+}
+
+/// Fetches arguments that travelled by reference, then hands the attempt to the agent;
+/// arguments that cannot be read fail the attempt (retried per the task's policy).
+async fn fetch_args(
+    store: &dyn ObjectStore,
+    agent: &ActorRef<AgentMsg>,
+    sink: &NatsReportSink,
+    mut task: SpawnTask,
+) {
+    let key = task.args_ref.take().unwrap_or_default();
+    let error = match store.get(&key).await {
+        Ok(Some(bytes)) => {
+            task.args = bytes;
+            let _ = agent.send_message(AgentMsg::Spawn(vec![task]));
+            return;
+        }
+        Ok(None) => format!("the argument payload {key} is missing from the store"),
+        Err(e) => format!("the argument payload {key} could not be read: {e}"),
+    };
+    sink.finished(AttemptFinished {
+        flow_run_id: task.flow_run_id,
+        call_id: task.call_id,
+        attempt_id: task.attempt_id,
+        agent_id: sink.agent_id.clone(),
+        outcome: Err(ErrorInfo::new(FailureKind::Error, error)),
+        result_ref: None,
+        elapsed_us: 0,
+    });
+}
+
+/// Moves a result above the threshold into the store; a result that cannot be stored
+/// becomes a failed attempt (retried per the task's policy), never a hang.
+async fn store_large_result(store: &dyn ObjectStore, threshold: usize, f: &mut AttemptFinished) {
+    let size = match &f.outcome {
+        Ok(bytes) if bytes.len() > threshold => bytes.len(),
+        _ => return,
+    };
+    let key = payload_key(f.flow_run_id, f.call_id, f.attempt_id, "result");
+    let bytes = std::mem::replace(&mut f.outcome, Ok(Bytes::new())).unwrap_or_default();
+    match store.put(&key, bytes).await {
+        Ok(()) => f.result_ref = Some(key),
+        Err(e) => {
+            f.outcome = Err(ErrorInfo::new(
+                FailureKind::Error,
+                format!("the result of {size} bytes is too large for a NATS message and could not be stored: {e}"),
+            ))
+        }
+    }
 }

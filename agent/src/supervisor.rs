@@ -57,6 +57,7 @@ impl SupervisorState {
             attempt_id: attempt,
             agent_id: self.args.agent_id.clone(),
             outcome: Err(info),
+            result_ref: None,
             elapsed_us: 0,
         });
     }

@@ -70,6 +70,7 @@ impl TaskState {
             attempt_id: self.spawn.attempt_id,
             agent_id: self.agent_id.clone(),
             outcome,
+            result_ref: None,
             elapsed_us: self.started.elapsed().as_micros() as u64,
         });
     }

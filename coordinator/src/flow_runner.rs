@@ -235,7 +235,15 @@ impl RunnerState {
             attempt: call.attempt,
             task: Arc::from(call.task.name),
             args: call.args.clone(),
+            args_ref: None,
             timeout_ms: call.task.options.timeout.map(|t| t.as_millis() as u64),
+            requires: call
+                .task
+                .options
+                .labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         let _ = self
             .shared

@@ -5,38 +5,105 @@
 use bytes::Bytes;
 use futures_util::StreamExt;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use pinazu_shared::api::{ApiReply, ApiRequest, RunInfo};
 use pinazu_shared::codec::{decode_envelope, encode_envelope};
+use pinazu_shared::error::{ErrorInfo, FailureKind};
 use pinazu_shared::events::FlowStatus;
 use pinazu_shared::ids::{AgentId, AttemptId, FlowRunId};
 use pinazu_shared::nats::{Drops, Publisher};
 use pinazu_shared::registry::Registry;
+use pinazu_shared::store::ObjectStore;
 use pinazu_shared::subjects::{valid_token, Subjects};
-use pinazu_shared::transport::AgentLink;
-use pinazu_shared::wire::{Heartbeat, Report, SpawnTask};
+use pinazu_shared::transport::{AgentLink, ResultSink};
+use pinazu_shared::wire::{
+    payload_key, payload_prefix, AttemptFinished, Heartbeat, Report, SpawnTask,
+};
 use pinazu_shared::BoxFuture;
 
 use crate::coordinator::Coordinator;
 use crate::status::EventSink;
 
-/// Publishes attempts and cancellations to agents' subjects.
+/// Publishes attempts and cancellations to agents' subjects. Arguments larger than the
+/// payload threshold go to the object store first and travel by reference.
 pub struct NatsAgentLink {
     publisher: Publisher,
     subjects: Subjects,
     max_payload: usize,
+    payloads: Payloads,
+    /// Where an attempt whose arguments cannot be stored is reported failed.
+    failures: OnceLock<Arc<dyn ResultSink>>,
+}
+
+/// Where large payloads go, and from what size.
+#[derive(Clone)]
+pub struct Payloads {
+    /// The store (shared with the agents).
+    pub store: Arc<dyn ObjectStore>,
+    /// Payloads above this many bytes go by reference.
+    pub threshold: usize,
 }
 
 impl NatsAgentLink {
     /// A link publishing through `publisher`; batches above `max_payload` are split.
-    pub fn new(publisher: Publisher, subjects: Subjects, max_payload: usize) -> Self {
+    pub fn new(
+        publisher: Publisher,
+        subjects: Subjects,
+        max_payload: usize,
+        payloads: Payloads,
+    ) -> Self {
         NatsAgentLink {
             publisher,
             subjects,
             max_payload,
+            payloads,
+            failures: OnceLock::new(),
         }
+    }
+
+    /// Where to report attempts that could not be sent (the coordinator's result sink).
+    pub fn report_failures_to(&self, sink: Arc<dyn ResultSink>) {
+        let _ = self.failures.set(sink);
+    }
+
+    fn spawn_large(&self, agent: &AgentId, mut task: SpawnTask) {
+        let subject = self.subjects.agent_spawn(agent);
+        let publisher = self.publisher.clone();
+        let store = self.payloads.store.clone();
+        let failures = self.failures.get().cloned();
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let key = payload_key(task.flow_run_id, task.call_id, task.attempt_id, "args");
+            let size = task.args.len();
+            match store.put(&key, std::mem::take(&mut task.args)).await {
+                Ok(()) => {
+                    task.args_ref = Some(key);
+                    match encode_envelope(&[task]) {
+                        Ok(b) => publisher.publish(subject, Bytes::from(b)),
+                        Err(e) => tracing::error!(error = %e, "could not encode an attempt"),
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, size, "large arguments could not be stored; failing the attempt");
+                    if let Some(sink) = failures {
+                        sink.finished(AttemptFinished {
+                            flow_run_id: task.flow_run_id,
+                            call_id: task.call_id,
+                            attempt_id: task.attempt_id,
+                            agent_id: agent,
+                            outcome: Err(ErrorInfo::new(
+                                FailureKind::Error,
+                                format!("arguments of {size} bytes are too large for a NATS message and could not be stored: {e}"),
+                            )),
+                            result_ref: None,
+                            elapsed_us: 0,
+                        });
+                    }
+                }
+            }
+        });
     }
 
     fn publish_batch(&self, subject: &str, tasks: &[SpawnTask]) {
@@ -60,7 +127,15 @@ impl NatsAgentLink {
 
 impl AgentLink for NatsAgentLink {
     fn spawn(&self, agent: &AgentId, tasks: Vec<SpawnTask>) {
-        self.publish_batch(&self.subjects.agent_spawn(agent), &tasks);
+        let threshold = self.payloads.threshold;
+        let (large, small): (Vec<_>, Vec<_>) =
+            tasks.into_iter().partition(|t| t.args.len() > threshold);
+        if !small.is_empty() {
+            self.publish_batch(&self.subjects.agent_spawn(agent), &small);
+        }
+        for task in large {
+            self.spawn_large(agent, task);
+        }
     }
 
     fn cancel(&self, agent: &AgentId, attempts: Vec<(FlowRunId, AttemptId)>) {
@@ -110,6 +185,7 @@ pub async fn serve(
     subjects: Subjects,
     registry: &'static Registry,
     publisher: Publisher,
+    payloads: Payloads,
 ) -> Result<Arc<ServiceCounters>, async_nats::SubscribeError> {
     let counters = Arc::new(ServiceCounters::default());
     let mut heartbeats = client.subscribe(subjects.heartbeat()).await?;
@@ -132,7 +208,11 @@ pub async fn serve(
         }
     });
 
-    let (sink, k) = (coordinator.result_sink(), counters.clone());
+    let (sink, k, store) = (
+        coordinator.result_sink(),
+        counters.clone(),
+        payloads.store.clone(),
+    );
     tokio::spawn(async move {
         while let Some(msg) = reports.next().await {
             match decode_envelope::<Vec<Report>>(&msg.payload) {
@@ -140,6 +220,12 @@ pub async fn serve(
                     for report in batch {
                         match report {
                             Report::Started(s) => sink.started(s),
+                            Report::Finished(f) if f.result_ref.is_some() => {
+                                let (sink, store) = (sink.clone(), store.clone());
+                                tokio::spawn(async move {
+                                    sink.finished(fetch_result(&*store, f).await)
+                                });
+                            }
                             Report::Finished(f) => sink.finished(f),
                         }
                     }
@@ -149,12 +235,21 @@ pub async fn serve(
         }
     });
 
-    let (c, k, s) = (coordinator.clone(), counters.clone(), subjects.clone());
+    let (c, k, s, payloads) = (
+        coordinator.clone(),
+        counters.clone(),
+        subjects.clone(),
+        payloads.clone(),
+    );
     tokio::spawn(async move {
         let mut api_state = ApiState::default();
         while let Some(msg) = api.next().await {
             let reply = match decode_envelope::<ApiRequest>(&msg.payload) {
-                Ok(req) => api_state.handle(&c, registry, &s, &publisher, req).await,
+                Ok(req) => {
+                    api_state
+                        .handle(&c, registry, &s, &publisher, &payloads, req)
+                        .await
+                }
                 Err(e) => {
                     k.drops.record(&msg.subject, &e);
                     ApiReply::Error(format!("malformed request on {}: {e}", msg.subject))
@@ -187,6 +282,7 @@ impl ApiState {
         registry: &'static Registry,
         subjects: &Subjects,
         publisher: &Publisher,
+        payloads: &Payloads,
         req: ApiRequest,
     ) -> ApiReply {
         match req {
@@ -225,7 +321,13 @@ impl ApiState {
                         if let Some(k) = idempotency_key {
                             self.idempotency.insert(k, id);
                         }
-                        watch_run(c.clone(), id, subjects.clone(), publisher.clone());
+                        watch_run(
+                            c.clone(),
+                            id,
+                            subjects.clone(),
+                            publisher.clone(),
+                            payloads.store.clone(),
+                        );
                         match c.run_info(id) {
                             Some(run) => ApiReply::Started {
                                 run,
@@ -265,8 +367,15 @@ impl ApiState {
     }
 }
 
-/// Publishes a run's progress four times a second, and its end once.
-fn watch_run(c: Coordinator, id: FlowRunId, subjects: Subjects, publisher: Publisher) {
+/// Publishes a run's progress four times a second and its end once; then removes the
+/// run's large payloads from the store (nothing reads them any more).
+fn watch_run(
+    c: Coordinator,
+    id: FlowRunId,
+    subjects: Subjects,
+    publisher: Publisher,
+    store: Arc<dyn ObjectStore>,
+) {
     tokio::spawn(async move {
         let progress = subjects.run_progress(id);
         let wait = c.wait(id);
@@ -285,7 +394,36 @@ fn watch_run(c: Coordinator, id: FlowRunId, subjects: Subjects, publisher: Publi
         if let Some(info) = c.run_info(id) {
             publish_info(&publisher, subjects.run_done(id), &info);
         }
+        match store.delete_prefix(&payload_prefix(id)).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::debug!(flow_run_id = %id, removed = n, "removed the run's large payloads")
+            }
+            Err(e) => {
+                tracing::warn!(flow_run_id = %id, error = %e, "could not remove the run's large payloads")
+            }
+        }
     });
+}
+
+/// Replaces a result reference by the result; a missing or unreadable payload is a
+/// failed attempt (retried per the task's policy).
+async fn fetch_result(store: &dyn ObjectStore, mut f: AttemptFinished) -> AttemptFinished {
+    let Some(key) = f.result_ref.take() else {
+        return f;
+    };
+    f.outcome = match store.get(&key).await {
+        Ok(Some(bytes)) => Ok(bytes),
+        Ok(None) => Err(ErrorInfo::new(
+            FailureKind::Error,
+            format!("the result payload {key} is missing from the store"),
+        )),
+        Err(e) => Err(ErrorInfo::new(
+            FailureKind::Error,
+            format!("the result payload {key} could not be read: {e}"),
+        )),
+    };
+    f
 }
 
 fn publish_info(publisher: &Publisher, subject: String, info: &RunInfo) {

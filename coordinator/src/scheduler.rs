@@ -79,6 +79,16 @@ impl AgentSlot {
     fn accepts(&self) -> bool {
         self.alive && !self.draining
     }
+
+    /// Live, taking work, registers the task and has every label it requires.
+    fn serves(&self, task: &SpawnTask) -> bool {
+        self.accepts()
+            && self.tasks.contains(&*task.task)
+            && task
+                .requires
+                .iter()
+                .all(|req| self.info.labels.iter().any(|l| l == req))
+    }
 }
 
 struct Dispatched {
@@ -86,6 +96,9 @@ struct Dispatched {
     call_id: CallId,
     at: Instant,
 }
+
+/// A task name and the labels it requires: what decides which agents can run it.
+type TaskNeeds = (Arc<str>, Vec<(String, String)>);
 
 struct Queued {
     since: Instant,
@@ -127,18 +140,16 @@ impl SchedulerState {
             .sum()
     }
 
-    fn pick_agent(&self, task: &str) -> Option<usize> {
+    fn pick_agent(&self, task: &SpawnTask) -> Option<usize> {
         let n = self.agents.len();
         (0..n).map(|i| (self.cursor + i) % n).find(|&i| {
             let a = &self.agents[i];
-            a.accepts() && a.free > 0 && a.tasks.contains(task)
+            a.free > 0 && a.serves(task)
         })
     }
 
-    fn servable(&self, task: &str) -> bool {
-        self.agents
-            .iter()
-            .any(|a| a.accepts() && a.tasks.contains(task))
+    fn servable(&self, task: &SpawnTask) -> bool {
+        self.agents.iter().any(|a| a.serves(task))
     }
 
     /// Hands queued attempts to agents with free slots, one per run per round.
@@ -152,7 +163,7 @@ impl SchedulerState {
                 break;
             };
             let picked = match self.queues.get(&run).and_then(|q| q.front()) {
-                Some(head) => self.pick_agent(&head.task.task),
+                Some(head) => self.pick_agent(&head.task),
                 None => continue,
             };
             let queue = self.queues.get_mut(&run).expect("queue present");
@@ -319,17 +330,19 @@ impl SchedulerState {
         let timeout = self.timing.schedule_timeout;
         let mut expired: Vec<SpawnTask> = Vec::new();
         let mut waiting: Vec<(FlowRunId, String, Duration)> = Vec::new();
-        let mut servable: HashMap<Arc<str>, bool> = HashMap::new();
+        // keyed by task name and required labels
+        let mut servable: HashMap<TaskNeeds, bool> = HashMap::new();
         let runs: Vec<FlowRunId> = self.queues.keys().copied().collect();
         for run in runs {
             let queue = &self.queues[&run];
             let mut all_ok = true;
             for q in queue {
-                let ok = match servable.get(&q.task.task) {
+                let key = (q.task.task.clone(), q.task.requires.clone());
+                let ok = match servable.get(&key) {
                     Some(ok) => *ok,
                     None => {
-                        let ok = self.servable(&q.task.task);
-                        servable.insert(q.task.task.clone(), ok);
+                        let ok = self.servable(&q.task);
+                        servable.insert(key, ok);
                         ok
                     }
                 };
@@ -341,7 +354,7 @@ impl SchedulerState {
             let queue = self.queues.remove(&run).expect("queue present");
             let mut keep = VecDeque::with_capacity(queue.len());
             for q in queue {
-                if servable[&q.task.task] {
+                if servable[&(q.task.task.clone(), q.task.requires.clone())] {
                     keep.push_back(q);
                     continue;
                 }
@@ -373,8 +386,18 @@ impl SchedulerState {
                 .filter(|a| a.accepts())
                 .map(|a| a.info.agent_id.to_string())
                 .collect();
+            let labels = if task.requires.is_empty() {
+                String::new()
+            } else {
+                let l: Vec<String> = task
+                    .requires
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                format!(" with labels {}", l.join(","))
+            };
             let message = format!(
-                "task `{}` is not registered on any live agent (live agents: {}); waited {} s",
+                "task `{}` is not registered on any live agent{labels} (live agents: {}); waited {} s",
                 task.task,
                 if known.is_empty() {
                     "none".to_string()
@@ -393,6 +416,7 @@ impl SchedulerState {
                     attempt_id: task.attempt_id,
                     agent_id: AgentId("scheduler".into()),
                     outcome: Err(ErrorInfo::new(FailureKind::NoAgent, message)),
+                    result_ref: None,
                     elapsed_us: 0,
                 }),
             );

@@ -133,6 +133,7 @@ fn finished(s: &SpawnTask, outcome: Result<Bytes, ErrorInfo>) -> AttemptFinished
         attempt_id: s.attempt_id,
         agent_id: AgentId("scripted".into()),
         outcome,
+        result_ref: None,
         elapsed_us: 1,
     }
 }
@@ -224,4 +225,91 @@ async fn an_agent_never_gets_more_attempts_than_its_slots() {
         .await
         .unwrap();
     assert_eq!(out.result, Some(json!((0..5).map(|i| i * 10).sum::<u64>())));
+}
+
+static GPU_PROBE: TaskDef = TaskDef {
+    name: "probe",
+    version: "",
+    options: TaskOptions {
+        labels: &[("gpu", "true")],
+        ..TaskOptions::DEFAULT
+    },
+    invoke: never_invoked,
+    source: SOURCE,
+};
+
+fn gpu_probe(
+    _: Map<String, Value>,
+) -> Result<BoxFuture<'static, Result<Value, ErrorInfo>>, ParamError> {
+    Ok(Box::pin(async {
+        let v: u64 = call_task(&GPU_PROBE, (7u64,))
+            .await
+            .map_err(|e| ErrorInfo::new(FailureKind::Error, e.to_string()))?;
+        Ok(json!(v))
+    }))
+}
+
+static GPU_FLOW: FlowDef = FlowDef {
+    name: "gpu_flow",
+    params: &[],
+    invoke: gpu_probe,
+    source: SOURCE,
+};
+
+/// Hands every dispatched batch to the test with the agent it was meant for.
+struct RecordingLink(mpsc::UnboundedSender<(AgentId, SpawnTask)>);
+
+impl AgentLink for RecordingLink {
+    fn spawn(&self, agent: &AgentId, tasks: Vec<SpawnTask>) {
+        for t in tasks {
+            let _ = self.0.send((agent.clone(), t));
+        }
+    }
+    fn cancel(&self, _agent: &AgentId, _attempts: Vec<(FlowRunId, AttemptId)>) {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_requires_labels_goes_only_to_an_agent_that_has_them() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(
+        CoordinatorConfig::default(),
+        Arc::new(RecordingLink(tx)),
+        Arc::new(LocalDirStore::new(dir.path())),
+        CollectingSink::new(),
+    )
+    .await
+    .unwrap();
+    for (id, labels) in [
+        ("cpu-1", vec![]),
+        ("cpu-2", vec![("gpu".to_string(), "false".to_string())]),
+        ("gpu-1", vec![("gpu".to_string(), "true".to_string())]),
+    ] {
+        c.register_agent(AgentInfo {
+            agent_id: AgentId(id.into()),
+            slots: 4,
+            tasks: vec!["probe".into()],
+            labels,
+        });
+    }
+    let run = c
+        .start_run(&GPU_FLOW, Map::new(), FlowRunId::new())
+        .await
+        .unwrap();
+    let (agent, task) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(agent, AgentId("gpu-1".into()));
+    assert_eq!(task.requires, vec![("gpu".to_string(), "true".to_string())]);
+    c.result_sink().finished(AttemptFinished {
+        flow_run_id: task.flow_run_id,
+        call_id: task.call_id,
+        attempt_id: task.attempt_id,
+        agent_id: agent,
+        outcome: ok(49),
+        result_ref: None,
+        elapsed_us: 1,
+    });
+    assert_eq!(run.wait().await.result, Some(json!(49)));
 }

@@ -17,7 +17,8 @@ use syn::{
 ///
 /// Options: `name = "..."`, `version = "..."`, `retries = N`, `retry_delay = "100ms"`,
 /// `backoff = 2.0`, `max_delay = "60s"`, `jitter = 0.1`, `timeout = "30s"`,
-/// `cache = "none" | "run" | "inputs"`, `expire = "1h"`, `refresh = true`.
+/// `cache = "none" | "run" | "inputs"`, `expire = "1h"`, `refresh = true`,
+/// `labels = "gpu=true,zone=eu"` (only agents with all these labels run it).
 ///
 /// The generated function returns `Result<T, pinazu_flows::TaskError>` and can only be
 /// called within a flow.
@@ -69,6 +70,7 @@ struct TaskOpts {
     cache: Option<String>,
     expire: Option<u64>,
     refresh: Option<bool>,
+    labels: Vec<(String, String)>,
 }
 
 impl TaskOpts {
@@ -103,13 +105,23 @@ impl TaskOpts {
                 self.cache = Some(v)
             }
             "expire" => self.expire = Some(lit_duration(&lit)?),
+            "labels" => {
+                for pair in lit_str(&lit)?.value().split(',').filter(|p| !p.trim().is_empty()) {
+                    match pair.split_once('=') {
+                        Some((k, v)) if !k.trim().is_empty() => {
+                            self.labels.push((k.trim().to_string(), v.trim().to_string()))
+                        }
+                        _ => return Err(Error::new(span, "labels is \"k=v,k2=v2\"")),
+                    }
+                }
+            }
             "refresh" => match lit {
                 Lit::Bool(b) => self.refresh = Some(b.value),
                 _ => return Err(Error::new(span, "refresh is true or false")),
             },
             _ => {
                 return Err(meta.error(
-                    "unknown #[task] option; options: name, version, retries, retry_delay, backoff, max_delay, jitter, timeout, cache, expire, refresh",
+                    "unknown #[task] option; options: name, version, retries, retry_delay, backoff, max_delay, jitter, timeout, cache, expire, refresh, labels",
                 ))
             }
         }
@@ -359,6 +371,8 @@ fn expand_task(opts: TaskOpts, mut func: ItemFn) -> syn::Result<TokenStream2> {
         _ => quote!(::pinazu_flows::__private::CachePolicy::None),
     };
     let refresh = opts.refresh.unwrap_or(false);
+    let label_keys: Vec<&String> = opts.labels.iter().map(|(k, _)| k).collect();
+    let label_values: Vec<&String> = opts.labels.iter().map(|(_, v)| v).collect();
 
     let vis = &func.vis;
     let attrs: Vec<_> = func
@@ -404,6 +418,7 @@ fn expand_task(opts: TaskOpts, mut func: ItemFn) -> syn::Result<TokenStream2> {
                 cache: #cache,
                 expire: #expire,
                 refresh: #refresh,
+                labels: &[#((#label_keys, #label_values)),*],
             },
             invoke: #invoke_ident,
             source: ::pinazu_flows::__private::Source {

@@ -108,3 +108,71 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Random bytes, and valid messages with random bytes flipped, through every decoder
+    //! the processes run on input from the network: none may panic.
+    use super::*;
+    use crate::api::{ApiReply, ApiRequest, RunInfo};
+    use crate::ids::{AttemptId, FlowRunId};
+    use crate::wire::{Heartbeat, Report, SpawnTask};
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    fn decode_all(bytes: &[u8]) {
+        let _ = decode_envelope::<Vec<SpawnTask>>(bytes);
+        let _ = decode_envelope::<Vec<(FlowRunId, AttemptId)>>(bytes);
+        let _ = decode_envelope::<Heartbeat>(bytes);
+        let _ = decode_envelope::<Vec<Report>>(bytes);
+        let _ = decode_envelope::<ApiRequest>(bytes);
+        let _ = decode_envelope::<ApiReply>(bytes);
+        let _ = decode_envelope::<RunInfo>(bytes);
+    }
+
+    #[test]
+    fn decoders_survive_random_and_mutated_input() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..20_000 {
+            let len = (rng.next() % 200) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            decode_all(&bytes);
+        }
+        let valid = vec![
+            encode_envelope(&ApiRequest::Status {
+                flow_run_id: FlowRunId::new(),
+            })
+            .unwrap(),
+            encode_envelope(&ApiRequest::Start {
+                flow: "f".into(),
+                params: serde_json::Map::new(),
+                flow_run_id: None,
+                idempotency_key: Some("k".into()),
+            })
+            .unwrap(),
+            encode_envelope(&vec![(FlowRunId::new(), AttemptId(7))]).unwrap(),
+        ];
+        for msg in &valid {
+            for _ in 0..5_000 {
+                let mut m = msg.clone();
+                let flips = 1 + rng.next() % 4;
+                for _ in 0..flips {
+                    let i = (rng.next() as usize) % m.len();
+                    m[i] = rng.next() as u8;
+                }
+                if rng.next().is_multiple_of(4) {
+                    m.truncate((rng.next() as usize) % m.len());
+                }
+                decode_all(&m);
+            }
+        }
+    }
+}

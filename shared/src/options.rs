@@ -100,6 +100,8 @@ pub struct TaskOptions {
     pub expire: Option<Duration>,
     /// Always execute and overwrite the cached entry.
     pub refresh: bool,
+    /// Labels an agent must have to run the task.
+    pub labels: &'static [(&'static str, &'static str)],
 }
 
 impl TaskOptions {
@@ -110,6 +112,7 @@ impl TaskOptions {
         cache: CachePolicy::None,
         expire: None,
         refresh: false,
+        labels: &[],
     };
 }
 

@@ -21,10 +21,16 @@ pub struct SpawnTask {
     pub attempt: u32,
     /// Task name.
     pub task: Arc<str>,
-    /// MessagePack argument tuple.
+    /// MessagePack argument tuple (empty when `args_ref` is set).
     pub args: Bytes,
+    /// Object-store key of the arguments, when they were too large for a message.
+    #[serde(default)]
+    pub args_ref: Option<String>,
     /// Stop the attempt after this long.
     pub timeout_ms: Option<u64>,
+    /// Labels (`k=v`) an agent must have to run this task.
+    #[serde(default)]
+    pub requires: Vec<(String, String)>,
 }
 
 /// Agent -> coordinator: an attempt started executing.
@@ -51,8 +57,11 @@ pub struct AttemptFinished {
     pub attempt_id: AttemptId,
     /// Who ran it.
     pub agent_id: AgentId,
-    /// MessagePack result, or the failure.
+    /// MessagePack result (empty when `result_ref` is set), or the failure.
     pub outcome: Result<Bytes, ErrorInfo>,
+    /// Object-store key of the result, when it was too large for a message.
+    #[serde(default)]
+    pub result_ref: Option<String>,
     /// How long the attempt ran, in microseconds.
     pub elapsed_us: u64,
 }
@@ -93,4 +102,14 @@ pub enum Report {
     Started(AttemptStarted),
     /// An attempt ended.
     Finished(AttemptFinished),
+}
+
+/// Object-store key of a large argument or result payload of one attempt.
+pub fn payload_key(run: FlowRunId, call: CallId, attempt: AttemptId, what: &str) -> String {
+    format!("{}/{call}-{attempt}.{what}", payload_prefix(run))
+}
+
+/// Prefix of every large payload of a run (removed when the run ends).
+pub fn payload_prefix(run: FlowRunId) -> String {
+    format!("payloads/{run}")
 }
