@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine with only the Rust toolchain.
 #
-# It installs what the tests need and is missing (nats-server from Debian's packages);
-# the tests start every server themselves, on free ports, and stop them.
+# It installs what the tests need and is missing (nats-server from Debian's packages,
+# s3s-fs from crates.io); the tests start every server themselves, on free ports, and
+# stop them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,16 @@ fi
 NATS_SERVER_BIN="$(find_nats)" || { echo "error: nats-server could not be installed" >&2; exit 1; }
 export NATS_SERVER_BIN
 echo "nats-server: $NATS_SERVER_BIN ($("$NATS_SERVER_BIN" --version))"
+
+# s3s-fs: a real S3-compatible server over a directory (checks SigV4)
+S3S_FS_BIN="${S3S_FS_BIN:-$(command -v s3s-fs || echo "$HOME/.cargo/bin/s3s-fs")}"
+if ! [ -x "$S3S_FS_BIN" ] || ! "$S3S_FS_BIN" --version 2>/dev/null | grep -q "0.14.1"; then
+  step "installing s3s-fs 0.14.1 (cargo install; about 2 minutes)"
+  cargo install s3s-fs --version 0.14.1 --features binary --locked --quiet
+  S3S_FS_BIN="$HOME/.cargo/bin/s3s-fs"
+fi
+export S3S_FS_BIN
+echo "s3s-fs: $S3S_FS_BIN ($("$S3S_FS_BIN" --version 2>/dev/null | head -n1))"
 
 if cargo fmt --version >/dev/null 2>&1; then
   step "cargo fmt --check"

@@ -57,6 +57,11 @@ pub struct Cli {
         default_value = ".pinazu/cache"
     )]
     pub cache_dir: PathBuf,
+    /// The object store for the cache and large payloads: `s3://bucket/prefix` or a
+    /// directory. Default: S3 bucket `CACHE_BUCKET` when `ENABLE_S3_CACHING=true`, else
+    /// --cache-dir.
+    #[arg(long, global = true, env = "PINAZU_STORE")]
+    pub store: Option<String>,
     /// NATS connection.
     #[command(flatten)]
     pub nats: NatsArgs,
@@ -172,6 +177,8 @@ pub enum Command {
     Runs(crate::distributed::ListArgs),
     /// List the live agents.
     Agents(crate::distributed::ListArgs),
+    /// Manage the result cache (no coordinator needed).
+    Cache(crate::distributed::CacheArgs),
 }
 
 /// Splits the raw arguments into the ones clap knows and flow parameters (`--key=value`
@@ -389,6 +396,15 @@ pub(crate) async fn connect(
         .map_err(usage_error)
 }
 
+/// The object store the flags and environment select, opened (one clear error if not).
+pub(crate) async fn open_store(
+    cli: &Cli,
+) -> Result<Arc<dyn pinazu_shared::store::ObjectStore>, ExitCode> {
+    let spec = crate::stores::StoreSpec::choose(cli.store.as_deref(), &cli.cache_dir)
+        .map_err(usage_error)?;
+    spec.open().await.map_err(usage_error)
+}
+
 pub(crate) fn nats_subjects(cli: &Cli) -> Subjects {
     cli.nats.subjects()
 }
@@ -425,8 +441,9 @@ async fn run_embedded(
     config.slots = cli.slots.max(1);
     config.cache_dir = cli.cache_dir.clone();
     config.refresh_cache = cli.refresh_cache;
-    if config.default_cache == pinazu_shared::options::CachePolicy::Run {
-        tracing::info!(dir = %cli.cache_dir.display(), "ENABLE_S3_CACHING=true: tasks with no cache policy use the per-run cache; the store is the local directory (the S3 store is not built yet)");
+    match open_store(cli).await {
+        Ok(store) => config.store = Some(store),
+        Err(code) => return code,
     }
     // like the original library: with NATS_URL set, status events go to NATS
     if let Some(url) = cli

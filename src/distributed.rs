@@ -21,12 +21,11 @@ use pinazu_shared::codec::{decode_envelope, encode_envelope};
 use pinazu_shared::ids::{AgentId, FlowRunId};
 use pinazu_shared::nats::Publisher;
 use pinazu_shared::registry::Registry;
-use pinazu_shared::store::{LocalDirStore, ObjectStore};
 use pinazu_shared::subjects::{valid_token, Subjects};
 
 use crate::cli::{
-    connect, exit_code, merge_params, nats_subjects, pick_flow, print_summary, rejected,
-    require_nats, run_id, usage_error, Cli, Command, RunArgs,
+    connect, exit_code, merge_params, nats_subjects, open_store, pick_flow, print_summary,
+    rejected, require_nats, run_id, usage_error, Cli, Command, RunArgs,
 };
 use crate::runtime::{env_flag, RuntimeConfig};
 
@@ -103,6 +102,9 @@ pub(crate) async fn run_command(
     registry: &'static Registry,
     params: Vec<(String, Value)>,
 ) -> ExitCode {
+    if let Command::Cache(a) = cmd {
+        return cache(cli, a).await;
+    }
     let url = match require_nats(cli) {
         Ok(u) => u,
         Err(code) => return code,
@@ -115,7 +117,89 @@ pub(crate) async fn run_command(
         Command::Cancel(a) => one_run(cli, a, &url, true).await,
         Command::Runs(a) => list(cli, a, &url, true).await,
         Command::Agents(a) => list(cli, a, &url, false).await,
+        Command::Cache(_) => unreachable!("handled above"),
     }
+}
+
+/// `cache` commands.
+#[derive(Args, Debug, Clone)]
+pub struct CacheArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: CacheAction,
+}
+
+/// Cache actions.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum CacheAction {
+    /// Remove cache entries: of a task (every policy, every run), of a run, or all.
+    Clear {
+        /// Entries of this task (repeatable).
+        #[arg(long)]
+        task: Vec<String>,
+        /// Entries of this flow run (`run` policy).
+        #[arg(long)]
+        run: Vec<String>,
+        /// Every entry.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+async fn cache(cli: &Cli, a: &CacheArgs) -> ExitCode {
+    let CacheAction::Clear { task, run, all } = &a.action;
+    if !*all && task.is_empty() && run.is_empty() {
+        return usage_error("say what to clear: --task NAME, --run RUN_ID or --all");
+    }
+    let store = match open_store(cli).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let fail = |e: pinazu_shared::error::StoreError| {
+        usage_error(format!("cache clear on {}: {e}", store.describe()))
+    };
+    let mut removed = 0u64;
+    if *all {
+        match store.delete_prefix("result_cache/").await {
+            Ok(n) => removed += n,
+            Err(e) => return fail(e),
+        }
+    }
+    for r in run {
+        let id = match FlowRunId::parse(r, "--run") {
+            Ok(id) => id,
+            Err(e) => return usage_error(e),
+        };
+        let prefix = format!("{}/", pinazu_shared::cache::run_prefix(id));
+        match store.delete_prefix(&prefix).await {
+            Ok(n) => removed += n,
+            Err(e) => return fail(e),
+        }
+    }
+    if !task.is_empty() {
+        let keys = match store.list("result_cache/").await {
+            Ok(k) => k,
+            Err(e) => return fail(e),
+        };
+        for key in keys {
+            let parts: Vec<&str> = key.split('/').collect();
+            // result_cache/flow-<run>/tasks/<task>/<md5>.json
+            // result_cache/inputs/<task>/v<version>/<md5>.json
+            let name = match parts.as_slice() {
+                ["result_cache", "inputs", t, _, _] => Some(*t),
+                ["result_cache", _, "tasks", t, _] => Some(*t),
+                _ => None,
+            };
+            if name.is_some_and(|n| task.iter().any(|t| t == n)) {
+                if let Err(e) = store.delete(&key).await {
+                    return fail(e);
+                }
+                removed += 1;
+            }
+        }
+    }
+    println!("removed {removed} cache entries from {}", store.describe());
+    ExitCode::SUCCESS
 }
 
 async fn shutdown_signal() {
@@ -159,7 +243,10 @@ async fn coordinator(
         },
         ..CoordinatorConfig::default()
     };
-    let store: Arc<dyn ObjectStore> = Arc::new(LocalDirStore::new(cli.cache_dir.clone()));
+    let store = match open_store(cli).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     let payloads = Payloads {
         store: store.clone(),
         threshold: payload_threshold(cli, &client),
@@ -263,8 +350,12 @@ async fn agent(cli: &Cli, a: &AgentArgs, url: &str, registry: &'static Registry)
         Ok(c) => c,
         Err(code) => return code,
     };
+    let store = match open_store(cli).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     let cfg = AgentServeConfig {
-        store: Arc::new(LocalDirStore::new(cli.cache_dir.clone())),
+        store,
         payload_threshold: payload_threshold(cli, &client),
         agent: AgentConfig {
             id: AgentId(id),

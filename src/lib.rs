@@ -31,6 +31,7 @@ mod distributed;
 pub mod logging;
 mod progress;
 pub mod runtime;
+pub mod stores;
 
 pub use pinazu_coordinator::{
     current_flow_run_id, map, spawn_in_flow, CollectingSink, EventSink, FlowRunOutcome, LogSink,

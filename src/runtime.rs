@@ -201,10 +201,11 @@ impl Runtime {
     pub async fn embedded(config: RuntimeConfig) -> Result<Runtime, FlowError> {
         let registry = Registry::global()?;
         let link = Arc::new(EmbeddedLink::default());
-        let store = config
-            .store
-            .clone()
-            .unwrap_or_else(|| Arc::new(LocalDirStore::new(config.cache_dir.clone())));
+        let store = config.store.clone().unwrap_or_else(|| {
+            Arc::new(pinazu_shared::breaker::BreakerStore::new(
+                LocalDirStore::new(config.cache_dir.clone()),
+            ))
+        });
         let coordinator = Coordinator::start(
             CoordinatorConfig {
                 header: config.header.clone(),

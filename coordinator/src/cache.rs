@@ -93,9 +93,11 @@ impl Drop for PendingGuard {
 /// How many store operations run at once.
 const MAX_IN_FLIGHT: usize = 64;
 
+/// Store errors are counted and logged at debug: the store's circuit breaker
+/// (`BreakerStore`) warns once per outage, not once per task.
 fn warn_store(op: &str, key: &str, e: &StoreError, counters: &CacheCounters) {
     counters.errors.fetch_add(1, Relaxed);
-    tracing::warn!(op, key, error = %e, "cache store unavailable; treating as a miss and continuing");
+    tracing::debug!(op, key, error = %e, "cache store error; treating as a miss");
 }
 
 async fn lookup(

@@ -202,6 +202,14 @@ pub enum ConfigError {
         /// The parser's message.
         reason: String,
     },
+    /// The object store cannot be used.
+    #[error("object store {store}: {reason}")]
+    Store {
+        /// Which store (`s3://bucket/prefix`, `dir:/path`).
+        store: String,
+        /// What is wrong, and what to check.
+        reason: String,
+    },
     /// Any other invalid setting.
     #[error("invalid setting {name}={value:?}: {reason}")]
     Invalid {

@@ -3,6 +3,7 @@
 //! the codec, the transport seam and the errors a user can act on.
 
 pub mod api;
+pub mod breaker;
 pub mod cache;
 pub mod codec;
 pub mod error;

@@ -15,6 +15,10 @@ pub trait ObjectStore: Send + Sync + 'static {
     fn put<'a>(&'a self, key: &'a str, value: Bytes) -> BoxFuture<'a, Result<(), StoreError>>;
     /// Removes every object under `prefix`; returns how many.
     fn delete_prefix<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<u64, StoreError>>;
+    /// Every key under `prefix`.
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, StoreError>>;
+    /// Removes one object (absent is fine).
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
     /// A short description for logs (`dir:/path`, `s3://bucket/prefix`).
     fn describe(&self) -> String;
 }
@@ -101,6 +105,48 @@ impl ObjectStore for LocalDirStore {
                 Ok(()) => Ok(count),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
                 Err(e) => Err(io_err("delete", prefix, e)),
+            }
+        })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, StoreError>> {
+        Box::pin(async move {
+            let mut keys = Vec::new();
+            let mut stack = vec![self.root.clone()];
+            while let Some(d) = stack.pop() {
+                let mut rd = match tokio::fs::read_dir(&d).await {
+                    Ok(rd) => rd,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(io_err("list", prefix, e)),
+                };
+                while let Ok(Some(entry)) = rd.next_entry().await {
+                    let path = entry.path();
+                    match entry.file_type().await {
+                        Ok(t) if t.is_dir() => stack.push(path),
+                        Ok(_) => {
+                            let Ok(rel) = path.strip_prefix(&self.root) else {
+                                continue;
+                            };
+                            let key = rel.to_string_lossy().replace('\\', "/");
+                            if key.starts_with(prefix) && !key.contains(".tmp.") {
+                                keys.push(key);
+                            }
+                        }
+                        Err(_) => {}
+                    }
+                }
+            }
+            keys.sort();
+            Ok(keys)
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            match tokio::fs::remove_file(self.path(key)?).await {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(io_err("delete", key, e)),
             }
         })
     }
