@@ -28,6 +28,8 @@ fn run(name: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
         .env_remove("FLOW_RUN_ID")
         .env_remove("RUST_LOG")
         .env_remove("ENABLE_S3_CACHING")
+        .env_remove("PINAZU_STORE")
+        .env_remove("CACHE_BUCKET")
         .env("PINAZU_CACHE_DIR", cache.path())
         .env("LOG_LEVEL", "info");
     for (k, v) in env {
@@ -174,9 +176,10 @@ fn enable_s3_caching_makes_reruns_of_one_run_id_skip_work() {
     let dir = cache.path().to_str().unwrap();
     let id = "7f2c9a10-1111-4e2b-8c3d-0123456789ab";
     let env = [
+        // ENABLE_S3_CACHING sets the policy; PINAZU_STORE keeps the objects in a directory
         ("ENABLE_S3_CACHING", "true"),
         ("FLOW_RUN_ID", id),
-        ("PINAZU_CACHE_DIR", dir),
+        ("PINAZU_STORE", dir),
     ];
     let first = last_line(&run("parallel_flow", &["--n=50"], &env));
     assert_eq!(first["stats"]["executions"], 50);

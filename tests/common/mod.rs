@@ -153,6 +153,8 @@ pub fn app(name: &str) -> Command {
         "NATS_URL",
         "RUST_LOG",
         "ENABLE_S3_CACHING",
+        "CACHE_BUCKET",
+        "PINAZU_STORE",
         "PINAZU_SUBJECT_PREFIX",
         "LOG_FORMAT",
     ] {
