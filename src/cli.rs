@@ -62,6 +62,18 @@ pub struct Cli {
     /// --cache-dir.
     #[arg(long, global = true, env = "PINAZU_STORE")]
     pub store: Option<String>,
+    /// Where runs are journaled, so a killed run resumes when started again with its
+    /// FLOW_RUN_ID (embedded) or when the coordinator restarts.
+    #[arg(
+        long,
+        global = true,
+        env = "PINAZU_JOURNAL_DIR",
+        default_value = ".pinazu/journal"
+    )]
+    pub journal_dir: PathBuf,
+    /// Do not journal runs (they cannot be resumed).
+    #[arg(long, global = true)]
+    pub no_journal: bool,
     /// NATS connection.
     #[command(flatten)]
     pub nats: NatsArgs,
@@ -98,8 +110,9 @@ pub struct RunArgs {
     /// The flow run id (a UUID); generated when unset.
     #[arg(long, env = "FLOW_RUN_ID")]
     pub flow_run_id: Option<String>,
-    /// Results of already-completed tasks, as Pinazu Core passes them (a JSON object).
-    /// Accepted for compatibility; resuming from them arrives with the journal.
+    /// Results of already-completed tasks, as Pinazu Core passes them: a JSON object
+    /// keyed by the call's MD5 cache key or by task name, or a list of
+    /// `{"cache_key"|"task_name", "result"}`; those calls are not run.
     #[arg(long)]
     pub success_task_results: Option<String>,
     /// Do not draw a progress bar (none is drawn when stderr is not a terminal).
@@ -351,7 +364,8 @@ pub fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
-    logging::init(cli.log_level.as_deref(), cli.log_format);
+    let is_agent = matches!(cli.command, Some(Command::Agent(_)));
+    logging::init(cli.log_level.as_deref(), cli.log_format, is_agent);
 
     let registry = match Registry::global() {
         Ok(r) => r,
@@ -405,6 +419,18 @@ pub(crate) async fn open_store(
     spec.open().await.map_err(usage_error)
 }
 
+/// The journal the flags select (none with --no-journal).
+pub(crate) fn open_journal(
+    cli: &Cli,
+) -> Result<Option<Arc<dyn pinazu_coordinator::journal::Journal>>, ExitCode> {
+    if cli.no_journal {
+        return Ok(None);
+    }
+    pinazu_coordinator::journal::LocalJournal::open(&cli.journal_dir)
+        .map(|j| Some(Arc::new(j) as Arc<dyn pinazu_coordinator::journal::Journal>))
+        .map_err(usage_error)
+}
+
 pub(crate) fn nats_subjects(cli: &Cli) -> Subjects {
     cli.nats.subjects()
 }
@@ -426,11 +452,16 @@ async fn run_embedded(
         Ok(p) => p,
         Err(e) => return rejected(flow_run_id, &flow, e),
     };
-    if cli.run.success_task_results.is_some() {
-        tracing::warn!(
-            "--success-task-results is accepted but not used yet: completed tasks will run again"
-        );
-    }
+    let seeds = match cli
+        .run
+        .success_task_results
+        .as_deref()
+        .map(pinazu_coordinator::Seeds::parse)
+    {
+        None => pinazu_coordinator::Seeds::default(),
+        Some(Ok(s)) => s,
+        Some(Err(e)) => return rejected(flow_run_id, &flow, e),
+    };
     let mut config = match RuntimeConfig::from_env() {
         Ok(c) => c,
         Err(e) => return usage_error(e),
@@ -443,6 +474,10 @@ async fn run_embedded(
     config.refresh_cache = cli.refresh_cache;
     match open_store(cli).await {
         Ok(store) => config.store = Some(store),
+        Err(code) => return code,
+    }
+    match open_journal(cli) {
+        Ok(j) => config.journal = j,
         Err(code) => return code,
     }
     // like the original library: with NATS_URL set, status events go to NATS
@@ -464,7 +499,14 @@ async fn run_embedded(
         Ok(r) => r,
         Err(e) => return usage_error(e),
     };
-    let handle = match runtime.start(&flow, params, flow_run_id).await {
+    let options = pinazu_coordinator::RunOptions {
+        idempotency_key: None,
+        seeds,
+    };
+    let handle = match runtime
+        .start_with(&flow, params, flow_run_id, options)
+        .await
+    {
         Ok(h) => h,
         Err(e @ FlowError::Params(_)) | Err(e @ FlowError::UnknownFlow { .. }) => {
             return rejected(flow_run_id, &flow, e)

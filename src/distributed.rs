@@ -24,8 +24,8 @@ use pinazu_shared::registry::Registry;
 use pinazu_shared::subjects::{valid_token, Subjects};
 
 use crate::cli::{
-    connect, exit_code, merge_params, nats_subjects, open_store, pick_flow, print_summary,
-    rejected, require_nats, run_id, usage_error, Cli, Command, RunArgs,
+    connect, exit_code, merge_params, nats_subjects, open_journal, open_store, pick_flow,
+    print_summary, rejected, require_nats, run_id, usage_error, Cli, Command, RunArgs,
 };
 use crate::runtime::{env_flag, RuntimeConfig};
 
@@ -236,6 +236,11 @@ async fn coordinator(
     let config = CoordinatorConfig {
         default_cache,
         refresh_cache: cli.refresh_cache,
+        journal: match open_journal(cli) {
+            Ok(Some(j)) => pinazu_coordinator::JournalHandle(j),
+            Ok(None) => pinazu_coordinator::JournalHandle::default(),
+            Err(code) => return code,
+        },
         timing: SchedulerTiming {
             dead_after: a.dead_after,
             schedule_timeout: a.schedule_timeout,
@@ -247,6 +252,7 @@ async fn coordinator(
         Ok(s) => s,
         Err(code) => return code,
     };
+    let payload_store = store.clone();
     let payloads = Payloads {
         store: store.clone(),
         threshold: payload_threshold(cli, &client),
@@ -283,6 +289,26 @@ async fn coordinator(
         Err(e) => return usage_error(format!("could not subscribe on NATS: {e}")),
     };
     publisher.publish(subjects.hello(), Bytes::new());
+    // runs the journal holds unfinished (the coordinator was killed) resume now
+    let (resumed, failed) = coordinator.resume_unfinished(registry).await;
+    for id in &resumed {
+        pinazu_coordinator::nats::watch_run(
+            coordinator.clone(),
+            *id,
+            subjects.clone(),
+            publisher.clone(),
+            payload_store.clone(),
+        );
+    }
+    for (id, why) in &failed {
+        tracing::error!(flow_run_id = %id, error = %why, "an unfinished run could not be resumed");
+    }
+    if !resumed.is_empty() {
+        tracing::info!(
+            runs = resumed.len(),
+            "resumed unfinished runs from the journal"
+        );
+    }
     tracing::info!(nats = url, prefix = subjects.prefix(), flows = ?registry.flow_names(), "coordinator serving");
     shutdown_signal().await;
     tracing::info!(
@@ -411,6 +437,7 @@ fn outcome_of(info: &RunInfo) -> FlowRunOutcome {
             cache_hits: info.cache_hits,
             retries: info.retries,
             wall_ms: info.wall_ms,
+            replayed: info.replayed,
         },
     }
 }
@@ -435,11 +462,6 @@ async fn submit(
         Ok(p) => p,
         Err(e) => return rejected(flow_run_id, &flow, e),
     };
-    if a.run.success_task_results.is_some() {
-        tracing::warn!(
-            "--success-task-results is accepted but not used yet: completed tasks will run again"
-        );
-    }
     if let Err(e) = env_flag("ENABLE_S3_CACHING") {
         return usage_error(e);
     }
@@ -465,6 +487,7 @@ async fn submit(
                 .clone()
                 .unwrap_or_else(|| flow_run_id.to_string()),
         ),
+        success_task_results: a.run.success_task_results.clone(),
     };
     let started = match request(&client, &subjects, "start", &req).await {
         Ok(ApiReply::Started { run, existing }) => {

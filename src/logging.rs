@@ -16,7 +16,7 @@ pub enum LogFormat {
 
 /// Installs the global subscriber (once; later calls are ignored). Logs go to stderr so
 /// stdout stays the program's output.
-pub fn init(level: Option<&str>, format: Option<LogFormat>) {
+pub fn init(level: Option<&str>, format: Option<LogFormat>, attempt_lines: bool) {
     let filter = match std::env::var("RUST_LOG") {
         Ok(f) if !f.trim().is_empty() => EnvFilter::new(f),
         _ => {
@@ -31,7 +31,14 @@ pub fn init(level: Option<&str>, format: Option<LogFormat>) {
                 other => other.to_string(),
             };
             // the NATS client narrates every (re)connect at info; ours says what matters
-            EnvFilter::try_new(format!("{level},async_nats=warn")).unwrap_or_else(|_| {
+            // agents log one line per attempt start (`pinazu::attempts`); elsewhere they
+            // would drown the output, so they are off unless asked for
+            let attempts = if attempt_lines {
+                ""
+            } else {
+                ",pinazu::attempts=warn"
+            };
+            EnvFilter::try_new(format!("{level},async_nats=warn{attempts}")).unwrap_or_else(|_| {
                 eprintln!("LOG_LEVEL={level:?} is not a level (error, warn, info, debug, trace); using info");
                 EnvFilter::new("info")
             })

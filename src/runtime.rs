@@ -11,8 +11,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use pinazu_agent::{spawn_agent, AgentConfig, AgentMsg};
+use pinazu_coordinator::journal::{Journal, NoJournal};
 use pinazu_coordinator::{
-    Coordinator, CoordinatorConfig, EventSink, FlowRunOutcome, LogSink, RunHandle, StartError,
+    Coordinator, CoordinatorConfig, EventSink, FlowRunOutcome, JournalHandle, LogSink, RunHandle,
+    RunOptions, StartError,
 };
 use pinazu_shared::error::{ConfigError, ParamError};
 use pinazu_shared::events::{EventHeader, FlowStatus};
@@ -96,6 +98,9 @@ pub struct RuntimeConfig {
     pub events: Arc<dyn EventSink>,
     /// The cache store (default: a `LocalDirStore` at `cache_dir`).
     pub store: Option<Arc<dyn ObjectStore>>,
+    /// Where runs are journaled so they can be resumed (default: not journaled; the CLI
+    /// journals to `.pinazu/journal`).
+    pub journal: Option<Arc<dyn Journal>>,
 }
 
 impl std::fmt::Debug for RuntimeConfig {
@@ -121,6 +126,7 @@ impl Default for RuntimeConfig {
             header: EventHeader::default(),
             events: Arc::new(LogSink),
             store: None,
+            journal: None,
         }
     }
 }
@@ -211,6 +217,12 @@ impl Runtime {
                 header: config.header.clone(),
                 default_cache: config.default_cache,
                 refresh_cache: config.refresh_cache,
+                journal: JournalHandle(
+                    config
+                        .journal
+                        .clone()
+                        .unwrap_or_else(|| Arc::new(NoJournal)),
+                ),
                 ..CoordinatorConfig::default()
             },
             link.clone(),
@@ -295,11 +307,24 @@ impl Runtime {
         params: Map<String, Value>,
         flow_run_id: FlowRunId,
     ) -> Result<RunHandle, FlowError> {
+        self.start_with(name, params, flow_run_id, RunOptions::default())
+            .await
+    }
+
+    /// Starts a run with options (idempotency key, results passed in). A run id the
+    /// journal knows is replayed: unfinished runs resume, ended ones reuse their results.
+    pub async fn start_with(
+        &self,
+        name: &str,
+        params: Map<String, Value>,
+        flow_run_id: FlowRunId,
+        options: RunOptions,
+    ) -> Result<RunHandle, FlowError> {
         let def = self.flow(name)?;
         Ok(self
             .inner
             .coordinator
-            .start_run(def, params, flow_run_id)
+            .start_run_with(def, params, flow_run_id, options)
             .await?)
     }
 

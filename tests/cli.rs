@@ -31,6 +31,7 @@ fn run(name: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
         .env_remove("PINAZU_STORE")
         .env_remove("CACHE_BUCKET")
         .env("PINAZU_CACHE_DIR", cache.path())
+        .env("PINAZU_JOURNAL_DIR", cache.path().join("journal"))
         .env("LOG_LEVEL", "info");
     for (k, v) in env {
         cmd.env(k, v);
@@ -187,4 +188,66 @@ fn enable_s3_caching_makes_reruns_of_one_run_id_skip_work() {
     assert_eq!(second["stats"]["executions"], 0, "{second}");
     assert_eq!(second["stats"]["cache_hits"], 50);
     assert_eq!(second["result"], first["result"]);
+}
+
+#[test]
+fn success_task_results_are_used_instead_of_running_those_tasks() {
+    // by task name, and by the original MD5 cache key of one call
+    let md5 = format!(
+        "{:x}",
+        md5::compute(br#"{"args":[8,2],"kwargs":{},"task_name":"multiply"}"#)
+    );
+    let seeds = format!(r#"{{"add": 8, "{md5}": 16}}"#);
+    let out = run(
+        "example_flow",
+        &["--a=5", "--b=3", "--success-task-results", &seeds],
+        &[],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let line = last_line(&out);
+    assert_eq!(line["result"], "15 is odd and non-negative");
+    assert_eq!(line["stats"]["executions"], 2, "{line}");
+    assert_eq!(line["stats"]["replayed"], 2, "{line}");
+    let out = run("example_flow", &["--success-task-results", "[1,"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn an_embedded_run_killed_and_started_again_resumes_from_its_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = dir.path().join("journal");
+    let id = "e0e0e0e0-1111-4222-8333-444455556666";
+    let cmd = || {
+        let mut c = Command::new(example("parallel_flow"));
+        c.args(["--n=1500", "--work-ms=10", "--agents=2", "--slots=4"])
+            .env("FLOW_RUN_ID", id)
+            .env("PINAZU_JOURNAL_DIR", &journal)
+            .env("PINAZU_CACHE_DIR", dir.path().join("cache"))
+            .env_remove("ENABLE_S3_CACHING")
+            .env_remove("PINAZU_STORE")
+            .env_remove("NATS_URL");
+        c
+    };
+    let mut first = cmd()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let file = journal.join(format!("{id}.journal"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0) < 30_000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run journals nothing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    let out = cmd().output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let line = last_line(&out);
+    assert_eq!(line["result"], 1_123_875_250u64);
+    let replayed = line["stats"]["replayed"].as_u64().unwrap();
+    assert!(replayed > 0 && replayed < 1500, "{line}");
 }

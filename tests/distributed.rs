@@ -71,6 +71,27 @@ impl Cluster {
         self.agents.push(Proc::spawn(id, cmd));
     }
 
+    /// SIGKILLs the coordinator and starts a new one (same journal, same store).
+    fn restart_coordinator(&mut self) {
+        self.coordinator.kill9();
+        let mut cmd = self.cmd();
+        cmd.arg("coordinator").args(["--dead-after", "2s"]);
+        self.coordinator = Proc::spawn("coordinator-2", cmd);
+    }
+
+    /// Attempt-start lines in every agent's log (one per execution).
+    fn attempt_lines(&self) -> usize {
+        self.agents
+            .iter()
+            .map(|a| {
+                a.logs()
+                    .lines()
+                    .filter(|l| l.contains("attempt started"))
+                    .count()
+            })
+            .sum()
+    }
+
     fn cmd(&self) -> Command {
         base(self.app, &self.nats.url(), self._cache.path())
     }
@@ -134,7 +155,9 @@ impl Cluster {
 
 fn base(app: &str, url: &str, cache: &std::path::Path) -> Command {
     let mut cmd = common::app(app);
-    cmd.env("NATS_URL", url).env("PINAZU_CACHE_DIR", cache);
+    cmd.env("NATS_URL", url)
+        .env("PINAZU_CACHE_DIR", cache)
+        .env("PINAZU_JOURNAL_DIR", cache.join("journal"));
     cmd
 }
 
@@ -596,4 +619,55 @@ fn results_and_arguments_above_the_nats_limit_travel_by_reference() {
             (left == 0).then_some(())
         },
     );
+}
+
+#[test]
+fn a_coordinator_killed_mid_run_and_restarted_resumes_without_rerunning_completed_calls() {
+    let mut c = Cluster::start(APP, 3, 4);
+    let id = "c0c0c0c0-1111-4222-8333-444455556666";
+    let n = 1500u64;
+    let run = c.spawn_run(&[&format!("--n={n}"), "--work-ms=20", "--flow-run-id", id]);
+    wait_progress(&c, id, 400);
+    c.restart_coordinator();
+    // the `run` client keeps waiting across the restart and prints the final line
+    let out = finish(run, Duration::from_secs(120), &c);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
+    let line = last_json_line(&out);
+    assert_eq!(line["result"], sum_squares(n));
+    let replayed = line["stats"]["replayed"].as_u64().unwrap();
+    assert!(
+        replayed >= 400,
+        "completed calls come from the journal: {line}"
+    );
+    // every execution is one agent log line; completed calls were not run again, so at
+    // most the attempts in flight at the kill (12 slots) ran twice
+    let lines = c.attempt_lines() as u64;
+    assert!(
+        lines >= n && lines <= n + 12,
+        "{lines} attempt starts for {n} calls\n{line}"
+    );
+    assert!(
+        c.coordinator.logs().contains("resumed an unfinished run"),
+        "{}",
+        c.logs()
+    );
+}
+
+#[test]
+fn the_coordinator_and_an_agent_killed_together_still_finish_the_run() {
+    let mut c = Cluster::start(APP, 3, 4);
+    let id = "d0d0d0d0-1111-4222-8333-444455556666";
+    let run = c.spawn_run(&["--n=900", "--work-ms=20", "--flow-run-id", id]);
+    wait_progress(&c, id, 200);
+    c.agents[0].kill9();
+    c.restart_coordinator();
+    let out = finish(run, Duration::from_secs(120), &c);
+    let line = last_json_line(&out);
+    assert_eq!(line["status"], "SUCCESS", "{line}\n{}", c.logs());
+    assert_eq!(line["result"], sum_squares(900));
 }

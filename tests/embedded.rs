@@ -698,3 +698,56 @@ fn failure_kinds_serialise_in_snake_case() {
         json!("bad_arguments")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_diverges_from_its_journal_fails_clearly() {
+    use pinazu_coordinator::journal::{Journal, JournalEntry, LocalJournal};
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Arc::new(LocalJournal::open(dir.path().join("journal")).unwrap());
+    let run_id = FlowRunId::new();
+    // what an earlier version of the program journaled: its first call was another task
+    journal.append(
+        run_id,
+        JournalEntry::RunStarted {
+            flow: "one_square".into(),
+            params: params(json!({"x": 6})),
+            idempotency_key: None,
+        },
+    );
+    journal.append(
+        run_id,
+        JournalEntry::CallEnded {
+            ordinal: 0,
+            call_id: pinazu_shared::ids::CallId { key: 42, seq: 0 },
+            task: "always_fails".into(),
+            outcome: Ok(bytes::Bytes::from(rmp_serde::to_vec(&7u64).unwrap())),
+            executions: 1,
+        },
+    );
+    journal.flush().await.unwrap();
+    let rt = Runtime::embedded(RuntimeConfig {
+        agents: 1,
+        cache_dir: dir.path().to_path_buf(),
+        events: CollectingSink::new(),
+        journal: Some(journal),
+        ..RuntimeConfig::default()
+    })
+    .await
+    .unwrap();
+    let out = rt
+        .run("one_square", params(json!({"x": 6})), run_id)
+        .await
+        .unwrap();
+    assert_eq!(out.status, FlowStatus::Failed);
+    let err = out.error.unwrap();
+    assert!(
+        err.contains("no longer matches its journal")
+            && err.contains("`always_fails`")
+            && err.contains("`square`"),
+        "{err}"
+    );
+    assert_eq!(
+        out.stats.executions, 1,
+        "the journaled execution only: nothing new ran"
+    );
+}

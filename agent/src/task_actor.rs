@@ -92,7 +92,10 @@ impl Actor for TaskActor {
             agent_id,
             sink,
         } = args;
-        tracing::debug!(
+        // one line per attempt start (target `pinazu::attempts`), so executions can be
+        // counted from outside; embedded runs silence it by default
+        tracing::info!(
+            target: "pinazu::attempts",
             flow_run_id = %spawn.flow_run_id,
             task = %spawn.task,
             call_id = %spawn.call_id,

@@ -44,6 +44,8 @@ pub struct FlowContext {
     pub(crate) flow_run_id: FlowRunId,
     /// The policy of tasks that set none (`run` when `ENABLE_S3_CACHING=true`).
     pub(crate) default_cache: CachePolicy,
+    /// Send every call's arguments as JSON too (pre-seeded results are keyed by them).
+    pub(crate) always_json: bool,
 }
 
 impl FlowContext {
@@ -85,7 +87,7 @@ pub async fn call_task<R: DeserializeOwned, A: Serialize>(
     };
     let bytes = rmp_serde::to_vec_named(&args).map_err(|e| invalid(e.to_string()))?;
     let args_json = match ctx.policy(def) {
-        CachePolicy::None => None,
+        CachePolicy::None if !ctx.always_json => None,
         _ => Some(serde_json::to_value(&args).map_err(|e| invalid(e.to_string()))?),
     };
     let (reply, answer) = oneshot::channel();

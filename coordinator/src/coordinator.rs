@@ -22,7 +22,8 @@ use pinazu_shared::transport::{AgentLink, ResultSink};
 use pinazu_shared::wire::{AgentInfo, AttemptFinished, AttemptStarted, Heartbeat};
 
 use crate::cache::{CacheActor, CacheCounters, CacheMsg};
-use crate::flow_runner::{FlowRunner, FlowRunnerArgs, FlowRunnerMsg};
+use crate::flow_runner::{FlowRunner, FlowRunnerArgs, FlowRunnerMsg, Seeds};
+use crate::journal::{Journal, NoJournal, Replay};
 use crate::scheduler::{Scheduler, SchedulerArgs, SchedulerMsg, SchedulerTiming};
 use crate::stats::{RunStats, StatsSnapshot};
 use crate::status::{EventSink, StatusMsg, StatusPublisher};
@@ -38,6 +39,37 @@ pub struct CoordinatorConfig {
     pub refresh_cache: bool,
     /// Agent liveness and schedule timeout.
     pub timing: SchedulerTiming,
+    /// Where runs' progress is journaled (default: nowhere).
+    pub journal: JournalHandle,
+}
+
+/// A journal, shared.
+#[derive(Clone)]
+pub struct JournalHandle(pub Arc<dyn Journal>);
+
+impl Default for JournalHandle {
+    fn default() -> Self {
+        JournalHandle(Arc::new(NoJournal))
+    }
+}
+
+impl std::fmt::Debug for JournalHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.enabled() {
+            "Journal"
+        } else {
+            "NoJournal"
+        })
+    }
+}
+
+/// Extra settings of one run.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// The key the run was submitted with (the same key returns the same run).
+    pub idempotency_key: Option<String>,
+    /// Results passed in for it (`--success-task-results`).
+    pub seeds: Seeds,
 }
 
 impl Default for CoordinatorConfig {
@@ -47,6 +79,7 @@ impl Default for CoordinatorConfig {
             default_cache: CachePolicy::None,
             refresh_cache: false,
             timing: SchedulerTiming::default(),
+            journal: JournalHandle::default(),
         }
     }
 }
@@ -76,6 +109,21 @@ pub enum StartError {
     /// Bad parameters.
     #[error(transparent)]
     Params(#[from] ParamError),
+    /// The run's journal says another flow.
+    #[error(
+        "flow run {run} was started as flow `{journaled}`, not `{asked}`; use another FLOW_RUN_ID"
+    )]
+    OtherFlow {
+        /// The run.
+        run: FlowRunId,
+        /// The flow in its journal.
+        journaled: String,
+        /// The flow asked for.
+        asked: String,
+    },
+    /// The journal could not be read.
+    #[error("{0}")]
+    Journal(String),
     /// A run with this id is active here.
     #[error("flow run {0} is already running on this coordinator")]
     AlreadyRunning(FlowRunId),
@@ -123,6 +171,7 @@ pub struct CoordShared {
     pub(crate) cache: ActorRef<CacheMsg>,
     pub(crate) status: ActorRef<StatusMsg>,
     pub(crate) runs: Arc<DashMap<FlowRunId, ActorRef<FlowRunnerMsg>>>,
+    pub(crate) journal: Arc<dyn Journal>,
     /// Every run started here, active or ended, for status queries.
     table: DashMap<FlowRunId, RunEntry>,
     pub(crate) events_enabled: bool,
@@ -132,6 +181,7 @@ pub struct CoordShared {
 
 /// A run in the coordinator's table.
 struct RunEntry {
+    idempotency_key: Option<String>,
     flow: &'static str,
     started: std::time::Instant,
     stats: Arc<RunStats>,
@@ -154,6 +204,7 @@ impl RunEntry {
             executions: snap.executions,
             cache_hits: snap.cache_hits,
             retries: snap.retries,
+            replayed: snap.replayed,
             wall_ms: snap.wall_ms,
             result: outcome.as_ref().and_then(|o| o.result.clone()),
             error: outcome.as_ref().and_then(|o| o.error.clone()),
@@ -178,6 +229,7 @@ impl Coordinator {
         sink: Arc<dyn EventSink>,
     ) -> Result<Coordinator, SpawnErr> {
         let events_enabled = sink.enabled();
+        let journal = config.journal.0.clone();
         let runs = Arc::new(DashMap::new());
         let (scheduler, _) = Actor::spawn(
             None,
@@ -200,6 +252,7 @@ impl Coordinator {
                 cache,
                 status,
                 runs,
+                journal,
                 table: DashMap::new(),
                 events_enabled,
                 unknown_run_reports: AtomicU64::new(0),
@@ -295,6 +348,81 @@ impl Coordinator {
         params: Map<String, Value>,
         flow_run_id: FlowRunId,
     ) -> Result<RunHandle, StartError> {
+        self.start_run_with(flow, params, flow_run_id, RunOptions::default())
+            .await
+    }
+
+    /// The run a key started, if any.
+    pub fn run_for_key(&self, key: &str) -> Option<FlowRunId> {
+        self.shared
+            .table
+            .iter()
+            .find(|e| e.idempotency_key.as_deref() == Some(key))
+            .map(|e| *e.key())
+    }
+
+    /// Resumes every run the journal holds unfinished: each flow is started again under
+    /// its id with its journaled parameters, and its journaled calls are answered from
+    /// the journal. Returns the runs resumed, and the ones that could not be.
+    pub async fn resume_unfinished(
+        &self,
+        registry: &'static pinazu_shared::registry::Registry,
+    ) -> (Vec<FlowRunId>, Vec<(FlowRunId, String)>) {
+        let mut resumed = Vec::new();
+        let mut failed = Vec::new();
+        let runs = match self.shared.journal.unfinished().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list unfinished runs");
+                return (resumed, failed);
+            }
+        };
+        for run in runs {
+            let entries = match self.shared.journal.read(run).await {
+                Ok(e) => e,
+                Err(e) => {
+                    failed.push((run, e.to_string()));
+                    continue;
+                }
+            };
+            let Some(replay) = Replay::from_entries(&entries) else {
+                continue;
+            };
+            let Some(def) = registry.flow(&replay.flow) else {
+                failed.push((
+                    run,
+                    format!("flow `{}` is not defined in this program", replay.flow),
+                ));
+                continue;
+            };
+            let options = RunOptions {
+                idempotency_key: replay.idempotency_key.clone(),
+                seeds: Seeds::default(),
+            };
+            match self
+                .start_run_with(def, replay.params.clone(), run, options)
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(flow_run_id = %run, flow = def.name, "resumed an unfinished run");
+                    resumed.push(run);
+                }
+                Err(e) => failed.push((run, e.to_string())),
+            }
+        }
+        (resumed, failed)
+    }
+
+    /// Starts a run with extra options (idempotency key, results passed in). If the
+    /// journal knows the run id, the run replays it: an unfinished run resumes with its
+    /// journaled parameters; an ended one runs again, reusing its successful calls.
+    pub async fn start_run_with(
+        &self,
+        flow: &'static FlowDef,
+        params: Map<String, Value>,
+        flow_run_id: FlowRunId,
+        options: RunOptions,
+    ) -> Result<RunHandle, StartError> {
         // an ended run may be run again under its id (its `run`-policy cache entries make
         // the re-run skip finished calls); an active one may not
         let active = self
@@ -305,12 +433,34 @@ impl Coordinator {
         if active {
             return Err(StartError::AlreadyRunning(flow_run_id));
         }
-        let body = (flow.invoke)(params)?;
+        let entries = self
+            .shared
+            .journal
+            .read(flow_run_id)
+            .await
+            .map_err(|e| StartError::Journal(e.to_string()))?;
+        let replay = Replay::from_entries(&entries);
+        let mut params = params;
+        if let Some(r) = &replay {
+            if r.flow != flow.name {
+                return Err(StartError::OtherFlow {
+                    run: flow_run_id,
+                    journaled: r.flow.clone(),
+                    asked: flow.name.to_string(),
+                });
+            }
+            if r.unfinished && r.params != params {
+                tracing::warn!(flow_run_id = %flow_run_id, "resuming with the parameters the run started with, not the ones given now");
+                params = r.params.clone();
+            }
+        }
+        let body = (flow.invoke)(params.clone())?;
         let stats = Arc::new(RunStats::default());
         let (tx, rx) = watch::channel(None);
         self.shared.table.insert(
             flow_run_id,
             RunEntry {
+                idempotency_key: options.idempotency_key.clone(),
                 flow: flow.name,
                 started: std::time::Instant::now(),
                 stats: stats.clone(),
@@ -324,6 +474,10 @@ impl Coordinator {
             shared: self.shared.clone(),
             stats: stats.clone(),
             outcome: tx,
+            params,
+            idempotency_key: options.idempotency_key,
+            replay,
+            seeds: Arc::new(options.seeds),
         };
         // the runner registers itself in `runs` before its body starts
         Actor::spawn(None, FlowRunner, args)

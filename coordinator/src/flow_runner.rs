@@ -25,6 +25,7 @@ use pinazu_shared::BoxFuture;
 use crate::cache::CacheMsg;
 use crate::context::{FlowContext, Payload, FLOW_CONTEXT};
 use crate::coordinator::{CoordShared, FlowRunOutcome};
+use crate::journal::{JournalEntry, Replay};
 use crate::scheduler::SchedulerMsg;
 use crate::stats::RunStats;
 use crate::status::StatusMsg;
@@ -72,6 +73,8 @@ pub enum FlowRunnerMsg {
     Cancel(String),
     /// The flow body returned (or panicked).
     FlowDone(Result<Value, ErrorInfo>),
+    /// The flow's calls no longer match its journal: end the run FAILED.
+    Diverged(String),
 }
 
 /// What a flow runner starts with.
@@ -82,6 +85,10 @@ pub struct FlowRunnerArgs {
     pub(crate) shared: Arc<CoordShared>,
     pub(crate) stats: Arc<RunStats>,
     pub(crate) outcome: watch::Sender<Option<FlowRunOutcome>>,
+    pub(crate) params: serde_json::Map<String, Value>,
+    pub(crate) idempotency_key: Option<String>,
+    pub(crate) replay: Option<Replay>,
+    pub(crate) seeds: Arc<Seeds>,
 }
 
 struct CallState {
@@ -90,6 +97,10 @@ struct CallState {
     /// Object key and md5 of the call, when cached.
     cache: Option<(String, String)>,
     attempt: u32,
+    /// Position among the run's calls.
+    ordinal: u64,
+    /// Attempts that started executing.
+    executions: u32,
     /// Failed attempts (lost ones are not failures and use no retry).
     failures: u32,
     /// The attempt whose result is accepted; `None` while waiting for a retry.
@@ -111,6 +122,9 @@ pub struct RunnerState {
     calls: HashMap<CallId, CallState>,
     occurrences: HashMap<u64, u32>,
     next_attempt: u64,
+    next_ordinal: u64,
+    replay: Option<Replay>,
+    seeds: Arc<Seeds>,
     events: bool,
     finished: bool,
 }
@@ -181,7 +195,47 @@ impl RunnerState {
         let seq = self.occurrences.entry(key).or_insert(0);
         let call_id = CallId { key, seq: *seq };
         *seq += 1;
+        let ordinal = self.next_ordinal;
+        self.next_ordinal += 1;
+        if let Some(replay) = &self.replay {
+            if let Some(ended) = replay.calls.get(&call_id) {
+                // journaled: answer now, run nothing
+                RunStats::bump(&self.stats.replayed);
+                RunStats::bump(&self.stats.completed);
+                let answer = match &ended.outcome {
+                    Ok(bytes) => Ok(Payload::Msgpack(bytes.clone())),
+                    Err(info) => Err(TaskError::Failed {
+                        task: task.name.to_string(),
+                        attempts: 0,
+                        last_error: info.clone(),
+                    }),
+                };
+                let _ = reply.send(answer);
+                return;
+            }
+            if replay.unfinished {
+                if let Some(other) = replay
+                    .by_ordinal
+                    .get(&ordinal)
+                    .and_then(|c| replay.calls.get(c))
+                {
+                    let msg = format!(
+                        "the flow no longer matches its journal: call #{ordinal} was `{}` when the run started and is now `{}` (with other arguments or in another order); the flow's code changed while the run was unfinished, so it cannot be resumed: start it under a new FLOW_RUN_ID",
+                        other.task, task.name
+                    );
+                    let _ = reply.send(Err(TaskError::RunClosed {
+                        task: task.name.to_string(),
+                        reason: msg.clone(),
+                    }));
+                    let _ = myself.send_message(FlowRunnerMsg::Diverged(msg));
+                    return;
+                }
+            }
+        }
         let policy = self.effective_policy(task);
+        let seeded = args_json
+            .as_ref()
+            .and_then(|json| self.seeds.lookup(task.name, &original_md5(task.name, json)));
         let cache = args_json.and_then(|json| {
             let md5 = original_md5(task.name, &json);
             object_key(policy, self.flow_run_id, task.name, task.version, &md5).map(|k| (k, md5))
@@ -200,11 +254,27 @@ impl RunnerState {
                 args,
                 cache,
                 attempt: 0,
+                ordinal,
+                executions: 0,
                 failures: 0,
                 current: None,
                 reply: Some(reply),
             },
         );
+        if let Some(value) = seeded {
+            // a result Pinazu Core passed in (--success-task-results)
+            RunStats::bump(&self.stats.replayed);
+            self.task_event(
+                task.name,
+                FlowStatus::Success,
+                None,
+                None,
+                Some("result passed in by --success-task-results".into()),
+            );
+            self.journal_end(call_id, Ok(json_to_msgpack(&value)));
+            self.resolve(call_id, Ok(Payload::Json(value)));
+            return;
+        }
         match lookup {
             Some(key) => {
                 let me = myself.clone();
@@ -271,6 +341,7 @@ impl RunnerState {
         RunStats::bump(&self.stats.cache_hits);
         let key = call.cache.as_ref().map(|(k, _)| k.clone());
         self.task_event(call.task.name, FlowStatus::Success, key, None, None);
+        self.journal_end(call_id, Ok(json_to_msgpack(&record.result)));
         self.resolve(call_id, Ok(Payload::Json(record.result)));
     }
 
@@ -306,6 +377,7 @@ impl RunnerState {
                     }
                 }
                 self.task_event(task.name, FlowStatus::Success, cache_key, None, None);
+                self.journal_end(f.call_id, Ok(bytes.clone()));
                 self.resolve(f.call_id, Ok(Payload::Msgpack(bytes)));
             }
             Err(info) => {
@@ -326,6 +398,7 @@ impl RunnerState {
                 } else {
                     tracing::warn!(flow_run_id = %self.flow_run_id, task = task.name, call_id = %f.call_id, attempts = attempt, error = %info, "task failed");
                     self.task_event(task.name, FlowStatus::Failed, None, Some(&info), None);
+                    self.journal_end(f.call_id, Err(info.clone()));
                     self.resolve(
                         f.call_id,
                         Err(TaskError::Failed {
@@ -392,6 +465,12 @@ impl RunnerState {
                 tracing::error!(flow_run_id = %self.flow_run_id, flow = self.flow.name, error = %e, "flow run failed")
             }
         }
+        self.shared
+            .journal
+            .append(self.flow_run_id, JournalEntry::RunEnded { status });
+        if let Err(e) = self.shared.journal.flush().await {
+            tracing::error!(flow_run_id = %self.flow_run_id, error = %e, "the run's journal could not be made durable");
+        }
         // deliver the run's events and cache writes before anyone sees the outcome
         let _ = ractor::call!(self.shared.status, StatusMsg::Flush);
         let _ = ractor::call!(self.shared.cache, CacheMsg::Flush);
@@ -408,6 +487,90 @@ impl RunnerState {
         self.outcome.send_replace(Some(outcome));
         self.shared.runs.remove(&self.flow_run_id);
         myself.stop(None);
+    }
+}
+
+impl RunnerState {
+    /// Journals a call's final outcome (a replayed call is not journaled again).
+    fn journal_end(&self, call_id: CallId, outcome: Result<Bytes, ErrorInfo>) {
+        if !self.shared.journal.enabled() {
+            return;
+        }
+        let Some(call) = self.calls.get(&call_id) else {
+            return;
+        };
+        self.shared.journal.append(
+            self.flow_run_id,
+            JournalEntry::CallEnded {
+                ordinal: call.ordinal,
+                call_id,
+                task: call.task.name.to_string(),
+                outcome,
+                executions: call.executions,
+            },
+        );
+    }
+}
+
+fn json_to_msgpack(value: &Value) -> Bytes {
+    Bytes::from(rmp_serde::to_vec_named(value).unwrap_or_default())
+}
+
+/// Results passed in for a run (Pinazu Core's `--success-task-results`): by the call's
+/// MD5 cache key (the original library's key) or by task name.
+#[derive(Clone, Debug, Default)]
+pub struct Seeds {
+    by_md5: HashMap<String, Value>,
+    by_task: HashMap<String, Value>,
+}
+
+impl Seeds {
+    /// Parses `{"<md5 or task name>": result, ...}` or a list of `CacheResult`-like
+    /// objects (`{"cache_key"|"task_name", "result"}`).
+    pub fn parse(text: &str) -> Result<Seeds, String> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| format!("--success-task-results is not JSON: {e}"))?;
+        let mut seeds = Seeds::default();
+        let is_md5 = |k: &str| k.len() == 32 && k.chars().all(|c| c.is_ascii_hexdigit());
+        match value {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    if is_md5(&k) {
+                        seeds.by_md5.insert(k.to_ascii_lowercase(), v);
+                    } else {
+                        seeds.by_task.insert(k, v);
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for item in items {
+                    let result = item.get("result").cloned().unwrap_or(Value::Null);
+                    if let Some(k) = item.get("cache_key").and_then(Value::as_str) {
+                        seeds.by_md5.insert(k.to_ascii_lowercase(), result);
+                    } else if let Some(t) = item.get("task_name").and_then(Value::as_str) {
+                        seeds.by_task.insert(t.to_string(), result);
+                    } else {
+                        return Err(
+                            "--success-task-results: each item needs cache_key or task_name".into(),
+                        );
+                    }
+                }
+            }
+            _ => return Err("--success-task-results must be a JSON object or array".into()),
+        }
+        Ok(seeds)
+    }
+
+    /// Whether there is nothing to seed.
+    pub fn is_empty(&self) -> bool {
+        self.by_md5.is_empty() && self.by_task.is_empty()
+    }
+
+    fn lookup(&self, task: &str, md5: &str) -> Option<Value> {
+        self.by_md5
+            .get(md5)
+            .or_else(|| self.by_task.get(task))
+            .cloned()
     }
 }
 
@@ -444,11 +607,33 @@ impl Actor for FlowRunner {
             shared,
             stats,
             outcome,
+            params,
+            idempotency_key,
+            replay,
+            seeds,
         } = args;
+        if let Some(r) = &replay {
+            if r.unfinished {
+                // a resume continues the same run: its executions so far count
+                stats
+                    .executions
+                    .fetch_add(r.executions, std::sync::atomic::Ordering::Relaxed);
+            }
+            tracing::info!(flow_run_id = %flow_run_id, journaled_calls = r.calls.len(), resume = r.unfinished, "replaying the run's journal");
+        }
+        shared.journal.append(
+            flow_run_id,
+            JournalEntry::RunStarted {
+                flow: flow.name.to_string(),
+                params,
+                idempotency_key,
+            },
+        );
         let ctx = FlowContext {
             runner: myself.clone(),
             flow_run_id,
             default_cache: shared.config.default_cache,
+            always_json: !seeds.is_empty(),
         };
         let mut state = RunnerState {
             flow_run_id,
@@ -461,6 +646,9 @@ impl Actor for FlowRunner {
             calls: HashMap::new(),
             occurrences: HashMap::new(),
             next_attempt: fastrand::u64(..) & !0xffff_ffff,
+            next_ordinal: 0,
+            replay,
+            seeds,
             finished: false,
         };
         // route reports to this runner before the body can make its first call
@@ -499,13 +687,15 @@ impl Actor for FlowRunner {
             FlowRunnerMsg::Started(s) => {
                 let current = state
                     .calls
-                    .get(&s.call_id)
+                    .get_mut(&s.call_id)
                     .filter(|c| c.current == Some(s.attempt_id));
                 if let Some(call) = current {
+                    call.executions += 1;
+                    let (task, attempt) = (call.task.name, call.attempt);
                     RunStats::bump(&state.stats.executions);
-                    let note = (call.attempt > 1)
-                        .then(|| format!("attempt {} on agent {}", call.attempt, s.agent_id));
-                    state.task_event(call.task.name, FlowStatus::Running, None, None, note);
+                    let note =
+                        (attempt > 1).then(|| format!("attempt {attempt} on agent {}", s.agent_id));
+                    state.task_event(task, FlowStatus::Running, None, None, note);
                 }
             }
             FlowRunnerMsg::Finished(f) => state.finished(&myself, f),
@@ -529,6 +719,17 @@ impl Actor for FlowRunner {
             FlowRunnerMsg::FlowDone(result) => {
                 if !state.finished {
                     state.finish(&myself, result).await;
+                }
+            }
+            FlowRunnerMsg::Diverged(msg) => {
+                if !state.finished {
+                    if let Some(body) = state.body.take() {
+                        body.abort();
+                    }
+                    tracing::error!(flow_run_id = %state.flow_run_id, "{msg}");
+                    state
+                        .finish(&myself, Err(ErrorInfo::new(FailureKind::Error, msg)))
+                        .await;
                 }
             }
         }

@@ -7,13 +7,18 @@ pub mod cache;
 pub mod context;
 pub mod coordinator;
 pub mod flow_runner;
+pub mod journal;
 pub mod nats;
 pub mod scheduler;
 pub mod stats;
 pub mod status;
 
 pub use context::{call_task, current_flow_run_id, map, spawn_in_flow, FlowContext, Payload};
-pub use coordinator::{Coordinator, CoordinatorConfig, FlowRunOutcome, RunHandle, StartError};
+pub use coordinator::{
+    Coordinator, CoordinatorConfig, FlowRunOutcome, JournalHandle, RunHandle, RunOptions,
+    StartError,
+};
+pub use flow_runner::Seeds;
 pub use scheduler::SchedulerTiming;
 pub use stats::{RunStats, StatsSnapshot};
 pub use status::{CollectingSink, EventSink, LogSink};

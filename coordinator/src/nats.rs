@@ -4,7 +4,6 @@
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -23,7 +22,8 @@ use pinazu_shared::wire::{
 };
 use pinazu_shared::BoxFuture;
 
-use crate::coordinator::Coordinator;
+use crate::coordinator::{Coordinator, RunOptions};
+use crate::flow_runner::Seeds;
 use crate::status::EventSink;
 
 /// Publishes attempts and cancellations to agents' subjects. Arguments larger than the
@@ -242,7 +242,7 @@ pub async fn serve(
         payloads.clone(),
     );
     tokio::spawn(async move {
-        let mut api_state = ApiState::default();
+        let mut api_state = ApiState;
         while let Some(msg) = api.next().await {
             let reply = match decode_envelope::<ApiRequest>(&msg.payload) {
                 Ok(req) => {
@@ -271,9 +271,7 @@ pub async fn serve(
 }
 
 #[derive(Default)]
-struct ApiState {
-    idempotency: HashMap<String, FlowRunId>,
-}
+struct ApiState;
 
 impl ApiState {
     async fn handle(
@@ -291,18 +289,21 @@ impl ApiState {
                 params,
                 flow_run_id,
                 idempotency_key,
+                success_task_results,
             } => {
-                if let Some(id) = idempotency_key
-                    .as_ref()
-                    .and_then(|k| self.idempotency.get(k))
-                {
-                    if let Some(run) = c.run_info(*id) {
+                if let Some(id) = idempotency_key.as_deref().and_then(|k| c.run_for_key(k)) {
+                    if let Some(run) = c.run_info(id) {
                         return ApiReply::Started {
                             run,
                             existing: true,
                         };
                     }
                 }
+                let seeds = match success_task_results.as_deref().map(Seeds::parse) {
+                    None => Seeds::default(),
+                    Some(Ok(s)) => s,
+                    Some(Err(e)) => return ApiReply::Error(e),
+                };
                 let id = flow_run_id.unwrap_or_default();
                 if let Some(run) = c.run_info(id).filter(|r| r.status == FlowStatus::Running) {
                     return ApiReply::Started {
@@ -316,11 +317,12 @@ impl ApiState {
                         registry.flow_names().join(", ")
                     ));
                 };
-                match c.start_run(def, params, id).await {
+                let options = RunOptions {
+                    idempotency_key,
+                    seeds,
+                };
+                match c.start_run_with(def, params, id, options).await {
                     Ok(_) => {
-                        if let Some(k) = idempotency_key {
-                            self.idempotency.insert(k, id);
-                        }
                         watch_run(
                             c.clone(),
                             id,
@@ -369,7 +371,7 @@ impl ApiState {
 
 /// Publishes a run's progress four times a second and its end once; then removes the
 /// run's large payloads from the store (nothing reads them any more).
-fn watch_run(
+pub fn watch_run(
     c: Coordinator,
     id: FlowRunId,
     subjects: Subjects,

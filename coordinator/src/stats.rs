@@ -25,6 +25,8 @@ pub struct RunStats {
     pub stale_results: AtomicU64,
     /// Attempts lost with their agent (or in transit) and dispatched again.
     pub lost: AtomicU64,
+    /// Calls answered from the run's journal or from results passed in.
+    pub replayed: AtomicU64,
     /// A note for the operator, e.g. "waiting for an agent that can run `x`".
     pub note: Mutex<Option<String>>,
 }
@@ -41,6 +43,7 @@ impl Default for RunStats {
             failed: AtomicU64::new(0),
             stale_results: AtomicU64::new(0),
             lost: AtomicU64::new(0),
+            replayed: AtomicU64::new(0),
             note: Mutex::new(None),
         }
     }
@@ -59,6 +62,9 @@ pub struct StatsSnapshot {
     pub retries: u64,
     /// Wall time since the run started, in milliseconds.
     pub wall_ms: u64,
+    /// Calls answered from the run's journal (a resume) or from results passed in.
+    #[serde(default)]
+    pub replayed: u64,
 }
 
 impl RunStats {
@@ -75,6 +81,7 @@ impl RunStats {
             cache_hits: self.cache_hits.load(Relaxed),
             retries: self.retries.load(Relaxed),
             wall_ms: self.started.elapsed().as_millis() as u64,
+            replayed: self.replayed.load(Relaxed),
         }
     }
 

@@ -20,6 +20,9 @@ pub enum ApiRequest {
         flow_run_id: Option<FlowRunId>,
         /// The same key returns the same run.
         idempotency_key: Option<String>,
+        /// Results of completed tasks passed in (`--success-task-results`, JSON).
+        #[serde(default)]
+        success_task_results: Option<String>,
     },
     /// One run's state.
     Status {
@@ -76,6 +79,9 @@ pub struct RunInfo {
     pub cache_hits: u64,
     /// Retries.
     pub retries: u64,
+    /// Calls answered from the journal or from results passed in.
+    #[serde(default)]
+    pub replayed: u64,
     /// Milliseconds since the run started (until it ended).
     pub wall_ms: u64,
     /// The result (JSON), once SUCCESS.

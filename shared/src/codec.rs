@@ -156,6 +156,7 @@ mod fuzz {
                 params: serde_json::Map::new(),
                 flow_run_id: None,
                 idempotency_key: Some("k".into()),
+                success_task_results: None,
             })
             .unwrap(),
             encode_envelope(&vec![(FlowRunId::new(), AttemptId(7))]).unwrap(),

@@ -160,7 +160,16 @@ pub fn app(name: &str) -> Command {
     ] {
         cmd.env_remove(var);
     }
-    cmd.env("LOG_LEVEL", "info").env("NO_COLOR", "1");
+    // a journal of its own, so runs of one id in different tests never replay each other
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let journal = std::env::temp_dir().join(format!(
+        "pinazu-test-journal-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    cmd.env("LOG_LEVEL", "info")
+        .env("NO_COLOR", "1")
+        .env("PINAZU_JOURNAL_DIR", journal);
     cmd
 }
 

@@ -1,0 +1,436 @@
+//! The journal: each run's progress, appended durably, so a run can be resumed after the
+//! coordinator dies. Entries are MessagePack envelopes. A run's journal is replayed when a
+//! run with its id starts again: calls whose outcome is journaled are answered at once,
+//! by call id, without running anything.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc as std_mpsc;
+use tokio::sync::oneshot;
+
+use pinazu_shared::codec::{decode_envelope, encode_envelope};
+use pinazu_shared::error::ErrorInfo;
+use pinazu_shared::events::FlowStatus;
+use pinazu_shared::ids::{CallId, FlowRunId};
+use pinazu_shared::BoxFuture;
+
+/// One journal entry.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum JournalEntry {
+    /// A run started (or started again under its id).
+    RunStarted {
+        /// The flow.
+        flow: String,
+        /// Its parameters.
+        params: Map<String, Value>,
+        /// The idempotency key it was submitted with.
+        idempotency_key: Option<String>,
+    },
+    /// A call's final outcome.
+    CallEnded {
+        /// Position of the call among the run's calls, in the order the flow made them.
+        ordinal: u64,
+        /// The call.
+        call_id: CallId,
+        /// Its task.
+        task: String,
+        /// MessagePack result, or the final error.
+        outcome: Result<Bytes, ErrorInfo>,
+        /// Attempts that executed.
+        executions: u32,
+    },
+    /// The run ended.
+    RunEnded {
+        /// SUCCESS or FAILED.
+        status: FlowStatus,
+    },
+}
+
+/// Errors of a journal.
+#[derive(Debug, thiserror::Error)]
+#[error("journal: {0}")]
+pub struct JournalError(pub String);
+
+/// Where runs' progress is kept.
+pub trait Journal: Send + Sync + 'static {
+    /// Whether entries are kept at all.
+    fn enabled(&self) -> bool {
+        true
+    }
+    /// Queues an entry; it becomes durable within a batch (see `flush`).
+    fn append(&self, run: FlowRunId, entry: JournalEntry);
+    /// Resolves once every entry queued before it is durable.
+    fn flush(&self) -> BoxFuture<'_, Result<(), JournalError>>;
+    /// A run's entries, oldest first (a torn last entry is ignored).
+    fn read(&self, run: FlowRunId) -> BoxFuture<'_, Result<Vec<JournalEntry>, JournalError>>;
+    /// Runs that started and have not ended.
+    fn unfinished(&self) -> BoxFuture<'_, Result<Vec<FlowRunId>, JournalError>>;
+}
+
+/// No journal: nothing survives the process.
+#[derive(Debug, Default)]
+pub struct NoJournal;
+
+impl Journal for NoJournal {
+    fn enabled(&self) -> bool {
+        false
+    }
+    fn append(&self, _run: FlowRunId, _entry: JournalEntry) {}
+    fn flush(&self) -> BoxFuture<'_, Result<(), JournalError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn read(&self, _run: FlowRunId) -> BoxFuture<'_, Result<Vec<JournalEntry>, JournalError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+    fn unfinished(&self) -> BoxFuture<'_, Result<Vec<FlowRunId>, JournalError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+}
+
+enum WriterCmd {
+    Append(FlowRunId, Vec<u8>),
+    Flush(oneshot::Sender<Result<(), JournalError>>),
+}
+
+/// One append-only file per run under a directory (`<run>.journal`), written by one
+/// thread in batches: every batch is one `write` per run and one `fdatasync` per file,
+/// so journaling a large fan-out costs a few syscalls per batch, not per call.
+pub struct LocalJournal {
+    dir: PathBuf,
+    tx: std::sync::Mutex<std_mpsc::Sender<WriterCmd>>,
+}
+
+impl LocalJournal {
+    /// A journal in `dir` (created if missing).
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self, JournalError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| JournalError(format!("cannot create {}: {e}", dir.display())))?;
+        let (tx, rx) = std_mpsc::channel();
+        let d = dir.clone();
+        std::thread::Builder::new()
+            .name("pinazu-journal".into())
+            .spawn(move || writer(d, rx))
+            .map_err(|e| JournalError(format!("cannot start the journal writer: {e}")))?;
+        Ok(LocalJournal {
+            dir,
+            tx: std::sync::Mutex::new(tx),
+        })
+    }
+
+    fn path(dir: &Path, run: FlowRunId) -> PathBuf {
+        dir.join(format!("{run}.journal"))
+    }
+
+    fn send(&self, cmd: WriterCmd) -> bool {
+        self.tx.lock().map(|t| t.send(cmd).is_ok()).unwrap_or(false)
+    }
+}
+
+fn writer(dir: PathBuf, rx: std_mpsc::Receiver<WriterCmd>) {
+    let mut files: HashMap<FlowRunId, std::fs::File> = HashMap::new();
+    while let Ok(first) = rx.recv() {
+        let mut batch: HashMap<FlowRunId, Vec<u8>> = HashMap::new();
+        let mut waiters = Vec::new();
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(cmd) = next.take() {
+            match cmd {
+                WriterCmd::Append(run, frame) => {
+                    batch.entry(run).or_default().extend_from_slice(&frame);
+                }
+                WriterCmd::Flush(w) => waiters.push(w),
+            }
+            taken += 1;
+            if taken < 8192 {
+                next = rx.try_recv().ok();
+            }
+        }
+        let mut error = None;
+        for (run, bytes) in batch {
+            let file = match files.get_mut(&run) {
+                Some(f) => f,
+                None => match std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(LocalJournal::path(&dir, run))
+                {
+                    Ok(f) => files.entry(run).or_insert(f),
+                    Err(e) => {
+                        error = Some(format!("open {run}: {e}"));
+                        continue;
+                    }
+                },
+            };
+            if let Err(e) = file.write_all(&bytes).and_then(|_| file.sync_data()) {
+                error = Some(format!("write {run}: {e}"));
+            }
+        }
+        if files.len() > 256 {
+            files.clear(); // reopened on demand; keeps descriptors bounded
+        }
+        if let Some(e) = &error {
+            tracing::error!(error = %e, "journal write failed");
+        }
+        for w in waiters {
+            let _ = w.send(match &error {
+                None => Ok(()),
+                Some(e) => Err(JournalError(e.clone())),
+            });
+        }
+    }
+}
+
+/// Splits a journal file into entries; stops at the first torn or undecodable frame.
+pub fn parse_frames(bytes: &[u8]) -> Vec<JournalEntry> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while rest.len() >= 4 {
+        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        let Some(frame) = rest.get(4..4 + len) else {
+            break;
+        };
+        match decode_envelope::<JournalEntry>(frame) {
+            Ok(e) => out.push(e),
+            Err(_) => break,
+        }
+        rest = &rest[4 + len..];
+    }
+    out
+}
+
+/// Encodes one entry as a length-prefixed frame.
+pub fn frame(entry: &JournalEntry) -> Option<Vec<u8>> {
+    let body = encode_envelope(entry).ok()?;
+    let mut f = Vec::with_capacity(body.len() + 4);
+    f.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    f.extend_from_slice(&body);
+    Some(f)
+}
+
+impl Journal for LocalJournal {
+    fn append(&self, run: FlowRunId, entry: JournalEntry) {
+        match frame(&entry) {
+            Some(f) => {
+                if !self.send(WriterCmd::Append(run, f)) {
+                    tracing::error!(flow_run_id = %run, "journal writer is gone; entry lost");
+                }
+            }
+            None => tracing::error!(flow_run_id = %run, "journal entry could not be encoded"),
+        }
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), JournalError>> {
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            if !self.send(WriterCmd::Flush(tx)) {
+                return Err(JournalError("the journal writer is gone".into()));
+            }
+            rx.await
+                .map_err(|_| JournalError("the journal writer stopped".into()))?
+        })
+    }
+
+    fn read(&self, run: FlowRunId) -> BoxFuture<'_, Result<Vec<JournalEntry>, JournalError>> {
+        Box::pin(async move {
+            let path = Self::path(&self.dir, run);
+            let mut bytes = Vec::new();
+            match std::fs::File::open(&path) {
+                Ok(mut f) => f
+                    .read_to_end(&mut bytes)
+                    .map_err(|e| JournalError(format!("read {}: {e}", path.display())))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(JournalError(format!("open {}: {e}", path.display()))),
+            };
+            Ok(parse_frames(&bytes))
+        })
+    }
+
+    fn unfinished(&self) -> BoxFuture<'_, Result<Vec<FlowRunId>, JournalError>> {
+        Box::pin(async move {
+            let rd = std::fs::read_dir(&self.dir)
+                .map_err(|e| JournalError(format!("list {}: {e}", self.dir.display())))?;
+            let mut runs = Vec::new();
+            for entry in rd.flatten() {
+                let name = entry.file_name().to_string_lossy().to_string();
+                let Some(id) = name.strip_suffix(".journal") else {
+                    continue;
+                };
+                let Ok(run) = FlowRunId::parse(id, "journal file") else {
+                    continue;
+                };
+                let entries = self.read(run).await?;
+                if Replay::from_entries(&entries).is_some_and(|r| r.unfinished) {
+                    runs.push(run);
+                }
+            }
+            Ok(runs)
+        })
+    }
+}
+
+/// A call's journaled outcome.
+#[derive(Clone, Debug)]
+pub struct Ended {
+    /// Position among the run's calls.
+    pub ordinal: u64,
+    /// The task.
+    pub task: String,
+    /// The outcome.
+    pub outcome: Result<Bytes, ErrorInfo>,
+}
+
+/// What a run's journal says, ready to answer calls during a replay.
+#[derive(Clone, Debug, Default)]
+pub struct Replay {
+    /// The flow.
+    pub flow: String,
+    /// Its parameters.
+    pub params: Map<String, Value>,
+    /// Its idempotency key.
+    pub idempotency_key: Option<String>,
+    /// Outcomes by call.
+    pub calls: HashMap<CallId, Ended>,
+    /// Which call had which position.
+    pub by_ordinal: HashMap<u64, CallId>,
+    /// Attempts executed before this replay.
+    pub executions: u64,
+    /// Started and not ended (a resume), as opposed to a re-run of an ended run.
+    pub unfinished: bool,
+}
+
+impl Replay {
+    /// Builds the replay of a run from its entries (`None` if it never started). A re-run
+    /// of an ended run replays successes only; a resume replays every outcome.
+    pub fn from_entries(entries: &[JournalEntry]) -> Option<Replay> {
+        let mut r: Option<Replay> = None;
+        for e in entries {
+            match e {
+                JournalEntry::RunStarted {
+                    flow,
+                    params,
+                    idempotency_key,
+                } => {
+                    let r = r.get_or_insert_with(Replay::default);
+                    r.flow = flow.clone();
+                    r.params = params.clone();
+                    r.idempotency_key = idempotency_key.clone();
+                    r.unfinished = true;
+                }
+                JournalEntry::CallEnded {
+                    ordinal,
+                    call_id,
+                    task,
+                    outcome,
+                    executions,
+                } => {
+                    let r = r.get_or_insert_with(Replay::default);
+                    r.executions += *executions as u64;
+                    r.by_ordinal.insert(*ordinal, *call_id);
+                    r.calls.insert(
+                        *call_id,
+                        Ended {
+                            ordinal: *ordinal,
+                            task: task.clone(),
+                            outcome: outcome.clone(),
+                        },
+                    );
+                }
+                JournalEntry::RunEnded { .. } => {
+                    if let Some(r) = r.as_mut() {
+                        r.unfinished = false;
+                    }
+                }
+            }
+        }
+        let mut r = r?;
+        if !r.unfinished {
+            r.calls.retain(|_, e| e.outcome.is_ok());
+            let kept: std::collections::HashSet<CallId> = r.calls.keys().copied().collect();
+            r.by_ordinal.retain(|_, c| kept.contains(c));
+        }
+        Some(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended(ordinal: u64, key: u64, ok: bool) -> JournalEntry {
+        JournalEntry::CallEnded {
+            ordinal,
+            call_id: CallId { key, seq: 0 },
+            task: "t".into(),
+            outcome: if ok {
+                Ok(Bytes::from_static(&[1]))
+            } else {
+                Err(ErrorInfo::new(
+                    pinazu_shared::error::FailureKind::Error,
+                    "x",
+                ))
+            },
+            executions: 2,
+        }
+    }
+
+    #[test]
+    fn a_torn_tail_is_ignored() {
+        let mut bytes = Vec::new();
+        for e in [ended(0, 1, true), ended(1, 2, true)] {
+            bytes.extend(frame(&e).unwrap());
+        }
+        let full = bytes.len();
+        bytes.extend(frame(&ended(2, 3, true)).unwrap());
+        bytes.truncate(full + 5);
+        assert_eq!(parse_frames(&bytes).len(), 2);
+    }
+
+    #[test]
+    fn resume_replays_everything_and_a_rerun_only_successes() {
+        let start = JournalEntry::RunStarted {
+            flow: "f".into(),
+            params: Map::new(),
+            idempotency_key: None,
+        };
+        let entries = vec![start.clone(), ended(0, 1, true), ended(1, 2, false)];
+        let r = Replay::from_entries(&entries).unwrap();
+        assert!(r.unfinished);
+        assert_eq!(r.calls.len(), 2);
+        assert_eq!(r.executions, 4);
+        let mut ended_run = entries.clone();
+        ended_run.push(JournalEntry::RunEnded {
+            status: FlowStatus::Failed,
+        });
+        let r = Replay::from_entries(&ended_run).unwrap();
+        assert!(!r.unfinished);
+        assert_eq!(r.calls.len(), 1);
+        assert!(Replay::from_entries(&[]).is_none());
+    }
+
+    #[tokio::test]
+    async fn entries_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = FlowRunId::new();
+        {
+            let j = LocalJournal::open(dir.path()).unwrap();
+            j.append(
+                run,
+                JournalEntry::RunStarted {
+                    flow: "f".into(),
+                    params: Map::new(),
+                    idempotency_key: None,
+                },
+            );
+            j.append(run, ended(0, 9, true));
+            j.flush().await.unwrap();
+        }
+        let j = LocalJournal::open(dir.path()).unwrap();
+        assert_eq!(j.read(run).await.unwrap().len(), 2);
+        assert_eq!(j.unfinished().await.unwrap(), vec![run]);
+    }
+}
