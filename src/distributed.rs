@@ -42,6 +42,19 @@ pub struct CoordinatorArgs {
     /// An agent silent this long is declared dead and its attempts run elsewhere.
     #[arg(long, env = "PINAZU_DEAD_AFTER", default_value = "3s", value_parser = parse_duration)]
     pub dead_after: Duration,
+    /// Where runs are journaled: JetStream (file storage; any coordinator on this NATS can
+    /// resume them) or the local --journal-dir.
+    #[arg(long, env = "PINAZU_JOURNAL", value_enum, default_value = "jetstream")]
+    pub journal: JournalBackend,
+}
+
+/// Journal backends of the coordinator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum JournalBackend {
+    /// NATS JetStream, file storage.
+    Jetstream,
+    /// Files in --journal-dir.
+    Local,
 }
 
 /// `agent` settings.
@@ -236,10 +249,24 @@ async fn coordinator(
     let config = CoordinatorConfig {
         default_cache,
         refresh_cache: cli.refresh_cache,
-        journal: match open_journal(cli) {
-            Ok(Some(j)) => pinazu_coordinator::JournalHandle(j),
-            Ok(None) => pinazu_coordinator::JournalHandle::default(),
-            Err(code) => return code,
+        journal: if cli.no_journal {
+            pinazu_coordinator::JournalHandle::default()
+        } else if a.journal == JournalBackend::Local {
+            match open_journal(cli) {
+                Ok(Some(j)) => pinazu_coordinator::JournalHandle(j),
+                Ok(None) => pinazu_coordinator::JournalHandle::default(),
+                Err(code) => return code,
+            }
+        } else {
+            match pinazu_coordinator::journal_js::JetStreamJournal::open(
+                client.clone(),
+                subjects.prefix(),
+            )
+            .await
+            {
+                Ok(j) => pinazu_coordinator::JournalHandle(Arc::new(j)),
+                Err(e) => return usage_error(e),
+            }
         },
         timing: SchedulerTiming {
             dead_after: a.dead_after,

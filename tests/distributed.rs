@@ -671,3 +671,21 @@ fn the_coordinator_and_an_agent_killed_together_still_finish_the_run() {
     assert_eq!(line["status"], "SUCCESS", "{line}\n{}", c.logs());
     assert_eq!(line["result"], sum_squares(900));
 }
+
+#[test]
+fn the_journal_in_jetstream_survives_a_nats_restart_and_then_a_coordinator_kill() {
+    let mut c = Cluster::start(APP, 2, 4);
+    let id = "f0f0f0f0-1111-4222-8333-444455556666";
+    let run = c.spawn_run(&["--n=1000", "--work-ms=20", "--flow-run-id", id]);
+    wait_progress(&c, id, 200);
+    // the server restarts with its JetStream store on disk...
+    c.nats.restart();
+    wait_progress(&c, id, 350);
+    // ...and the coordinator dies: the new one reads the journal back from JetStream
+    c.restart_coordinator();
+    let out = finish(run, Duration::from_secs(120), &c);
+    let line = last_json_line(&out);
+    assert_eq!(line["status"], "SUCCESS", "{line}\n{}", c.logs());
+    assert_eq!(line["result"], sum_squares(1000));
+    assert!(line["stats"]["replayed"].as_u64().unwrap() >= 300, "{line}");
+}

@@ -8,6 +8,7 @@ pub mod context;
 pub mod coordinator;
 pub mod flow_runner;
 pub mod journal;
+pub mod journal_js;
 pub mod nats;
 pub mod scheduler;
 pub mod stats;

@@ -1,0 +1,275 @@
+//! The journal in NATS JetStream (file storage), for distributed mode: the coordinator's
+//! disk is not where a run's progress lives, so a coordinator started anywhere on the
+//! same NATS resumes its runs.
+//!
+//! Two streams: `<P>_JOURNAL` holds every entry on `<prefix>.journal.<run>`;
+//! `<P>_RUNS` keeps only each run's latest state (`max_messages_per_subject = 1`) on
+//! `<prefix>.runs.<run>`, so finding unfinished runs reads one message per run.
+//! Appends are pipelined: published without waiting, acks collected in the background;
+//! `flush` waits for every ack (republishing once what was not acknowledged).
+
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+use pinazu_shared::codec::{decode_envelope, encode_envelope};
+use pinazu_shared::ids::FlowRunId;
+use pinazu_shared::BoxFuture;
+
+use crate::journal::{Journal, JournalEntry, JournalError, Replay};
+
+enum Cmd {
+    Append(String, Option<String>, Bytes),
+    Flush(oneshot::Sender<Result<(), JournalError>>),
+}
+
+/// The JetStream journal.
+pub struct JetStreamJournal {
+    prefix: String,
+    journal: stream::Stream,
+    runs: stream::Stream,
+    tx: mpsc::UnboundedSender<Cmd>,
+}
+
+fn err(what: &str, e: impl std::fmt::Display) -> JournalError {
+    JournalError(format!("{what}: {e}"))
+}
+
+/// Stream names allow letters, digits, `-` and `_` only.
+fn stream_name(prefix: &str, suffix: &str) -> String {
+    let base: String = prefix
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{base}_{suffix}")
+}
+
+impl JetStreamJournal {
+    /// Creates (or finds) the streams and starts the writer.
+    pub async fn open(client: async_nats::Client, prefix: &str) -> Result<Self, JournalError> {
+        let js = jetstream::new(client);
+        let journal = js
+            .get_or_create_stream(stream::Config {
+                name: stream_name(prefix, "JOURNAL"),
+                subjects: vec![format!("{prefix}.journal.>")],
+                storage: stream::StorageType::File,
+                max_age: Duration::from_secs(7 * 24 * 3600),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| {
+                err(
+                    "cannot create the journal stream (is JetStream enabled: nats-server -js?)",
+                    e,
+                )
+            })?;
+        let runs = js
+            .get_or_create_stream(stream::Config {
+                name: stream_name(prefix, "RUNS"),
+                subjects: vec![format!("{prefix}.runs.>")],
+                storage: stream::StorageType::File,
+                max_messages_per_subject: 1,
+                max_age: Duration::from_secs(7 * 24 * 3600),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err("cannot create the runs stream", e))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(writer(js, rx));
+        Ok(JetStreamJournal {
+            prefix: prefix.to_string(),
+            journal,
+            runs,
+            tx,
+        })
+    }
+
+    fn journal_subject(&self, run: FlowRunId) -> String {
+        format!("{}.journal.{run}", self.prefix)
+    }
+}
+
+type Pending = (String, Bytes, jetstream::context::PublishAckFuture);
+
+async fn writer(js: jetstream::Context, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+    let mut pending: Vec<Pending> = Vec::new();
+    while let Some(cmd) = rx.recv().await {
+        match cmd {
+            Cmd::Append(subject, also, payload) => {
+                for s in std::iter::once(subject).chain(also) {
+                    match js.publish(s.clone(), payload.clone()).await {
+                        Ok(ack) => pending.push((s, payload.clone(), ack)),
+                        Err(e) => {
+                            tracing::error!(subject = s, error = %e, "journal publish failed")
+                        }
+                    }
+                }
+                // keep the window bounded
+                if pending.len() >= 4096 {
+                    let _ = settle(&js, std::mem::take(&mut pending)).await;
+                }
+            }
+            Cmd::Flush(done) => {
+                let r = settle(&js, std::mem::take(&mut pending)).await;
+                let _ = done.send(r);
+            }
+        }
+    }
+}
+
+/// Waits for every ack; what was not acknowledged is published once more and awaited.
+async fn settle(js: &jetstream::Context, pending: Vec<Pending>) -> Result<(), JournalError> {
+    let mut retry = Vec::new();
+    for (subject, payload, ack) in pending {
+        if ack.await.is_err() {
+            retry.push((subject, payload));
+        }
+    }
+    let mut failed = 0;
+    for (subject, payload) in retry {
+        let ok = match js.publish(subject, payload).await {
+            Ok(ack) => ack.await.is_ok(),
+            Err(_) => false,
+        };
+        if !ok {
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        tracing::error!(failed, "journal entries were not acknowledged by JetStream");
+        return Err(JournalError(format!(
+            "{failed} journal entries were not acknowledged"
+        )));
+    }
+    Ok(())
+}
+
+/// Every message on `filter` (from the start, or the last per subject), in order.
+async fn read_all(
+    stream: &stream::Stream,
+    filter: String,
+    deliver_policy: consumer::DeliverPolicy,
+) -> Result<Vec<(String, Bytes)>, JournalError> {
+    let mut c: consumer::PullConsumer = stream
+        .create_consumer(consumer::pull::Config {
+            filter_subject: filter,
+            deliver_policy,
+            ack_policy: consumer::AckPolicy::None,
+            inactive_threshold: Duration::from_secs(30),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| err("cannot read the journal", e))?;
+    let mut pending = c
+        .info()
+        .await
+        .map_err(|e| err("cannot read the journal", e))?
+        .num_pending;
+    let mut out = Vec::new();
+    while pending > 0 {
+        let mut batch = c
+            .fetch()
+            .max_messages(pending.min(2000) as usize)
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await
+            .map_err(|e| err("cannot read the journal", e))?;
+        let mut got = 0;
+        while let Some(m) = batch.next().await {
+            let m = m.map_err(|e| err("cannot read the journal", e))?;
+            got += 1;
+            pending = m.info().map(|i| i.pending).unwrap_or(0);
+            out.push((m.subject.to_string(), m.payload.clone()));
+        }
+        if got == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+impl Journal for JetStreamJournal {
+    fn append(&self, run: FlowRunId, entry: JournalEntry) {
+        let also = matches!(
+            entry,
+            JournalEntry::RunStarted { .. } | JournalEntry::RunEnded { .. }
+        )
+        .then(|| format!("{}.runs.{run}", self.prefix));
+        match encode_envelope(&entry) {
+            Ok(b) => {
+                let _ = self
+                    .tx
+                    .send(Cmd::Append(self.journal_subject(run), also, Bytes::from(b)));
+            }
+            Err(e) => tracing::error!(error = %e, "journal entry could not be encoded"),
+        }
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), JournalError>> {
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            self.tx
+                .send(Cmd::Flush(tx))
+                .map_err(|_| JournalError("the journal writer is gone".into()))?;
+            rx.await
+                .map_err(|_| JournalError("the journal writer stopped".into()))?
+        })
+    }
+
+    fn read(&self, run: FlowRunId) -> BoxFuture<'_, Result<Vec<JournalEntry>, JournalError>> {
+        Box::pin(async move {
+            let msgs = read_all(
+                &self.journal,
+                self.journal_subject(run),
+                consumer::DeliverPolicy::All,
+            )
+            .await?;
+            let mut entries = Vec::with_capacity(msgs.len());
+            for (_, payload) in msgs {
+                match decode_envelope::<JournalEntry>(&payload) {
+                    Ok(e) => entries.push(e),
+                    Err(e) => {
+                        tracing::warn!(flow_run_id = %run, error = %e, "skipping an undecodable journal entry")
+                    }
+                }
+            }
+            Ok(entries)
+        })
+    }
+
+    fn unfinished(&self) -> BoxFuture<'_, Result<Vec<FlowRunId>, JournalError>> {
+        Box::pin(async move {
+            let msgs = read_all(
+                &self.runs,
+                format!("{}.runs.>", self.prefix),
+                consumer::DeliverPolicy::LastPerSubject,
+            )
+            .await?;
+            let mut runs = Vec::new();
+            for (subject, payload) in msgs {
+                let Some(id) = subject.rsplit('.').next() else {
+                    continue;
+                };
+                let Ok(run) = FlowRunId::parse(id, "journal subject") else {
+                    continue;
+                };
+                if let Ok(entry) = decode_envelope::<JournalEntry>(&payload) {
+                    if Replay::from_entries(std::slice::from_ref(&entry))
+                        .is_some_and(|r| r.unfinished)
+                    {
+                        runs.push(run);
+                    }
+                }
+            }
+            Ok(runs)
+        })
+    }
+}
