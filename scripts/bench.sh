@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The benchmark: workloads W1-W4 of ../shared/workloads.md, embedded and distributed
+# (one nats-server, one coordinator, two agents on loopback), journal off and on; prints
+# one JSON line per figure and a Markdown table. Takes about a minute.
+#
+#   scripts/bench.sh [--port 4444] [--runs 3]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+port=4444 runs=3
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --port) port=$2; shift 2 ;;
+    --runs) runs=$2; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+nats=""
+for p in "${NATS_SERVER_BIN:-}" /usr/sbin/nats-server /usr/local/bin/nats-server "$(command -v nats-server || true)"; do
+  if [ -n "$p" ] && [ -x "$p" ]; then nats=$p; break; fi
+done
+[ -n "$nats" ] || { echo "nats-server not found: apt-get install -y nats-server" >&2; exit 1; }
+cargo build --release --example bench >&2
+bin=target/release/examples/bench
+work=$(mktemp -d)
+out="$work/results.jsonl"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+# peak RSS (VmHWM) of a pid, in MiB
+rss() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# run MODE LABEL FLOW ARGS... : best-of-N median; one JSON line per run kept
+measure() {
+  local mode=$1 label=$2; shift 2
+  for i in $(seq 1 "$runs"); do
+    local line
+    if [ "$mode" = embedded ]; then
+      line=$(env -u NATS_URL "$bin" --no-journal --no-progress "$@" 2>/dev/null | tail -n1)
+    else
+      line=$(NATS_URL="nats://127.0.0.1:$port" "$bin" run --no-progress "$@" 2>/dev/null | tail -n1)
+    fi
+    echo "{\"mode\":\"$mode\",\"label\":\"$label\",\"run\":$i,\"line\":$line}" >>"$out"
+  done
+}
+
+start_cluster() { # SLOTS JOURNAL(on|off)
+  local slots=$1 journal=$2 jflag=""
+  [ "$journal" = off ] && jflag="--no-journal"
+  rm -rf "$work/js"
+  "$nats" -a 127.0.0.1 -p "$port" -js -sd "$work/js" >/dev/null 2>&1 & nats_pid=$!; pids+=("$nats_pid")
+  sleep 0.4
+  export NATS_URL="nats://127.0.0.1:$port" PINAZU_CACHE_DIR="$work/cache"
+  "$bin" coordinator $jflag >"$work/coordinator.log" 2>&1 & coord_pid=$!; pids+=("$coord_pid")
+  "$bin" agent --agent-id bench-1 --slots "$slots" >/dev/null 2>&1 & a1=$!; pids+=("$a1")
+  "$bin" agent --agent-id bench-2 --slots "$slots" >/dev/null 2>&1 & a2=$!; pids+=("$a2")
+  for _ in $(seq 1 100); do
+    [ "$("$bin" agents --json 2>/dev/null | grep -o agent_id | wc -l)" -ge 2 ] && break
+    sleep 0.05
+  done
+  unset NATS_URL
+}
+stop_cluster() { kill -9 "$a1" "$a2" "$coord_pid" "$nats_pid" 2>/dev/null || true; sleep 0.3; }
+
+echo "embedded..." >&2
+measure embedded W1 --flow w1_fanout --n=10000 --agents=2 --slots=256
+measure embedded W2 --flow w2_chain --n=300 --agents=2 --slots=4
+measure embedded W3 --flow w3_sleepy --n=400 --ms=50 --total-slots=2 --agents=1 --slots=2
+measure embedded W4 --flow w4_payload --n=50 --bytes=1048576 --agents=2 --slots=16
+
+echo "distributed, journal off..." >&2
+start_cluster 128 off
+measure distributed W1 w1_fanout --n=10000
+echo "{\"rss\":{\"nats\":$(rss $nats_pid),\"coordinator\":$(rss $coord_pid),\"agent1\":$(rss $a1),\"agent2\":$(rss $a2)}}" >>"$out"
+measure distributed W2 w2_chain --n=300
+measure distributed W4 w4_payload --n=50 --bytes=1048576
+stop_cluster
+start_cluster 1 off
+measure distributed W3 w3_sleepy --n=400 --ms=50 --total-slots=2
+stop_cluster
+
+echo "distributed, journal on (JetStream)..." >&2
+start_cluster 128 on
+measure distributed-journal W1 w1_fanout --n=10000
+measure distributed-journal W2 w2_chain --n=300
+stop_cluster
+
+python3 - "$out" <<'PY'
+import json, statistics, sys
+rows, rss = {}, None
+for l in open(sys.argv[1]):
+    d = json.loads(l)
+    if "rss" in d:
+        rss = d["rss"]; continue
+    r = d["line"].get("result") or {}
+    rows.setdefault((d["mode"], d["label"]), []).append(r)
+def med(vals): return statistics.median(vals) if vals else float("nan")
+figure = {"W1": ("tasks_per_s", "tasks/s"), "W2": ("median_us", "µs median"), "W3": ("efficiency", "efficiency"), "W4": ("mb_per_s", "MB/s")}
+out = []
+for (mode, label), rs in sorted(rows.items()):
+    key, unit = figure[label]
+    v = med([r[key] for r in rs if key in r])
+    line = {"mode": mode, "workload": label, "figure": key, "value": round(v, 3), "runs": len(rs)}
+    print(json.dumps(line)); out.append((mode, label, v, unit))
+if rss:
+    print(json.dumps({"peak_rss_mib_during_w1": rss, "total": round(sum(rss.values()), 1)}))
+print()
+print("| mode | W1 tasks/s | W2 µs median | W3 efficiency | W4 MB/s |")
+print("|---|---|---|---|---|")
+for mode in ["embedded", "distributed", "distributed-journal"]:
+    cells = []
+    for w in ["W1", "W2", "W3", "W4"]:
+        v = next((v for m, l, v, u in out if m == mode and l == w), None)
+        cells.append("-" if v is None else (f"{v:,.0f}" if w in ("W1", "W4") else (f"{v:.3f}" if w == "W3" else f"{v:,.0f}")))
+    print(f"| {mode} | " + " | ".join(cells) + " |")
+if rss:
+    print(f"\nPeak RSS during W1 (distributed, MiB): " + ", ".join(f"{k} {v}" for k, v in rss.items()) + f"; total {sum(rss.values()):.1f}")
+PY
