@@ -30,7 +30,9 @@ pub fn init(level: Option<&str>, format: Option<LogFormat>, attempt_lines: bool)
                 "critical" | "fatal" => "error".to_string(),
                 other => other.to_string(),
             };
-            // the NATS client narrates every (re)connect at info; ours says what matters
+            // the NATS client narrates every (re)connect at info; ours says what matters.
+            // ractor opens a tracing span per actor, one actor per attempt: at info those
+            // spans cost ~15% of embedded fan-out throughput (docs/benchmarks.md)
             // agents log one line per attempt start (`pinazu::attempts`); elsewhere they
             // would drown the output, so they are off unless asked for
             let attempts = if attempt_lines {
@@ -38,7 +40,7 @@ pub fn init(level: Option<&str>, format: Option<LogFormat>, attempt_lines: bool)
             } else {
                 ",pinazu::attempts=warn"
             };
-            EnvFilter::try_new(format!("{level},async_nats=warn{attempts}")).unwrap_or_else(|_| {
+            EnvFilter::try_new(format!("{level},async_nats=warn,ractor=warn{attempts}")).unwrap_or_else(|_| {
                 eprintln!("LOG_LEVEL={level:?} is not a level (error, warn, info, debug, trace); using info");
                 EnvFilter::new("info")
             })

@@ -123,6 +123,7 @@ pub struct RunnerState {
     occurrences: HashMap<u64, u32>,
     next_attempt: u64,
     next_ordinal: u64,
+    names: HashMap<&'static str, Arc<str>>,
     replay: Option<Replay>,
     seeds: Arc<Seeds>,
     events: bool,
@@ -291,6 +292,10 @@ impl RunnerState {
     }
 
     fn dispatch(&mut self, call_id: CallId) {
+        let Some(task_name) = self.calls.get(&call_id).map(|c| c.task.name) else {
+            return;
+        };
+        let task_name = self.task_name(task_name);
         let Some(call) = self.calls.get_mut(&call_id) else {
             return;
         };
@@ -303,7 +308,7 @@ impl RunnerState {
             call_id,
             attempt_id,
             attempt: call.attempt,
-            task: Arc::from(call.task.name),
+            task: task_name,
             args: call.args.clone(),
             args_ref: None,
             timeout_ms: call.task.options.timeout.map(|t| t.as_millis() as u64),
@@ -491,6 +496,15 @@ impl RunnerState {
 }
 
 impl RunnerState {
+    /// The task's name as shared by every attempt (one allocation per task, not per
+    /// attempt).
+    fn task_name(&mut self, name: &'static str) -> Arc<str> {
+        self.names
+            .entry(name)
+            .or_insert_with(|| Arc::from(name))
+            .clone()
+    }
+
     /// Journals a call's final outcome (a replayed call is not journaled again).
     fn journal_end(&self, call_id: CallId, outcome: Result<Bytes, ErrorInfo>) {
         if !self.shared.journal.enabled() {
@@ -647,6 +661,7 @@ impl Actor for FlowRunner {
             occurrences: HashMap::new(),
             next_attempt: fastrand::u64(..) & !0xffff_ffff,
             next_ordinal: 0,
+            names: HashMap::new(),
             replay,
             seeds,
             finished: false,
