@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use futures_util::StreamExt;
 use ractor::ActorRef;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,8 +23,6 @@ use pinazu_shared::wire::{
 
 use crate::agent::{spawn_agent, AgentConfig, AgentMsg};
 
-/// How long a finished attempt stays in heartbeats' `recent` list.
-const RECENT_FOR: Duration = Duration::from_secs(5);
 /// Reports per published batch, at most.
 const MAX_BATCH: usize = 512;
 
@@ -48,7 +46,6 @@ pub struct AgentServeConfig {
 #[derive(Default)]
 struct Tracker {
     running: HashSet<(FlowRunId, AttemptId)>,
-    recent: HashMap<(FlowRunId, AttemptId), Instant>,
 }
 
 /// Reports attempts through one batching publisher task and tracks what runs.
@@ -71,7 +68,6 @@ impl ResultSink for NatsReportSink {
         if let Ok(mut t) = self.tracker.lock() {
             let key = (f.flow_run_id, f.attempt_id);
             t.running.remove(&key);
-            t.recent.insert(key, Instant::now());
             if t.running.is_empty() {
                 self.idle.notify_waiters();
             }
@@ -101,22 +97,13 @@ fn heartbeat(
     draining: bool,
     leaving: bool,
 ) -> Heartbeat {
-    let (running, recent) = match tracker.lock() {
-        Ok(mut t) => {
-            let now = Instant::now();
-            t.recent
-                .retain(|_, at| now.duration_since(*at) < RECENT_FOR);
-            (
-                t.running.iter().copied().collect(),
-                t.recent.keys().copied().collect(),
-            )
-        }
-        Err(_) => (Vec::new(), Vec::new()),
+    let running = match tracker.lock() {
+        Ok(t) => t.running.iter().copied().collect(),
+        Err(_) => Vec::new(),
     };
     Heartbeat {
         info: cfg.agent.info(),
         running,
-        recent,
         draining,
         leaving,
     }

@@ -95,6 +95,8 @@ struct Dispatched {
     agent: usize,
     call_id: CallId,
     at: Instant,
+    /// Consecutive heartbeats of its agent that did not list it (after the grace).
+    missed: u8,
 }
 
 /// A task name and the labels it requires: what decides which agents can run it.
@@ -179,6 +181,7 @@ impl SchedulerState {
                             agent: i,
                             call_id: task.call_id,
                             at: now,
+                            missed: 0,
                         },
                     );
                     batches.entry(i).or_default().push(task);
@@ -259,7 +262,6 @@ impl SchedulerState {
             return;
         }
         let listed: HashSet<(FlowRunId, AttemptId)> = hb.running.iter().copied().collect();
-        let recent: HashSet<(FlowRunId, AttemptId)> = hb.recent.iter().copied().collect();
         let ours: Vec<(FlowRunId, AttemptId)> = self
             .running
             .iter()
@@ -286,13 +288,24 @@ impl SchedulerState {
             .slots
             .saturating_sub(ours.len() as u32)
             .saturating_sub(unknown);
-        // attempts we dispatched long enough ago that the agent does not list are lost
+        // an attempt dispatched long enough ago that two heartbeats in a row do not list
+        // is lost (its spawn or its report went missing); one miss is not enough, since
+        // the attempt may have just finished with its report still on the way
         let grace = self.timing.lost_grace;
-        let missing: Vec<_> = ours
-            .into_iter()
-            .filter(|k| !listed.contains(k) && !recent.contains(k))
-            .filter(|k| now.duration_since(self.running[k].at) > grace)
-            .collect();
+        let mut missing = Vec::new();
+        for k in ours {
+            let Some(d) = self.running.get_mut(&k) else {
+                continue;
+            };
+            if listed.contains(&k) {
+                d.missed = 0;
+            } else if now.duration_since(d.at) > grace {
+                d.missed += 1;
+                if d.missed >= 2 {
+                    missing.push(k);
+                }
+            }
+        }
         for key in missing {
             self.lose(key, format!("agent {id} no longer lists it"));
         }

@@ -313,3 +313,65 @@ async fn a_task_that_requires_labels_goes_only_to_an_agent_that_has_them() {
     });
     assert_eq!(run.wait().await.result, Some(json!(49)));
 }
+
+fn heartbeat(running: Vec<(FlowRunId, AttemptId)>) -> pinazu_shared::wire::Heartbeat {
+    pinazu_shared::wire::Heartbeat {
+        info: AgentInfo {
+            agent_id: AgentId("remote".into()),
+            slots: 4,
+            tasks: vec!["probe".into()],
+            labels: vec![],
+        },
+        running,
+        draining: false,
+        leaving: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_missing_from_two_heartbeats_is_lost_and_dispatched_again_but_not_from_one() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(
+        CoordinatorConfig {
+            timing: pinazu_coordinator::SchedulerTiming {
+                lost_grace: Duration::ZERO,
+                dead_after: Duration::from_secs(60),
+                ..Default::default()
+            },
+            ..CoordinatorConfig::default()
+        },
+        Arc::new(ScriptedLink(tx)),
+        Arc::new(LocalDirStore::new(dir.path())),
+        CollectingSink::new(),
+    )
+    .await
+    .unwrap();
+    c.heartbeat(heartbeat(vec![]));
+    let run = c
+        .start_run(&ONE_PROBE, Map::new(), FlowRunId::new())
+        .await
+        .unwrap();
+    let first = next(&mut rx).await;
+    let key = (first.flow_run_id, first.attempt_id);
+    // listed, then missing once (its report may be in flight): not lost
+    c.heartbeat(heartbeat(vec![key]));
+    c.heartbeat(heartbeat(vec![]));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err(),
+        "one missing heartbeat must not re-dispatch"
+    );
+    // missing twice in a row: lost, dispatched again as a new attempt
+    c.heartbeat(heartbeat(vec![]));
+    let second = next(&mut rx).await;
+    assert_eq!(second.call_id, first.call_id);
+    assert_ne!(second.attempt_id, first.attempt_id);
+    c.result_sink().finished(finished(&second, ok(5)));
+    let out = tokio::time::timeout(Duration::from_secs(10), run.wait())
+        .await
+        .unwrap();
+    assert_eq!(out.result, Some(json!(5)));
+    assert_eq!(out.stats.retries, 0, "a lost attempt is not a failure");
+}

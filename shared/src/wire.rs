@@ -84,11 +84,8 @@ pub struct AgentInfo {
 pub struct Heartbeat {
     /// The advertisement.
     pub info: AgentInfo,
-    /// Attempts running now.
+    /// Attempts running now (bounded by the agent's slots, so a heartbeat stays small).
     pub running: Vec<(FlowRunId, AttemptId)>,
-    /// Attempts that finished in the last few seconds: their reports may still be in
-    /// flight, so they are not lost.
-    pub recent: Vec<(FlowRunId, AttemptId)>,
     /// Draining: finish what runs, take nothing new.
     pub draining: bool,
     /// The agent is exiting now; forget it at once.
