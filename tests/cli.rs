@@ -1,25 +1,11 @@
 //! The examples as a user runs them: real processes, stdout's last line parsed as JSON,
 //! exit codes checked. `cargo test` builds the examples before running this.
 
-use serde_json::Value;
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
-fn example(name: &str) -> PathBuf {
-    // target/<profile>/deps/cli-<hash> -> target/<profile>/examples/<name>
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("target profile directory");
-    let path = dir.join("examples").join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: build the examples first (`cargo test` does; or `cargo build --examples`)",
-        path.display()
-    );
-    path
-}
+use common::example;
+use serde_json::Value;
+use std::process::{Command, Output};
 
 fn run(name: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
     let cache = tempfile::tempdir().unwrap();

@@ -49,16 +49,6 @@ pub struct TaskState {
     reported: bool,
 }
 
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a panic with a non-string payload".to_string()
-    }
-}
-
 impl TaskState {
     fn report(&mut self, outcome: Result<bytes::Bytes, ErrorInfo>) {
         if std::mem::replace(&mut self.reported, true) {
@@ -124,9 +114,7 @@ impl Actor for TaskActor {
                 },
                 None => fut.await,
             };
-            let outcome = outcome.unwrap_or_else(|payload| {
-                Err(ErrorInfo::new(FailureKind::Panic, panic_message(&*payload)))
-            });
+            let outcome = outcome.unwrap_or_else(|payload| Err(ErrorInfo::from_panic(&*payload)));
             // the actor may already be gone (cancelled): nothing to report then
             let _ = me.send_message(TaskMsg::Done(outcome));
         });

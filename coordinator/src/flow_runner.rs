@@ -595,15 +595,6 @@ fn schedule_retry(me: ActorRef<FlowRunnerMsg>, call_id: CallId, delay: Duration)
     });
 }
 
-fn panic_info(payload: Box<dyn std::any::Any + Send>) -> ErrorInfo {
-    let msg = payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic with a non-string payload".into());
-    ErrorInfo::new(FailureKind::Panic, msg)
-}
-
 impl Actor for FlowRunner {
     type Msg = FlowRunnerMsg;
     type State = RunnerState;
@@ -675,7 +666,7 @@ impl Actor for FlowRunner {
             let result = FLOW_CONTEXT
                 .scope(ctx, AssertUnwindSafe(body).catch_unwind())
                 .await
-                .unwrap_or_else(|p| Err(panic_info(p)));
+                .unwrap_or_else(|p| Err(ErrorInfo::from_panic(&*p)));
             let _ = me.send_message(FlowRunnerMsg::FlowDone(result));
         });
         state.body = Some(handle.abort_handle());

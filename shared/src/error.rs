@@ -58,6 +58,16 @@ impl ErrorInfo {
         }
     }
 
+    /// From a caught panic's payload (`catch_unwind`).
+    pub fn from_panic(payload: &(dyn std::any::Any + Send)) -> Self {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic with a non-string payload".into());
+        ErrorInfo::new(FailureKind::Panic, message)
+    }
+
     /// From a user error: `Display` for the message, `Debug` for the chain when it adds
     /// something.
     pub fn from_user_error<E: fmt::Display + fmt::Debug + ?Sized>(
