@@ -85,6 +85,26 @@ measure distributed-journal W1 w1_fanout --n=10000
 measure distributed-journal W2 w2_chain --n=300
 stop_cluster
 
+# the S3 cache on (s3s-fs on loopback), when s3s-fs is installed: W1 twice under one run id
+# with ENABLE_S3_CACHING=true; the second run is all cache hits
+s3s="${S3S_FS_BIN:-$(command -v s3s-fs || echo "$HOME/.cargo/bin/s3s-fs")}"
+if [ -x "$s3s" ]; then
+  echo "embedded with the S3 cache..." >&2
+  s3port=$((port + 1))
+  mkdir -p "$work/s3/flow-cache-bucket"
+  "$s3s" --host 127.0.0.1 --port "$s3port" --access-key benchAK --secret-key benchSECRETKEY "$work/s3" >/dev/null 2>&1 & pids+=("$!")
+  sleep 0.5
+  for i in $(seq 1 "$runs"); do
+    rid=$(cat /proc/sys/kernel/random/uuid)
+    for pass in first second; do
+      line=$(env -u NATS_URL ENABLE_S3_CACHING=true FLOW_RUN_ID="$rid" AWS_ACCESS_KEY_ID=benchAK \
+        AWS_SECRET_ACCESS_KEY=benchSECRETKEY AWS_ENDPOINT_URL="http://127.0.0.1:$s3port" \
+        "$bin" --no-journal --no-progress --flow w1_fanout --n=10000 --agents=2 --slots=256 2>/dev/null | tail -n1)
+      echo "{\"mode\":\"embedded-s3-$pass\",\"label\":\"W1\",\"run\":$i,\"line\":$line}" >>"$out"
+    done
+  done
+fi
+
 python3 - "$out" <<'PY'
 import json, statistics, sys
 rows, rss = {}, None
@@ -107,12 +127,15 @@ if rss:
 print()
 print("| mode | W1 tasks/s | W2 µs median | W3 efficiency | W4 MB/s |")
 print("|---|---|---|---|---|")
-for mode in ["embedded", "distributed", "distributed-journal"]:
+for mode in ["embedded", "distributed", "distributed-journal", "embedded-s3-first", "embedded-s3-second"]:
     cells = []
     for w in ["W1", "W2", "W3", "W4"]:
         v = next((v for m, l, v, u in out if m == mode and l == w), None)
+        if all(x is None for x in [v]) and mode.startswith("embedded-s3") and w != "W1":
+            cells.append("-"); continue
         cells.append("-" if v is None else (f"{v:,.0f}" if w in ("W1", "W4") else (f"{v:.3f}" if w == "W3" else f"{v:,.0f}")))
-    print(f"| {mode} | " + " | ".join(cells) + " |")
+    if any(c != "-" for c in cells):
+        print(f"| {mode} | " + " | ".join(cells) + " |")
 if rss:
     print(f"\nPeak RSS during W1 (distributed, MiB): " + ", ".join(f"{k} {v}" for k, v in rss.items()) + f"; total {sum(rss.values()):.1f}")
 PY
