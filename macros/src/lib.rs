@@ -302,6 +302,24 @@ fn check_signature(func: &ItemFn, kind: &str) -> syn::Result<()> {
     Ok(())
 }
 
+/// The original function, renamed and hidden: the body the generated code calls.
+fn hidden_body(func: &ItemFn, ident: &syn::Ident) -> ItemFn {
+    let mut body = func.clone();
+    body.sig.ident = ident.clone();
+    body.vis = syn::Visibility::Inherited;
+    body.attrs.retain(|a| !a.path().is_ident("doc"));
+    body
+}
+
+/// Where a definition was written, for duplicate-name errors.
+fn source_tokens() -> TokenStream2 {
+    quote!(::pinazu_flows::__private::Source {
+        module: ::core::module_path!(),
+        file: ::core::file!(),
+        line: ::core::line!(),
+    })
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name
@@ -387,10 +405,8 @@ fn expand_task(opts: TaskOpts, mut func: ItemFn) -> syn::Result<TokenStream2> {
         .map(|i| format_ident!("__a{}", i))
         .collect();
 
-    let mut body_fn = func.clone();
-    body_fn.sig.ident = body_ident.clone();
-    body_fn.vis = syn::Visibility::Inherited;
-    body_fn.attrs.retain(|a| !a.path().is_ident("doc"));
+    let body_fn = hidden_body(&func, &body_ident);
+    let source = source_tokens();
 
     let _ = pats;
     Ok(quote! {
@@ -421,11 +437,7 @@ fn expand_task(opts: TaskOpts, mut func: ItemFn) -> syn::Result<TokenStream2> {
                 labels: &[#((#label_keys, #label_values)),*],
             },
             invoke: #invoke_ident,
-            source: ::pinazu_flows::__private::Source {
-                module: ::core::module_path!(),
-                file: ::core::file!(),
-                line: ::core::line!(),
-            },
+            source: #source,
         };
 
         ::pinazu_flows::__private::inventory::submit! {
@@ -484,10 +496,8 @@ fn expand_flow(name: Option<LitStr>, mut func: ItemFn) -> syn::Result<TokenStrea
         quote!(let #ident: #ty = __params.take(#n, #default)?;)
     });
 
-    let mut body_fn = func.clone();
-    body_fn.sig.ident = body_ident.clone();
-    body_fn.vis = syn::Visibility::Inherited;
-    body_fn.attrs.retain(|a| !a.path().is_ident("doc"));
+    let body_fn = hidden_body(&func, &body_ident);
+    let source = source_tokens();
 
     Ok(quote! {
         #(#attrs)*
@@ -510,11 +520,7 @@ fn expand_flow(name: Option<LitStr>, mut func: ItemFn) -> syn::Result<TokenStrea
             name: #name,
             params: &[#(#names),*],
             invoke: #invoke_ident,
-            source: ::pinazu_flows::__private::Source {
-                module: ::core::module_path!(),
-                file: ::core::file!(),
-                line: ::core::line!(),
-            },
+            source: #source,
         };
 
         ::pinazu_flows::__private::inventory::submit! {
