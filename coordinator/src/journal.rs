@@ -93,6 +93,8 @@ impl Journal for NoJournal {
 
 enum WriterCmd {
     Append(FlowRunId, Vec<u8>),
+    /// The run succeeded: nothing in its journal will be needed again.
+    Forget(FlowRunId),
     Flush(oneshot::Sender<Result<(), JournalError>>),
 }
 
@@ -135,6 +137,7 @@ fn writer(dir: PathBuf, rx: std_mpsc::Receiver<WriterCmd>) {
     let mut files: HashMap<FlowRunId, std::fs::File> = HashMap::new();
     while let Ok(first) = rx.recv() {
         let mut batch: HashMap<FlowRunId, Vec<u8>> = HashMap::new();
+        let mut forget = Vec::new();
         let mut waiters = Vec::new();
         let mut next = Some(first);
         let mut taken = 0;
@@ -143,6 +146,7 @@ fn writer(dir: PathBuf, rx: std_mpsc::Receiver<WriterCmd>) {
                 WriterCmd::Append(run, frame) => {
                     batch.entry(run).or_default().extend_from_slice(&frame);
                 }
+                WriterCmd::Forget(run) => forget.push(run),
                 WriterCmd::Flush(w) => waiters.push(w),
             }
             taken += 1;
@@ -169,6 +173,10 @@ fn writer(dir: PathBuf, rx: std_mpsc::Receiver<WriterCmd>) {
             if let Err(e) = file.write_all(&bytes).and_then(|_| file.sync_data()) {
                 error = Some(format!("write {run}: {e}"));
             }
+        }
+        for run in forget {
+            files.remove(&run);
+            let _ = std::fs::remove_file(LocalJournal::path(&dir, run));
         }
         if files.len() > 256 {
             files.clear(); // reopened on demand; keeps descriptors bounded
@@ -214,6 +222,14 @@ pub fn frame(entry: &JournalEntry) -> Option<Vec<u8>> {
 
 impl Journal for LocalJournal {
     fn append(&self, run: FlowRunId, entry: JournalEntry) {
+        // a successful run's journal is removed (a failed one is kept: running its id
+        // again reuses its successful calls), so the directory does not grow without bound
+        let succeeded = matches!(
+            entry,
+            JournalEntry::RunEnded {
+                status: FlowStatus::Success
+            }
+        );
         match frame(&entry) {
             Some(f) => {
                 if !self.send(WriterCmd::Append(run, f)) {
@@ -221,6 +237,9 @@ impl Journal for LocalJournal {
                 }
             }
             None => tracing::error!(flow_run_id = %run, "journal entry could not be encoded"),
+        }
+        if succeeded {
+            self.send(WriterCmd::Forget(run));
         }
     }
 
@@ -410,6 +429,28 @@ mod tests {
         assert!(!r.unfinished);
         assert_eq!(r.calls.len(), 1);
         assert!(Replay::from_entries(&[]).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_successful_run_leaves_no_journal_and_a_failed_one_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = LocalJournal::open(dir.path()).unwrap();
+        let (ok, failed) = (FlowRunId::new(), FlowRunId::new());
+        for (run, status) in [(ok, FlowStatus::Success), (failed, FlowStatus::Failed)] {
+            j.append(
+                run,
+                JournalEntry::RunStarted {
+                    flow: "f".into(),
+                    params: Map::new(),
+                    idempotency_key: None,
+                },
+            );
+            j.append(run, ended(0, 9, true));
+            j.append(run, JournalEntry::RunEnded { status });
+        }
+        j.flush().await.unwrap();
+        assert!(j.read(ok).await.unwrap().is_empty());
+        assert_eq!(j.read(failed).await.unwrap().len(), 3);
     }
 
     #[tokio::test]
