@@ -103,10 +103,12 @@ pub struct StatusState {
 }
 
 impl StatusState {
-    fn publish<M: serde::Serialize>(&self, subject: &'static str, message: M) {
-        let event = Event::new(self.header.clone(), message);
-        match serde_json::to_vec(&event) {
-            Ok(json) => self.sink.publish(subject, Bytes::from(json)),
+    fn publish<M: serde::Serialize>(&self, subject: &'static str, message: M, at: String) {
+        let event = Event::at(self.header.clone(), message, at);
+        // events are ~400 bytes: one allocation instead of a series of reallocations
+        let mut json = Vec::with_capacity(512);
+        match serde_json::to_writer(&mut json, &event) {
+            Ok(()) => self.sink.publish(subject, Bytes::from(json)),
             Err(e) => tracing::error!(error = %e, "status event could not be encoded"),
         }
     }
@@ -132,8 +134,14 @@ impl Actor for StatusPublisher {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            StatusMsg::Flow(m) => state.publish(FLOW_STATUS_SUBJECT, m),
-            StatusMsg::Task(m) => state.publish(TASK_STATUS_SUBJECT, m),
+            StatusMsg::Flow(m) => {
+                let at = m.event_timestamp.clone();
+                state.publish(FLOW_STATUS_SUBJECT, m, at)
+            }
+            StatusMsg::Task(m) => {
+                let at = m.event_timestamp.clone();
+                state.publish(TASK_STATUS_SUBJECT, m, at)
+            }
             StatusMsg::Flush(reply) => {
                 state.sink.flush().await;
                 let _ = reply.send(());

@@ -145,12 +145,19 @@ pub type TaskStatusEvent = Event<TaskStatusMessage>;
 impl<M> Event<M> {
     /// Wraps a message with a header and fresh metadata.
     pub fn new(header: EventHeader, message: M) -> Self {
+        Self::at(header, message, now_timestamp())
+    }
+
+    /// Wraps a message with a header and metadata stamped `timestamp` (the transition's
+    /// own time: formatting one timestamp per event instead of two is measurable at
+    /// tens of thousands of events per second).
+    pub fn at(header: EventHeader, message: M, timestamp: String) -> Self {
         Event {
             header,
             message,
             metadata: EventMetadata {
                 trace_id: None,
-                timestamp: now_timestamp(),
+                timestamp,
             },
         }
     }
