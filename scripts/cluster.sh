@@ -25,13 +25,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-find_nats() {
-  for p in "${NATS_SERVER_BIN:-}" /usr/sbin/nats-server /usr/local/bin/nats-server "$(command -v nats-server || true)"; do
-    if [ -n "$p" ] && [ -x "$p" ]; then echo "$p"; return 0; fi
-  done
-  echo "nats-server not found: apt-get install -y nats-server" >&2
-  return 1
-}
+. scripts/lib.sh
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
@@ -58,7 +52,7 @@ stop() {
 case "$cmd" in
   start)
     if alive "$state/nats.pid"; then echo "a cluster is already running (scripts/cluster.sh stop)" >&2; exit 1; fi
-    nats=$(find_nats)
+    nats=$(require_nats)
     cargo build --release --example "$app"
     bin=target/release/examples/$app
     mkdir -p "$state/js"

@@ -19,11 +19,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-nats=""
-for p in "${NATS_SERVER_BIN:-}" /usr/sbin/nats-server /usr/local/bin/nats-server "$(command -v nats-server || true)"; do
-  if [ -n "$p" ] && [ -x "$p" ]; then nats=$p; break; fi
-done
-[ -n "$nats" ] || { echo "nats-server not found: apt-get install -y nats-server" >&2; exit 1; }
+. scripts/lib.sh
+nats=$(require_nats)
 
 cargo build --release --example long_flow
 bin=target/release/examples/long_flow

@@ -8,13 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
-
-find_nats() {
-  for p in "${NATS_SERVER_BIN:-}" /usr/sbin/nats-server /usr/local/bin/nats-server "$(command -v nats-server || true)"; do
-    if [ -n "$p" ] && [ -x "$p" ]; then echo "$p"; return 0; fi
-  done
-  return 1
-}
+. scripts/lib.sh
 
 if ! find_nats >/dev/null; then
   step "installing nats-server (apt-get)"

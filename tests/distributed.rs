@@ -122,6 +122,14 @@ impl Cluster {
             .unwrap_or_default()
     }
 
+    /// Attempts running on all live agents, as `agents --json` reports them.
+    fn running_attempts(&self) -> u64 {
+        self.agents()
+            .iter()
+            .map(|a| a["running"].as_u64().unwrap_or(0))
+            .sum()
+    }
+
     fn wait_agents(&self, n: usize) {
         wait_until(Duration::from_secs(20), &format!("{n} live agents"), || {
             let out = self.output(&["agents", "--json"]);
@@ -312,11 +320,7 @@ fn cancel_stops_the_running_attempts_and_fails_the_run() {
         Duration::from_secs(10),
         "attempts running on the agents",
         || {
-            let busy: u64 = c
-                .agents()
-                .iter()
-                .map(|a| a["running"].as_u64().unwrap_or(0))
-                .sum();
+            let busy = c.running_attempts();
             (busy == 8).then_some(())
         },
     );
@@ -330,11 +334,7 @@ fn cancel_stops_the_running_attempts_and_fails_the_run() {
         Duration::from_secs(10),
         "the agents to stop the cancelled attempts",
         || {
-            let busy: u64 = c
-                .agents()
-                .iter()
-                .map(|a| a["running"].as_u64().unwrap_or(0))
-                .sum();
+            let busy = c.running_attempts();
             (busy == 0).then_some(())
         },
     );

@@ -22,17 +22,35 @@ pub fn nats_server_bin() -> PathBuf {
             return PathBuf::from(p);
         }
     }
-    if let Ok(out) = Command::new("which").arg("nats-server").output() {
-        let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if !s.is_empty() {
-            return PathBuf::from(s);
-        }
+    if let Some(p) = which("nats-server") {
+        return p;
     }
     panic!(
         "nats-server is not installed (looked in /usr/sbin, /usr/local/bin, /usr/bin and PATH; \
          or set NATS_SERVER_BIN). Install it with `apt-get install -y nats-server`, or run \
          scripts/test.sh, which does."
     );
+}
+
+/// A program on PATH.
+fn which(program: &str) -> Option<PathBuf> {
+    let out = Command::new("which").arg(program).output().ok()?;
+    let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (!s.is_empty()).then(|| PathBuf::from(s))
+}
+
+/// Starts a server quietly and waits until it listens on `port` (or fails loudly).
+fn spawn_server(mut cmd: Command, what: &str, port: u16) -> Child {
+    let child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("could not start {what}: {e}"));
+    assert!(
+        wait_port(port, Duration::from_secs(10)),
+        "{what} did not listen on port {port} within 10 s"
+    );
+    child
 }
 
 /// A free TCP port on 127.0.0.1.
@@ -80,28 +98,18 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) {
-        let bin = nats_server_bin();
-        let child = Command::new(&bin)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.store.path())
-            .args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("could not start {}: {e}", bin.display()));
-        self.child = Some(child);
-        assert!(
-            wait_port(self.port, Duration::from_secs(10)),
-            "nats-server did not listen on port {} within 10 s",
-            self.port
-        );
+        let mut cmd = Command::new(nats_server_bin());
+        cmd.args([
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-js",
+            "-sd",
+        ])
+        .arg(self.store.path())
+        .args(&self.extra);
+        self.child = Some(spawn_server(cmd, "nats-server", self.port));
     }
 
     pub fn url(&self) -> String {
@@ -295,11 +303,8 @@ pub fn s3s_fs_bin() -> PathBuf {
             return p;
         }
     }
-    if let Ok(out) = Command::new("which").arg("s3s-fs").output() {
-        let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if !s.is_empty() {
-            return PathBuf::from(s);
-        }
+    if let Some(p) = which("s3s-fs") {
+        return p;
     }
     panic!(
         "s3s-fs is not installed (looked at $S3S_FS_BIN, ~/.cargo/bin and PATH). Install it with \
@@ -334,21 +339,11 @@ impl S3Server {
     }
 
     fn spawn(&mut self) {
-        let bin = s3s_fs_bin();
-        let child = Command::new(&bin)
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+        let mut cmd = Command::new(s3s_fs_bin());
+        cmd.args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--access-key", S3_ACCESS_KEY, "--secret-key", S3_SECRET_KEY])
-            .arg(self.root.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("could not start {}: {e}", bin.display()));
-        self.child = Some(child);
-        assert!(
-            wait_port(self.port, Duration::from_secs(10)),
-            "s3s-fs did not listen on port {} within 10 s",
-            self.port
-        );
+            .arg(self.root.path());
+        self.child = Some(spawn_server(cmd, "s3s-fs", self.port));
     }
 
     pub fn endpoint(&self) -> String {
