@@ -6,7 +6,9 @@
 //! `<P>_RUNS` keeps only each run's latest state (`max_messages_per_subject = 1`) on
 //! `<prefix>.runs.<run>`, so finding unfinished runs reads one message per run.
 //! Appends are pipelined: published without waiting, acks collected in the background;
-//! `flush` waits for every ack (republishing once what was not acknowledged).
+//! `flush` waits for every ack. What JetStream did not store (server unreachable, no
+//! ack) is kept in order and published again until it is: nothing is dropped, and
+//! `flush` reports an error while anything is outstanding.
 
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
@@ -99,57 +101,109 @@ impl JetStreamJournal {
 
 type Pending = (String, Bytes, jetstream::context::PublishAckFuture);
 
+/// Entries published and awaiting their acks, and entries not yet stored (the server
+/// was unreachable or did not acknowledge): the backlog is kept, in order, and
+/// published again until JetStream stores it; nothing appended is dropped.
+#[derive(Default)]
+struct Outstanding {
+    pending: Vec<Pending>,
+    backlog: std::collections::VecDeque<(String, Bytes)>,
+    warned: bool,
+}
+
+/// Retry period of the backlog while JetStream is unreachable.
+const RETRY: Duration = Duration::from_millis(250);
+
+impl Outstanding {
+    async fn publish(&mut self, js: &jetstream::Context, subject: String, payload: Bytes) {
+        if !self.backlog.is_empty() {
+            // keep the order: behind what waits already
+            self.backlog.push_back((subject, payload));
+            return;
+        }
+        match js.publish(subject.clone(), payload.clone()).await {
+            Ok(ack) => self.pending.push((subject, payload, ack)),
+            Err(e) => {
+                self.warn(&e);
+                self.backlog.push_back((subject, payload));
+            }
+        }
+    }
+
+    fn warn(&mut self, e: &dyn std::fmt::Display) {
+        if !self.warned {
+            self.warned = true;
+            tracing::warn!(error = %e, "journal entries cannot be stored in JetStream now; keeping them and retrying");
+        }
+    }
+
+    /// Waits for every ack, then publishes the backlog again; Ok once nothing is
+    /// outstanding.
+    async fn settle(&mut self, js: &jetstream::Context) -> Result<(), JournalError> {
+        let mut failed = Vec::new();
+        for (subject, payload, ack) in std::mem::take(&mut self.pending) {
+            if let Err(e) = ack.await {
+                self.warn(&e);
+                failed.push((subject, payload));
+            }
+        }
+        // unacknowledged entries go before the backlog (they were appended earlier)
+        for entry in failed.into_iter().rev() {
+            self.backlog.push_front(entry);
+        }
+        while let Some((subject, payload)) = self.backlog.pop_front() {
+            let stored = match js.publish(subject.clone(), payload.clone()).await {
+                Ok(ack) => ack.await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = stored {
+                self.warn(&e);
+                self.backlog.push_front((subject, payload));
+                return Err(JournalError(format!(
+                    "{} journal entries are not stored yet (JetStream: {e}); they are kept and retried",
+                    self.backlog.len()
+                )));
+            }
+        }
+        if self.warned {
+            self.warned = false;
+            tracing::info!("journal entries stored in JetStream again");
+        }
+        Ok(())
+    }
+}
+
 async fn writer(js: jetstream::Context, mut rx: mpsc::UnboundedReceiver<Cmd>) {
-    let mut pending: Vec<Pending> = Vec::new();
-    while let Some(cmd) = rx.recv().await {
+    let mut out = Outstanding::default();
+    let mut retry = tokio::time::interval(RETRY);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let cmd = tokio::select! {
+            cmd = rx.recv() => match cmd {
+                Some(cmd) => cmd,
+                None => break,
+            },
+            _ = retry.tick(), if !out.backlog.is_empty() => {
+                let _ = out.settle(&js).await;
+                continue;
+            }
+        };
         match cmd {
             Cmd::Append(subject, also, payload) => {
                 for s in std::iter::once(subject).chain(also) {
-                    match js.publish(s.clone(), payload.clone()).await {
-                        Ok(ack) => pending.push((s, payload.clone(), ack)),
-                        Err(e) => {
-                            tracing::error!(subject = s, error = %e, "journal publish failed")
-                        }
-                    }
+                    out.publish(&js, s, payload.clone()).await;
                 }
                 // keep the window bounded
-                if pending.len() >= 4096 {
-                    let _ = settle(&js, std::mem::take(&mut pending)).await;
+                if out.pending.len() >= 4096 {
+                    let _ = out.settle(&js).await;
                 }
             }
             Cmd::Flush(done) => {
-                let r = settle(&js, std::mem::take(&mut pending)).await;
+                let r = out.settle(&js).await;
                 let _ = done.send(r);
             }
         }
     }
-}
-
-/// Waits for every ack; what was not acknowledged is published once more and awaited.
-async fn settle(js: &jetstream::Context, pending: Vec<Pending>) -> Result<(), JournalError> {
-    let mut retry = Vec::new();
-    for (subject, payload, ack) in pending {
-        if ack.await.is_err() {
-            retry.push((subject, payload));
-        }
-    }
-    let mut failed = 0;
-    for (subject, payload) in retry {
-        let ok = match js.publish(subject, payload).await {
-            Ok(ack) => ack.await.is_ok(),
-            Err(_) => false,
-        };
-        if !ok {
-            failed += 1;
-        }
-    }
-    if failed > 0 {
-        tracing::error!(failed, "journal entries were not acknowledged by JetStream");
-        return Err(JournalError(format!(
-            "{failed} journal entries were not acknowledged"
-        )));
-    }
-    Ok(())
 }
 
 /// Every message on `filter` (from the start, or the last per subject), in order.
