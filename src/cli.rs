@@ -500,8 +500,8 @@ async fn run_embedded(
         Err(e) => return usage_error(e),
     };
     let options = pinazu_coordinator::RunOptions {
-        idempotency_key: None,
         seeds,
+        ..Default::default()
     };
     let handle = match runtime
         .start_with(&flow, params, flow_run_id, options)

@@ -302,6 +302,13 @@ async fn coordinator(
         Err(e) => return usage_error(format!("could not start the coordinator: {e}")),
     };
     link.report_failures_to(coordinator.result_sink());
+    // runs the journal holds unfinished (the coordinator was killed) resume first, so
+    // that what agents hand back after the hello below finds its runner; each body waits
+    // a heartbeat period and a bit, in which agents send the results the previous
+    // process did not acknowledge and list the attempts they still run
+    let (resumed, failed) = coordinator
+        .resume_unfinished(registry, AGENT_HEARTBEAT + Duration::from_millis(500))
+        .await;
     let counters = match serve(
         coordinator.clone(),
         client.clone(),
@@ -316,8 +323,6 @@ async fn coordinator(
         Err(e) => return usage_error(format!("could not subscribe on NATS: {e}")),
     };
     publisher.publish(subjects.hello(), Bytes::new());
-    // runs the journal holds unfinished (the coordinator was killed) resume now
-    let (resumed, failed) = coordinator.resume_unfinished(registry).await;
     for id in &resumed {
         pinazu_coordinator::nats::watch_run(
             coordinator.clone(),
@@ -346,6 +351,9 @@ async fn coordinator(
     publisher.flush().await;
     ExitCode::SUCCESS
 }
+
+/// How often agents heartbeat.
+const AGENT_HEARTBEAT: Duration = Duration::from_secs(1);
 
 /// The size above which payloads go by reference: the flag, or half the server's limit.
 fn payload_threshold(cli: &Cli, client: &async_nats::Client) -> usize {
@@ -417,7 +425,7 @@ async fn agent(cli: &Cli, a: &AgentArgs, url: &str, registry: &'static Registry)
             registry,
         },
         subjects: nats_subjects(cli),
-        heartbeat: Duration::from_secs(1),
+        heartbeat: AGENT_HEARTBEAT,
         drain_timeout: a.drain_timeout,
     };
     match serve_agent(client, cfg, shutdown_signal()).await {

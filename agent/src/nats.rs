@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use futures_util::StreamExt;
 use ractor::ActorRef;
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,7 +18,8 @@ use pinazu_shared::store::ObjectStore;
 use pinazu_shared::subjects::Subjects;
 use pinazu_shared::transport::ResultSink;
 use pinazu_shared::wire::{
-    payload_key, AttemptFinished, AttemptStarted, Heartbeat, Report, SpawnTask,
+    payload_key, AttemptFinished, AttemptStarted, Heartbeat, Report, ReportAck, ReportBatch,
+    RunningAttempt, SpawnTask,
 };
 
 use crate::agent::{spawn_agent, AgentConfig, AgentMsg};
@@ -45,7 +46,54 @@ pub struct AgentServeConfig {
 
 #[derive(Default)]
 struct Tracker {
-    running: HashSet<(FlowRunId, AttemptId)>,
+    running: HashSet<RunningAttempt>,
+}
+
+/// Report batches sent and not yet acknowledged by the coordinator. Every batch stays
+/// here until acknowledged, so a coordinator that died before journaling its results
+/// gets them again from its successor (on its hello, or after `RESEND_AFTER`).
+#[derive(Default)]
+struct Outbox {
+    /// The last batch number used.
+    seq: u64,
+    /// The highest batch number acknowledged.
+    acked: u64,
+    kept: VecDeque<(ReportBatch, Instant)>,
+}
+
+/// Unacknowledged batches are sent again after this long.
+const RESEND_AFTER: Duration = Duration::from_secs(10);
+
+impl Outbox {
+    fn ack(&mut self, seq: u64) {
+        self.acked = self.acked.max(seq);
+        while self.kept.front().is_some_and(|(b, _)| b.seq <= self.acked) {
+            self.kept.pop_front();
+        }
+    }
+
+    /// Batches to send again: all of them, or those unacknowledged for `RESEND_AFTER`;
+    /// each carries the current acknowledgement, so a new coordinator knows where the
+    /// agent's sequence stands.
+    fn resend(&mut self, all: bool) -> Vec<Vec<u8>> {
+        let now = Instant::now();
+        let stale = self
+            .kept
+            .front()
+            .is_some_and(|(_, at)| now.duration_since(*at) >= RESEND_AFTER);
+        if !(all || stale) {
+            return Vec::new();
+        }
+        let acked = self.acked;
+        self.kept
+            .iter_mut()
+            .filter_map(|(batch, at)| {
+                *at = now;
+                batch.acked = acked;
+                encode_envelope(batch).ok()
+            })
+            .collect()
+    }
 }
 
 /// Reports attempts through one batching publisher task and tracks what runs.
@@ -59,15 +107,22 @@ struct NatsReportSink {
 impl ResultSink for NatsReportSink {
     fn started(&self, s: AttemptStarted) {
         if let Ok(mut t) = self.tracker.lock() {
-            t.running.insert((s.flow_run_id, s.attempt_id));
+            t.running.insert(RunningAttempt {
+                flow_run_id: s.flow_run_id,
+                call_id: s.call_id,
+                attempt_id: s.attempt_id,
+            });
         }
         self.send(Report::Started(s));
     }
 
     fn finished(&self, f: AttemptFinished) {
         if let Ok(mut t) = self.tracker.lock() {
-            let key = (f.flow_run_id, f.attempt_id);
-            t.running.remove(&key);
+            t.running.remove(&RunningAttempt {
+                flow_run_id: f.flow_run_id,
+                call_id: f.call_id,
+                attempt_id: f.attempt_id,
+            });
             if t.running.is_empty() {
                 self.idle.notify_waiters();
             }
@@ -140,26 +195,52 @@ pub async fn serve_agent(
         idle: idle.clone(),
     });
 
-    // reports: one task, so their order is kept; batched under load
+    // reports: one task, so their order is kept; batched under load, numbered, and kept
+    // until the coordinator acknowledges them
+    let outbox = Arc::new(Mutex::new(Outbox::default()));
     let reporter = {
         let client = client.clone();
         let subject = subjects.reports();
         let (store, threshold) = (cfg.store.clone(), cfg.payload_threshold);
+        let (outbox, agent_id) = (outbox.clone(), agent_id.clone());
         tokio::spawn(async move {
             while let Some(first) = rx.recv().await {
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
+                let mut reports = vec![first];
+                while reports.len() < MAX_BATCH {
                     match rx.try_recv() {
-                        Ok(r) => batch.push(r),
+                        Ok(r) => reports.push(r),
                         Err(_) => break,
                     }
                 }
-                for report in &mut batch {
+                for report in &mut reports {
                     if let Report::Finished(f) = report {
                         store_large_result(&*store, threshold, f).await;
                     }
                 }
-                publish(&client, subject.clone(), &batch).await;
+                let encoded = match outbox.lock() {
+                    Ok(mut o) => {
+                        o.seq += 1;
+                        let batch = ReportBatch {
+                            agent_id: agent_id.clone(),
+                            seq: o.seq,
+                            acked: o.acked,
+                            reports,
+                        };
+                        let encoded = encode_envelope(&batch);
+                        o.kept.push_back((batch, Instant::now()));
+                        encoded
+                    }
+                    Err(_) => break,
+                };
+                match encoded {
+                    Ok(b) => {
+                        if let Err(e) = client.publish(subject.clone(), Bytes::from(b)).await {
+                            // kept: sent again later
+                            tracing::warn!(error = %e, "NATS publish failed");
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "could not encode reports"),
+                }
             }
         })
     };
@@ -179,6 +260,10 @@ pub async fn serve_agent(
         .map_err(|e| format!("subscribe: {e}"))?;
     let mut hello = client
         .subscribe(subjects.hello())
+        .await
+        .map_err(|e| format!("subscribe: {e}"))?;
+    let mut acks = client
+        .subscribe(subjects.agent_ack(&agent_id))
         .await
         .map_err(|e| format!("subscribe: {e}"))?;
 
@@ -218,8 +303,28 @@ pub async fn serve_agent(
         }
     });
 
-    let beat_now = Arc::new(Notify::new());
-    let b = beat_now.clone();
+    let (o, d, acked) = (outbox.clone(), drops.clone(), Arc::new(Notify::new()));
+    let all_acked = acked.clone();
+    let ack_loop = tokio::spawn(async move {
+        while let Some(msg) = acks.next().await {
+            match decode_envelope::<ReportAck>(&msg.payload) {
+                Ok(ack) => {
+                    if let Ok(mut o) = o.lock() {
+                        o.ack(ack.seq);
+                        if o.kept.is_empty() {
+                            acked.notify_waiters();
+                        }
+                    }
+                }
+                Err(e) => d.record(&msg.subject, &e),
+            }
+        }
+    });
+
+    // a coordinator (re)started: it gets every unacknowledged batch again, then a
+    // heartbeat listing what runs here
+    let hello_now = Arc::new(Notify::new());
+    let b = hello_now.clone();
     let hello_loop = tokio::spawn(async move {
         while hello.next().await.is_some() {
             b.notify_one();
@@ -236,12 +341,14 @@ pub async fn serve_agent(
     .await;
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(cfg.heartbeat);
+    let reports_subject = subjects.reports();
     loop {
-        tokio::select! {
+        let all = tokio::select! {
             _ = &mut shutdown => break,
-            _ = tick.tick() => {}
-            _ = beat_now.notified() => {}
-        }
+            _ = tick.tick() => false,
+            _ = hello_now.notified() => true,
+        };
+        resend(&client, &reports_subject, &outbox, all).await;
         publish(
             &client,
             hb_subject.clone(),
@@ -277,7 +384,6 @@ pub async fn serve_agent(
     }
     spawn_loop.abort();
     cancel_loop.abort();
-    hello_loop.abort();
     agent.stop(None);
     sink.close();
     if tokio::time::timeout(Duration::from_secs(5), reporter)
@@ -286,12 +392,53 @@ pub async fn serve_agent(
     {
         tracing::warn!(agent = %agent_id, "reports still pending after 5 s; leaving anyway");
     }
+    // wait (briefly) for the coordinator to acknowledge the last results, so none is
+    // lost if it restarts right now
+    let ack_deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let pending = outbox.lock().map(|o| o.kept.len()).unwrap_or(0);
+        if pending == 0 {
+            break;
+        }
+        let wait = all_acked.notified();
+        tokio::select! {
+            _ = wait => {}
+            _ = hello_now.notified() => resend(&client, &reports_subject, &outbox, true).await,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = tokio::time::sleep_until(ack_deadline) => {
+                tracing::warn!(agent = %agent_id, batches = pending, "leaving with reports the coordinator has not acknowledged; their attempts will run again");
+                break;
+            }
+        }
+    }
+    hello_loop.abort();
+    ack_loop.abort();
     publish(&client, hb_subject, &heartbeat(&cfg, &tracker, true, true)).await;
     if let Err(e) = client.flush().await {
         tracing::warn!(error = %e, "could not flush NATS before exit");
     }
     tracing::info!(agent = %agent_id, dropped = drops.count(), "agent stopped");
     Ok(())
+}
+
+/// Sends unacknowledged report batches again (all, or those waiting too long).
+async fn resend(client: &async_nats::Client, subject: &str, outbox: &Mutex<Outbox>, all: bool) {
+    let batches = match outbox.lock() {
+        Ok(mut o) => o.resend(all),
+        Err(_) => return,
+    };
+    if !batches.is_empty() {
+        tracing::debug!(
+            batches = batches.len(),
+            all,
+            "sending unacknowledged reports again"
+        );
+    }
+    for b in batches {
+        if let Err(e) = client.publish(subject.to_string(), Bytes::from(b)).await {
+            tracing::warn!(error = %e, "NATS publish failed");
+        }
+    }
 }
 
 /// Fetches arguments that travelled by reference, then hands the attempt to the agent;

@@ -7,14 +7,14 @@ use dashmap::DashMap;
 use ractor::{Actor, ActorRef, SpawnErr};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use tokio::sync::watch;
 
 use pinazu_shared::api::{AgentSummary, RunInfo};
 use pinazu_shared::error::ParamError;
 use pinazu_shared::events::{EventHeader, FlowStatus};
-use pinazu_shared::ids::FlowRunId;
+use pinazu_shared::ids::{AttemptId, FlowRunId};
 use pinazu_shared::options::CachePolicy;
 use pinazu_shared::registry::FlowDef;
 use pinazu_shared::store::ObjectStore;
@@ -70,6 +70,9 @@ pub struct RunOptions {
     pub idempotency_key: Option<String>,
     /// Results passed in for it (`--success-task-results`).
     pub seeds: Seeds,
+    /// Wait this long before the flow body runs (a resumed run lets agents hand back
+    /// what the previous coordinator process dispatched).
+    pub start_delay: std::time::Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -177,6 +180,18 @@ pub struct CoordShared {
     pub(crate) events_enabled: bool,
     /// Reports for runs that are not (or no longer) here.
     pub(crate) unknown_run_reports: AtomicU64,
+    /// This process's epoch: the high half of every attempt id it issues.
+    pub(crate) epoch: u32,
+    attempts: AtomicU32,
+}
+
+impl CoordShared {
+    /// A new attempt id, unique within this coordinator process and distinct from those
+    /// of earlier processes (by epoch).
+    pub(crate) fn next_attempt_id(&self) -> AttemptId {
+        let n = self.attempts.fetch_add(1, Relaxed).wrapping_add(1);
+        AttemptId::new(self.epoch, n)
+    }
 }
 
 /// A run in the coordinator's table.
@@ -231,6 +246,8 @@ impl Coordinator {
         let events_enabled = sink.enabled();
         let journal = config.journal.0.clone();
         let runs = Arc::new(DashMap::new());
+        // nonzero, so an epoch never equals that of a zeroed attempt id
+        let epoch = fastrand::u32(1..);
         let (scheduler, _) = Actor::spawn(
             None,
             Scheduler,
@@ -238,6 +255,7 @@ impl Coordinator {
                 link,
                 runs: runs.clone(),
                 timing: config.timing,
+                epoch,
             },
         )
         .await?;
@@ -256,6 +274,8 @@ impl Coordinator {
                 table: DashMap::new(),
                 events_enabled,
                 unknown_run_reports: AtomicU64::new(0),
+                epoch,
+                attempts: AtomicU32::new(0),
             }),
             cache_counters,
         })
@@ -364,9 +384,15 @@ impl Coordinator {
     /// Resumes every run the journal holds unfinished: each flow is started again under
     /// its id with its journaled parameters, and its journaled calls are answered from
     /// the journal. Returns the runs resumed, and the ones that could not be.
+    ///
+    /// Each resumed body waits `settle` before it runs, so agents can first hand back
+    /// what the previous coordinator process dispatched (results it did not journal,
+    /// attempts still running): those calls are then answered or re-attached, not run
+    /// again. Zero in embedded mode, where no agent outlives the coordinator.
     pub async fn resume_unfinished(
         &self,
         registry: &'static pinazu_shared::registry::Registry,
+        settle: std::time::Duration,
     ) -> (Vec<FlowRunId>, Vec<(FlowRunId, String)>) {
         let mut resumed = Vec::new();
         let mut failed = Vec::new();
@@ -398,6 +424,7 @@ impl Coordinator {
             let options = RunOptions {
                 idempotency_key: replay.idempotency_key.clone(),
                 seeds: Seeds::default(),
+                start_delay: settle,
             };
             match self
                 .start_run_with(def, replay.params.clone(), run, options)
@@ -478,6 +505,7 @@ impl Coordinator {
             idempotency_key: options.idempotency_key,
             replay,
             seeds: Arc::new(options.seeds),
+            start_delay: options.start_delay,
         };
         // the runner registers itself in `runs` before its body starts
         Actor::spawn(None, FlowRunner, args)
@@ -493,6 +521,26 @@ impl Coordinator {
     /// Waits until every status event published so far is delivered.
     pub async fn flush_events(&self) {
         let _ = ractor::call!(self.shared.status, StatusMsg::Flush);
+    }
+
+    /// Resolves once every message sent so far to the given runs is handled and the
+    /// journal entries they appended are durable. A report batch is acknowledged to its
+    /// agent only after this, so a result the coordinator accepted is never lost.
+    pub async fn settle_runs(&self, runs: Vec<FlowRunId>) -> Result<(), String> {
+        let mut waits = Vec::with_capacity(runs.len());
+        for run in runs {
+            if let Some(r) = self.shared.runs.get(&run) {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                if r.send_message(FlowRunnerMsg::Barrier(tx)).is_ok() {
+                    waits.push(rx);
+                }
+            }
+        }
+        for w in waits {
+            // a runner that stopped meanwhile has ended its run, journal flushed
+            let _ = w.await;
+        }
+        self.shared.journal.flush().await.map_err(|e| e.to_string())
     }
 
     /// Reports that arrived for runs not hosted here (late or misrouted).

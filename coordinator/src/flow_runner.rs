@@ -75,6 +75,17 @@ pub enum FlowRunnerMsg {
     FlowDone(Result<Value, ErrorInfo>),
     /// The flow's calls no longer match its journal: end the run FAILED.
     Diverged(String),
+    /// An agent runs an attempt of this run that an earlier coordinator process
+    /// dispatched: the call it belongs to waits for it instead of running again.
+    Adopt {
+        /// The call.
+        call_id: CallId,
+        /// The attempt.
+        attempt_id: AttemptId,
+    },
+    /// Answered once every message sent to this runner before it is handled (the
+    /// report acknowledgement waits for it before flushing the journal).
+    Barrier(oneshot::Sender<()>),
 }
 
 /// What a flow runner starts with.
@@ -89,6 +100,9 @@ pub struct FlowRunnerArgs {
     pub(crate) idempotency_key: Option<String>,
     pub(crate) replay: Option<Replay>,
     pub(crate) seeds: Arc<Seeds>,
+    /// A resumed run waits this long before its body runs again, so agents can hand
+    /// back the results and running attempts of the coordinator that died.
+    pub(crate) start_delay: Duration,
 }
 
 struct CallState {
@@ -121,8 +135,13 @@ pub struct RunnerState {
     body: Option<tokio::task::AbortHandle>,
     calls: HashMap<CallId, CallState>,
     occurrences: HashMap<u64, u32>,
-    next_attempt: u64,
     next_ordinal: u64,
+    /// Results of attempts an earlier coordinator process dispatched, for calls the
+    /// flow body has not made again yet.
+    early: HashMap<CallId, AttemptFinished>,
+    /// Attempts an earlier coordinator process dispatched that agents still run, for
+    /// calls the flow body has not made again yet.
+    adoptable: HashMap<CallId, AttemptId>,
     names: HashMap<&'static str, Arc<str>>,
     replay: Option<Replay>,
     seeds: Arc<Seeds>,
@@ -233,6 +252,8 @@ impl RunnerState {
                 }
             }
         }
+        let early = self.early.remove(&call_id);
+        let adopted = self.adoptable.remove(&call_id);
         let policy = self.effective_policy(task);
         let seeded = args_json
             .as_ref()
@@ -276,6 +297,32 @@ impl RunnerState {
             self.resolve(call_id, Ok(Payload::Json(value)));
             return;
         }
+        if let Some(f) = early {
+            // the attempt ran while the coordinator was down: its result counts
+            let call = self.calls.get_mut(&call_id).expect("call present");
+            call.attempt = 1;
+            call.executions = 1;
+            call.current = Some(f.attempt_id);
+            RunStats::bump(&self.stats.executions);
+            self.finished(myself, f);
+            return;
+        }
+        if let Some(attempt_id) = adopted {
+            // still running on an agent since before the coordinator restarted
+            let call = self.calls.get_mut(&call_id).expect("call present");
+            call.attempt = 1;
+            call.executions = 1;
+            call.current = Some(attempt_id);
+            RunStats::bump(&self.stats.executions);
+            self.task_event(
+                task.name,
+                FlowStatus::Running,
+                None,
+                None,
+                Some("re-attached to an attempt started before the coordinator restarted".into()),
+            );
+            return;
+        }
         match lookup {
             Some(key) => {
                 let me = myself.clone();
@@ -300,8 +347,7 @@ impl RunnerState {
             return;
         };
         call.attempt += 1;
-        self.next_attempt = self.next_attempt.wrapping_add(1);
-        let attempt_id = AttemptId(self.next_attempt);
+        let attempt_id = self.shared.next_attempt_id();
         call.current = Some(attempt_id);
         let spawn = SpawnTask {
             flow_run_id: self.flow_run_id,
@@ -352,6 +398,11 @@ impl RunnerState {
 
     fn finished(&mut self, myself: &ActorRef<FlowRunnerMsg>, f: AttemptFinished) {
         let current = self.calls.get(&f.call_id).and_then(|c| c.current);
+        if current != Some(f.attempt_id) && f.attempt_id.epoch() != self.shared.epoch {
+            // an attempt an earlier coordinator process dispatched
+            self.foreign_result(myself, f);
+            return;
+        }
         if current != Some(f.attempt_id) {
             RunStats::bump(&self.stats.stale_results);
             tracing::debug!(flow_run_id = %self.flow_run_id, call_id = %f.call_id, attempt_id = %f.attempt_id, "ignoring a result from a superseded attempt");
@@ -419,7 +470,66 @@ impl RunnerState {
 }
 
 impl RunnerState {
+    /// A result of an attempt dispatched by an earlier coordinator process (it ran, or
+    /// its report waited at the agent, while the coordinator was down). A success
+    /// answers its call, now or when the flow body makes the call again; a failure is
+    /// not counted (the call runs under this process's retry policy).
+    fn foreign_result(&mut self, myself: &ActorRef<FlowRunnerMsg>, f: AttemptFinished) {
+        if self.adoptable.get(&f.call_id) == Some(&f.attempt_id) {
+            self.adoptable.remove(&f.call_id);
+        }
+        if f.outcome.is_err() || self.finished {
+            RunStats::bump(&self.stats.stale_results);
+            return;
+        }
+        let journaled = self
+            .replay
+            .as_ref()
+            .is_some_and(|r| r.calls.contains_key(&f.call_id));
+        let not_made_yet = f.call_id.seq >= self.occurrences_of(f.call_id);
+        match self.calls.get_mut(&f.call_id) {
+            Some(call) => {
+                // the call was dispatched again meanwhile: the earlier result wins, and
+                // the new attempt's result will be ignored as superseded
+                tracing::info!(flow_run_id = %self.flow_run_id, call_id = %f.call_id, attempt_id = %f.attempt_id, "a result from before the coordinator restarted answers the call");
+                call.current = Some(f.attempt_id);
+                call.executions += 1;
+                RunStats::bump(&self.stats.executions);
+                self.finished(myself, f);
+            }
+            None if !journaled && not_made_yet => {
+                if self.early.len() < MAX_EARLY {
+                    self.early.insert(f.call_id, f);
+                }
+            }
+            None => RunStats::bump(&self.stats.stale_results),
+        }
+    }
+
+    /// How many calls with this call's content the flow body has made so far.
+    fn occurrences_of(&self, call_id: CallId) -> u32 {
+        self.occurrences.get(&call_id.key).copied().unwrap_or(0)
+    }
+
+    fn adopt(&mut self, call_id: CallId, attempt_id: AttemptId) {
+        if self.finished || attempt_id.epoch() == self.shared.epoch {
+            return;
+        }
+        let made = call_id.seq < self.occurrences_of(call_id);
+        let journaled = self
+            .replay
+            .as_ref()
+            .is_some_and(|r| r.calls.contains_key(&call_id));
+        if !made && !journaled && self.adoptable.len() < MAX_EARLY {
+            tracing::debug!(flow_run_id = %self.flow_run_id, %call_id, %attempt_id, "an attempt from before the coordinator restarted is still running; the call will wait for it");
+            self.adoptable.insert(call_id, attempt_id);
+        }
+    }
+
     fn lost(&mut self, call_id: CallId, attempt_id: AttemptId, reason: String) {
+        if self.adoptable.get(&call_id) == Some(&attempt_id) {
+            self.adoptable.remove(&call_id);
+        }
         let Some(call) = self.calls.get(&call_id) else {
             return;
         };
@@ -526,6 +636,10 @@ impl RunnerState {
     }
 }
 
+/// Bound on results and attempts held for calls the flow body has not made again yet
+/// (in practice at most the agents' slots).
+const MAX_EARLY: usize = 1 << 20;
+
 fn json_to_msgpack(value: &Value) -> Bytes {
     Bytes::from(rmp_serde::to_vec_named(value).unwrap_or_default())
 }
@@ -616,6 +730,7 @@ impl Actor for FlowRunner {
             idempotency_key,
             replay,
             seeds,
+            start_delay,
         } = args;
         if let Some(r) = &replay {
             if r.unfinished {
@@ -650,8 +765,9 @@ impl Actor for FlowRunner {
             body: None,
             calls: HashMap::new(),
             occurrences: HashMap::new(),
-            next_attempt: fastrand::u64(..) & !0xffff_ffff,
             next_ordinal: 0,
+            early: HashMap::new(),
+            adoptable: HashMap::new(),
             names: HashMap::new(),
             replay,
             seeds,
@@ -663,6 +779,9 @@ impl Actor for FlowRunner {
         state.flow_event(FlowStatus::Running, None);
         let me = myself.clone();
         let handle = tokio::spawn(async move {
+            if !start_delay.is_zero() {
+                tokio::time::sleep(start_delay).await;
+            }
             let result = FLOW_CONTEXT
                 .scope(ctx, AssertUnwindSafe(body).catch_unwind())
                 .await
@@ -726,6 +845,13 @@ impl Actor for FlowRunner {
                 if !state.finished {
                     state.finish(&myself, result).await;
                 }
+            }
+            FlowRunnerMsg::Adopt {
+                call_id,
+                attempt_id,
+            } => state.adopt(call_id, attempt_id),
+            FlowRunnerMsg::Barrier(reply) => {
+                let _ = reply.send(());
             }
             FlowRunnerMsg::Diverged(msg) => {
                 if !state.finished {

@@ -4,8 +4,10 @@
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 
 use pinazu_shared::api::{ApiReply, ApiRequest, RunInfo};
 use pinazu_shared::codec::{decode_envelope, encode_envelope};
@@ -18,7 +20,8 @@ use pinazu_shared::store::ObjectStore;
 use pinazu_shared::subjects::{valid_token, Subjects};
 use pinazu_shared::transport::{AgentLink, ResultSink};
 use pinazu_shared::wire::{
-    payload_key, payload_prefix, AttemptFinished, Heartbeat, Report, SpawnTask,
+    payload_key, payload_prefix, AttemptFinished, Heartbeat, Report, ReportAck, ReportBatch,
+    SpawnTask,
 };
 use pinazu_shared::BoxFuture;
 
@@ -208,6 +211,15 @@ pub async fn serve(
         }
     });
 
+    let acks = Arc::new(Mutex::new(Acks::default()));
+    let ack_due = Arc::new(Notify::new());
+    tokio::spawn(acknowledge(
+        coordinator.clone(),
+        acks.clone(),
+        ack_due.clone(),
+        publisher.clone(),
+        subjects.clone(),
+    ));
     let (sink, k, store) = (
         coordinator.result_sink(),
         counters.clone(),
@@ -215,23 +227,54 @@ pub async fn serve(
     );
     tokio::spawn(async move {
         while let Some(msg) = reports.next().await {
-            match decode_envelope::<Vec<Report>>(&msg.payload) {
-                Ok(batch) => {
-                    for report in batch {
-                        match report {
-                            Report::Started(s) => sink.started(s),
-                            Report::Finished(f) if f.result_ref.is_some() => {
-                                let (sink, store) = (sink.clone(), store.clone());
-                                tokio::spawn(async move {
-                                    sink.finished(fetch_result(&*store, f).await)
-                                });
+            let batch = match decode_envelope::<ReportBatch>(&msg.payload) {
+                Ok(b) if valid_token(&b.agent_id.0) && b.seq > 0 => b,
+                Ok(b) => {
+                    k.drops.record(
+                        &msg.subject,
+                        &format!(
+                            "invalid report batch from {:?} (seq {})",
+                            b.agent_id.0, b.seq
+                        ),
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    k.drops.record(&msg.subject, &e);
+                    continue;
+                }
+            };
+            let (agent, seq) = (batch.agent_id.clone(), batch.seq);
+            let mut runs = Vec::new();
+            let mut fetching = 0;
+            for report in batch.reports {
+                match report {
+                    Report::Started(s) => sink.started(s),
+                    Report::Finished(f) if f.result_ref.is_some() => {
+                        runs.push(f.flow_run_id);
+                        fetching += 1;
+                        let (sink, store, acks, due) =
+                            (sink.clone(), store.clone(), acks.clone(), ack_due.clone());
+                        let agent = agent.clone();
+                        tokio::spawn(async move {
+                            let run = f.flow_run_id;
+                            sink.finished(fetch_result(&*store, f).await);
+                            if let Ok(mut a) = acks.lock() {
+                                a.fetched(&agent, seq, run);
                             }
-                            Report::Finished(f) => sink.finished(f),
-                        }
+                            due.notify_one();
+                        });
+                    }
+                    Report::Finished(f) => {
+                        runs.push(f.flow_run_id);
+                        sink.finished(f)
                     }
                 }
-                Err(e) => k.drops.record(&msg.subject, &e),
             }
+            if let Ok(mut a) = acks.lock() {
+                a.received(agent, seq, batch.acked, fetching, runs);
+            }
+            ack_due.notify_one();
         }
     });
 
@@ -268,6 +311,137 @@ pub async fn serve(
         }
     });
     Ok(counters)
+}
+
+/// Report batches received per agent and not yet acknowledged.
+#[derive(Default)]
+struct Acks {
+    agents: HashMap<AgentId, AgentAcks>,
+    /// Runs that got results since the last acknowledgement round.
+    touched: HashSet<FlowRunId>,
+}
+
+#[derive(Default)]
+struct AgentAcks {
+    /// Every batch up to this one was received (or is not ours to wait for).
+    contiguous: u64,
+    /// Batches received above a gap (one went missing; the agent will send it again).
+    above: BTreeSet<u64>,
+    /// Batches whose large results are still being fetched, with how many.
+    fetching: BTreeMap<u64, usize>,
+    /// The last acknowledgement sent.
+    acked: u64,
+    /// When a batch was last received.
+    seen: Option<Instant>,
+}
+
+impl Acks {
+    fn received(
+        &mut self,
+        agent: AgentId,
+        seq: u64,
+        acked: u64,
+        fetching: usize,
+        runs: Vec<FlowRunId>,
+    ) {
+        self.touched.extend(runs);
+        let a = self.agents.entry(agent).or_default();
+        a.seen = Some(Instant::now());
+        // what the agent saw acknowledged needs nothing from us (e.g. after a restart)
+        if acked > a.contiguous {
+            a.contiguous = acked;
+            a.above.retain(|s| *s > acked);
+        }
+        if fetching > 0 {
+            *a.fetching.entry(seq).or_default() += fetching;
+        }
+        if seq > a.contiguous {
+            a.above.insert(seq);
+        }
+        while a.above.first() == Some(&(a.contiguous + 1)) {
+            a.above.pop_first();
+            a.contiguous += 1;
+        }
+    }
+
+    fn fetched(&mut self, agent: &AgentId, seq: u64, run: FlowRunId) {
+        self.touched.insert(run);
+        if let Some(a) = self.agents.get_mut(agent) {
+            if let Some(n) = a.fetching.get_mut(&seq) {
+                *n -= 1;
+                if *n == 0 {
+                    a.fetching.remove(&seq);
+                }
+            }
+        }
+    }
+
+    /// What can be acknowledged once the touched runs are settled: per agent, the
+    /// highest batch with every batch up to it received and its results handed over.
+    fn due(&mut self) -> (Vec<(AgentId, u64)>, Vec<FlowRunId>) {
+        let now = Instant::now();
+        // forget agents silent for long (they left; their ids are not reused)
+        self.agents.retain(|_, a| {
+            !a.fetching.is_empty() || a.seen.is_none_or(|t| now.duration_since(t) < AGENT_FORGET)
+        });
+        let mut due = Vec::new();
+        for (id, a) in &self.agents {
+            let ready = match a.fetching.keys().next() {
+                Some(first) => a.contiguous.min(first - 1),
+                None => a.contiguous,
+            };
+            if ready > a.acked {
+                due.push((id.clone(), ready));
+            }
+        }
+        (due, self.touched.drain().collect())
+    }
+
+    fn sent(&mut self, agent: &AgentId, seq: u64) {
+        if let Some(a) = self.agents.get_mut(agent) {
+            a.acked = a.acked.max(seq);
+        }
+    }
+}
+
+/// Agents silent this long are forgotten by the acknowledger.
+const AGENT_FORGET: Duration = Duration::from_secs(600);
+
+/// Acknowledges report batches to their agents once their results are durable: the
+/// runners that got them have handled them and the journal is flushed. Rounds run
+/// back to back under load, so one round covers many batches.
+async fn acknowledge(
+    c: Coordinator,
+    acks: Arc<Mutex<Acks>>,
+    due: Arc<Notify>,
+    publisher: Publisher,
+    subjects: Subjects,
+) {
+    loop {
+        due.notified().await;
+        let Ok((ready, runs)) = acks.lock().map(|mut a| a.due()) else {
+            return;
+        };
+        if ready.is_empty() {
+            continue;
+        }
+        if let Err(e) = c.settle_runs(runs).await {
+            // nothing is acknowledged; the agents send the batches again later
+            tracing::error!(error = %e, "results could not be journaled; not acknowledging them yet");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            due.notify_one();
+            continue;
+        }
+        for (agent, seq) in ready {
+            match encode_envelope(&ReportAck { seq }) {
+                Ok(b) => publisher.publish(subjects.agent_ack(&agent), Bytes::from(b)),
+                Err(e) => tracing::error!(error = %e, "could not encode an acknowledgement"),
+            }
+            if let Ok(mut a) = acks.lock() {
+                a.sent(&agent, seq);
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -320,6 +494,7 @@ impl ApiState {
                 let options = RunOptions {
                     idempotency_key,
                     seeds,
+                    ..RunOptions::default()
                 };
                 match c.start_run_with(def, params, id, options).await {
                     Ok(_) => {

@@ -118,6 +118,8 @@ pub struct SchedulerArgs {
     pub runs: Arc<DashMap<FlowRunId, ActorRef<FlowRunnerMsg>>>,
     /// Liveness timing.
     pub timing: SchedulerTiming,
+    /// The coordinator process's epoch (the high half of the attempt ids it issues).
+    pub epoch: u32,
 }
 
 /// Its state.
@@ -131,6 +133,7 @@ pub struct SchedulerState {
     running: HashMap<(FlowRunId, AttemptId), Dispatched>,
     cursor: usize,
     warned: HashSet<(FlowRunId, String)>,
+    epoch: u32,
 }
 
 impl SchedulerState {
@@ -261,7 +264,34 @@ impl SchedulerState {
             self.declare_dead(i, "left");
             return;
         }
-        let listed: HashSet<(FlowRunId, AttemptId)> = hb.running.iter().copied().collect();
+        // attempts an earlier coordinator process dispatched, of runs active here (a
+        // resumed run): tracked like our own, and offered to their runners
+        for r in &hb.running {
+            let key = (r.flow_run_id, r.attempt_id);
+            if r.attempt_id.epoch() == self.epoch || self.running.contains_key(&key) {
+                continue;
+            }
+            if let Some(runner) = self.runs.get(&r.flow_run_id) {
+                self.running.insert(
+                    key,
+                    Dispatched {
+                        agent: i,
+                        call_id: r.call_id,
+                        at: now,
+                        missed: 0,
+                    },
+                );
+                let _ = runner.send_message(FlowRunnerMsg::Adopt {
+                    call_id: r.call_id,
+                    attempt_id: r.attempt_id,
+                });
+            }
+        }
+        let listed: HashSet<(FlowRunId, AttemptId)> = hb
+            .running
+            .iter()
+            .map(|r| (r.flow_run_id, r.attempt_id))
+            .collect();
         let ours: Vec<(FlowRunId, AttemptId)> = self
             .running
             .iter()
@@ -458,6 +488,7 @@ impl Actor for Scheduler {
             running: HashMap::new(),
             cursor: 0,
             warned: HashSet::new(),
+            epoch: args.epoch,
         })
     }
 

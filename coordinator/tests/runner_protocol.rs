@@ -10,12 +10,12 @@ use tokio::sync::mpsc;
 
 use pinazu_coordinator::{call_task, CollectingSink, Coordinator, CoordinatorConfig};
 use pinazu_shared::error::{ErrorInfo, FailureKind, ParamError};
-use pinazu_shared::ids::{AgentId, AttemptId, FlowRunId};
+use pinazu_shared::ids::{AgentId, AttemptId, CallId, FlowRunId};
 use pinazu_shared::options::{RetryPolicy, TaskOptions};
 use pinazu_shared::registry::{FlowDef, Source, TaskDef};
 use pinazu_shared::store::LocalDirStore;
 use pinazu_shared::transport::AgentLink;
-use pinazu_shared::wire::{AgentInfo, AttemptFinished, AttemptStarted, SpawnTask};
+use pinazu_shared::wire::{AgentInfo, AttemptFinished, AttemptStarted, RunningAttempt, SpawnTask};
 use pinazu_shared::BoxFuture;
 
 const SOURCE: Source = Source {
@@ -314,7 +314,7 @@ async fn a_task_that_requires_labels_goes_only_to_an_agent_that_has_them() {
     assert_eq!(run.wait().await.result, Some(json!(49)));
 }
 
-fn heartbeat(running: Vec<(FlowRunId, AttemptId)>) -> pinazu_shared::wire::Heartbeat {
+fn heartbeat(running: Vec<RunningAttempt>) -> pinazu_shared::wire::Heartbeat {
     pinazu_shared::wire::Heartbeat {
         info: AgentInfo {
             agent_id: AgentId("remote".into()),
@@ -353,7 +353,11 @@ async fn an_attempt_missing_from_two_heartbeats_is_lost_and_dispatched_again_but
         .await
         .unwrap();
     let first = next(&mut rx).await;
-    let key = (first.flow_run_id, first.attempt_id);
+    let key = RunningAttempt {
+        flow_run_id: first.flow_run_id,
+        call_id: first.call_id,
+        attempt_id: first.attempt_id,
+    };
     // listed, then missing once (its report may be in flight): not lost
     c.heartbeat(heartbeat(vec![key]));
     c.heartbeat(heartbeat(vec![]));
@@ -374,4 +378,125 @@ async fn an_attempt_missing_from_two_heartbeats_is_lost_and_dispatched_again_but
         .unwrap();
     assert_eq!(out.result, Some(json!(5)));
     assert_eq!(out.stats.retries, 0, "a lost attempt is not a failure");
+}
+
+/// The call id `call_task(&PROBE, (x,))` gets as the first such call of a run.
+fn probe_call(x: u64) -> CallId {
+    let args = rmp_serde::to_vec_named(&(x,)).unwrap();
+    CallId {
+        key: CallId::content_key("probe", &args),
+        seq: 0,
+    }
+}
+
+async fn delayed_probe_run(c: &Coordinator, run: FlowRunId) -> pinazu_coordinator::RunHandle {
+    let options = pinazu_coordinator::RunOptions {
+        start_delay: Duration::from_millis(300),
+        ..Default::default()
+    };
+    c.start_run_with(&ONE_PROBE, Map::new(), run, options)
+        .await
+        .unwrap()
+}
+
+async fn scripted_coordinator(
+    tx: mpsc::UnboundedSender<SpawnTask>,
+    dir: &std::path::Path,
+) -> Coordinator {
+    Coordinator::start(
+        CoordinatorConfig::default(),
+        Arc::new(ScriptedLink(tx)),
+        Arc::new(LocalDirStore::new(dir)),
+        CollectingSink::new(),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_an_earlier_coordinator_dispatched_answers_the_call_without_running_it() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let dir = tempfile::tempdir().unwrap();
+    let c = scripted_coordinator(tx, dir.path()).await;
+    c.heartbeat(heartbeat(vec![]));
+    let id = FlowRunId::new();
+    let run = delayed_probe_run(&c, id).await;
+    // an agent hands back a result of the previous coordinator process (another epoch)
+    // before the resumed body makes the call again
+    c.result_sink().finished(AttemptFinished {
+        flow_run_id: id,
+        call_id: probe_call(1),
+        attempt_id: AttemptId::new(7, 1),
+        agent_id: AgentId("remote".into()),
+        outcome: ok(11),
+        result_ref: None,
+        elapsed_us: 1,
+    });
+    let out = tokio::time::timeout(Duration::from_secs(10), run.wait())
+        .await
+        .unwrap();
+    assert_eq!(out.result, Some(json!(11)));
+    assert_eq!(out.stats.executions, 1);
+    assert!(rx.try_recv().is_err(), "nothing was dispatched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_an_earlier_coordinator_dispatched_is_re_attached_and_its_result_used() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let dir = tempfile::tempdir().unwrap();
+    let c = scripted_coordinator(tx, dir.path()).await;
+    c.heartbeat(heartbeat(vec![]));
+    let id = FlowRunId::new();
+    let run = delayed_probe_run(&c, id).await;
+    // the agent still runs the previous process's attempt of the call
+    let earlier = RunningAttempt {
+        flow_run_id: id,
+        call_id: probe_call(1),
+        attempt_id: AttemptId::new(7, 3),
+    };
+    c.heartbeat(heartbeat(vec![earlier]));
+    // the body makes the call after its start delay: it waits for that attempt
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        rx.try_recv().is_err(),
+        "the call must not be dispatched again"
+    );
+    c.result_sink().finished(AttemptFinished {
+        flow_run_id: id,
+        call_id: earlier.call_id,
+        attempt_id: earlier.attempt_id,
+        agent_id: AgentId("remote".into()),
+        outcome: ok(13),
+        result_ref: None,
+        elapsed_us: 1,
+    });
+    let out = tokio::time::timeout(Duration::from_secs(10), run.wait())
+        .await
+        .unwrap();
+    assert_eq!(out.result, Some(json!(13)));
+    assert!(rx.try_recv().is_err(), "nothing was dispatched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_failure_of_an_earlier_process_attempt_does_not_fail_the_call() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let dir = tempfile::tempdir().unwrap();
+    let c = scripted_coordinator(tx, dir.path()).await;
+    c.heartbeat(heartbeat(vec![]));
+    let run = c
+        .start_run(&ONE_PROBE, Map::new(), FlowRunId::new())
+        .await
+        .unwrap();
+    let first = next(&mut rx).await;
+    c.result_sink().finished(AttemptFinished {
+        attempt_id: AttemptId::new(7, 1),
+        outcome: Err(ErrorInfo::new(FailureKind::Error, "old failure")),
+        ..finished(&first, ok(0))
+    });
+    c.result_sink().finished(finished(&first, ok(17)));
+    let out = tokio::time::timeout(Duration::from_secs(10), run.wait())
+        .await
+        .unwrap();
+    assert_eq!(out.result, Some(json!(17)));
+    assert_eq!(out.stats.retries, 0);
 }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::CodecError;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Encodes a value as MessagePack with named fields (so fields can be added later).
 pub fn to_msgpack<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
@@ -116,7 +116,7 @@ mod fuzz {
     use super::*;
     use crate::api::{ApiReply, ApiRequest, RunInfo};
     use crate::ids::{AttemptId, FlowRunId};
-    use crate::wire::{Heartbeat, Report, SpawnTask};
+    use crate::wire::{Heartbeat, ReportAck, ReportBatch, SpawnTask};
 
     struct Rng(u64);
     impl Rng {
@@ -132,7 +132,8 @@ mod fuzz {
         let _ = decode_envelope::<Vec<SpawnTask>>(bytes);
         let _ = decode_envelope::<Vec<(FlowRunId, AttemptId)>>(bytes);
         let _ = decode_envelope::<Heartbeat>(bytes);
-        let _ = decode_envelope::<Vec<Report>>(bytes);
+        let _ = decode_envelope::<ReportBatch>(bytes);
+        let _ = decode_envelope::<ReportAck>(bytes);
         let _ = decode_envelope::<ApiRequest>(bytes);
         let _ = decode_envelope::<ApiReply>(bytes);
         let _ = decode_envelope::<RunInfo>(bytes);
@@ -160,6 +161,14 @@ mod fuzz {
             })
             .unwrap(),
             encode_envelope(&vec![(FlowRunId::new(), AttemptId(7))]).unwrap(),
+            encode_envelope(&ReportBatch {
+                agent_id: crate::ids::AgentId("a1".into()),
+                seq: 3,
+                acked: 1,
+                reports: Vec::new(),
+            })
+            .unwrap(),
+            encode_envelope(&ReportAck { seq: 9 }).unwrap(),
         ];
         for msg in &valid {
             for _ in 0..5_000 {

@@ -82,10 +82,25 @@ impl fmt::Display for CallId {
 }
 
 /// The id of one attempt of a call. A result carrying an attempt id that is not the
-/// call's current attempt comes from a superseded attempt and is ignored.
+/// call's current attempt comes from a superseded attempt and is ignored. The high 32
+/// bits are the epoch of the coordinator process that issued it (random per process),
+/// the low 32 bits a counter: a restarted coordinator tells its own attempts from those
+/// its predecessor dispatched, which it may re-attach.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct AttemptId(pub u64);
+
+impl AttemptId {
+    /// The epoch of the coordinator process that issued it.
+    pub fn epoch(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+
+    /// Attempt number `n` of the coordinator process with epoch `epoch`.
+    pub fn new(epoch: u32, n: u32) -> AttemptId {
+        AttemptId((u64::from(epoch) << 32) | u64::from(n))
+    }
+}
 
 impl fmt::Display for AttemptId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -52,6 +52,11 @@ impl Subjects {
         format!("{}.agent.{}.cancel", self.prefix, agent)
     }
 
+    /// Coordinator -> agent: report batches handled durably.
+    pub fn agent_ack(&self, agent: &AgentId) -> String {
+        format!("{}.agent.{}.ack", self.prefix, agent)
+    }
+
     /// Agent -> coordinator: heartbeats.
     pub fn heartbeat(&self) -> String {
         format!("{}.agent.heartbeat", self.prefix)

@@ -85,11 +85,48 @@ pub struct Heartbeat {
     /// The advertisement.
     pub info: AgentInfo,
     /// Attempts running now (bounded by the agent's slots, so a heartbeat stays small).
-    pub running: Vec<(FlowRunId, AttemptId)>,
+    /// A restarted coordinator re-attaches the ones its resumed runs still need.
+    pub running: Vec<RunningAttempt>,
     /// Draining: finish what runs, take nothing new.
     pub draining: bool,
     /// The agent is exiting now; forget it at once.
     pub leaving: bool,
+}
+
+/// An attempt an agent is running, as its heartbeat lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RunningAttempt {
+    /// The run.
+    pub flow_run_id: FlowRunId,
+    /// The call.
+    pub call_id: CallId,
+    /// The attempt.
+    pub attempt_id: AttemptId,
+}
+
+/// Agent -> coordinator: a batch of reports. Batches holding results are numbered and
+/// kept by the agent until the coordinator acknowledges them (`ReportAck`), so a result
+/// is not lost if the coordinator dies before it has journaled it: the agent sends what
+/// is unacknowledged again when a coordinator (re)starts or after a while without ack.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReportBatch {
+    /// The agent.
+    pub agent_id: AgentId,
+    /// This batch's number; consecutive per agent process, from 1.
+    pub seq: u64,
+    /// The highest batch number the agent has seen acknowledged when it sent this one:
+    /// every batch above it and below `seq` was sent before this one.
+    pub acked: u64,
+    /// The reports.
+    pub reports: Vec<Report>,
+}
+
+/// Coordinator -> agent: every report batch up to `seq` is handled durably (its results
+/// are in the journal, or in the runner when there is no journal).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct ReportAck {
+    /// The highest batch number acknowledged; all below it are, too.
+    pub seq: u64,
 }
 
 /// One attempt report, batched on the reports subject.
