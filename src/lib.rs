@@ -26,6 +26,11 @@
 
 extern crate self as pinazu_flows;
 
+/// The allocator of every app built on this crate (feature `mimalloc`, on by default).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod cli;
 mod distributed;
 pub mod logging;
