@@ -1,17 +1,20 @@
-//! The task supervisor: spawns one linked `TaskActor` per attempt and turns a failed
-//! `TaskActor` into a reported failure, so no call is left waiting.
+//! The task supervisor: spawns one linked `TaskActor` per attempt and reports each
+//! attempt's outcome when its actor terminates: the outcome the actor left in its final
+//! state, a cancellation if it was killed, a crash if it failed. So every attempt is
+//! reported exactly once and no call is left waiting.
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::collections::HashMap;
 use std::sync::Arc;
+use tokio::sync::mpsc;
 
 use pinazu_shared::error::{ErrorInfo, FailureKind};
 use pinazu_shared::ids::{AgentId, AttemptId, CallId, FlowRunId};
 use pinazu_shared::registry::Registry;
 use pinazu_shared::transport::ResultSink;
-use pinazu_shared::wire::{AttemptFinished, SpawnTask};
+use pinazu_shared::wire::{AttemptFinished, AttemptStarted, Report, SpawnTask};
 
-use crate::task_actor::{TaskActor, TaskArgs, TaskMsg};
+use crate::task_actor::{TaskActor, TaskArgs, TaskMsg, TaskState};
 
 /// Messages to the supervisor.
 #[derive(Debug)]
@@ -44,14 +47,51 @@ pub struct SupervisorState {
     args: SupervisorArgs,
     running: HashMap<ActorId, Running>,
     by_attempt: HashMap<(FlowRunId, AttemptId), ActorId>,
+    /// To the reporter task, which hands the sink whatever gathered while it was busy
+    /// (one batch per wake-up, so a burst of attempts ending is one `report` call).
+    reports: Option<mpsc::UnboundedSender<Report>>,
+}
+
+/// Most reports in one batch.
+const REPORT_BATCH: usize = 512;
+
+/// Hands reports to the sink in batches, in order, until the supervisor stops.
+async fn reporter(sink: Arc<dyn ResultSink>, mut rx: mpsc::UnboundedReceiver<Report>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = Vec::with_capacity(rx.len().min(REPORT_BATCH) + 1);
+        batch.push(first);
+        while batch.len() < REPORT_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        sink.report(batch);
+    }
 }
 
 /// The task supervisor actor.
 pub struct TaskSupervisor;
 
 impl SupervisorState {
-    fn report_failure(&self, run: FlowRunId, call: CallId, attempt: AttemptId, info: ErrorInfo) {
-        self.args.sink.finished(AttemptFinished {
+    fn report(&mut self, report: Report) {
+        match &self.reports {
+            Some(tx) => {
+                let _ = tx.send(report);
+            }
+            // stopping: straight to the sink
+            None => self.args.sink.report(vec![report]),
+        }
+    }
+
+    fn report_failure(
+        &mut self,
+        run: FlowRunId,
+        call: CallId,
+        attempt: AttemptId,
+        info: ErrorInfo,
+    ) {
+        self.report(Report::Finished(AttemptFinished {
             flow_run_id: run,
             call_id: call,
             attempt_id: attempt,
@@ -59,7 +99,7 @@ impl SupervisorState {
             outcome: Err(info),
             result_ref: None,
             elapsed_us: 0,
-        });
+        }));
     }
 
     fn forget(&mut self, id: ActorId) -> Option<Running> {
@@ -79,10 +119,13 @@ impl Actor for TaskSupervisor {
         _myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(reporter(args.sink.clone(), rx));
         Ok(SupervisorState {
             args,
             running: HashMap::new(),
             by_attempt: HashMap::new(),
+            reports: Some(tx),
         })
     }
 
@@ -116,10 +159,15 @@ impl Actor for TaskSupervisor {
                         spawn,
                         def,
                         agent_id: state.args.agent_id.clone(),
-                        sink: state.args.sink.clone(),
                     };
                     match Actor::spawn_linked(None, TaskActor, args, myself.get_cell()).await {
                         Ok((actor, _)) => {
+                            state.report(Report::Started(AttemptStarted {
+                                flow_run_id: run,
+                                call_id: call,
+                                attempt_id: attempt,
+                                agent_id: state.args.agent_id.clone(),
+                            }));
                             let id = actor.get_id();
                             state.by_attempt.insert((run, attempt), id);
                             state.running.insert(
@@ -151,11 +199,22 @@ impl Actor for TaskSupervisor {
                         .get(&key)
                         .and_then(|id| state.running.get(id))
                     {
-                        let _ = r.actor.send_message(TaskMsg::Cancel);
+                        // drops the attempt's future; reported when the actor terminates
+                        r.actor.kill();
                     }
                 }
             }
         }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // the reporter sends what it holds, then ends
+        state.reports.take();
         Ok(())
     }
 
@@ -166,8 +225,22 @@ impl Actor for TaskSupervisor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match evt {
-            SupervisionEvent::ActorTerminated(cell, _, _) => {
-                state.forget(cell.get_id());
+            SupervisionEvent::ActorTerminated(cell, final_state, _) => {
+                let Some(r) = state.forget(cell.get_id()) else {
+                    return Ok(());
+                };
+                let report = final_state
+                    .and_then(|mut s| s.take::<TaskState>().ok())
+                    .and_then(|s| s.into_report(state.args.agent_id.clone()));
+                match report {
+                    Some(f) => state.report(Report::Finished(f)),
+                    None => state.report_failure(
+                        r.flow_run_id,
+                        r.call_id,
+                        r.attempt_id,
+                        ErrorInfo::new(FailureKind::Cancelled, "the attempt was cancelled"),
+                    ),
+                }
             }
             SupervisionEvent::ActorFailed(cell, err) => {
                 if let Some(r) = state.forget(cell.get_id()) {

@@ -1,28 +1,24 @@
-//! One actor per task attempt. It runs the task future on its own tokio task (so the
-//! actor stays responsive to `Cancel`), enforces the timeout, catches panics, and reports
-//! exactly one outcome.
+//! One actor per task attempt. The attempt's future runs inside the actor's own task (in
+//! `post_start`), under its timeout and with panics caught; the outcome is left in the
+//! actor's final state, which the supervisor receives with the actor's termination and
+//! reports. Cancelling an attempt kills its actor: the future is dropped mid-await and
+//! the supervisor reports the cancellation. Either way exactly one outcome is reported,
+//! by the supervisor, and no second tokio task or message per attempt is needed.
 
 use futures_util::FutureExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::task::AbortHandle;
 
 use pinazu_shared::error::{ErrorInfo, FailureKind};
 use pinazu_shared::ids::AgentId;
 use pinazu_shared::registry::TaskDef;
-use pinazu_shared::transport::ResultSink;
-use pinazu_shared::wire::{AttemptFinished, AttemptStarted, SpawnTask};
+use pinazu_shared::wire::{AttemptFinished, SpawnTask};
 
-/// Messages to a task actor.
+/// Messages to a task actor: none; it runs its attempt and stops. The supervisor stops
+/// it early with `kill`.
 #[derive(Debug)]
-pub enum TaskMsg {
-    /// The task future ended.
-    Done(Result<bytes::Bytes, ErrorInfo>),
-    /// Stop the attempt.
-    Cancel,
-}
+pub enum TaskMsg {}
 
 /// What a task actor starts with.
 pub struct TaskArgs {
@@ -32,37 +28,32 @@ pub struct TaskArgs {
     pub def: &'static TaskDef,
     /// The agent running it.
     pub agent_id: AgentId,
-    /// Where the outcome goes.
-    pub sink: Arc<dyn ResultSink>,
 }
 
 /// The task actor.
 pub struct TaskActor;
 
-/// A running attempt.
+/// A running attempt, and its outcome once it has one.
 pub struct TaskState {
     spawn: SpawnTask,
-    agent_id: AgentId,
-    sink: Arc<dyn ResultSink>,
+    def: &'static TaskDef,
     started: Instant,
-    abort: AbortHandle,
-    reported: bool,
+    outcome: Option<Result<bytes::Bytes, ErrorInfo>>,
 }
 
 impl TaskState {
-    fn report(&mut self, outcome: Result<bytes::Bytes, ErrorInfo>) {
-        if std::mem::replace(&mut self.reported, true) {
-            return;
-        }
-        self.sink.finished(AttemptFinished {
+    /// The report of the ended attempt (`None` if it never ran to an outcome).
+    pub fn into_report(self, agent_id: AgentId) -> Option<AttemptFinished> {
+        let outcome = self.outcome?;
+        Some(AttemptFinished {
             flow_run_id: self.spawn.flow_run_id,
             call_id: self.spawn.call_id,
             attempt_id: self.spawn.attempt_id,
-            agent_id: self.agent_id.clone(),
+            agent_id,
             outcome,
             result_ref: None,
             elapsed_us: self.started.elapsed().as_micros() as u64,
-        });
+        })
     }
 }
 
@@ -73,14 +64,13 @@ impl Actor for TaskActor {
 
     async fn pre_start(
         &self,
-        myself: ActorRef<Self::Msg>,
+        _myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
         let TaskArgs {
             spawn,
             def,
             agent_id,
-            sink,
         } = args;
         // one line per attempt start (target `pinazu::attempts`), so executions can be
         // counted from outside; embedded runs silence it by default
@@ -94,66 +84,42 @@ impl Actor for TaskActor {
             agent = %agent_id,
             "attempt started"
         );
-        sink.started(AttemptStarted {
-            flow_run_id: spawn.flow_run_id,
-            call_id: spawn.call_id,
-            attempt_id: spawn.attempt_id,
-            agent_id: agent_id.clone(),
-        });
-        let fut = AssertUnwindSafe((def.invoke)(spawn.args.clone())).catch_unwind();
-        let timeout = spawn.timeout_ms.map(Duration::from_millis);
-        let me = myself.clone();
-        let handle = tokio::spawn(async move {
-            let outcome = match timeout {
-                Some(t) => match tokio::time::timeout(t, fut).await {
-                    Ok(r) => r,
-                    Err(_) => Ok(Err(ErrorInfo::new(
-                        FailureKind::Timeout,
-                        format!("the attempt ran over its timeout of {t:?} and was stopped"),
-                    ))),
-                },
-                None => fut.await,
-            };
-            let outcome = outcome.unwrap_or_else(|payload| Err(ErrorInfo::from_panic(&*payload)));
-            // the actor may already be gone (cancelled): nothing to report then
-            let _ = me.send_message(TaskMsg::Done(outcome));
-        });
         Ok(TaskState {
             spawn,
-            agent_id,
-            sink,
+            def,
             started: Instant::now(),
-            abort: handle.abort_handle(),
-            reported: false,
+            outcome: None,
         })
     }
 
-    async fn handle(
+    async fn post_start(
         &self,
         myself: ActorRef<Self::Msg>,
-        msg: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            TaskMsg::Done(outcome) => state.report(outcome),
-            TaskMsg::Cancel => {
-                state.abort.abort();
-                state.report(Err(ErrorInfo::new(
-                    FailureKind::Cancelled,
-                    "the attempt was cancelled",
-                )));
-            }
-        }
+        let fut = AssertUnwindSafe((state.def.invoke)(state.spawn.args.clone())).catch_unwind();
+        let outcome = match state.spawn.timeout_ms.map(Duration::from_millis) {
+            Some(t) => match tokio::time::timeout(t, fut).await {
+                Ok(r) => r,
+                Err(_) => Ok(Err(ErrorInfo::new(
+                    FailureKind::Timeout,
+                    format!("the attempt ran over its timeout of {t:?} and was stopped"),
+                ))),
+            },
+            None => fut.await,
+        };
+        state.outcome =
+            Some(outcome.unwrap_or_else(|payload| Err(ErrorInfo::from_panic(&*payload))));
         myself.stop(None);
         Ok(())
     }
 
-    async fn post_stop(
+    async fn handle(
         &self,
         _myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
+        msg: Self::Msg,
+        _state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        state.abort.abort();
-        Ok(())
+        match msg {}
     }
 }

@@ -19,7 +19,7 @@ use pinazu_shared::options::CachePolicy;
 use pinazu_shared::registry::FlowDef;
 use pinazu_shared::store::ObjectStore;
 use pinazu_shared::transport::{AgentLink, ResultSink};
-use pinazu_shared::wire::{AgentInfo, AttemptFinished, AttemptStarted, Heartbeat};
+use pinazu_shared::wire::{AgentInfo, AttemptFinished, AttemptStarted, Heartbeat, Report};
 
 use crate::cache::{CacheActor, CacheCounters, CacheMsg};
 use crate::flow_runner::{FlowRunner, FlowRunnerArgs, FlowRunnerMsg, Seeds};
@@ -574,10 +574,41 @@ impl ResultSink for Inbound {
     }
 
     fn finished(&self, finished: AttemptFinished) {
-        let _ = self.shared.scheduler.send_message(SchedulerMsg::SlotFreed {
-            run: finished.flow_run_id,
-            attempt: finished.attempt_id,
-        });
+        let _ = self
+            .shared
+            .scheduler
+            .send_message(SchedulerMsg::SlotsFreed(vec![(
+                finished.flow_run_id,
+                finished.attempt_id,
+            )]));
         self.route(finished.flow_run_id, FlowRunnerMsg::Finished(finished));
+    }
+
+    /// One `SlotsFreed` for the batch, and one `Reports` per run.
+    fn report(&self, reports: Vec<Report>) {
+        let mut freed = Vec::new();
+        let mut per_run: Vec<(FlowRunId, Vec<Report>)> = Vec::new();
+        for r in reports {
+            let run = match &r {
+                Report::Started(s) => s.flow_run_id,
+                Report::Finished(f) => {
+                    freed.push((f.flow_run_id, f.attempt_id));
+                    f.flow_run_id
+                }
+            };
+            match per_run.iter_mut().find(|(id, _)| *id == run) {
+                Some((_, v)) => v.push(r),
+                None => per_run.push((run, vec![r])),
+            }
+        }
+        if !freed.is_empty() {
+            let _ = self
+                .shared
+                .scheduler
+                .send_message(SchedulerMsg::SlotsFreed(freed));
+        }
+        for (run, batch) in per_run {
+            self.route(run, FlowRunnerMsg::Reports(batch));
+        }
     }
 }

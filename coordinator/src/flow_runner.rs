@@ -19,7 +19,7 @@ use pinazu_shared::events::{now_timestamp, FlowStatus, FlowStatusMessage, TaskSt
 use pinazu_shared::ids::{AttemptId, CallId, FlowRunId};
 use pinazu_shared::options::CachePolicy;
 use pinazu_shared::registry::{FlowDef, TaskDef};
-use pinazu_shared::wire::{AttemptFinished, AttemptStarted, SpawnTask};
+use pinazu_shared::wire::{AttemptFinished, AttemptStarted, Report, SpawnTask};
 use pinazu_shared::BoxFuture;
 
 use crate::cache::CacheMsg;
@@ -56,6 +56,10 @@ pub enum FlowRunnerMsg {
     Started(AttemptStarted),
     /// An attempt ended.
     Finished(AttemptFinished),
+    /// Several reports of this run's attempts, in order.
+    Reports(Vec<Report>),
+    /// Hand the attempts dispatched since the last flush to the scheduler.
+    FlushDispatch,
     /// A retry's backoff elapsed.
     RetryDue(CallId),
     /// An attempt was lost (its agent died, or its spawn or report went missing).
@@ -127,6 +131,7 @@ pub struct FlowRunner;
 
 /// Its state.
 pub struct RunnerState {
+    myself: ActorRef<FlowRunnerMsg>,
     flow_run_id: FlowRunId,
     flow: &'static FlowDef,
     shared: Arc<CoordShared>,
@@ -142,6 +147,10 @@ pub struct RunnerState {
     /// Attempts an earlier coordinator process dispatched that agents still run, for
     /// calls the flow body has not made again yet.
     adoptable: HashMap<CallId, AttemptId>,
+    /// Attempts dispatched and not yet handed to the scheduler: a burst of calls goes as
+    /// one `Submit` (flushed by a `FlushDispatch` this runner sends itself, which it
+    /// handles after the messages already in its mailbox, or at `DISPATCH_BATCH`).
+    outbox: Vec<SpawnTask>,
     names: HashMap<&'static str, Arc<str>>,
     replay: Option<Replay>,
     seeds: Arc<Seeds>,
@@ -366,10 +375,38 @@ impl RunnerState {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         };
-        let _ = self
-            .shared
-            .scheduler
-            .send_message(SchedulerMsg::Submit(spawn));
+        self.outbox.push(spawn);
+        if self.outbox.len() >= DISPATCH_BATCH {
+            self.flush_dispatch();
+        } else if self.outbox.len() == 1 {
+            let _ = self.myself.send_message(FlowRunnerMsg::FlushDispatch);
+        }
+    }
+
+    fn flush_dispatch(&mut self) {
+        if self.finished {
+            self.outbox.clear();
+        } else if !self.outbox.is_empty() {
+            let batch = std::mem::take(&mut self.outbox);
+            let _ = self
+                .shared
+                .scheduler
+                .send_message(SchedulerMsg::Submit(batch));
+        }
+    }
+
+    fn started(&mut self, s: AttemptStarted) {
+        let current = self
+            .calls
+            .get_mut(&s.call_id)
+            .filter(|c| c.current == Some(s.attempt_id));
+        if let Some(call) = current {
+            call.executions += 1;
+            let (task, attempt) = (call.task.name, call.attempt);
+            RunStats::bump(&self.stats.executions);
+            let note = (attempt > 1).then(|| format!("attempt {attempt} on agent {}", s.agent_id));
+            self.task_event(task, FlowStatus::Running, None, None, note);
+        }
     }
 
     fn resolve(&mut self, call_id: CallId, result: Result<Payload, TaskError>) {
@@ -640,6 +677,9 @@ impl RunnerState {
 /// (in practice at most the agents' slots).
 const MAX_EARLY: usize = 1 << 20;
 
+/// Most attempts handed to the scheduler in one message.
+const DISPATCH_BATCH: usize = 256;
+
 fn json_to_msgpack(value: &Value) -> Bytes {
     Bytes::from(rmp_serde::to_vec_named(value).unwrap_or_default())
 }
@@ -768,6 +808,8 @@ impl Actor for FlowRunner {
             next_ordinal: 0,
             early: HashMap::new(),
             adoptable: HashMap::new(),
+            outbox: Vec::new(),
+            myself: myself.clone(),
             names: HashMap::new(),
             replay,
             seeds,
@@ -782,8 +824,15 @@ impl Actor for FlowRunner {
             if !start_delay.is_zero() {
                 tokio::time::sleep(start_delay).await;
             }
+            // unconstrained: a flow body joins thousands of call futures; under tokio's
+            // cooperative budget, a burst of answers past 128 made every further one
+            // report Pending and wake again, re-polled over and over (a profile showed
+            // `FuturesUnordered` wake-ups dominating once results arrived in batches)
             let result = FLOW_CONTEXT
-                .scope(ctx, AssertUnwindSafe(body).catch_unwind())
+                .scope(
+                    ctx,
+                    tokio::task::unconstrained(AssertUnwindSafe(body).catch_unwind()),
+                )
                 .await
                 .unwrap_or_else(|p| Err(ErrorInfo::from_panic(&*p)));
             let _ = me.send_message(FlowRunnerMsg::FlowDone(result));
@@ -809,21 +858,17 @@ impl Actor for FlowRunner {
                 Some(record) => state.cache_hit(call_id, record),
                 None => state.dispatch(call_id),
             },
-            FlowRunnerMsg::Started(s) => {
-                let current = state
-                    .calls
-                    .get_mut(&s.call_id)
-                    .filter(|c| c.current == Some(s.attempt_id));
-                if let Some(call) = current {
-                    call.executions += 1;
-                    let (task, attempt) = (call.task.name, call.attempt);
-                    RunStats::bump(&state.stats.executions);
-                    let note =
-                        (attempt > 1).then(|| format!("attempt {attempt} on agent {}", s.agent_id));
-                    state.task_event(task, FlowStatus::Running, None, None, note);
+            FlowRunnerMsg::Started(s) => state.started(s),
+            FlowRunnerMsg::Finished(f) => state.finished(&myself, f),
+            FlowRunnerMsg::Reports(reports) => {
+                for r in reports {
+                    match r {
+                        Report::Started(s) => state.started(s),
+                        Report::Finished(f) => state.finished(&myself, f),
+                    }
                 }
             }
-            FlowRunnerMsg::Finished(f) => state.finished(&myself, f),
+            FlowRunnerMsg::FlushDispatch => state.flush_dispatch(),
             FlowRunnerMsg::RetryDue(call_id) => state.dispatch(call_id),
             FlowRunnerMsg::AttemptLost {
                 call_id,

@@ -247,9 +247,10 @@ pub async fn serve(
             let (agent, seq) = (batch.agent_id.clone(), batch.seq);
             let mut runs = Vec::new();
             let mut fetching = 0;
+            let mut inline = Vec::with_capacity(batch.reports.len());
             for report in batch.reports {
                 match report {
-                    Report::Started(s) => sink.started(s),
+                    Report::Started(s) => inline.push(Report::Started(s)),
                     Report::Finished(f) if f.result_ref.is_some() => {
                         runs.push(f.flow_run_id);
                         fetching += 1;
@@ -267,10 +268,11 @@ pub async fn serve(
                     }
                     Report::Finished(f) => {
                         runs.push(f.flow_run_id);
-                        sink.finished(f)
+                        inline.push(Report::Finished(f));
                     }
                 }
             }
+            sink.report(inline);
             if let Ok(mut a) = acks.lock() {
                 a.received(agent, seq, batch.acked, fetching, runs);
             }

@@ -50,15 +50,10 @@ pub enum SchedulerMsg {
     Heartbeat(Heartbeat),
     /// Periodic liveness and schedule-timeout check.
     Tick,
-    /// An attempt wants a slot.
-    Submit(SpawnTask),
-    /// An attempt ended; its slot is free.
-    SlotFreed {
-        /// The run.
-        run: FlowRunId,
-        /// The attempt.
-        attempt: AttemptId,
-    },
+    /// Attempts (of one run) want slots.
+    Submit(Vec<SpawnTask>),
+    /// Attempts ended; their slots are free.
+    SlotsFreed(Vec<(FlowRunId, AttemptId)>),
     /// Drop a run's queued attempts and cancel its running ones.
     CancelRun(FlowRunId),
     /// A view of the agents.
@@ -533,25 +528,31 @@ impl Actor for Scheduler {
                 state.tick();
                 state.dispatch();
             }
-            SchedulerMsg::Submit(task) => {
-                let run = task.flow_run_id;
-                let queue = state.queues.entry(run).or_default();
-                if queue.is_empty() {
-                    state.round_robin.push_back(run);
+            SchedulerMsg::Submit(tasks) => {
+                let now = Instant::now();
+                for task in tasks {
+                    let run = task.flow_run_id;
+                    let queue = state.queues.entry(run).or_default();
+                    if queue.is_empty() {
+                        state.round_robin.push_back(run);
+                    }
+                    queue.push_back(Queued { since: now, task });
                 }
-                queue.push_back(Queued {
-                    since: Instant::now(),
-                    task,
-                });
                 state.dispatch();
             }
-            SchedulerMsg::SlotFreed { run, attempt } => {
+            SchedulerMsg::SlotsFreed(attempts) => {
                 // idempotent: only an attempt we dispatched frees a slot, once
-                if let Some(d) = state.running.remove(&(run, attempt)) {
-                    let a = &mut state.agents[d.agent];
-                    if a.alive {
-                        a.free = (a.free + 1).min(a.info.slots);
+                let mut freed = false;
+                for key in attempts {
+                    if let Some(d) = state.running.remove(&key) {
+                        let a = &mut state.agents[d.agent];
+                        if a.alive {
+                            a.free = (a.free + 1).min(a.info.slots);
+                        }
+                        freed = true;
                     }
+                }
+                if freed {
                     state.dispatch();
                 }
             }

@@ -3,7 +3,7 @@
 //! the boundary.
 
 use crate::ids::{AgentId, AttemptId, FlowRunId};
-use crate::wire::{AttemptFinished, AttemptStarted, SpawnTask};
+use crate::wire::{AttemptFinished, AttemptStarted, Report, SpawnTask};
 
 /// How the coordinator reaches an agent.
 pub trait AgentLink: Send + Sync + 'static {
@@ -20,4 +20,14 @@ pub trait ResultSink: Send + Sync + 'static {
     fn started(&self, started: AttemptStarted);
     /// An attempt ended (success, failure, timeout, panic or cancellation).
     fn finished(&self, finished: AttemptFinished);
+    /// Several reports at once, in order (the coordinator routes them as one message per
+    /// run: fewer mailbox operations than one per report).
+    fn report(&self, reports: Vec<Report>) {
+        for r in reports {
+            match r {
+                Report::Started(s) => self.started(s),
+                Report::Finished(f) => self.finished(f),
+            }
+        }
+    }
 }
