@@ -30,8 +30,11 @@ fn pattern(seed: u64, bytes: u64) -> Vec<u8> {
 async fn payloads(
     #[default(50)] count: u64,
     #[default(1_048_576)] bytes: u64,
+    #[default(0)] pause_ms: u64,
 ) -> anyhow::Result<serde_json::Value> {
     let results = pinazu_flows::map(0..count, 64, |i| blob(i, bytes)).await;
+    // a pause between the stages (the fault tests kill the coordinator in it)
+    tokio::time::sleep(std::time::Duration::from_millis(pause_ms)).await;
     let mut total = 0u64;
     let mut first = None;
     for (i, r) in results.into_iter().enumerate() {

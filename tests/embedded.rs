@@ -722,6 +722,7 @@ async fn a_replay_that_diverges_from_its_journal_fails_clearly() {
             task: "always_fails".into(),
             outcome: Ok(bytes::Bytes::from(rmp_serde::to_vec(&7u64).unwrap())),
             executions: 1,
+            outcome_ref: None,
         },
     );
     journal.flush().await.unwrap();

@@ -129,6 +129,10 @@ impl ResultSink for NatsReportSink {
         }
         self.send(Report::Finished(f));
     }
+
+    fn batches(&self) -> bool {
+        true
+    }
 }
 
 impl NatsReportSink {

@@ -48,7 +48,8 @@ pub struct SupervisorState {
     running: HashMap<ActorId, Running>,
     by_attempt: HashMap<(FlowRunId, AttemptId), ActorId>,
     /// To the reporter task, which hands the sink whatever gathered while it was busy
-    /// (one batch per wake-up, so a burst of attempts ending is one `report` call).
+    /// (one batch per wake-up, so a burst of attempts ending is one `report` call);
+    /// `None` when the sink batches itself.
     reports: Option<mpsc::UnboundedSender<Report>>,
 }
 
@@ -79,7 +80,7 @@ impl SupervisorState {
             Some(tx) => {
                 let _ = tx.send(report);
             }
-            // stopping: straight to the sink
+            // the sink batches itself, or the supervisor is stopping
             None => self.args.sink.report(vec![report]),
         }
     }
@@ -119,13 +120,17 @@ impl Actor for TaskSupervisor {
         _myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(reporter(args.sink.clone(), rx));
+        // a sink that batches itself (NATS) gets each report at once: no second hop
+        let reports = (!args.sink.batches()).then(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(reporter(args.sink.clone(), rx));
+            tx
+        });
         Ok(SupervisorState {
             args,
             running: HashMap::new(),
             by_attempt: HashMap::new(),
-            reports: Some(tx),
+            reports,
         })
     }
 

@@ -183,6 +183,8 @@ pub struct CoordShared {
     /// This process's epoch: the high half of every attempt id it issues.
     pub(crate) epoch: u32,
     attempts: AtomicU32,
+    /// The object store (large results the journal points at).
+    store: Arc<dyn ObjectStore>,
 }
 
 impl CoordShared {
@@ -260,7 +262,8 @@ impl Coordinator {
         )
         .await?;
         let cache_counters = Arc::new(CacheCounters::default());
-        let (cache, _) = Actor::spawn(None, CacheActor, (store, cache_counters.clone())).await?;
+        let (cache, _) =
+            Actor::spawn(None, CacheActor, (store.clone(), cache_counters.clone())).await?;
         let (status, _) =
             Actor::spawn(None, StatusPublisher, (config.header.clone(), sink)).await?;
         Ok(Coordinator {
@@ -276,6 +279,7 @@ impl Coordinator {
                 unknown_run_reports: AtomicU64::new(0),
                 epoch,
                 attempts: AtomicU32::new(0),
+                store,
             }),
             cache_counters,
         })
@@ -466,7 +470,10 @@ impl Coordinator {
             .read(flow_run_id)
             .await
             .map_err(|e| StartError::Journal(e.to_string()))?;
-        let replay = Replay::from_entries(&entries);
+        let mut replay = Replay::from_entries(&entries);
+        if let Some(r) = replay.as_mut() {
+            r.load_refs(&*self.shared.store).await;
+        }
         let mut params = params;
         if let Some(r) = &replay {
             if r.flow != flow.name {

@@ -7,15 +7,18 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde_json::Value;
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
+use std::time::SystemTime;
 use tokio::sync::{oneshot, watch};
 
 use pinazu_shared::cache::{object_key, original_md5, CacheResult};
 use pinazu_shared::error::{ErrorInfo, FailureKind, TaskError};
-use pinazu_shared::events::{now_timestamp, FlowStatus, FlowStatusMessage, TaskStatusMessage};
+use pinazu_shared::events::{now_timestamp, FlowStatus, FlowStatusMessage};
 use pinazu_shared::ids::{AttemptId, CallId, FlowRunId};
 use pinazu_shared::options::CachePolicy;
 use pinazu_shared::registry::{FlowDef, TaskDef};
@@ -28,7 +31,7 @@ use crate::coordinator::{CoordShared, FlowRunOutcome};
 use crate::journal::{JournalEntry, Replay};
 use crate::scheduler::SchedulerMsg;
 use crate::stats::RunStats;
-use crate::status::StatusMsg;
+use crate::status::{StatusMsg, TaskTransition};
 
 type CallReply = oneshot::Sender<Result<Payload, TaskError>>;
 
@@ -138,15 +141,16 @@ pub struct RunnerState {
     stats: Arc<RunStats>,
     outcome: watch::Sender<Option<FlowRunOutcome>>,
     body: Option<tokio::task::AbortHandle>,
-    calls: HashMap<CallId, CallState>,
-    occurrences: HashMap<u64, u32>,
+    calls: CallMap<CallState>,
+    occurrences: HashMap<u64, u32, BuildHasherDefault<IdHasher>>,
+    task_events: RefCell<Vec<TaskTransition>>,
     next_ordinal: u64,
     /// Results of attempts an earlier coordinator process dispatched, for calls the
     /// flow body has not made again yet.
-    early: HashMap<CallId, AttemptFinished>,
+    early: CallMap<AttemptFinished>,
     /// Attempts an earlier coordinator process dispatched that agents still run, for
     /// calls the flow body has not made again yet.
-    adoptable: HashMap<CallId, AttemptId>,
+    adoptable: CallMap<AttemptId>,
     /// Attempts dispatched and not yet handed to the scheduler: a burst of calls goes as
     /// one `Submit` (flushed by a `FlushDispatch` this runner sends itself, which it
     /// handles after the messages already in its mailbox, or at `DISPATCH_BATCH`).
@@ -159,9 +163,12 @@ pub struct RunnerState {
 }
 
 impl RunnerState {
+    /// Queues a task transition; the queue goes to the status publisher as one message
+    /// at the end of the runner's current message (`send_events`), which formats it off
+    /// the runner's path.
     fn task_event(
         &self,
-        task: &str,
+        task: &'static str,
         status: FlowStatus,
         cache_key: Option<String>,
         error: Option<&ErrorInfo>,
@@ -170,21 +177,27 @@ impl RunnerState {
         if !self.events {
             return;
         }
-        let _ = self
-            .shared
-            .status
-            .send_message(StatusMsg::Task(TaskStatusMessage {
-                flow_run_id: self.flow_run_id,
-                task_name: task.to_string(),
-                status,
-                result_cache_key: cache_key,
-                error_message: error.map(|e| e.to_string()).or(note),
-                traceback: error.and_then(|e| e.traceback.clone()),
-                event_timestamp: now_timestamp(),
-            }));
+        self.task_events.borrow_mut().push(TaskTransition {
+            flow_run_id: self.flow_run_id,
+            task,
+            status,
+            result_cache_key: cache_key,
+            error_message: error.map(|e| e.to_string()).or(note),
+            traceback: error.and_then(|e| e.traceback.clone()),
+            at: SystemTime::now(),
+        });
+    }
+
+    fn send_events(&self) {
+        let events = std::mem::take(&mut *self.task_events.borrow_mut());
+        if !events.is_empty() {
+            let _ = self.shared.status.send_message(StatusMsg::Tasks(events));
+        }
     }
 
     fn flow_event(&self, status: FlowStatus, error: Option<&ErrorInfo>) {
+        // after the task transitions before it
+        self.send_events();
         let _ = self
             .shared
             .status
@@ -302,7 +315,7 @@ impl RunnerState {
                 None,
                 Some("result passed in by --success-task-results".into()),
             );
-            self.journal_end(call_id, Ok(json_to_msgpack(&value)));
+            self.journal_end(call_id, Ok(json_to_msgpack(&value)), None);
             self.resolve(call_id, Ok(Payload::Json(value)));
             return;
         }
@@ -429,7 +442,7 @@ impl RunnerState {
         RunStats::bump(&self.stats.cache_hits);
         let key = call.cache.as_ref().map(|(k, _)| k.clone());
         self.task_event(call.task.name, FlowStatus::Success, key, None, None);
-        self.journal_end(call_id, Ok(json_to_msgpack(&record.result)));
+        self.journal_end(call_id, Ok(json_to_msgpack(&record.result)), None);
         self.resolve(call_id, Ok(Payload::Json(record.result)));
     }
 
@@ -470,7 +483,7 @@ impl RunnerState {
                     }
                 }
                 self.task_event(task.name, FlowStatus::Success, cache_key, None, None);
-                self.journal_end(f.call_id, Ok(bytes.clone()));
+                self.journal_end(f.call_id, Ok(bytes.clone()), f.result_ref);
                 self.resolve(f.call_id, Ok(Payload::Msgpack(bytes)));
             }
             Err(info) => {
@@ -491,7 +504,7 @@ impl RunnerState {
                 } else {
                     tracing::warn!(flow_run_id = %self.flow_run_id, task = task.name, call_id = %f.call_id, attempts = attempt, error = %info, "task failed");
                     self.task_event(task.name, FlowStatus::Failed, None, Some(&info), None);
-                    self.journal_end(f.call_id, Err(info.clone()));
+                    self.journal_end(f.call_id, Err(info.clone()), None);
                     self.resolve(
                         f.call_id,
                         Err(TaskError::Failed {
@@ -653,12 +666,22 @@ impl RunnerState {
     }
 
     /// Journals a call's final outcome (a replayed call is not journaled again).
-    fn journal_end(&self, call_id: CallId, outcome: Result<Bytes, ErrorInfo>) {
+    /// A result the agent stored (`outcome_ref`) is journaled by reference, not copied.
+    fn journal_end(
+        &self,
+        call_id: CallId,
+        outcome: Result<Bytes, ErrorInfo>,
+        outcome_ref: Option<String>,
+    ) {
         if !self.shared.journal.enabled() {
             return;
         }
         let Some(call) = self.calls.get(&call_id) else {
             return;
+        };
+        let outcome = match (&outcome_ref, outcome) {
+            (Some(_), Ok(_)) => Ok(Bytes::new()),
+            (_, o) => o,
         };
         self.shared.journal.append(
             self.flow_run_id,
@@ -668,10 +691,35 @@ impl RunnerState {
                 task: call.task.name.to_string(),
                 outcome,
                 executions: call.executions,
+                outcome_ref,
             },
         );
     }
 }
+
+/// Call ids are already hashes (xxh3 of task and arguments): a map keyed by them needs
+/// only a cheap mix, not SipHash (which showed in the runner's profile).
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(u64::from(v));
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
+
+type CallMap<V> = HashMap<CallId, V, BuildHasherDefault<IdHasher>>;
 
 /// Bound on results and attempts held for calls the flow body has not made again yet
 /// (in practice at most the agents' slots).
@@ -803,11 +851,12 @@ impl Actor for FlowRunner {
             stats,
             outcome,
             body: None,
-            calls: HashMap::new(),
-            occurrences: HashMap::new(),
+            calls: CallMap::default(),
+            occurrences: HashMap::default(),
+            task_events: RefCell::new(Vec::new()),
             next_ordinal: 0,
-            early: HashMap::new(),
-            adoptable: HashMap::new(),
+            early: CallMap::default(),
+            adoptable: CallMap::default(),
             outbox: Vec::new(),
             myself: myself.clone(),
             names: HashMap::new(),
@@ -910,6 +959,7 @@ impl Actor for FlowRunner {
                 }
             }
         }
+        state.send_events();
         Ok(())
     }
 }

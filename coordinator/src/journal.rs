@@ -16,6 +16,7 @@ use pinazu_shared::codec::{decode_envelope, encode_envelope};
 use pinazu_shared::error::ErrorInfo;
 use pinazu_shared::events::FlowStatus;
 use pinazu_shared::ids::{CallId, FlowRunId};
+use pinazu_shared::store::ObjectStore;
 use pinazu_shared::BoxFuture;
 
 /// One journal entry.
@@ -42,6 +43,10 @@ pub enum JournalEntry {
         outcome: Result<Bytes, ErrorInfo>,
         /// Attempts that executed.
         executions: u32,
+        /// Object-store key of a large result (then `outcome` is empty): the payload the
+        /// agent stored, kept until the run ends.
+        #[serde(default)]
+        outcome_ref: Option<String>,
     },
     /// The run ended.
     RunEnded {
@@ -51,7 +56,7 @@ pub enum JournalEntry {
 }
 
 /// Errors of a journal.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("journal: {0}")]
 pub struct JournalError(pub String);
 
@@ -301,6 +306,8 @@ pub struct Ended {
     pub task: String,
     /// The outcome.
     pub outcome: Result<Bytes, ErrorInfo>,
+    /// Where a large result is stored (`outcome` is empty until `load_refs`).
+    pub outcome_ref: Option<String>,
 }
 
 /// What a run's journal says, ready to answer calls during a replay.
@@ -346,6 +353,7 @@ impl Replay {
                     task,
                     outcome,
                     executions,
+                    outcome_ref,
                 } => {
                     let r = r.get_or_insert_with(Replay::default);
                     r.executions += *executions as u64;
@@ -356,6 +364,7 @@ impl Replay {
                             ordinal: *ordinal,
                             task: task.clone(),
                             outcome: outcome.clone(),
+                            outcome_ref: outcome_ref.clone(),
                         },
                     );
                 }
@@ -373,6 +382,35 @@ impl Replay {
             r.by_ordinal.retain(|_, c| kept.contains(c));
         }
         Some(r)
+    }
+
+    /// Loads the large results the journal points at from the store. A call whose
+    /// result cannot be read is dropped from the replay (it runs again).
+    pub async fn load_refs(&mut self, store: &dyn ObjectStore) {
+        let refs: Vec<(CallId, String)> = self
+            .calls
+            .iter()
+            .filter_map(|(id, e)| e.outcome_ref.clone().map(|k| (*id, k)))
+            .collect();
+        for (id, key) in refs {
+            match store.get(&key).await {
+                Ok(Some(bytes)) => {
+                    if let Some(e) = self.calls.get_mut(&id) {
+                        e.outcome = Ok(bytes);
+                    }
+                }
+                other => {
+                    let why = match other {
+                        Err(e) => e.to_string(),
+                        _ => "missing".into(),
+                    };
+                    tracing::warn!(call_id = %id, key, error = %why, "a journaled result cannot be read; the call runs again");
+                    if let Some(e) = self.calls.remove(&id) {
+                        self.by_ordinal.remove(&e.ordinal);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -394,7 +432,41 @@ mod tests {
                 ))
             },
             executions: 2,
+            outcome_ref: None,
         }
+    }
+
+    #[tokio::test]
+    async fn large_results_are_loaded_from_the_store_and_missing_ones_run_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = pinazu_shared::store::LocalDirStore::new(dir.path());
+        store
+            .put("payloads/r/big", Bytes::from_static(b"big result"))
+            .await
+            .unwrap();
+        let by_ref = |ordinal, key: u64, object: &str| JournalEntry::CallEnded {
+            ordinal,
+            call_id: CallId { key, seq: 0 },
+            task: "t".into(),
+            outcome: Ok(Bytes::new()),
+            executions: 1,
+            outcome_ref: Some(object.into()),
+        };
+        let entries = vec![
+            JournalEntry::RunStarted {
+                flow: "f".into(),
+                params: Map::new(),
+                idempotency_key: None,
+            },
+            by_ref(0, 1, "payloads/r/big"),
+            by_ref(1, 2, "payloads/r/gone"),
+        ];
+        let mut r = Replay::from_entries(&entries).unwrap();
+        r.load_refs(&store).await;
+        let found = &r.calls[&CallId { key: 1, seq: 0 }];
+        assert_eq!(found.outcome.as_ref().unwrap().as_ref(), b"big result");
+        assert!(!r.calls.contains_key(&CallId { key: 2, seq: 0 }));
+        assert!(!r.by_ordinal.contains_key(&1));
     }
 
     #[test]

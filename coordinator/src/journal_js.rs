@@ -5,7 +5,9 @@
 //! Two streams: `<P>_JOURNAL` holds every entry on `<prefix>.journal.<run>`;
 //! `<P>_RUNS` keeps only each run's latest state (`max_messages_per_subject = 1`) on
 //! `<prefix>.runs.<run>`, so finding unfinished runs reads one message per run.
-//! Appends are pipelined: published without waiting, acks collected in the background;
+//! Appends are batched: what queued while the writer was busy goes out as one message
+//! per run (length-prefixed entries, up to the server's max payload), pipelined:
+//! published without waiting, acks collected in the background;
 //! `flush` waits for every ack. What JetStream did not store (server unreachable, no
 //! ack) is kept in order and published again until it is: nothing is dropped, and
 //! `flush` reports an error while anything is outstanding.
@@ -20,7 +22,7 @@ use pinazu_shared::codec::{decode_envelope, encode_envelope};
 use pinazu_shared::ids::FlowRunId;
 use pinazu_shared::BoxFuture;
 
-use crate::journal::{Journal, JournalEntry, JournalError, Replay};
+use crate::journal::{parse_frames, Journal, JournalEntry, JournalError, Replay};
 
 enum Cmd {
     Append(String, Option<String>, Bytes),
@@ -57,6 +59,7 @@ fn stream_name(prefix: &str, suffix: &str) -> String {
 impl JetStreamJournal {
     /// Creates (or finds) the streams and starts the writer.
     pub async fn open(client: async_nats::Client, prefix: &str) -> Result<Self, JournalError> {
+        let client_max_payload = client.server_info().max_payload;
         let js = jetstream::new(client);
         let journal = js
             .get_or_create_stream(stream::Config {
@@ -85,7 +88,9 @@ impl JetStreamJournal {
             .await
             .map_err(|e| err("cannot create the runs stream", e))?;
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer(js, rx));
+        // a message must stay under the server's limit (with room for headers)
+        let limit = (client_max_payload.saturating_sub(4096)).max(64 * 1024);
+        tokio::spawn(writer(js, rx, limit));
         Ok(JetStreamJournal {
             prefix: prefix.to_string(),
             journal,
@@ -173,12 +178,72 @@ impl Outstanding {
     }
 }
 
-async fn writer(js: jetstream::Context, mut rx: mpsc::UnboundedReceiver<Cmd>) {
+/// Commands taken per batch, at most.
+const MAX_CMDS: usize = 4096;
+
+/// Journal messages of one writer batch: each run's entries go as few messages as fit
+/// (length-prefixed frames, as in the local journal), the runs stream one per entry.
+struct Batch {
+    limit: usize,
+    messages: Vec<(String, Vec<u8>)>,
+    /// Index in `messages` of the open journal message of each subject.
+    open: std::collections::HashMap<String, usize>,
+}
+
+impl Batch {
+    fn new(limit: usize) -> Self {
+        Batch {
+            limit,
+            messages: Vec::new(),
+            open: std::collections::HashMap::new(),
+        }
+    }
+
+    fn too_large(&self, subject: &str, len: usize) -> bool {
+        if len + 4 > self.limit {
+            tracing::error!(subject, bytes = len, limit = self.limit, "journal entry larger than the NATS max payload; not journaled (the call runs again on resume)");
+            return true;
+        }
+        false
+    }
+
+    /// Appends an entry to the subject's open message, or opens a new one.
+    fn framed(&mut self, subject: String, envelope: &[u8]) {
+        if self.too_large(&subject, envelope.len()) {
+            return;
+        }
+        let fits = self
+            .open
+            .get(&subject)
+            .is_some_and(|&i| self.messages[i].1.len() + 4 + envelope.len() <= self.limit);
+        let i = match self.open.get(&subject) {
+            Some(&i) if fits => i,
+            _ => {
+                self.messages.push((subject.clone(), Vec::new()));
+                let i = self.messages.len() - 1;
+                self.open.insert(subject, i);
+                i
+            }
+        };
+        let body = &mut self.messages[i].1;
+        body.extend_from_slice(&(envelope.len() as u32).to_le_bytes());
+        body.extend_from_slice(envelope);
+    }
+
+    /// A message of its own, holding one envelope.
+    fn single(&mut self, subject: String, envelope: &[u8]) {
+        if !self.too_large(&subject, envelope.len()) {
+            self.messages.push((subject, envelope.to_vec()));
+        }
+    }
+}
+
+async fn writer(js: jetstream::Context, mut rx: mpsc::UnboundedReceiver<Cmd>, limit: usize) {
     let mut out = Outstanding::default();
     let mut retry = tokio::time::interval(RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let cmd = tokio::select! {
+        let first = tokio::select! {
             cmd = rx.recv() => match cmd {
                 Some(cmd) => cmd,
                 None => break,
@@ -188,19 +253,34 @@ async fn writer(js: jetstream::Context, mut rx: mpsc::UnboundedReceiver<Cmd>) {
                 continue;
             }
         };
-        match cmd {
-            Cmd::Append(subject, also, payload) => {
-                for s in std::iter::once(subject).chain(also) {
-                    out.publish(&js, s, payload.clone()).await;
+        // everything queued meanwhile goes in this batch
+        let mut batch = Batch::new(limit);
+        let mut flushes = Vec::new();
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(cmd) = next.take() {
+            match cmd {
+                Cmd::Append(subject, also, envelope) => {
+                    batch.framed(subject, &envelope);
+                    if let Some(runs) = also {
+                        batch.single(runs, &envelope);
+                    }
                 }
-                // keep the window bounded
-                if out.pending.len() >= 4096 {
-                    let _ = out.settle(&js).await;
-                }
+                Cmd::Flush(done) => flushes.push(done),
             }
-            Cmd::Flush(done) => {
-                let r = out.settle(&js).await;
-                let _ = done.send(r);
+            taken += 1;
+            if taken < MAX_CMDS {
+                next = rx.try_recv().ok();
+            }
+        }
+        for (subject, body) in batch.messages {
+            out.publish(&js, subject, Bytes::from(body)).await;
+        }
+        // keep the window of unacknowledged messages bounded
+        if !flushes.is_empty() || out.pending.len() >= 1024 {
+            let r = out.settle(&js).await;
+            for done in flushes {
+                let _ = done.send(r.clone());
             }
         }
     }
@@ -286,13 +366,13 @@ impl Journal for JetStreamJournal {
                 consumer::DeliverPolicy::All,
             )
             .await?;
+            // each message holds one or more length-prefixed entries
             let mut entries = Vec::with_capacity(msgs.len());
             for (_, payload) in msgs {
-                match decode_envelope::<JournalEntry>(&payload) {
-                    Ok(e) => entries.push(e),
-                    Err(e) => {
-                        tracing::warn!(flow_run_id = %run, error = %e, "skipping an undecodable journal entry")
-                    }
+                let before = entries.len();
+                entries.extend(parse_frames(&payload));
+                if entries.len() == before && !payload.is_empty() {
+                    tracing::warn!(flow_run_id = %run, bytes = payload.len(), "skipping an undecodable journal message");
                 }
             }
             Ok(entries)

@@ -585,14 +585,20 @@ pub fn watch_run(
     });
 }
 
-/// Replaces a result reference by the result; a missing or unreadable payload is a
-/// failed attempt (retried per the task's policy).
+/// Loads a result that travelled by reference (the reference stays, so the journal can
+/// point at the stored object instead of copying it); a missing or unreadable payload is
+/// a failed attempt (retried per the task's policy).
 async fn fetch_result(store: &dyn ObjectStore, mut f: AttemptFinished) -> AttemptFinished {
-    let Some(key) = f.result_ref.take() else {
+    let Some(key) = f.result_ref.clone() else {
         return f;
     };
     f.outcome = match store.get(&key).await {
-        Ok(Some(bytes)) => Ok(bytes),
+        Ok(Some(bytes)) => {
+            return AttemptFinished {
+                outcome: Ok(bytes),
+                ..f
+            }
+        }
         Ok(None) => Err(ErrorInfo::new(
             FailureKind::Error,
             format!("the result payload {key} is missing from the store"),
@@ -602,6 +608,7 @@ async fn fetch_result(store: &dyn ObjectStore, mut f: AttemptFinished) -> Attemp
             format!("the result payload {key} could not be read: {e}"),
         )),
     };
+    f.result_ref = None;
     f
 }
 

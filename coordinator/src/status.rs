@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::sync::{Arc, Mutex};
 
 use pinazu_shared::events::{
-    Event, EventHeader, FlowStatusMessage, TaskStatusMessage, FLOW_STATUS_SUBJECT,
+    timestamp, Event, EventHeader, FlowStatusMessage, TaskStatusMessage, FLOW_STATUS_SUBJECT,
     TASK_STATUS_SUBJECT,
 };
 use pinazu_shared::BoxFuture;
@@ -87,14 +87,33 @@ impl EventSink for CollectingSink {
 pub enum StatusMsg {
     /// A flow transition.
     Flow(FlowStatusMessage),
-    /// A task transition.
-    Task(TaskStatusMessage),
+    /// Task transitions, in order (formatted here, off the runner's path).
+    Tasks(Vec<TaskTransition>),
     /// Reply once everything before it is delivered.
     Flush(RpcReplyPort<()>),
 }
 
 /// The status publisher actor.
 pub struct StatusPublisher;
+
+/// A task's status transition, as a runner records it.
+#[derive(Debug)]
+pub struct TaskTransition {
+    /// The run.
+    pub flow_run_id: pinazu_shared::ids::FlowRunId,
+    /// The task.
+    pub task: &'static str,
+    /// Its new status.
+    pub status: pinazu_shared::events::FlowStatus,
+    /// The cache object key, when the result came from or went to the cache.
+    pub result_cache_key: Option<String>,
+    /// One-line error or note.
+    pub error_message: Option<String>,
+    /// The error chain.
+    pub traceback: Option<String>,
+    /// When.
+    pub at: std::time::SystemTime,
+}
 
 /// Its state.
 pub struct StatusState {
@@ -138,9 +157,20 @@ impl Actor for StatusPublisher {
                 let at = m.event_timestamp.clone();
                 state.publish(FLOW_STATUS_SUBJECT, m, at)
             }
-            StatusMsg::Task(m) => {
-                let at = m.event_timestamp.clone();
-                state.publish(TASK_STATUS_SUBJECT, m, at)
+            StatusMsg::Tasks(transitions) => {
+                for t in transitions {
+                    let at = timestamp(t.at);
+                    let m = TaskStatusMessage {
+                        flow_run_id: t.flow_run_id,
+                        task_name: t.task.to_string(),
+                        status: t.status,
+                        result_cache_key: t.result_cache_key,
+                        error_message: t.error_message,
+                        traceback: t.traceback,
+                        event_timestamp: at.clone(),
+                    };
+                    state.publish(TASK_STATUS_SUBJECT, m, at)
+                }
             }
             StatusMsg::Flush(reply) => {
                 state.sink.flush().await;
