@@ -18,10 +18,13 @@ async fn noop(i: u64) -> anyhow::Result<u64> {
     Ok(i)
 }
 
-/// Sleeps `ms`.
+/// Sleeps `ms`, precisely: tokio's timer rounds up to its next millisecond tick, so
+/// `tokio::time::sleep(50 ms)` takes 51.2 ms on average here, which alone would cap W3 at
+/// 0.976 whatever the engine does; a thread sleep on the blocking pool takes ~50.1 ms (as
+/// `time.sleep` in the Python engines compared).
 #[task]
 async fn nap(i: u64, ms: u64) -> anyhow::Result<u64> {
-    tokio::time::sleep(Duration::from_millis(ms)).await;
+    tokio::task::spawn_blocking(move || std::thread::sleep(Duration::from_millis(ms))).await?;
     Ok(i)
 }
 

@@ -30,15 +30,20 @@ rss() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status" 2>/dev/null || 
 # run MODE LABEL FLOW ARGS... : best-of-N median; one JSON line per run kept
 measure() {
   local mode=$1 label=$2; shift 2
-  for i in $(seq 1 "$runs"); do
+  # one warm-up run, not recorded (first runs pay for allocator growth, the payload
+  # directory, connection set-up); then the measured runs
+  local first=0
+  [ "$label" = W3 ] && first=1 # 10 s of sleeps: nothing to warm up
+  for i in $(seq "$first" "$runs"); do
     local line
     if [ "$mode" = embedded ]; then
       line=$(env -u NATS_URL "$bin" --no-journal --no-progress "$@" 2>/dev/null | tail -n1)
     else
       line=$(NATS_URL="nats://127.0.0.1:$port" "$bin" run --no-progress "$@" 2>/dev/null | tail -n1)
     fi
-    echo "{\"mode\":\"$mode\",\"label\":\"$label\",\"run\":$i,\"line\":$line}" >>"$out"
+    [ "$i" -gt 0 ] && echo "{\"mode\":\"$mode\",\"label\":\"$label\",\"run\":$i,\"line\":$line}" >>"$out"
   done
+  return 0
 }
 
 start_cluster() { # SLOTS JOURNAL(on|off)

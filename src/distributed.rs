@@ -352,6 +352,9 @@ async fn coordinator(
     ExitCode::SUCCESS
 }
 
+/// How long `run` waits for a coordinator to serve before giving up.
+const START_WAIT: Duration = Duration::from_secs(30);
+
 /// How often agents heartbeat.
 const AGENT_HEARTBEAT: Duration = Duration::from_secs(1);
 
@@ -441,20 +444,46 @@ async fn request(
     verb: &str,
     req: &ApiRequest,
 ) -> Result<ApiReply, String> {
-    let body = encode_envelope(req).map_err(|e| e.to_string())?;
-    let msg = tokio::time::timeout(
-        Duration::from_secs(15),
-        client.request(subjects.api(verb), Bytes::from(body)),
-    )
-    .await
-    .map_err(|_| "the coordinator did not answer within 15 s".to_string())?
-    .map_err(|e| match e.kind() {
-        async_nats::RequestErrorKind::NoResponders => format!(
-            "no coordinator is serving on {} (start one with `coordinator`, same NATS_URL and subject prefix)",
-            subjects.api(verb)
-        ),
-        _ => format!("request to the coordinator failed: {e}"),
-    })?;
+    request_waiting(client, subjects, verb, req, Duration::ZERO).await
+}
+
+/// Sends one API request; while no coordinator serves (e.g. one is restarting and
+/// resuming its runs), tries again for up to `wait`.
+async fn request_waiting(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    verb: &str,
+    req: &ApiRequest,
+    wait: Duration,
+) -> Result<ApiReply, String> {
+    let body = Bytes::from(encode_envelope(req).map_err(|e| e.to_string())?);
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut told = false;
+    let msg = loop {
+        let reply = tokio::time::timeout(
+            Duration::from_secs(15),
+            client.request(subjects.api(verb), body.clone()),
+        )
+        .await
+        .map_err(|_| "the coordinator did not answer within 15 s".to_string())?;
+        match reply {
+            Ok(msg) => break msg,
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(format!(
+                        "no coordinator is serving on {} (start one with `coordinator`, same NATS_URL and subject prefix)",
+                        subjects.api(verb)
+                    ));
+                }
+                if !told {
+                    told = true;
+                    tracing::warn!(subject = %subjects.api(verb), "no coordinator is serving yet; waiting for one (up to {} s)", wait.as_secs());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(format!("request to the coordinator failed: {e}")),
+        }
+    };
     decode_envelope(&msg.payload).map_err(|e| format!("bad reply from the coordinator: {e}"))
 }
 
@@ -524,7 +553,8 @@ async fn submit(
         ),
         success_task_results: a.run.success_task_results.clone(),
     };
-    let started = match request(&client, &subjects, "start", &req).await {
+    // a coordinator that is restarting serves again once it has resumed its runs
+    let started = match request_waiting(&client, &subjects, "start", &req, START_WAIT).await {
         Ok(ApiReply::Started { run, existing }) => {
             if existing {
                 tracing::info!(flow_run_id = %run.flow_run_id, "this run already exists; following it");
