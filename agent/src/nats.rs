@@ -129,10 +129,6 @@ impl ResultSink for NatsReportSink {
         }
         self.send(Report::Finished(f));
     }
-
-    fn batches(&self) -> bool {
-        true
-    }
 }
 
 impl NatsReportSink {

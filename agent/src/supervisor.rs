@@ -49,7 +49,7 @@ pub struct SupervisorState {
     by_attempt: HashMap<(FlowRunId, AttemptId), ActorId>,
     /// To the reporter task, which hands the sink whatever gathered while it was busy
     /// (one batch per wake-up, so a burst of attempts ending is one `report` call);
-    /// `None` when the sink batches itself.
+    /// `None` once stopping.
     reports: Option<mpsc::UnboundedSender<Report>>,
 }
 
@@ -80,7 +80,7 @@ impl SupervisorState {
             Some(tx) => {
                 let _ = tx.send(report);
             }
-            // the sink batches itself, or the supervisor is stopping
+            // stopping: straight to the sink
             None => self.args.sink.report(vec![report]),
         }
     }
@@ -120,17 +120,13 @@ impl Actor for TaskSupervisor {
         _myself: ActorRef<Self::Msg>,
         args: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        // a sink that batches itself (NATS) gets each report at once: no second hop
-        let reports = (!args.sink.batches()).then(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(reporter(args.sink.clone(), rx));
-            tx
-        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(reporter(args.sink.clone(), rx));
         Ok(SupervisorState {
             args,
             running: HashMap::new(),
             by_attempt: HashMap::new(),
-            reports,
+            reports: Some(tx),
         })
     }
 

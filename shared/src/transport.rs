@@ -20,11 +20,6 @@ pub trait ResultSink: Send + Sync + 'static {
     fn started(&self, started: AttemptStarted);
     /// An attempt ended (success, failure, timeout, panic or cancellation).
     fn finished(&self, finished: AttemptFinished);
-    /// Whether the sink batches reports itself (then callers hand it each report at once
-    /// instead of gathering batches first).
-    fn batches(&self) -> bool {
-        false
-    }
     /// Several reports at once, in order (the coordinator routes them as one message per
     /// run: fewer mailbox operations than one per report).
     fn report(&self, reports: Vec<Report>) {
