@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark: workloads W1-W4 of ../shared/workloads.md, embedded and distributed
 # (one nats-server, one coordinator, two agents on loopback), journal off and on; prints
-# one JSON line per figure and a Markdown table. Takes about a minute.
+# one JSON line per figure and a Markdown table. Takes under two minutes after the build.
 #
 #   scripts/bench.sh [--port 4444] [--runs 3]
 set -euo pipefail
