@@ -547,6 +547,7 @@ async fn garbage_on_every_subject_is_dropped_and_nothing_breaks() {
         "pinazu.coord.hello",
         "pinazu.agent.agent-0.spawn",
         "pinazu.agent.agent-0.cancel",
+        "pinazu.agent.agent-0.ack",
         "pinazu.run.00000000-0000-0000-0000-000000000000.done",
     ];
     for s in subjects {

@@ -52,8 +52,9 @@ struct Tracker {
 /// Report batches sent and not yet acknowledged by the coordinator. Every batch stays
 /// here until acknowledged, so a coordinator that died before journaling its results
 /// gets them again from its successor (on its hello, or after `RESEND_AFTER`).
-#[derive(Default)]
 struct Outbox {
+    /// This process's incarnation (random).
+    incarnation: u64,
     /// The last batch number used.
     seq: u64,
     /// The highest batch number acknowledged.
@@ -197,7 +198,12 @@ pub async fn serve_agent(
 
     // reports: one task, so their order is kept; batched under load, numbered, and kept
     // until the coordinator acknowledges them
-    let outbox = Arc::new(Mutex::new(Outbox::default()));
+    let outbox = Arc::new(Mutex::new(Outbox {
+        incarnation: fastrand::u64(..),
+        seq: 0,
+        acked: 0,
+        kept: VecDeque::new(),
+    }));
     let reporter = {
         let client = client.clone();
         let subject = subjects.reports();
@@ -222,6 +228,7 @@ pub async fn serve_agent(
                         o.seq += 1;
                         let batch = ReportBatch {
                             agent_id: agent_id.clone(),
+                            incarnation: o.incarnation,
                             seq: o.seq,
                             acked: o.acked,
                             reports,

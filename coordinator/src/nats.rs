@@ -244,6 +244,12 @@ pub async fn serve(
                     continue;
                 }
             };
+            let meta = BatchMeta {
+                agent: batch.agent_id.clone(),
+                incarnation: batch.incarnation,
+                seq: batch.seq,
+                acked: batch.acked,
+            };
             let (agent, seq) = (batch.agent_id.clone(), batch.seq);
             let mut runs = Vec::new();
             let mut fetching = 0;
@@ -274,7 +280,7 @@ pub async fn serve(
             }
             sink.report(inline);
             if let Ok(mut a) = acks.lock() {
-                a.received(agent, seq, batch.acked, fetching, runs);
+                a.received(&meta, fetching, runs);
             }
             ack_due.notify_one();
         }
@@ -315,6 +321,14 @@ pub async fn serve(
     Ok(counters)
 }
 
+/// Who sent a report batch, and where its numbering stands.
+struct BatchMeta {
+    agent: AgentId,
+    incarnation: u64,
+    seq: u64,
+    acked: u64,
+}
+
 /// Report batches received per agent and not yet acknowledged.
 #[derive(Default)]
 struct Acks {
@@ -325,6 +339,8 @@ struct Acks {
 
 #[derive(Default)]
 struct AgentAcks {
+    /// The agent process these marks belong to.
+    incarnation: u64,
     /// Every batch up to this one was received (or is not ours to wait for).
     contiguous: u64,
     /// Batches received above a gap (one went missing; the agent will send it again).
@@ -338,16 +354,17 @@ struct AgentAcks {
 }
 
 impl Acks {
-    fn received(
-        &mut self,
-        agent: AgentId,
-        seq: u64,
-        acked: u64,
-        fetching: usize,
-        runs: Vec<FlowRunId>,
-    ) {
+    fn received(&mut self, b: &BatchMeta, fetching: usize, runs: Vec<FlowRunId>) {
+        let (seq, acked) = (b.seq, b.acked);
         self.touched.extend(runs);
-        let a = self.agents.entry(agent).or_default();
+        let a = self.agents.entry(b.agent.clone()).or_default();
+        if a.incarnation != b.incarnation {
+            // a new agent process under this id: its numbering starts again
+            *a = AgentAcks {
+                incarnation: b.incarnation,
+                ..AgentAcks::default()
+            };
+        }
         a.seen = Some(Instant::now());
         // what the agent saw acknowledged needs nothing from us (e.g. after a restart)
         if acked > a.contiguous {
@@ -616,5 +633,56 @@ fn publish_info(publisher: &Publisher, subject: String, info: &RunInfo) {
     match encode_envelope(info) {
         Ok(b) => publisher.publish(subject, Bytes::from(b)),
         Err(e) => tracing::error!(error = %e, "could not encode run progress"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(agent: &str, incarnation: u64, seq: u64, acked: u64) -> BatchMeta {
+        BatchMeta {
+            agent: AgentId(agent.into()),
+            incarnation,
+            seq,
+            acked,
+        }
+    }
+
+    fn due_for(acks: &mut Acks, agent: &str) -> Option<u64> {
+        let (due, _) = acks.due();
+        let seq = due.iter().find(|(a, _)| a.0 == agent).map(|(_, s)| *s);
+        if let Some(s) = seq {
+            acks.sent(&AgentId(agent.into()), s);
+        }
+        seq
+    }
+
+    #[test]
+    fn acknowledgements_wait_for_gaps_and_fetches_and_follow_a_restarted_agent() {
+        let mut acks = Acks::default();
+        let run = FlowRunId::new();
+        acks.received(&meta("a", 1, 1, 0), 0, vec![run]);
+        acks.received(&meta("a", 1, 3, 0), 0, vec![]);
+        // batch 2 is missing: only 1 can be acknowledged
+        assert_eq!(due_for(&mut acks, "a"), Some(1));
+        assert_eq!(due_for(&mut acks, "a"), None);
+        // 2 arrives, with a large result still being fetched: wait for it
+        acks.received(&meta("a", 1, 2, 1), 1, vec![run]);
+        assert_eq!(due_for(&mut acks, "a"), None);
+        acks.fetched(&AgentId("a".into()), 2, run);
+        assert_eq!(due_for(&mut acks, "a"), Some(3));
+        // the agent restarts under the same id: numbering from 1 again
+        acks.received(&meta("a", 2, 1, 0), 0, vec![]);
+        assert_eq!(due_for(&mut acks, "a"), Some(1));
+        // a new coordinator hears first from an agent whose earlier batches were
+        // acknowledged by its predecessor
+        let mut fresh = Acks::default();
+        fresh.received(&meta("b", 9, 8, 6), 0, vec![]);
+        // (6 again: what the agent already has; harmless)
+        assert_eq!(due_for(&mut fresh, "b"), Some(6), "7 is still missing");
+        assert_eq!(due_for(&mut fresh, "b"), None);
+        fresh.received(&meta("b", 9, 7, 6), 0, vec![]);
+        assert_eq!(due_for(&mut fresh, "b"), Some(8));
     }
 }

@@ -8,8 +8,7 @@ use serde_json::Value;
 use std::sync::{Arc, Mutex};
 
 use pinazu_shared::events::{
-    timestamp, Event, EventHeader, FlowStatusMessage, TaskStatusMessage, FLOW_STATUS_SUBJECT,
-    TASK_STATUS_SUBJECT,
+    timestamp, Event, EventHeader, FlowStatusMessage, FLOW_STATUS_SUBJECT, TASK_STATUS_SUBJECT,
 };
 use pinazu_shared::BoxFuture;
 
@@ -118,7 +117,51 @@ pub struct TaskTransition {
 /// Its state.
 pub struct StatusState {
     header: EventHeader,
+    /// The header as JSON, rendered once.
+    header_json: String,
     sink: Arc<dyn EventSink>,
+}
+
+/// Writes a task status event in the exact shape `serde_json` gives `Event<TaskStatusMessage>`
+/// (a test compares them byte for byte), with the keys as literals and the header
+/// pre-rendered: the generic path escaped every key of every event, the largest item of
+/// our own in the coordinator's profile.
+fn write_task_event(
+    out: &mut Vec<u8>,
+    header_json: &str,
+    t: &TaskTransition,
+    at: &str,
+) -> Result<(), serde_json::Error> {
+    fn opt(out: &mut Vec<u8>, v: &Option<String>) -> Result<(), serde_json::Error> {
+        match v {
+            Some(s) => serde_json::to_writer(&mut *out, s),
+            None => {
+                out.extend_from_slice(b"null");
+                Ok(())
+            }
+        }
+    }
+    out.extend_from_slice(b"{\"header\":");
+    out.extend_from_slice(header_json.as_bytes());
+    out.extend_from_slice(b",\"message\":{\"flow_run_id\":");
+    serde_json::to_writer(&mut *out, &t.flow_run_id)?;
+    out.extend_from_slice(b",\"task_name\":");
+    serde_json::to_writer(&mut *out, t.task)?;
+    out.extend_from_slice(b",\"status\":\"");
+    out.extend_from_slice(t.status.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"result_cache_key\":");
+    opt(out, &t.result_cache_key)?;
+    out.extend_from_slice(b",\"error_message\":");
+    opt(out, &t.error_message)?;
+    out.extend_from_slice(b",\"traceback\":");
+    opt(out, &t.traceback)?;
+    // RFC 3339 timestamps need no escaping
+    out.extend_from_slice(b",\"event_timestamp\":\"");
+    out.extend_from_slice(at.as_bytes());
+    out.extend_from_slice(b"\"},\"metadata\":{\"trace_id\":null,\"timestamp\":\"");
+    out.extend_from_slice(at.as_bytes());
+    out.extend_from_slice(b"\"}}");
+    Ok(())
 }
 
 impl StatusState {
@@ -143,7 +186,12 @@ impl Actor for StatusPublisher {
         _myself: ActorRef<Self::Msg>,
         (header, sink): Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(StatusState { header, sink })
+        let header_json = serde_json::to_string(&header)?;
+        Ok(StatusState {
+            header,
+            header_json,
+            sink,
+        })
     }
 
     async fn handle(
@@ -160,16 +208,11 @@ impl Actor for StatusPublisher {
             StatusMsg::Tasks(transitions) => {
                 for t in transitions {
                     let at = timestamp(t.at);
-                    let m = TaskStatusMessage {
-                        flow_run_id: t.flow_run_id,
-                        task_name: t.task.to_string(),
-                        status: t.status,
-                        result_cache_key: t.result_cache_key,
-                        error_message: t.error_message,
-                        traceback: t.traceback,
-                        event_timestamp: at.clone(),
-                    };
-                    state.publish(TASK_STATUS_SUBJECT, m, at)
+                    let mut json = Vec::with_capacity(512);
+                    match write_task_event(&mut json, &state.header_json, &t, &at) {
+                        Ok(()) => state.sink.publish(TASK_STATUS_SUBJECT, Bytes::from(json)),
+                        Err(e) => tracing::error!(error = %e, "status event could not be encoded"),
+                    }
                 }
             }
             StatusMsg::Flush(reply) => {
@@ -178,5 +221,71 @@ impl Actor for StatusPublisher {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pinazu_shared::events::{FlowStatus, TaskStatusMessage};
+    use pinazu_shared::ids::FlowRunId;
+
+    #[test]
+    fn the_fast_task_event_writer_matches_serde_byte_for_byte() {
+        let headers = [
+            EventHeader::default(),
+            EventHeader {
+                user_id: uuid::Uuid::from_u128(7),
+                thread_id: Some(uuid::Uuid::from_u128(8)),
+                connection_id: None,
+            },
+        ];
+        let texts = [
+            None,
+            Some("plain".to_string()),
+            Some("quote \" backslash \\ newline \n tab \t ctrl \u{1} unicode é ✓".to_string()),
+        ];
+        for header in &headers {
+            let header_json = serde_json::to_string(header).unwrap();
+            for status in [
+                FlowStatus::Pending,
+                FlowStatus::Running,
+                FlowStatus::Success,
+                FlowStatus::Failed,
+            ] {
+                for text in &texts {
+                    let t = TaskTransition {
+                        flow_run_id: FlowRunId::new(),
+                        task: "sq\"uare",
+                        status,
+                        result_cache_key: text.clone(),
+                        error_message: text.clone(),
+                        traceback: text.clone(),
+                        at: std::time::SystemTime::now(),
+                    };
+                    let at = timestamp(t.at);
+                    let mut fast = Vec::new();
+                    write_task_event(&mut fast, &header_json, &t, &at).unwrap();
+                    let generic = serde_json::to_vec(&Event::at(
+                        header.clone(),
+                        TaskStatusMessage {
+                            flow_run_id: t.flow_run_id,
+                            task_name: t.task.to_string(),
+                            status: t.status,
+                            result_cache_key: t.result_cache_key.clone(),
+                            error_message: t.error_message.clone(),
+                            traceback: t.traceback.clone(),
+                            event_timestamp: at.clone(),
+                        },
+                        at.clone(),
+                    ))
+                    .unwrap();
+                    assert_eq!(
+                        String::from_utf8(fast).unwrap(),
+                        String::from_utf8(generic).unwrap()
+                    );
+                }
+            }
+        }
     }
 }

@@ -163,6 +163,7 @@ mod fuzz {
             encode_envelope(&vec![(FlowRunId::new(), AttemptId(7))]).unwrap(),
             encode_envelope(&ReportBatch {
                 agent_id: crate::ids::AgentId("a1".into()),
+                incarnation: 5,
                 seq: 3,
                 acked: 1,
                 reports: Vec::new(),

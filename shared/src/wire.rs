@@ -112,6 +112,9 @@ pub struct RunningAttempt {
 pub struct ReportBatch {
     /// The agent.
     pub agent_id: AgentId,
+    /// Random per agent process: an agent restarted under the same id starts its
+    /// numbering again, and the coordinator must know.
+    pub incarnation: u64,
     /// This batch's number; consecutive per agent process, from 1.
     pub seq: u64,
     /// The highest batch number the agent has seen acknowledged when it sent this one:
