@@ -71,7 +71,7 @@ measure embedded W3 --flow w3_sleepy --n=400 --ms=50 --total-slots=2 --agents=1 
 measure embedded W4 --flow w4_payload --n=50 --bytes=1048576 --agents=2 --slots=16
 
 echo "distributed, journal off..." >&2
-start_cluster 128 off
+start_cluster 512 off
 measure distributed W1 w1_fanout --n=10000
 echo "{\"rss\":{\"nats\":$(rss $nats_pid),\"coordinator\":$(rss $coord_pid),\"agent1\":$(rss $a1),\"agent2\":$(rss $a2)}}" >>"$out"
 measure distributed W2 w2_chain --n=300
@@ -82,7 +82,7 @@ measure distributed W3 w3_sleepy --n=400 --ms=50 --total-slots=2
 stop_cluster
 
 echo "distributed, journal on (JetStream)..." >&2
-start_cluster 128 on
+start_cluster 512 on
 measure distributed-journal W1 w1_fanout --n=10000
 measure distributed-journal W2 w2_chain --n=300
 stop_cluster
