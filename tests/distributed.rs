@@ -426,6 +426,41 @@ fn an_authenticated_server_refuses_an_unauthenticated_client_clearly() {
 }
 
 #[test]
+fn a_token_protected_server_works_with_the_token_and_refuses_without() {
+    let nats = NatsServer::start_with(&["--auth", "t0ken-for-tests"]);
+    let out = base(APP, &nats.url(), std::path::Path::new("/tmp"))
+        .args(["agents"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("authorization violation") && err.contains("--nats-token"),
+        "{err}"
+    );
+
+    let cache = tempfile::tempdir().unwrap();
+    let with_token = |args: &[&str]| {
+        let mut cmd = base(APP, &nats.url(), cache.path());
+        cmd.env("NATS_TOKEN", "t0ken-for-tests").args(args);
+        cmd
+    };
+    let _coord = Proc::spawn("coordinator", with_token(&["coordinator"]));
+    let _agent = Proc::spawn("agent", with_token(&["agent", "--agent-id", "tok-1"]));
+    wait_until(
+        Duration::from_secs(20),
+        "the agent behind the token",
+        || {
+            let out = with_token(&["agents", "--json"]).output().ok()?;
+            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+            (v.as_array()?.len() == 1).then_some(())
+        },
+    );
+    let out = with_token(&["run", "--n=10"]).output().unwrap();
+    assert_eq!(last_json_line(&out)["result"], 285);
+}
+
+#[test]
 fn an_agent_drains_on_sigterm_and_the_run_still_completes() {
     let mut c = Cluster::start(APP, 2, 4);
     let id = "aa2c1a7e-7777-4a0b-8c1d-999922223333";
