@@ -81,14 +81,16 @@ impl ObjectStore for LocalDirStore {
                     .await
                     .map_err(|e| io_err("put", key, e))?;
             }
-            // write then rename, so a reader never sees half an object
+            // write then rename, so a reader never sees half an object; one blocking job
+            // that owns the bytes (`tokio::fs::write` would copy them first)
             let tmp = path.with_extension(format!("tmp.{}", fastrand_suffix()));
-            tokio::fs::write(&tmp, &value)
-                .await
-                .map_err(|e| io_err("put", key, e))?;
-            tokio::fs::rename(&tmp, &path)
-                .await
-                .map_err(|e| io_err("put", key, e))
+            tokio::task::spawn_blocking(move || {
+                std::fs::write(&tmp, &value)?;
+                std::fs::rename(&tmp, &path)
+            })
+            .await
+            .map_err(|e| io_err("put", key, std::io::Error::other(e)))?
+            .map_err(|e| io_err("put", key, e))
         })
     }
 
