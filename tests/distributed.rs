@@ -703,6 +703,23 @@ fn a_coordinator_killed_mid_run_and_restarted_resumes_without_rerunning_complete
 }
 
 #[test]
+fn status_of_a_run_that_ended_before_a_coordinator_restart_comes_from_the_journal() {
+    let mut c = Cluster::start(APP, 1, 4);
+    let id = "b8b8b8b8-1111-4222-8333-444455556666";
+    let out = c.output(&["run", "--n=50", "--flow-run-id", id]);
+    assert_eq!(last_json_line(&out)["result"], sum_squares(50));
+    c.restart_coordinator();
+    let status = wait_until(Duration::from_secs(20), "the new coordinator", || {
+        let out = c.output(&["status", id, "--json"]);
+        out.status.success().then_some(out)
+    });
+    let info: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(info["status"], "SUCCESS", "{info}\n{}", c.logs());
+    assert_eq!(info["result"], sum_squares(50));
+    assert_eq!(info["tasks"], 50);
+}
+
+#[test]
 fn attempts_still_running_when_the_coordinator_restarts_are_re_attached_not_run_again() {
     let mut c = Cluster::start(APP, 2, 4);
     let id = "e1e1e1e1-1111-4222-8333-444455556666";

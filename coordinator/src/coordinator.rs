@@ -319,6 +319,18 @@ impl Coordinator {
         self.shared.table.get(&id).map(|e| e.info(id))
     }
 
+    /// An ended run this coordinator does not host (it ended before this process
+    /// started), as its journal summarised it.
+    pub async fn journaled_run(&self, id: FlowRunId) -> Option<RunInfo> {
+        match self.shared.journal.ended(id).await {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::warn!(flow_run_id = %id, error = %e, "cannot read the run's journal");
+                None
+            }
+        }
+    }
+
     /// Every run this coordinator started, oldest first.
     pub fn runs(&self) -> Vec<RunInfo> {
         let mut v: Vec<(std::time::Instant, RunInfo)> = self

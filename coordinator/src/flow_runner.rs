@@ -16,6 +16,7 @@ use std::time::Duration;
 use std::time::SystemTime;
 use tokio::sync::{oneshot, watch};
 
+use pinazu_shared::api::RunInfo;
 use pinazu_shared::cache::{object_key, original_md5, CacheResult};
 use pinazu_shared::error::{ErrorInfo, FailureKind, TaskError};
 use pinazu_shared::events::{now_timestamp, FlowStatus, FlowStatusMessage};
@@ -630,9 +631,14 @@ impl RunnerState {
                 tracing::error!(flow_run_id = %self.flow_run_id, flow = self.flow.name, error = %e, "flow run failed")
             }
         }
-        self.shared
-            .journal
-            .append(self.flow_run_id, JournalEntry::RunEnded { status });
+        let summary = self.summary(status, &result, error.as_ref());
+        self.shared.journal.append(
+            self.flow_run_id,
+            JournalEntry::RunEnded {
+                status,
+                summary: Some(summary),
+            },
+        );
         if let Err(e) = self.shared.journal.flush().await {
             tracing::error!(flow_run_id = %self.flow_run_id, error = %e, "the run's journal could not be made durable");
         }
@@ -655,7 +661,46 @@ impl RunnerState {
     }
 }
 
+/// A result larger than this (as JSON) is left out of the journaled run summary.
+const SUMMARY_RESULT_MAX: usize = 64 * 1024;
+
 impl RunnerState {
+    /// What `status` shows of the ended run once no coordinator hosts it.
+    fn summary(
+        &self,
+        status: FlowStatus,
+        result: &Result<Value, ErrorInfo>,
+        error: Option<&ErrorInfo>,
+    ) -> RunInfo {
+        let snap = self.stats.snapshot();
+        let (result, note) = match result {
+            Ok(v) if serde_json::to_vec(v).map_or(0, |b| b.len()) > SUMMARY_RESULT_MAX => (
+                None,
+                Some(
+                    "the result is too large to keep in the journal; it was printed by `run`"
+                        .into(),
+                ),
+            ),
+            Ok(v) => (Some(v.clone()), None),
+            Err(_) => (None, None),
+        };
+        RunInfo {
+            flow_run_id: self.flow_run_id,
+            flow: self.flow.name.to_string(),
+            status,
+            tasks: snap.tasks,
+            completed: self.stats.completed(),
+            executions: snap.executions,
+            cache_hits: snap.cache_hits,
+            retries: snap.retries,
+            replayed: snap.replayed,
+            wall_ms: snap.wall_ms,
+            result,
+            error: error.map(|e| e.to_string()),
+            note,
+        }
+    }
+
     /// The task's name as shared by every attempt (one allocation per task, not per
     /// attempt).
     fn task_name(&mut self, name: &'static str) -> Arc<str> {

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 use tokio::sync::oneshot;
 
+use pinazu_shared::api::RunInfo;
 use pinazu_shared::codec::{decode_envelope, encode_envelope};
 use pinazu_shared::error::ErrorInfo;
 use pinazu_shared::events::FlowStatus;
@@ -52,6 +53,10 @@ pub enum JournalEntry {
     RunEnded {
         /// SUCCESS or FAILED.
         status: FlowStatus,
+        /// What `status` answers for the run once no coordinator hosts it any more
+        /// (a restarted one); the result is left out when large.
+        #[serde(default)]
+        summary: Option<RunInfo>,
     },
 }
 
@@ -74,6 +79,16 @@ pub trait Journal: Send + Sync + 'static {
     fn read(&self, run: FlowRunId) -> BoxFuture<'_, Result<Vec<JournalEntry>, JournalError>>;
     /// Runs that started and have not ended.
     fn unfinished(&self) -> BoxFuture<'_, Result<Vec<FlowRunId>, JournalError>>;
+    /// The summary of an ended run, if the journal still has it.
+    fn ended(&self, run: FlowRunId) -> BoxFuture<'_, Result<Option<RunInfo>, JournalError>> {
+        Box::pin(async move {
+            let entries = self.read(run).await?;
+            Ok(entries.into_iter().rev().find_map(|e| match e {
+                JournalEntry::RunEnded { summary, .. } => summary,
+                _ => None,
+            }))
+        })
+    }
 }
 
 /// No journal: nothing survives the process.
@@ -93,6 +108,9 @@ impl Journal for NoJournal {
     }
     fn unfinished(&self) -> BoxFuture<'_, Result<Vec<FlowRunId>, JournalError>> {
         Box::pin(async { Ok(Vec::new()) })
+    }
+    fn ended(&self, _run: FlowRunId) -> BoxFuture<'_, Result<Option<RunInfo>, JournalError>> {
+        Box::pin(async { Ok(None) })
     }
 }
 
@@ -232,7 +250,8 @@ impl Journal for LocalJournal {
         let succeeded = matches!(
             entry,
             JournalEntry::RunEnded {
-                status: FlowStatus::Success
+                status: FlowStatus::Success,
+                ..
             }
         );
         match frame(&entry) {
@@ -496,6 +515,7 @@ mod tests {
         let mut ended_run = entries.clone();
         ended_run.push(JournalEntry::RunEnded {
             status: FlowStatus::Failed,
+            summary: None,
         });
         let r = Replay::from_entries(&ended_run).unwrap();
         assert!(!r.unfinished);
@@ -518,7 +538,13 @@ mod tests {
                 },
             );
             j.append(run, ended(0, 9, true));
-            j.append(run, JournalEntry::RunEnded { status });
+            j.append(
+                run,
+                JournalEntry::RunEnded {
+                    status,
+                    summary: None,
+                },
+            );
         }
         j.flush().await.unwrap();
         assert!(j.read(ok).await.unwrap().is_empty());

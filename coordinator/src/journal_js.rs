@@ -18,6 +18,7 @@ use futures_util::StreamExt;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
+use pinazu_shared::api::RunInfo;
 use pinazu_shared::codec::{decode_envelope, encode_envelope};
 use pinazu_shared::ids::FlowRunId;
 use pinazu_shared::BoxFuture;
@@ -376,6 +377,21 @@ impl Journal for JetStreamJournal {
                 }
             }
             Ok(entries)
+        })
+    }
+
+    /// The run's latest state from the runs stream (one message), not its whole journal.
+    fn ended(&self, run: FlowRunId) -> BoxFuture<'_, Result<Option<RunInfo>, JournalError>> {
+        Box::pin(async move {
+            let subject = format!("{}.runs.{run}", self.prefix);
+            match self.runs.get_last_raw_message_by_subject(&subject).await {
+                Ok(msg) => Ok(match decode_envelope::<JournalEntry>(&msg.payload) {
+                    Ok(JournalEntry::RunEnded { summary, .. }) => summary,
+                    _ => None,
+                }),
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+                Err(e) => Err(err("cannot read the runs stream", e)),
+            }
         })
     }
 

@@ -539,9 +539,13 @@ impl ApiState {
             }
             ApiRequest::Status { flow_run_id } => match c.run_info(flow_run_id) {
                 Some(run) => ApiReply::Run(run),
-                None => ApiReply::Error(format!(
-                    "flow run {flow_run_id} is not known to this coordinator"
-                )),
+                // ended before this coordinator process started: its journal knows
+                None => match c.journaled_run(flow_run_id).await {
+                    Some(run) => ApiReply::Run(run),
+                    None => ApiReply::Error(format!(
+                        "flow run {flow_run_id} is not known to this coordinator"
+                    )),
+                },
             },
             ApiRequest::Runs => ApiReply::Runs(c.runs()),
             ApiRequest::Cancel { flow_run_id } => {
