@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine with only the Rust toolchain.
 #
-# It installs what the tests need and is missing (nats-server from Debian's packages,
+# It installs what the tests need and is missing (nats-server and openssl from Debian's packages,
 # s3s-fs from crates.io); the tests start every server themselves, on free ports, and
 # stop them.
 set -euo pipefail
@@ -10,11 +10,15 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 . scripts/lib.sh
 
-if ! find_nats >/dev/null; then
-  step "installing nats-server (apt-get)"
+# nats-server, and openssl (the TLS test makes its certificates with it)
+missing=()
+find_nats >/dev/null || missing+=(nats-server)
+command -v openssl >/dev/null || missing+=(openssl)
+if [ ${#missing[@]} -gt 0 ]; then
+  step "installing ${missing[*]} (apt-get)"
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nats-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 NATS_SERVER_BIN="$(find_nats)" || { echo "error: nats-server could not be installed" >&2; exit 1; }
 export NATS_SERVER_BIN

@@ -441,6 +441,123 @@ fn a_token_protected_server_works_with_the_token_and_refuses_without() {
     );
 }
 
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with the
+/// `openssl` command (fails loudly if it is missing).
+fn make_certs(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the `openssl` command is needed to make test certificates (apt-get install openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=pinazu-test-ca",
+    ]);
+    for (name, usage) in [("server", "serverAuth"), ("client", "clientAuth")] {
+        std::fs::write(
+            dir.join(format!("{name}.ext")),
+            format!("subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n"),
+        )
+        .unwrap();
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={name}"),
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+        ]);
+    }
+}
+
+#[test]
+fn a_tls_server_that_verifies_clients_works_with_certificates_and_refuses_without() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let p = |f: &str| certs.path().join(f).to_string_lossy().into_owned();
+    let nats = NatsServer::start_with(&[
+        "--tls",
+        "--tlscert",
+        &p("server.pem"),
+        "--tlskey",
+        &p("server.key"),
+        "--tlscacert",
+        &p("ca.pem"),
+        "--tlsverify",
+    ]);
+    // no CA and no client certificate: a clear error naming the TLS flags
+    let out = base(APP, &nats.url(), std::path::Path::new("/tmp"))
+        .args(["agents"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--nats-tls"), "{err}");
+
+    let cache = tempfile::tempdir().unwrap();
+    let with_tls = |args: &[&str]| {
+        let mut cmd = base(APP, &nats.url(), cache.path());
+        cmd.env("NATS_TLS_CA", p("ca.pem"))
+            .env("NATS_TLS_CERT", p("client.pem"))
+            .env("NATS_TLS_KEY", p("client.key"))
+            .args(args);
+        cmd
+    };
+    let _coord = Proc::spawn("coordinator", with_tls(&["coordinator"]));
+    let _agent = Proc::spawn("agent", with_tls(&["agent", "--agent-id", "tls-1"]));
+    wait_until(Duration::from_secs(20), "the agent over TLS", || {
+        let out = with_tls(&["agents", "--json"]).output().ok()?;
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v.as_array()?.len() == 1).then_some(())
+    });
+    let out = with_tls(&["run", "--n=10"]).output().unwrap();
+    assert_eq!(
+        last_json_line(&out)["result"],
+        285,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn an_agent_drains_on_sigterm_and_the_run_still_completes() {
     let mut c = Cluster::start(APP, 2, 4);

@@ -125,12 +125,18 @@ impl NatsConfig {
         }
         opts.connect(urls).await.map_err(|e| {
             use async_nats::ConnectErrorKind as K;
+            const TLS_HINT: &str =
+                " (check the TLS settings: --nats-tls-ca, --nats-tls-cert, --nats-tls-key)";
+            // a failed TLS handshake surfaces as an I/O error
+            let text = e.to_string();
+            let tls = text.contains("certificate") || text.contains("TLS") || text.contains("tls");
             let hint = match e.kind() {
                 K::AuthorizationViolation | K::Authentication => {
                     " (the server refused the credentials: check --nats-user/--nats-password, --nats-token or --nats-creds)"
                 }
+                K::Tls => TLS_HINT,
+                K::TimedOut | K::Io if tls => TLS_HINT,
                 K::TimedOut | K::Io => " (is nats-server running there?)",
-                K::Tls => " (check the TLS settings: --nats-tls-ca, --nats-tls-cert, --nats-tls-key)",
                 _ => "",
             };
             NatsError::Connect {
