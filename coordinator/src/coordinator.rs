@@ -212,20 +212,12 @@ impl RunEntry {
             Some(o) => o.stats.clone(),
             None => self.stats.snapshot(),
         };
+        let status = outcome.as_ref().map_or(FlowStatus::Running, |o| o.status);
         RunInfo {
-            flow_run_id: id,
-            flow: self.flow.to_string(),
-            status: outcome.as_ref().map_or(FlowStatus::Running, |o| o.status),
-            tasks: snap.tasks,
-            completed: self.stats.completed(),
-            executions: snap.executions,
-            cache_hits: snap.cache_hits,
-            retries: snap.retries,
-            replayed: snap.replayed,
-            wall_ms: snap.wall_ms,
             result: outcome.as_ref().and_then(|o| o.result.clone()),
             error: outcome.as_ref().and_then(|o| o.error.clone()),
             note: self.stats.note(),
+            ..snap.run_info(id, self.flow, status, self.stats.completed())
         }
     }
 }

@@ -533,10 +533,7 @@ impl RunnerState {
             RunStats::bump(&self.stats.stale_results);
             return;
         }
-        let journaled = self
-            .replay
-            .as_ref()
-            .is_some_and(|r| r.calls.contains_key(&f.call_id));
+        let journaled = self.journaled(f.call_id);
         let not_made_yet = f.call_id.seq >= self.occurrences_of(f.call_id);
         match self.calls.get_mut(&f.call_id) {
             Some(call) => {
@@ -557,6 +554,13 @@ impl RunnerState {
         }
     }
 
+    /// Whether the replayed journal answers this call.
+    fn journaled(&self, call_id: CallId) -> bool {
+        self.replay
+            .as_ref()
+            .is_some_and(|r| r.calls.contains_key(&call_id))
+    }
+
     /// How many calls with this call's content the flow body has made so far.
     fn occurrences_of(&self, call_id: CallId) -> u32 {
         self.occurrences.get(&call_id.key).copied().unwrap_or(0)
@@ -567,10 +571,7 @@ impl RunnerState {
             return;
         }
         let made = call_id.seq < self.occurrences_of(call_id);
-        let journaled = self
-            .replay
-            .as_ref()
-            .is_some_and(|r| r.calls.contains_key(&call_id));
+        let journaled = self.journaled(call_id);
         if !made && !journaled && self.adoptable.len() < MAX_EARLY {
             tracing::debug!(flow_run_id = %self.flow_run_id, %call_id, %attempt_id, "an attempt from before the coordinator restarted is still running; the call will wait for it");
             self.adoptable.insert(call_id, attempt_id);
@@ -685,19 +686,15 @@ impl RunnerState {
             Err(_) => (None, None),
         };
         RunInfo {
-            flow_run_id: self.flow_run_id,
-            flow: self.flow.name.to_string(),
-            status,
-            tasks: snap.tasks,
-            completed: self.stats.completed(),
-            executions: snap.executions,
-            cache_hits: snap.cache_hits,
-            retries: snap.retries,
-            replayed: snap.replayed,
-            wall_ms: snap.wall_ms,
             result,
             error: error.map(|e| e.to_string()),
             note,
+            ..snap.run_info(
+                self.flow_run_id,
+                self.flow.name,
+                status,
+                self.stats.completed(),
+            )
         }
     }
 

@@ -437,6 +437,14 @@ impl Replay {
 mod tests {
     use super::*;
 
+    fn started() -> JournalEntry {
+        JournalEntry::RunStarted {
+            flow: "f".into(),
+            params: Map::new(),
+            idempotency_key: None,
+        }
+    }
+
     fn ended(ordinal: u64, key: u64, ok: bool) -> JournalEntry {
         JournalEntry::CallEnded {
             ordinal,
@@ -472,11 +480,7 @@ mod tests {
             outcome_ref: Some(object.into()),
         };
         let entries = vec![
-            JournalEntry::RunStarted {
-                flow: "f".into(),
-                params: Map::new(),
-                idempotency_key: None,
-            },
+            started(),
             by_ref(0, 1, "payloads/r/big"),
             by_ref(1, 2, "payloads/r/gone"),
         ];
@@ -502,12 +506,7 @@ mod tests {
 
     #[test]
     fn resume_replays_everything_and_a_rerun_only_successes() {
-        let start = JournalEntry::RunStarted {
-            flow: "f".into(),
-            params: Map::new(),
-            idempotency_key: None,
-        };
-        let entries = vec![start.clone(), ended(0, 1, true), ended(1, 2, false)];
+        let entries = vec![started(), ended(0, 1, true), ended(1, 2, false)];
         let r = Replay::from_entries(&entries).unwrap();
         assert!(r.unfinished);
         assert_eq!(r.calls.len(), 2);
@@ -529,14 +528,7 @@ mod tests {
         let j = LocalJournal::open(dir.path()).unwrap();
         let (ok, failed) = (FlowRunId::new(), FlowRunId::new());
         for (run, status) in [(ok, FlowStatus::Success), (failed, FlowStatus::Failed)] {
-            j.append(
-                run,
-                JournalEntry::RunStarted {
-                    flow: "f".into(),
-                    params: Map::new(),
-                    idempotency_key: None,
-                },
-            );
+            j.append(run, started());
             j.append(run, ended(0, 9, true));
             j.append(
                 run,
@@ -557,14 +549,7 @@ mod tests {
         let run = FlowRunId::new();
         {
             let j = LocalJournal::open(dir.path()).unwrap();
-            j.append(
-                run,
-                JournalEntry::RunStarted {
-                    flow: "f".into(),
-                    params: Map::new(),
-                    idempotency_key: None,
-                },
-            );
+            j.append(run, started());
             j.append(run, ended(0, 9, true));
             j.flush().await.unwrap();
         }

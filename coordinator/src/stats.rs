@@ -1,6 +1,10 @@
 //! Per-run counters, shared with whoever watches the run (progress bars, summaries).
 
 use serde::{Deserialize, Serialize};
+
+use pinazu_shared::api::RunInfo;
+use pinazu_shared::events::FlowStatus;
+use pinazu_shared::ids::FlowRunId;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -100,5 +104,32 @@ impl RunStats {
     /// The operator note.
     pub fn note(&self) -> Option<String> {
         self.note.lock().ok().and_then(|n| n.clone())
+    }
+}
+
+impl StatsSnapshot {
+    /// A run's view with these counters (no result, error or note yet).
+    pub(crate) fn run_info(
+        &self,
+        flow_run_id: FlowRunId,
+        flow: &str,
+        status: FlowStatus,
+        completed: u64,
+    ) -> RunInfo {
+        RunInfo {
+            flow_run_id,
+            flow: flow.to_string(),
+            status,
+            tasks: self.tasks,
+            completed,
+            executions: self.executions,
+            cache_hits: self.cache_hits,
+            retries: self.retries,
+            replayed: self.replayed,
+            wall_ms: self.wall_ms,
+            result: None,
+            error: None,
+            note: None,
+        }
     }
 }
