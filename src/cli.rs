@@ -17,9 +17,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use pinazu_coordinator::{FlowRunOutcome, StatsSnapshot};
+use pinazu_coordinator::{EventSink, FlowRunOutcome, StatsSnapshot};
 use pinazu_shared::error::ParamError;
-use pinazu_shared::events::FlowStatus;
+use pinazu_shared::events::{EventContext, FlowStatus, FlowStatusMessage};
 use pinazu_shared::ids::FlowRunId;
 use pinazu_shared::nats::NatsConfig;
 use pinazu_shared::registry::Registry;
@@ -29,8 +29,8 @@ use crate::logging::{self, LogFormat};
 use crate::runtime::{FlowError, Runtime, RuntimeConfig};
 
 /// Runs this program's flows: embedded (no subcommand) or distributed over NATS.
-/// Flow parameters: --key=value (JSON values where they parse, else strings) or
-/// --input '<json object>'.
+/// Flow parameters: --key=value (read as the parameter's type: JSON where that fits,
+/// else the text itself) or --input '<json object>'.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 pub struct Cli {
@@ -41,11 +41,15 @@ pub struct Cli {
     #[command(flatten)]
     pub run: RunArgs,
     /// In-process agents (embedded mode); default one per core.
-    #[arg(long)]
-    pub agents: Option<usize>,
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub agents: Option<u32>,
     /// Attempts each in-process agent runs at once (embedded mode).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     pub slots: u32,
+    /// Labels of the in-process agents, `k=v` (repeat or comma separate); default: every
+    /// label some task requires, so every task runs embedded.
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Vec<String>,
     /// Execute cached calls anyway and overwrite their cache entries.
     #[arg(long, global = true)]
     pub refresh_cache: bool,
@@ -253,9 +257,11 @@ pub fn split_args(args: impl IntoIterator<Item = String>) -> (Vec<String>, Vec<(
     (clap_args, params)
 }
 
-/// A `--key=value` value: JSON where it parses (`20000`, `true`, `[1,2]`), else a string.
+/// A `--key=value` value, kept as the text typed: the flow reads it as its parameter's
+/// type (JSON where that fits, `--n=20000`, `--tags='["a"]'`; else the text itself, so
+/// `--collection=42` for a `String` parameter is `"42"`).
 pub fn parse_param_value(raw: &str) -> Value {
-    serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()))
+    Value::String(raw.to_string())
 }
 
 /// `--input` (a JSON object) merged with `--key=value` pairs, which win.
@@ -332,6 +338,60 @@ pub(crate) fn rejected(flow_run_id: FlowRunId, flow: &str, e: impl std::fmt::Dis
     ExitCode::from(2)
 }
 
+/// Ends a run that could not start: publishes its flow FAILED event (with NATS_URL set),
+/// prints the final JSON line (status FAILED) and exits 2.
+pub(crate) struct Rejecter {
+    pub(crate) flow_run_id: FlowRunId,
+    pub(crate) flow: String,
+    pub(crate) events: EventContext,
+    pub(crate) sink: Option<Arc<dyn EventSink>>,
+}
+
+impl Rejecter {
+    pub(crate) fn new(flow_run_id: FlowRunId, flow: Option<&str>) -> Self {
+        Rejecter {
+            flow_run_id,
+            flow: flow.unwrap_or_default().to_string(),
+            events: EventContext::default(),
+            sink: None,
+        }
+    }
+
+    /// `publish`: false when the event was published already (the coordinator does so
+    /// for the failures it finds), or when the run id names another run.
+    pub(crate) async fn reject(&self, e: impl std::fmt::Display, publish: bool) -> ExitCode {
+        if let (true, Some(sink)) = (publish, &self.sink) {
+            publish_failed(&**sink, &self.events, self.flow_run_id, &e.to_string()).await;
+        }
+        rejected(self.flow_run_id, &self.flow, e)
+    }
+}
+
+/// Publishes a run's flow FAILED event and waits (a few seconds at most) until NATS has it.
+pub(crate) async fn publish_failed(
+    sink: &dyn EventSink,
+    events: &EventContext,
+    flow_run_id: FlowRunId,
+    error: &str,
+) {
+    let message = FlowStatusMessage {
+        flow_run_id,
+        status: FlowStatus::Failed,
+        error_message: Some(error.to_string()),
+        traceback: Some(error.to_string()),
+        event_timestamp: pinazu_shared::events::now_timestamp(),
+    };
+    if let Some(json) = pinazu_coordinator::status::flow_event_json(events, message) {
+        sink.publish(pinazu_shared::events::FLOW_STATUS_SUBJECT, json);
+        if tokio::time::timeout(std::time::Duration::from_secs(5), sink.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!(flow_run_id = %flow_run_id, "the run's FAILED event could not be delivered to NATS within 5 s");
+        }
+    }
+}
+
 /// The run id from `--flow-run-id` / `FLOW_RUN_ID`, or a new one.
 pub(crate) fn run_id(raw: Option<&str>) -> Result<FlowRunId, pinazu_shared::error::ConfigError> {
     match raw.map(str::trim) {
@@ -353,10 +413,99 @@ pub(crate) fn pick_flow(registry: &Registry, named: Option<&str>) -> Result<Stri
     }
 }
 
+/// The command line of this app: its own name and version, and its flows with their
+/// parameters in `--help`.
+pub fn app_command(registry: Option<&Registry>) -> clap::Command {
+    let bin = std::env::args()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "app".into());
+    let lib = env!("CARGO_PKG_VERSION");
+    let (package, version) = registry
+        .and_then(Registry::app)
+        .unwrap_or((env!("CARGO_PKG_NAME"), lib));
+    let flows = registry.map(flows_help).unwrap_or_default();
+    Cli::command()
+        .name(bin.clone())
+        .bin_name(bin.clone())
+        .version(version.to_string())
+        .long_version(format!("{version} ({package}; pinazu-flows {lib})"))
+        .about(format!(
+            "{bin}: runs this program's flows. With no subcommand it runs a flow in this process (embedded mode, no servers); `coordinator`, `agent` and `run` run it distributed over NATS."
+        ))
+        .after_help(format!(
+            "{flows}Flow parameters: --name=VALUE (read as the parameter's type: JSON where that fits, else the text itself) or --input '<json object>'."
+        ))
+}
+
+/// The flows and their parameters, for `--help` and `--list`.
+fn flows_help(registry: &Registry) -> String {
+    let mut out = String::from("Flows:\n");
+    for name in registry.flow_names() {
+        let Some(f) = registry.flow(name) else {
+            continue;
+        };
+        if f.doc.is_empty() {
+            out.push_str(&format!("  {name}\n"));
+        } else {
+            out.push_str(&format!("  {name}: {}\n", f.doc));
+        }
+        for p in f.params {
+            out.push_str(&format!("      {}\n", p.usage()));
+        }
+    }
+    out.push('\n');
+    out
+}
+
+/// `--list`: every flow with its parameters, every task with its options.
+fn list(registry: &Registry) {
+    print!("{}", flows_help(registry));
+    println!("Tasks:");
+    for name in registry.task_names() {
+        let Some(t) = registry.task(name) else {
+            continue;
+        };
+        let mut opts = Vec::new();
+        if !t.version.is_empty() {
+            opts.push(format!("version {}", t.version));
+        }
+        if t.options.retry.retries > 0 {
+            opts.push(format!("retries {}", t.options.retry.retries));
+        }
+        if let Some(d) = t.options.timeout {
+            opts.push(format!("timeout {}", humantime::format_duration(d)));
+        }
+        if t.options.cache != pinazu_shared::options::CachePolicy::None {
+            opts.push(format!("cache {:?}", t.options.cache).to_lowercase());
+        }
+        if !t.options.labels.is_empty() {
+            let l: Vec<String> = t
+                .options
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            opts.push(format!("labels {}", l.join(",")));
+        }
+        if opts.is_empty() {
+            println!("  {name}");
+        } else {
+            println!("  {name} ({})", opts.join("; "));
+        }
+    }
+}
+
 /// Parses the process arguments and runs the app.
 pub fn main() -> ExitCode {
     let (clap_args, params) = split_args(std::env::args());
-    let matches = match Cli::command().try_get_matches_from(clap_args) {
+    let registry = Registry::global();
+    let matches = match app_command(registry.as_ref().ok().copied()).try_get_matches_from(clap_args)
+    {
         Ok(m) => m,
         Err(e) => e.exit(),
     };
@@ -367,13 +516,12 @@ pub fn main() -> ExitCode {
     let is_agent = matches!(cli.command, Some(Command::Agent(_)));
     logging::init(cli.log_level.as_deref(), cli.log_format, is_agent);
 
-    let registry = match Registry::global() {
+    let registry = match registry {
         Ok(r) => r,
         Err(e) => return usage_error(e),
     };
     if cli.list {
-        println!("flows: {}", registry.flow_names().join(", "));
-        println!("tasks: {}", registry.task_names().join(", "));
+        list(registry);
         return ExitCode::SUCCESS;
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -403,32 +551,67 @@ pub(crate) async fn connect(
     url: &str,
     name: &str,
 ) -> Result<async_nats::Client, ExitCode> {
+    try_connect(cli, url, name).await.map_err(usage_error)
+}
+
+/// Connects to NATS, or says why not.
+pub(crate) async fn try_connect(
+    cli: &Cli,
+    url: &str,
+    name: &str,
+) -> Result<async_nats::Client, String> {
     cli.nats
         .config(url, name)
         .connect()
         .await
-        .map_err(usage_error)
+        .map_err(|e| e.to_string())
+}
+
+/// Labels given as `k=v` (repeated or comma separated).
+pub(crate) fn parse_labels(raw: &[String]) -> Result<Vec<(String, String)>, String> {
+    raw.iter()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| match l.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => {
+                Ok((k.trim().to_string(), v.trim().to_string()))
+            }
+            _ => Err(format!("label {l:?} is not k=v")),
+        })
+        .collect()
 }
 
 /// The object store the flags and environment select, opened (one clear error if not).
 pub(crate) async fn open_store(
     cli: &Cli,
 ) -> Result<Arc<dyn pinazu_shared::store::ObjectStore>, ExitCode> {
-    let spec = crate::stores::StoreSpec::choose(cli.store.as_deref(), &cli.cache_dir)
-        .map_err(usage_error)?;
-    spec.open().await.map_err(usage_error)
+    try_open_store(cli).await.map_err(usage_error)
+}
+
+/// The object store the flags and environment select, or why it cannot be used.
+pub(crate) async fn try_open_store(
+    cli: &Cli,
+) -> Result<Arc<dyn pinazu_shared::store::ObjectStore>, pinazu_shared::error::ConfigError> {
+    let spec = crate::stores::StoreSpec::choose(cli.store.as_deref(), &cli.cache_dir)?;
+    spec.open().await
 }
 
 /// The journal the flags select (none with --no-journal).
 pub(crate) fn open_journal(
     cli: &Cli,
 ) -> Result<Option<Arc<dyn pinazu_coordinator::journal::Journal>>, ExitCode> {
+    try_open_journal(cli).map_err(usage_error)
+}
+
+/// The journal the flags select, or why it cannot be used.
+pub(crate) fn try_open_journal(
+    cli: &Cli,
+) -> Result<Option<Arc<dyn pinazu_coordinator::journal::Journal>>, String> {
     if cli.no_journal {
         return Ok(None);
     }
     pinazu_coordinator::journal::LocalJournal::open(&cli.journal_dir)
         .map(|j| Some(Arc::new(j) as Arc<dyn pinazu_coordinator::journal::Journal>))
-        .map_err(usage_error)
+        .map_err(|e| format!("{e} (set --journal-dir / PINAZU_JOURNAL_DIR, or --no-journal)"))
 }
 
 pub(crate) fn nats_subjects(cli: &Cli) -> Subjects {
@@ -444,13 +627,38 @@ async fn run_embedded(
         Ok(id) => id,
         Err(e) => return usage_error(e),
     };
+    // from here the run id is known: every failure ends with the run's FAILED event (on
+    // NATS when NATS_URL is set) and the final line
+    let mut r = Rejecter::new(flow_run_id, cli.run.flow.as_deref());
+    // like the original library: with NATS_URL set, status events go to NATS
+    if let Some(url) = cli
+        .nats
+        .nats_url
+        .as_deref()
+        .filter(|u| !u.trim().is_empty())
+    {
+        match try_connect(cli, url, "pinazu-embedded").await {
+            Ok(client) => {
+                let publisher = pinazu_shared::nats::Publisher::start(client);
+                r.sink = Some(Arc::new(pinazu_coordinator::nats::NatsEventSink::new(
+                    publisher,
+                )));
+            }
+            Err(e) => return r.reject(e, false).await,
+        }
+    }
+    match EventContext::from_env() {
+        Ok(events) => r.events = events,
+        Err(e) => return r.reject(e, true).await,
+    }
     let flow = match pick_flow(registry, cli.run.flow.as_deref()) {
         Ok(f) => f,
-        Err(e) => return usage_error(format!("{e} with --flow NAME")),
+        Err(e) => return r.reject(format!("{e} with --flow NAME"), true).await,
     };
+    r.flow = flow.clone();
     let params = match merge_params(cli.run.input.as_deref(), params) {
         Ok(p) => p,
-        Err(e) => return rejected(flow_run_id, &flow, e),
+        Err(e) => return r.reject(e, true).await,
     };
     let seeds = match cli
         .run
@@ -460,47 +668,42 @@ async fn run_embedded(
     {
         None => pinazu_coordinator::Seeds::default(),
         Some(Ok(s)) => s,
-        Some(Err(e)) => return rejected(flow_run_id, &flow, e),
+        Some(Err(e)) => return r.reject(e, true).await,
     };
     let mut config = match RuntimeConfig::from_env() {
         Ok(c) => c,
-        Err(e) => return usage_error(e),
+        Err(e) => return r.reject(e, true).await,
     };
     if let Some(a) = cli.agents {
-        config.agents = a.max(1);
+        config.agents = a as usize;
     }
-    config.slots = cli.slots.max(1);
-    config.cache_dir = cli.cache_dir.clone();
-    config.refresh_cache = cli.refresh_cache;
-    match open_store(cli).await {
-        Ok(store) => config.store = Some(store),
-        Err(code) => return code,
-    }
-    match open_journal(cli) {
-        Ok(j) => config.journal = j,
-        Err(code) => return code,
-    }
-    // like the original library: with NATS_URL set, status events go to NATS
-    if let Some(url) = cli
-        .nats
-        .nats_url
-        .as_deref()
-        .filter(|u| !u.trim().is_empty())
-    {
-        match connect(cli, url, "pinazu-embedded").await {
-            Ok(client) => {
-                let publisher = pinazu_shared::nats::Publisher::start(client);
-                config.events = Arc::new(pinazu_coordinator::nats::NatsEventSink::new(publisher));
-            }
-            Err(code) => return code,
+    config.slots = cli.slots;
+    if !cli.labels.is_empty() {
+        match parse_labels(&cli.labels) {
+            Ok(l) => config.labels = Some(l),
+            Err(e) => return r.reject(format!("--labels: {e}"), true).await,
         }
     }
+    config.cache_dir = cli.cache_dir.clone();
+    config.refresh_cache = cli.refresh_cache;
+    match try_open_store(cli).await {
+        Ok(store) => config.store = Some(store),
+        Err(e) => return r.reject(e, true).await,
+    }
+    match try_open_journal(cli) {
+        Ok(j) => config.journal = j,
+        Err(e) => return r.reject(e, true).await,
+    }
+    if let Some(sink) = &r.sink {
+        config.events = sink.clone();
+    }
     let runtime = match Runtime::embedded(config).await {
-        Ok(r) => r,
-        Err(e) => return usage_error(e),
+        Ok(rt) => rt,
+        Err(e) => return r.reject(e, true).await,
     };
     let options = pinazu_coordinator::RunOptions {
         seeds,
+        events: Some(r.events.clone()),
         ..Default::default()
     };
     let handle = match runtime
@@ -508,10 +711,15 @@ async fn run_embedded(
         .await
     {
         Ok(h) => h,
-        Err(e @ FlowError::Params(_)) | Err(e @ FlowError::UnknownFlow { .. }) => {
-            return rejected(flow_run_id, &flow, e)
+        // the coordinator published these (or the id names another run)
+        Err(e @ (FlowError::Params(_) | FlowError::Start(_))) => {
+            runtime.shutdown().await;
+            return r.reject(e, false).await;
         }
-        Err(e) => return rejected(flow_run_id, &flow, e),
+        Err(e) => {
+            runtime.shutdown().await;
+            return r.reject(e, true).await;
+        }
     };
     let bar = crate::progress::show(handle.stats.clone(), !cli.run.no_progress);
     let outcome = handle.wait().await;
@@ -576,10 +784,10 @@ mod tests {
         assert_eq!(
             p,
             vec![
-                ("n".to_string(), json!(20000)),
-                ("work_ms".to_string(), json!(5)),
+                ("n".to_string(), json!("20000")),
+                ("work_ms".to_string(), json!("5")),
                 ("name".to_string(), json!("bob")),
-                ("flag".to_string(), json!(true)),
+                ("flag".to_string(), json!("true")),
             ]
         );
     }
@@ -606,7 +814,7 @@ mod tests {
                 "nats://x:1"
             ]
         );
-        assert_eq!(p, vec![("n".to_string(), json!(5))]);
+        assert_eq!(p, vec![("n".to_string(), json!("5"))]);
         let (c, p) = split(&["app", "agent", "--slots", "8", "--bogus=1"]);
         assert_eq!(c, vec!["app", "agent", "--slots", "8", "--bogus=1"]);
         assert!(p.is_empty());

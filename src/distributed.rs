@@ -13,19 +13,19 @@ use std::time::{Duration, Instant};
 use pinazu_agent::nats::{serve_agent, AgentServeConfig};
 use pinazu_agent::AgentConfig;
 use pinazu_coordinator::nats::{serve, NatsAgentLink, NatsEventSink, Payloads};
-use pinazu_coordinator::{
-    Coordinator, CoordinatorConfig, FlowRunOutcome, SchedulerTiming, StatsSnapshot,
-};
+use pinazu_coordinator::{Coordinator, CoordinatorConfig, FlowRunOutcome, SchedulerTiming};
 use pinazu_shared::api::{AgentSummary, ApiReply, ApiRequest, RunInfo};
 use pinazu_shared::codec::{decode_envelope, encode_envelope};
+use pinazu_shared::events::EventContext;
 use pinazu_shared::ids::{AgentId, FlowRunId};
 use pinazu_shared::nats::Publisher;
 use pinazu_shared::registry::Registry;
 use pinazu_shared::subjects::{valid_token, Subjects};
 
 use crate::cli::{
-    connect, exit_code, merge_params, nats_subjects, open_journal, open_store, pick_flow,
-    print_summary, rejected, require_nats, run_id, usage_error, Cli, Command, RunArgs,
+    connect, exit_code, merge_params, nats_subjects, open_journal, open_store, parse_labels,
+    pick_flow, print_summary, require_nats, run_id, try_connect, usage_error, Cli, Command,
+    Rejecter, RunArgs,
 };
 use crate::runtime::{env_flag, RuntimeConfig};
 
@@ -61,7 +61,7 @@ pub enum JournalBackend {
 #[derive(Args, Debug, Clone)]
 pub struct AgentArgs {
     /// Attempts this agent runs at once.
-    #[arg(long, env = "PINAZU_SLOTS", default_value_t = 4)]
+    #[arg(long, env = "PINAZU_SLOTS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     pub slots: u32,
     /// Labels tasks may require, `k=v` (repeat or comma separate).
     #[arg(long, value_delimiter = ',')]
@@ -85,7 +85,9 @@ pub struct SubmitArgs {
     /// Print the run id and return without waiting.
     #[arg(long)]
     pub detach: bool,
-    /// Submitting again with the same key returns the same run (default: the run id).
+    /// Submitting again with the same key (same flow, same parameters) returns the same
+    /// run; with other parameters it is refused. Without --flow-run-id the run id is
+    /// derived from the key, so the key keeps its meaning across coordinator restarts.
     #[arg(long)]
     pub idempotency_key: Option<String>,
 }
@@ -387,18 +389,6 @@ fn default_agent_id() -> String {
     )
 }
 
-fn parse_labels(raw: &[String]) -> Result<Vec<(String, String)>, String> {
-    raw.iter()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| match l.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() => {
-                Ok((k.trim().to_string(), v.trim().to_string()))
-            }
-            _ => Err(format!("label {l:?} is not k=v")),
-        })
-        .collect()
-}
-
 async fn agent(cli: &Cli, a: &AgentArgs, url: &str, registry: &'static Registry) -> ExitCode {
     let id = a.agent_id.clone().unwrap_or_else(default_agent_id);
     if !valid_token(&id) {
@@ -423,7 +413,7 @@ async fn agent(cli: &Cli, a: &AgentArgs, url: &str, registry: &'static Registry)
         payload_threshold: payload_threshold(cli, &client),
         agent: AgentConfig {
             id: AgentId(id),
-            slots: a.slots.max(1),
+            slots: a.slots,
             labels,
             registry,
         },
@@ -487,23 +477,14 @@ async fn request_waiting(
     decode_envelope(&msg.payload).map_err(|e| format!("bad reply from the coordinator: {e}"))
 }
 
-fn outcome_of(info: &RunInfo) -> FlowRunOutcome {
-    FlowRunOutcome {
-        flow_run_id: info.flow_run_id,
-        flow: info.flow.clone(),
-        status: info.status,
-        result: info.result.clone(),
-        error: info.error.clone(),
-        traceback: None,
-        stats: StatsSnapshot {
-            tasks: info.tasks,
-            executions: info.executions,
-            cache_hits: info.cache_hits,
-            retries: info.retries,
-            wall_ms: info.wall_ms,
-            replayed: info.replayed,
-        },
-    }
+/// The run id an idempotency key names when no run id is given: a UUID (version 3,
+/// MD5-based) of the key, so the same key is the same run id for every coordinator,
+/// before and after restarts.
+fn run_id_of_key(key: &str) -> FlowRunId {
+    let mut bytes = md5::compute(format!("pinazu-flows idempotency key\0{key}")).0;
+    bytes[6] = (bytes[6] & 0x0f) | 0x30; // version 3
+    bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 4122 variant
+    FlowRunId(uuid::Uuid::from_bytes(bytes))
 }
 
 async fn submit(
@@ -513,26 +494,38 @@ async fn submit(
     registry: &'static Registry,
     params: Vec<(String, Value)>,
 ) -> ExitCode {
-    let flow_run_id = match run_id(a.run.flow_run_id.as_deref()) {
-        Ok(id) => id,
-        Err(e) => return usage_error(e),
+    let flow_run_id = match (a.run.flow_run_id.as_deref(), a.idempotency_key.as_deref()) {
+        (None, Some(key)) => run_id_of_key(key),
+        (raw, _) => match run_id(raw) {
+            Ok(id) => id,
+            Err(e) => return usage_error(e),
+        },
     };
     let named = a.flow_name.as_deref().or(a.run.flow.as_deref());
+    let mut r = Rejecter::new(flow_run_id, named);
+    let client = match try_connect(cli, url, "pinazu-run").await {
+        Ok(c) => c,
+        Err(e) => return r.reject(e, false).await,
+    };
+    r.sink = Some(Arc::new(NatsEventSink::new(Publisher::start(
+        client.clone(),
+    ))));
+    match EventContext::from_env() {
+        Ok(events) => r.events = events,
+        Err(e) => return r.reject(e, true).await,
+    }
     let flow = match pick_flow(registry, named) {
         Ok(f) => f,
-        Err(e) => return usage_error(format!("{e}: `run FLOW`")),
+        Err(e) => return r.reject(format!("{e}: `run FLOW`"), true).await,
     };
+    r.flow = flow.clone();
     let params = match merge_params(a.run.input.as_deref(), params) {
         Ok(p) => p,
-        Err(e) => return rejected(flow_run_id, &flow, e),
+        Err(e) => return r.reject(e, true).await,
     };
     if let Err(e) = env_flag("ENABLE_S3_CACHING") {
-        return usage_error(e);
+        return r.reject(e, true).await;
     }
-    let client = match connect(cli, url, "pinazu-run").await {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
     let subjects = nats_subjects(cli);
     // subscribe before starting, so the end cannot slip by
     let (mut done, mut progress) = match (
@@ -540,7 +533,9 @@ async fn submit(
         client.subscribe(subjects.run_progress(flow_run_id)).await,
     ) {
         (Ok(d), Ok(p)) => (d, p),
-        (Err(e), _) | (_, Err(e)) => return usage_error(format!("could not subscribe: {e}")),
+        (Err(e), _) | (_, Err(e)) => {
+            return r.reject(format!("could not subscribe: {e}"), true).await
+        }
     };
     let req = ApiRequest::Start {
         flow: flow.clone(),
@@ -552,6 +547,7 @@ async fn submit(
                 .unwrap_or_else(|| flow_run_id.to_string()),
         ),
         success_task_results: a.run.success_task_results.clone(),
+        events: Some(r.events.clone()),
     };
     // a coordinator that is restarting serves again once it has resumed its runs
     let started = match request_waiting(&client, &subjects, "start", &req, START_WAIT).await {
@@ -561,9 +557,10 @@ async fn submit(
             }
             run
         }
-        Ok(ApiReply::Error(e)) => return rejected(flow_run_id, &flow, e),
-        Ok(other) => return rejected(flow_run_id, &flow, format!("unexpected reply: {other:?}")),
-        Err(e) => return rejected(flow_run_id, &flow, e),
+        // the coordinator published the run's FAILED event (or the id names another run)
+        Ok(ApiReply::Error(e)) => return r.reject(e, false).await,
+        Ok(other) => return r.reject(format!("unexpected reply: {other:?}"), true).await,
+        Err(e) => return r.reject(e, true).await,
     };
     let id = started.flow_run_id;
     if a.detach {
@@ -606,6 +603,10 @@ async fn submit(
         }
     };
     let finished = loop {
+        if started.status.is_final() {
+            // a run that succeeded before: its recorded outcome
+            break started.clone();
+        }
         tokio::select! {
             Some(msg) = done.next() => {
                 if let Ok(info) = decode_envelope::<RunInfo>(&msg.payload) {
@@ -631,7 +632,7 @@ async fn submit(
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let outcome = outcome_of(&finished);
+    let outcome = FlowRunOutcome::from_info(&finished);
     print_summary(&outcome);
     exit_code(outcome.status)
 }
@@ -652,6 +653,9 @@ fn print_run_table(runs: &[RunInfo]) {
             r.retries,
             r.wall_ms as f64 / 1000.0
         );
+        if r.cancelled > 0 {
+            println!("    cancelled: {} calls had not ended", r.cancelled);
+        }
         if let Some(e) = &r.error {
             println!("    error: {e}");
         }
@@ -663,17 +667,23 @@ fn print_run_table(runs: &[RunInfo]) {
 
 fn print_agent_table(agents: &[AgentSummary]) {
     println!(
-        "{:<28}  {:>5}  {:>7}  {:>8}  {:>9}  TASKS",
-        "AGENT", "SLOTS", "RUNNING", "DRAINING", "SEEN(ms)"
+        "{:<28}  {:>5}  {:>7}  {:>8}  {:>9}  {:<20}  TASKS",
+        "AGENT", "SLOTS", "RUNNING", "DRAINING", "SEEN(ms)", "LABELS"
     );
     for a in agents {
+        let labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!(
-            "{:<28}  {:>5}  {:>7}  {:>8}  {:>9}  {}",
+            "{:<28}  {:>5}  {:>7}  {:>8}  {:>9}  {:<20}  {}",
             a.agent_id.to_string(),
             a.slots,
             a.running,
             if a.draining { "yes" } else { "no" },
             a.last_seen_ms,
+            if labels.is_empty() {
+                "-".to_string()
+            } else {
+                labels.join(",")
+            },
             a.tasks.join(",")
         );
     }

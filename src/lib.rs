@@ -48,6 +48,7 @@ pub use pinazu_shared::events::FlowStatus;
 pub use pinazu_shared::ids::FlowRunId;
 pub use pinazu_shared::options::CachePolicy;
 pub use pinazu_shared::store::{LocalDirStore, ObjectStore};
+pub use pinazu_shared::task_context::{task_context, TaskContext};
 pub use runtime::{FlowError, Runtime, RuntimeConfig};
 
 /// The library's command-line entry point: every app's `main` can be just this.
@@ -59,8 +60,8 @@ pub fn main() -> std::process::ExitCode {
 /// What flow code needs.
 pub mod prelude {
     pub use crate::{
-        current_flow_run_id, flow, map, spawn_in_flow, task, FlowError, Runtime, RuntimeConfig,
-        TaskError,
+        current_flow_run_id, flow, map, spawn_in_flow, task, task_context, FlowError, Runtime,
+        RuntimeConfig, TaskError,
     };
 }
 
@@ -70,11 +71,12 @@ pub mod __private {
     pub use bytes::Bytes;
     pub use inventory;
     pub use pinazu_coordinator::call_task;
-    pub use pinazu_shared::error::{ErrorInfo, ParamError};
+    pub use pinazu_shared::error::{ErrorInfo, FailureKind, ParamError};
     pub use pinazu_shared::options::{CachePolicy, RetryPolicy, TaskOptions};
     pub use pinazu_shared::registry::{
-        decode_args, encode_flow_result, encode_result, param_value, FlowDef, FlowEntry, Params,
-        Source, TaskDef, TaskEntry,
+        decode_args, encode_flow_result, encode_ok, encode_result, param_value, ErrorValue,
+        FlowDef, FlowEntry, FlowStart, KeepNothing, KeepSerializable, ParamDef, Params, Source,
+        TaskDef, TaskEntry,
     };
     pub use pinazu_shared::BoxFuture;
     pub use serde_json::{Map, Value};

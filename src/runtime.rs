@@ -14,7 +14,7 @@ use pinazu_agent::{spawn_agent, AgentConfig, AgentMsg};
 use pinazu_coordinator::journal::{Journal, NoJournal};
 use pinazu_coordinator::{
     Coordinator, CoordinatorConfig, EventSink, FlowRunOutcome, JournalHandle, LogSink, RunHandle,
-    RunOptions, StartError,
+    RunOptions, SchedulerTiming, StartError,
 };
 use pinazu_shared::error::{ConfigError, ParamError};
 use pinazu_shared::events::{EventHeader, FlowStatus};
@@ -65,6 +65,10 @@ pub enum FlowError {
         /// Why.
         reason: String,
     },
+    /// The run could not start (its id names another run, it is running already, its
+    /// journal cannot be read, ...).
+    #[error(transparent)]
+    Start(StartError),
     /// The runtime could not start or run the flow.
     #[error("runtime: {0}")]
     Runtime(String),
@@ -74,7 +78,7 @@ impl From<StartError> for FlowError {
     fn from(e: StartError) -> Self {
         match e {
             StartError::Params(p) => FlowError::Params(p),
-            other => FlowError::Runtime(other.to_string()),
+            other => FlowError::Start(other),
         }
     }
 }
@@ -86,6 +90,9 @@ pub struct RuntimeConfig {
     pub agents: usize,
     /// Slots per agent: attempts each runs at once (default 4, like the original pool).
     pub slots: u32,
+    /// Labels of the in-process agents (`k=v`); `None` (the default): every label some
+    /// task requires, so every task can run in-process.
+    pub labels: Option<Vec<(String, String)>>,
     /// Root of the local cache store (default `.pinazu/cache`).
     pub cache_dir: PathBuf,
     /// Policy of tasks that set none (`run` with `ENABLE_S3_CACHING=true`).
@@ -120,6 +127,7 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             agents: std::thread::available_parallelism().map_or(2, |n| n.get()),
             slots: 4,
+            labels: None,
             cache_dir: PathBuf::from(".pinazu/cache"),
             default_cache: CachePolicy::None,
             refresh_cache: false,
@@ -207,6 +215,21 @@ impl Runtime {
     pub async fn embedded(config: RuntimeConfig) -> Result<Runtime, FlowError> {
         let registry = Registry::global()?;
         let link = Arc::new(EmbeddedLink::default());
+        let labels = config
+            .labels
+            .clone()
+            .unwrap_or_else(|| registry.required_labels());
+        let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        // no agent joins an embedded run later: an attempt no in-process agent can run
+        // fails at once, saying how their labels are chosen
+        let timing = SchedulerTiming {
+            schedule_timeout: std::time::Duration::ZERO,
+            no_agent_hint: Some(Arc::from(format!(
+                "the in-process agents have labels [{}]: embedded runs serve every label a task requires unless --labels restricts them",
+                shown.join(",")
+            ))),
+            ..SchedulerTiming::default()
+        };
         let store = config.store.clone().unwrap_or_else(|| {
             Arc::new(pinazu_shared::breaker::BreakerStore::new(
                 LocalDirStore::new(config.cache_dir.clone()),
@@ -223,7 +246,7 @@ impl Runtime {
                         .clone()
                         .unwrap_or_else(|| Arc::new(NoJournal)),
                 ),
-                ..CoordinatorConfig::default()
+                timing,
             },
             link.clone(),
             store,
@@ -237,7 +260,7 @@ impl Runtime {
             let agent_config = AgentConfig {
                 id: AgentId(format!("embedded-{i}")),
                 slots: config.slots.max(1),
-                labels: Vec::new(),
+                labels: labels.clone(),
                 registry,
             };
             let info = agent_config.info();

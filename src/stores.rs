@@ -107,11 +107,26 @@ impl StoreSpec {
     pub async fn open_with(&self, s3: &S3Settings) -> Result<Arc<dyn ObjectStore>, ConfigError> {
         Ok(match self {
             StoreSpec::Local(dir) => Arc::new(BreakerStore::new(LocalDirStore::new(dir.clone()))),
-            StoreSpec::S3 { bucket, prefix } => Arc::new(BreakerStore::new(
-                S3Store::connect(bucket, prefix, s3).await?,
-            )),
+            StoreSpec::S3 { bucket, prefix } => match S3Store::connect(bucket, prefix, s3).await? {
+                (store, Reachable::Yes) => Arc::new(BreakerStore::new(store)),
+                // the cache is an optimisation (as in the original library): run without
+                // it and probe until the server answers
+                (store, Reachable::No(why)) => {
+                    tracing::warn!(store = %self, "{why}; running without the cache until it answers (probing every few seconds)");
+                    Arc::new(BreakerStore::tripped(store))
+                }
+            },
         })
     }
+}
+
+/// Whether the S3 endpoint answered at start-up.
+#[derive(Debug)]
+pub enum Reachable {
+    /// It answered, and the bucket is there.
+    Yes,
+    /// It did not answer (why).
+    No(String),
 }
 
 /// Objects in an S3 bucket (AWS or any S3-compatible server).
@@ -161,12 +176,13 @@ impl S3Settings {
 }
 
 impl S3Store {
-    /// Connects, then checks the bucket before returning.
+    /// Connects, then checks the bucket: refused credentials or a missing bucket are an
+    /// error; an endpoint that does not answer is reported as [`Reachable::No`].
     pub async fn connect(
         bucket: &str,
         prefix: &str,
         settings: &S3Settings,
-    ) -> Result<S3Store, ConfigError> {
+    ) -> Result<(S3Store, Reachable), ConfigError> {
         let describe = if prefix.is_empty() {
             format!("s3://{bucket}")
         } else {
@@ -221,28 +237,35 @@ impl S3Store {
         }
         let client = aws_sdk_s3::Client::from_conf(conf.build());
         let where_ = endpoint.clone().unwrap_or_else(|| "AWS".into());
-        match client.head_bucket().bucket(bucket).send().await {
-            Ok(_) => {}
+        let reachable = match client.head_bucket().bucket(bucket).send().await {
+            Ok(_) => {
+                tracing::info!(store = %describe, endpoint = %where_, "S3 store ready");
+                Reachable::Yes
+            }
             Err(e) => {
                 let status = e.raw_response().map(|r| r.status().as_u16());
                 let reason = match (status, &e) {
                     (Some(404), _) => format!("bucket `{bucket}` does not exist at {where_} (create it, or set CACHE_BUCKET / --store)"),
                     (Some(403), _) | (Some(401), _) => format!("access to bucket `{bucket}` at {where_} was refused: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
                     (_, SdkError::DispatchFailure(_)) | (_, SdkError::TimeoutError(_)) => {
-                        format!("cannot reach {where_} (check AWS_ENDPOINT_URL and that the server is up)")
+                        let why = format!("cannot reach the S3 endpoint {where_} (check AWS_ENDPOINT_URL and that the server is up)");
+                        return Ok((S3Store::new(client, bucket, prefix, where_), Reachable::No(why)));
                     }
                     _ => format!("checking bucket `{bucket}` at {where_} failed: {}", error_text(&e)),
                 };
                 return Err(fail(reason));
             }
-        }
-        tracing::info!(store = %describe, endpoint = %where_, "S3 store ready");
-        Ok(S3Store {
+        };
+        Ok((S3Store::new(client, bucket, prefix, where_), reachable))
+    }
+
+    fn new(client: aws_sdk_s3::Client, bucket: &str, prefix: &str, endpoint: String) -> Self {
+        S3Store {
             client,
             bucket: bucket.to_string(),
             prefix: prefix.to_string(),
-            endpoint: where_,
-        })
+            endpoint,
+        }
     }
 
     fn full(&self, key: &str) -> String {

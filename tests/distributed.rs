@@ -58,6 +58,10 @@ impl Cluster {
     }
 
     fn add_agent(&mut self, id: &str, slots: u32) {
+        self.add_agent_with(id, slots, &[]);
+    }
+
+    fn add_agent_with(&mut self, id: &str, slots: u32, extra: &[&str]) {
         let mut cmd = self.cmd();
         cmd.args([
             "agent",
@@ -67,7 +71,8 @@ impl Cluster {
             &slots.to_string(),
             "--drain-timeout",
             "10s",
-        ]);
+        ])
+        .args(extra);
         self.agents.push(Proc::spawn(id, cmd));
     }
 
@@ -309,6 +314,7 @@ fn the_run_completes_across_a_nats_server_restart() {
 #[test]
 fn cancel_stops_the_running_attempts_and_fails_the_run() {
     let c = Cluster::start(APP, 2, 4);
+    let events = EventRecorder::start(&c.nats.url());
     let out = c.output(&["run", "--detach", "--n=200", "--work-ms=60000"]);
     assert!(
         out.status.success(),
@@ -330,6 +336,20 @@ fn cancel_stops_the_running_attempts_and_fails_the_run() {
         cancelled["error"].as_str().unwrap().contains("cancelled"),
         "{cancelled}"
     );
+    // cancelled calls are not done
+    assert_eq!(cancelled["completed"], 0, "{cancelled}");
+    assert_eq!(cancelled["cancelled"], 200, "{cancelled}");
+    // every task that got PENDING ended: FAILED "cancelled", as Pinazu Core sees it
+    wait_until(Duration::from_secs(10), "200 FAILED task events", || {
+        let tasks = events.task_events(&id);
+        let count = |s: &str| tasks.iter().filter(|e| e["message"]["status"] == s).count();
+        (count("PENDING") == 200 && count("FAILED") == 200).then_some(())
+    });
+    assert!(events
+        .task_events(&id)
+        .iter()
+        .filter(|e| e["message"]["status"] == "FAILED")
+        .all(|e| e["message"]["error_message"] == "cancelled"));
     wait_until(
         Duration::from_secs(10),
         "the agents to stop the cancelled attempts",
@@ -880,4 +900,154 @@ fn the_journal_in_jetstream_survives_a_nats_restart_and_then_a_coordinator_kill(
         "{lines} attempt starts for 1000 calls\n{line}\n{}",
         c.logs()
     );
+}
+
+/// The ingest example on a cluster whose one agent has a GPU label.
+fn ingest_cluster() -> Cluster {
+    let mut c = Cluster::start("ingest_flow", 0, 4);
+    c.add_agent_with("gpu-1", 4, &["--labels", "gpu=true,zone=eu"]);
+    c.wait_agents(1);
+    c
+}
+
+#[test]
+fn a_run_id_names_one_run_before_and_after_a_coordinator_restart() {
+    let mut c = ingest_cluster();
+    let events = EventRecorder::start(&c.nats.url());
+    let id = "a1a1a1a1-1111-4222-8333-444455556666";
+    let ingest = [
+        "run",
+        "ingest",
+        "--collection=docs",
+        "--docs=5",
+        "--flow-run-id",
+        id,
+    ];
+    let user = "11111111-2222-4333-8444-555555555555";
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let out = c
+        .cmd()
+        .args(ingest)
+        .env("PINAZU_USER_ID", user)
+        .env("TRACEPARENT", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
+    let first = last_json_line(&out);
+    let result = &first["result"];
+    // the task's typed error, the task's place: across processes too
+    assert_eq!(result["skipped"], serde_json::json!(["docs/4"]), "{result}");
+    assert_eq!(result["ran_on"]["agent_id"], "gpu-1", "{result}");
+    assert_eq!(result["ran_on"]["flow_run_id"], id, "{result}");
+    assert_eq!(result["ran_on"]["current_flow_run_id"], id, "{result}");
+    // the launcher's header and trace id on every event the coordinator published
+    events.wait_flow(id, "SUCCESS", Duration::from_secs(10));
+    for e in events.of_run(id) {
+        assert_eq!(e["header"]["user_id"], user, "{e}");
+        assert_eq!(e["metadata"]["trace_id"], trace, "{e}");
+    }
+    // the `agents` table shows the labels
+    let table = String::from_utf8_lossy(&c.output(&["agents"]).stdout).to_string();
+    assert!(
+        table.contains("LABELS") && table.contains("gpu=true,zone=eu"),
+        "{table}"
+    );
+
+    let refused = |c: &Cluster, args: &[&str], expected: &[&str]| {
+        let out = c.output(args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = last_json_line(&out);
+        let err = line["error"].as_str().unwrap_or_default();
+        for e in expected {
+            assert!(err.contains(e), "{args:?}: {e} not in {err}");
+        }
+    };
+    let backfill = [
+        "run",
+        "backfill",
+        "--collections=[\"docs\"]",
+        "--flow-run-id",
+        id,
+    ];
+    for round in ["before", "after"] {
+        let attempts = c.attempt_lines();
+        // the same run again: its recorded outcome, nothing runs
+        let out = c.output(&ingest);
+        assert!(
+            out.status.success(),
+            "{round}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            c.logs()
+        );
+        let again = last_json_line(&out);
+        assert_eq!(again["status"], "SUCCESS", "{round}: {again}");
+        assert_eq!(again["result"], first["result"], "{round}");
+        assert_eq!(c.attempt_lines(), attempts, "{round}: nothing ran again");
+        // another flow, or other parameters, under that id: refused, naming both
+        refused(&c, &backfill, &["`ingest`", "`backfill`", id]);
+        refused(
+            &c,
+            &[
+                "run",
+                "ingest",
+                "--collection=docs",
+                "--docs=6",
+                "--flow-run-id",
+                id,
+            ],
+            &["\"docs\":5", "\"docs\":6"],
+        );
+        // an idempotency key is the same: the same run, or refused with other parameters
+        let keyed = |docs: &str| {
+            let docs = format!("--docs={docs}");
+            c.output(&[
+                "run",
+                "ingest",
+                "--collection=k",
+                &docs,
+                "--idempotency-key",
+                "nightly-2026-11-29",
+            ])
+        };
+        let out = keyed("2");
+        assert!(
+            out.status.success(),
+            "{round}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let keyed_run = last_json_line(&out)["flow_run_id"].clone();
+        let attempts = c.attempt_lines();
+        let out = keyed("2");
+        assert_eq!(last_json_line(&out)["flow_run_id"], keyed_run, "{round}");
+        assert_eq!(
+            c.attempt_lines(),
+            attempts,
+            "{round}: the keyed run did not run again"
+        );
+        let out = keyed("3");
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{round}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let err = last_json_line(&out)["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(err.contains("nightly-2026-11-29"), "{round}: {err}");
+        if round == "before" {
+            c.restart_coordinator();
+        }
+    }
 }

@@ -447,9 +447,19 @@ async fn bad_parameters_are_rejected_before_the_run_starts() {
         err.to_string().contains("no_such_flow") && err.to_string().contains("fan_out"),
         "{err}"
     );
-    assert!(
-        env.events.events().is_empty(),
-        "nothing ran, nothing was published"
+    // nothing ran: the two runs whose id was known ended with a flow FAILED event each
+    env.rt.coordinator().flush_events().await;
+    let events = env.events.events();
+    let statuses: Vec<(&str, &str)> = events
+        .iter()
+        .map(|(s, e)| (s.as_str(), e["message"]["status"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            ("v1.svc.worker.flow.status", "FAILED"),
+            ("v1.svc.worker.flow.status", "FAILED")
+        ]
     );
 }
 
@@ -491,7 +501,7 @@ async fn inputs_cache_hits_on_rerun_across_runtimes() {
         .unwrap();
     assert_eq!(third.stats.executions, 0);
     assert_eq!(third.result, Some(json!(sum_squares(300))));
-    // task SUCCESS events of hits carry the cache key
+    // task SUCCESS events of hits carry the call's MD5, the name of its cache object
     let hit_event = env
         .events
         .events()
@@ -501,11 +511,10 @@ async fn inputs_cache_hits_on_rerun_across_runtimes() {
         .unwrap()
         .1;
     let key = hit_event["message"]["result_cache_key"].as_str().unwrap();
-    assert!(
-        key.starts_with("result_cache/inputs/cached_square/v1/"),
-        "{key}"
-    );
-    assert!(path.join(key).is_file());
+    assert_eq!(key.len(), 32, "{key}");
+    assert!(path
+        .join(format!("result_cache/inputs/cached_square/v1/{key}.json"))
+        .is_file());
 }
 
 fn cache_object(dir: &Path, run: FlowRunId, task: &str, args: Value) -> std::path::PathBuf {
@@ -538,8 +547,20 @@ async fn run_cache_uses_the_original_layout_and_is_isolated_per_run() {
     );
     assert!(rec["timestamp"].as_str().unwrap().ends_with('Z'));
 
-    // same run id again: everything is a hit
-    let again = run_as(&env, "run_cached_fan_out", json!({"n": 50}), run_a).await;
+    // same run id again, in a process without a journal (the original library's way):
+    // everything is a hit
+    let fresh = Runtime::embedded(RuntimeConfig {
+        agents: 1,
+        cache_dir: dir.clone(),
+        events: CollectingSink::new(),
+        ..RuntimeConfig::default()
+    })
+    .await
+    .unwrap();
+    let again = fresh
+        .run("run_cached_fan_out", params(json!({"n": 50})), run_a)
+        .await
+        .unwrap();
     assert_eq!(again.stats.executions, 0);
     assert_eq!(again.stats.cache_hits, 50);
     assert_eq!(again.result, Some(json!(sum_squares(50))));
@@ -635,9 +656,19 @@ async fn events_follow_the_lifecycle_in_the_exact_pinazu_core_shape() {
             r#"{{"header":{header},"message":{{"flow_run_id":"<RUN>","status":"{status}","error_message":null,"traceback":null,"event_timestamp":"<TS>"}},"metadata":{{"trace_id":null,"timestamp":"<TS>"}}}}"#
         )
     };
+    // SUCCESS carries the call's MD5: the original library's key of `square(6)`
+    let md5 = format!(
+        "\"{:x}\"",
+        md5::compute(br#"{"args":[6],"kwargs":{},"task_name":"square"}"#)
+    );
     let task = |status: &str| {
+        let key = if status == "SUCCESS" {
+            md5.as_str()
+        } else {
+            "null"
+        };
         format!(
-            r#"{{"header":{header},"message":{{"flow_run_id":"<RUN>","task_name":"square","status":"{status}","result_cache_key":null,"error_message":null,"traceback":null,"event_timestamp":"<TS>"}},"metadata":{{"trace_id":null,"timestamp":"<TS>"}}}}"#
+            r#"{{"header":{header},"message":{{"flow_run_id":"<RUN>","task_name":"square","status":"{status}","result_cache_key":{key},"error_message":null,"traceback":null,"event_timestamp":"<TS>"}},"metadata":{{"trace_id":null,"timestamp":"<TS>"}}}}"#
         )
     };
     let f = "v1.svc.worker.flow.status".to_string();
@@ -712,6 +743,7 @@ async fn a_replay_that_diverges_from_its_journal_fails_clearly() {
             flow: "one_square".into(),
             params: params(json!({"x": 6})),
             idempotency_key: None,
+            events: None,
         },
     );
     journal.append(
@@ -751,4 +783,206 @@ async fn a_replay_that_diverges_from_its_journal_fails_clearly() {
         out.stats.executions, 1,
         "the journaled execution only: nothing new ran"
     );
+}
+
+// ---------- every task that got PENDING ends (cancel, flow returned early) ----------
+
+#[task]
+async fn sleepy(i: u64, ms: u64) -> anyhow::Result<u64> {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    Ok(i)
+}
+
+#[flow]
+async fn sleepy_fan_out(n: u64, ms: u64) -> anyhow::Result<u64> {
+    let calls = (0..n).map(|i| sleepy(i, if i < 8 { 1 } else { ms }));
+    let all = futures_util::future::try_join_all(calls).await?;
+    Ok(all.into_iter().sum())
+}
+
+/// Returns as soon as the first of its calls answers: the others are left running.
+#[flow]
+async fn first_of_many(n: u64) -> anyhow::Result<u64> {
+    let calls = (0..n).map(|i| Box::pin(sleepy(i, if i == 0 { 1 } else { 60_000 })));
+    let (first, _, _rest) = futures_util::future::select_all(calls).await;
+    Ok(first?)
+}
+
+/// Per task name: (PENDING events, SUCCESS events, FAILED events and their messages).
+fn terminal_counts(events: &CollectingSink, run: FlowRunId) -> (usize, usize, Vec<String>) {
+    let mut pending = 0;
+    let mut success = 0;
+    let mut failed = Vec::new();
+    for (subject, e) in events.events() {
+        if subject != "v1.svc.worker.task.status" || e["message"]["flow_run_id"] != run.to_string()
+        {
+            continue;
+        }
+        match e["message"]["status"].as_str() {
+            Some("PENDING") => pending += 1,
+            Some("SUCCESS") => success += 1,
+            Some("FAILED") => failed.push(
+                e["message"]["error_message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            ),
+            _ => {}
+        }
+    }
+    (pending, success, failed)
+}
+
+fn env_with_events(events: Arc<CollectingSink>, dir: &tempfile::TempDir) -> RuntimeConfig {
+    RuntimeConfig {
+        agents: 2,
+        slots: 4,
+        cache_dir: dir.path().to_path_buf(),
+        events,
+        ..RuntimeConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_run_ends_every_task_that_got_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = CollectingSink::new();
+    let rt = Runtime::embedded(env_with_events(events.clone(), &dir))
+        .await
+        .unwrap();
+    let id = FlowRunId::new();
+    let handle = rt
+        .start(
+            "sleepy_fan_out",
+            params(json!({"n": 600, "ms": 60_000})),
+            id,
+        )
+        .await
+        .unwrap();
+    // the 8 quick calls end, 8 long ones run, the rest wait for a slot
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while handle.stats.completed() < 8 || handle.stats.snapshot().executions < 16 {
+        assert!(Instant::now() < deadline, "{:?}", handle.stats.snapshot());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    rt.coordinator().cancel(id, "stopped by the test").unwrap();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), handle.wait())
+        .await
+        .unwrap();
+    assert_eq!(outcome.status, FlowStatus::Failed);
+    assert_eq!(outcome.stats.cancelled, 592, "{:?}", outcome.stats);
+    let info = rt.coordinator().run_info(id).unwrap();
+    assert_eq!(info.completed, 8, "cancelled calls are not done: {info:?}");
+    rt.shutdown().await;
+    let (pending, success, failed) = terminal_counts(&events, id);
+    assert_eq!(pending, 600);
+    assert_eq!(success, 8);
+    assert_eq!(failed.len(), 592);
+    assert!(failed.iter().all(|m| m == "cancelled"), "{failed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_a_flow_stopped_waiting_for_end_failed_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = CollectingSink::new();
+    let rt = Runtime::embedded(env_with_events(events.clone(), &dir))
+        .await
+        .unwrap();
+    let id = FlowRunId::new();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(20),
+        rt.run("first_of_many", params(json!({"n": 20})), id),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(outcome.status, FlowStatus::Success, "{outcome:?}");
+    assert_eq!(outcome.stats.cancelled, 19);
+    rt.shutdown().await;
+    let (pending, success, failed) = terminal_counts(&events, id);
+    assert_eq!((pending, success, failed.len()), (20, 1, 19), "{failed:?}");
+    assert!(failed.iter().all(|m| m == "cancelled"), "{failed:?}");
+}
+
+// ---------- a task's own error type, and where a task runs ----------
+
+#[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+struct QuotaExceeded {
+    tenant: String,
+    limit: u32,
+}
+
+impl std::fmt::Display for QuotaExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "tenant {} is over its quota of {}",
+            self.tenant, self.limit
+        )
+    }
+}
+
+#[task(retries = 1, retry_delay = "1ms")]
+async fn charge(tenant: String) -> Result<u32, QuotaExceeded> {
+    Err(QuotaExceeded { tenant, limit: 7 })
+}
+
+#[task]
+async fn untyped_failure() -> anyhow::Result<u32> {
+    anyhow::bail!("plain anyhow")
+}
+
+#[task]
+async fn context_probe(x: u32) -> anyhow::Result<Value> {
+    let ctx = pinazu_flows::task_context().expect("a task context inside a task");
+    Ok(json!({
+        "x": x,
+        "run": ctx.flow_run_id.to_string(),
+        "current": pinazu_flows::current_flow_run_id().map(|i| i.to_string()),
+        "task": ctx.task.to_string(),
+        "attempt": ctx.attempt,
+        "agent": ctx.agent_id.to_string(),
+        "call": ctx.call_id.to_string(),
+    }))
+}
+
+#[flow]
+async fn typed_errors_and_context() -> anyhow::Result<Value> {
+    let quota = charge("acme".into()).await.unwrap_err();
+    let plain = untyped_failure().await.unwrap_err();
+    Ok(json!({
+        "quota": quota.downcast::<QuotaExceeded>().map(|q| json!({"tenant": q.tenant, "limit": q.limit})),
+        "quota_message": quota.to_string(),
+        "plain_as_quota": plain.downcast::<QuotaExceeded>().is_some(),
+        "other_type": quota.downcast::<String>().is_some(),
+        "context": context_probe(3).await?,
+        "outside_a_task": pinazu_flows::task_context().is_some(),
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_serde_task_error_reaches_the_flow_typed_and_a_task_knows_where_it_runs() {
+    let env = env().await;
+    let id = FlowRunId::new();
+    let out = run_as(&env, "typed_errors_and_context", json!({}), id).await;
+    assert_eq!(out.status, FlowStatus::Success, "{out:?}");
+    let r = out.result.unwrap();
+    assert_eq!(r["quota"], json!({"tenant": "acme", "limit": 7}));
+    assert!(
+        r["quota_message"]
+            .as_str()
+            .unwrap()
+            .contains("tenant acme is over its quota of 7"),
+        "{r}"
+    );
+    assert_eq!(r["plain_as_quota"], false);
+    assert_eq!(r["other_type"], false);
+    assert_eq!(r["outside_a_task"], false);
+    let c = &r["context"];
+    assert_eq!(c["run"], id.to_string());
+    assert_eq!(c["current"], id.to_string());
+    assert_eq!(c["task"], "context_probe");
+    assert_eq!(c["attempt"], 1);
+    assert!(c["agent"].as_str().unwrap().starts_with("embedded-"), "{c}");
+    assert!(c["call"].as_str().unwrap().ends_with("-0"), "{c}");
 }

@@ -183,10 +183,16 @@ async fn run_policy_objects_sit_at_the_original_key_and_parse_as_cache_results()
     assert_eq!(rec["cache_key"], md5);
     let ts = rec["timestamp"].as_str().unwrap();
     assert!(ts.len() == 27 && ts.ends_with('Z'), "{ts}");
-    // the same run id again: all hits
+    // the same run id again in another process without a journal (the original
+    // library's way): its `run` cache entries answer every call
+    let rt = runtime(&s3, false).await;
     let again = run(&rt, "s3_run_fan_out", json!({"n": 20}), id).await;
     assert_eq!(again.stats.cache_hits, 20);
     assert_eq!(again.stats.executions, 0);
+    // in the same one, the id names a run that succeeded: its recorded outcome
+    let recorded = run(&rt, "s3_run_fan_out", json!({"n": 20}), id).await;
+    assert_eq!(recorded.result, again.result);
+    assert_eq!(recorded.stats, again.stats);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -435,4 +441,63 @@ fn a_20_mib_result_goes_through_a_distributed_run_via_s3() {
         "payloads removed from the bucket",
         || (walk(&s3.object_path("shared/payloads")) == 0).then_some(()),
     );
+}
+
+#[test]
+fn an_s3_endpoint_unreachable_at_start_runs_uncached_and_is_used_once_it_answers() {
+    let mut s3 = S3Server::start();
+    s3.kill();
+    let id = "5e5e5e5e-1111-4222-8333-444455556666";
+    let mut cmd = app("parallel_flow");
+    cli_env(&s3, &mut cmd);
+    cmd.env("ENABLE_S3_CACHING", "true")
+        .env("FLOW_RUN_ID", id)
+        .args(["--n=400", "--work-ms=50", "--agents=1", "--slots=4"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        use std::io::BufRead;
+        let log = log.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                log.lock().unwrap().push_str(&(line + "\n"));
+            }
+        })
+    };
+    // the server comes up once the run has started without it (about 5 s of work)
+    wait_until(
+        Duration::from_secs(20),
+        "the warning that S3 is unreachable",
+        || {
+            log.lock()
+                .unwrap()
+                .contains("running without the cache")
+                .then_some(())
+        },
+    );
+    s3.restart();
+    let out = child.wait_with_output().unwrap();
+    reader.join().unwrap();
+    let err = log.lock().unwrap().clone();
+    assert!(out.status.success(), "{err}");
+    let line = last_json_line(&out);
+    assert_eq!(line["status"], "SUCCESS");
+    assert_eq!(line["result"], 21_253_400);
+    assert!(
+        err.contains("cannot reach the S3 endpoint") && err.contains("running without the cache"),
+        "{err}"
+    );
+    assert!(
+        err.contains("object store recovered"),
+        "the breaker probed: {err}"
+    );
+    // calls that ended after it answered are cached, at the original layout
+    let written = walk(&s3.object_path(&format!("result_cache/flow-{id}/tasks/square")));
+    assert!(written > 0 && written < 400, "{written} objects");
 }

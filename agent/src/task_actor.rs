@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use pinazu_shared::error::{ErrorInfo, FailureKind};
 use pinazu_shared::ids::AgentId;
 use pinazu_shared::registry::TaskDef;
+use pinazu_shared::task_context::{TaskContext, TASK_CONTEXT};
 use pinazu_shared::wire::{AttemptFinished, SpawnTask};
 
 /// Messages to a task actor: none; it runs its attempt and stops. The supervisor stops
@@ -38,6 +39,8 @@ pub struct TaskState {
     spawn: SpawnTask,
     def: &'static TaskDef,
     started: Instant,
+    /// What `task_context()` answers inside the attempt (taken when it starts).
+    context: Option<TaskContext>,
     outcome: Option<Result<bytes::Bytes, ErrorInfo>>,
 }
 
@@ -84,10 +87,19 @@ impl Actor for TaskActor {
             agent = %agent_id,
             "attempt started"
         );
+        let context = TaskContext {
+            flow_run_id: spawn.flow_run_id,
+            call_id: spawn.call_id,
+            attempt_id: spawn.attempt_id,
+            attempt: spawn.attempt,
+            task: spawn.task.clone(),
+            agent_id,
+        };
         Ok(TaskState {
             spawn,
             def,
             started: Instant::now(),
+            context: Some(context),
             outcome: None,
         })
     }
@@ -97,7 +109,13 @@ impl Actor for TaskActor {
         myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let fut = AssertUnwindSafe((state.def.invoke)(state.spawn.args.clone())).catch_unwind();
+        // set in pre_start; taken once
+        let Some(ctx) = state.context.take() else {
+            myself.stop(None);
+            return Ok(());
+        };
+        let body = (state.def.invoke)(state.spawn.args.clone());
+        let fut = AssertUnwindSafe(TASK_CONTEXT.scope(ctx, body)).catch_unwind();
         let outcome = match state.spawn.timeout_ms.map(Duration::from_millis) {
             Some(t) => match tokio::time::timeout(t, fut).await {
                 Ok(r) => r,

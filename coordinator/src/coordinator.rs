@@ -13,7 +13,9 @@ use tokio::sync::watch;
 
 use pinazu_shared::api::{AgentSummary, RunInfo};
 use pinazu_shared::error::ParamError;
-use pinazu_shared::events::{EventHeader, FlowStatus};
+use pinazu_shared::events::{
+    now_timestamp, EventContext, EventHeader, FlowStatus, FlowStatusMessage,
+};
 use pinazu_shared::ids::{AttemptId, FlowRunId};
 use pinazu_shared::options::CachePolicy;
 use pinazu_shared::registry::FlowDef;
@@ -23,10 +25,10 @@ use pinazu_shared::wire::{AgentInfo, AttemptFinished, AttemptStarted, Heartbeat,
 
 use crate::cache::{CacheActor, CacheCounters, CacheMsg};
 use crate::flow_runner::{FlowRunner, FlowRunnerArgs, FlowRunnerMsg, Seeds};
-use crate::journal::{Journal, NoJournal, Replay};
+use crate::journal::{Journal, JournalEntry, NoJournal, Replay};
 use crate::scheduler::{Scheduler, SchedulerArgs, SchedulerMsg, SchedulerTiming};
 use crate::stats::{RunStats, StatsSnapshot};
-use crate::status::{EventSink, StatusMsg, StatusPublisher};
+use crate::status::{EventSink, RunHeader, StatusMsg, StatusPublisher};
 
 /// Coordinator settings.
 #[derive(Clone, Debug)]
@@ -73,6 +75,9 @@ pub struct RunOptions {
     /// Wait this long before the flow body runs (a resumed run lets agents hand back
     /// what the previous coordinator process dispatched).
     pub start_delay: std::time::Duration,
+    /// Header and trace id of the run's status events (default: the coordinator's
+    /// header, no trace id); set by whoever launches the run.
+    pub events: Option<EventContext>,
 }
 
 impl Default for CoordinatorConfig {
@@ -106,23 +111,47 @@ pub struct FlowRunOutcome {
     pub stats: StatsSnapshot,
 }
 
+impl FlowRunOutcome {
+    /// The outcome an ended run's [`RunInfo`] records.
+    pub fn from_info(info: &RunInfo) -> Self {
+        FlowRunOutcome {
+            flow_run_id: info.flow_run_id,
+            flow: info.flow.clone(),
+            status: info.status,
+            result: info.result.clone(),
+            error: info.error.clone(),
+            traceback: None,
+            stats: StatsSnapshot {
+                tasks: info.tasks,
+                executions: info.executions,
+                cache_hits: info.cache_hits,
+                retries: info.retries,
+                wall_ms: info.wall_ms,
+                replayed: info.replayed,
+                cancelled: info.cancelled,
+            },
+        }
+    }
+}
+
 /// Why a run could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// Bad parameters.
     #[error(transparent)]
     Params(#[from] ParamError),
-    /// The run's journal says another flow.
-    #[error(
-        "flow run {run} was started as flow `{journaled}`, not `{asked}`; use another FLOW_RUN_ID"
-    )]
-    OtherFlow {
-        /// The run.
-        run: FlowRunId,
-        /// The flow in its journal.
+    /// The run id (or idempotency key) already names a run of another flow, or with
+    /// other parameters.
+    #[error("{what} already names a run of `{journaled}`; it cannot also be `{asked}`: a run id (or idempotency key) names one run, with one flow and one set of parameters. {hint}")]
+    OtherRun {
+        /// "flow run <id>" or "idempotency key <key> (flow run <id>)".
+        what: String,
+        /// The existing run: flow and parameters.
         journaled: String,
-        /// The flow asked for.
+        /// This request: flow and parameters.
         asked: String,
+        /// What to do instead.
+        hint: &'static str,
     },
     /// The journal could not be read.
     #[error("{0}")]
@@ -135,6 +164,59 @@ pub enum StartError {
     Spawn(String),
 }
 
+impl StartError {
+    /// The request names a run that exists with another identity, or is running: the
+    /// run id is someone else's, so no event is published under it.
+    pub fn is_conflict(&self) -> bool {
+        matches!(
+            self,
+            StartError::OtherRun { .. } | StartError::AlreadyRunning(_)
+        )
+    }
+}
+
+/// `flow` with its parameters, for identity errors (long parameter lists are cut).
+fn describe_run(flow: &str, params: &Map<String, Value>) -> String {
+    let mut json = serde_json::to_string(params).unwrap_or_default();
+    if json.len() > 300 {
+        let mut cut = 300;
+        while !json.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        json.truncate(cut);
+        json.push('…');
+    }
+    format!("{flow}` with parameters `{json}")
+}
+
+/// Checks that a run id (or key) names the run asked for: same flow, same parameters.
+fn same_run(
+    what: impl FnOnce() -> String,
+    existing: (&str, &Map<String, Value>),
+    asked: (&str, &Map<String, Value>),
+    hint: &'static str,
+) -> Result<(), StartError> {
+    if existing.0 == asked.0 && existing.1 == asked.1 {
+        return Ok(());
+    }
+    Err(StartError::OtherRun {
+        what: what(),
+        journaled: describe_run(existing.0, existing.1),
+        asked: describe_run(asked.0, asked.1),
+        hint,
+    })
+}
+
+const RUN_ID_HINT: &str =
+    "Start this one under another FLOW_RUN_ID (--flow-run-id), or leave it unset to get a new one.";
+const KEY_HINT: &str = "Use another --idempotency-key for this one.";
+
+/// The parameters as `flow` takes them (typed, defaults filled in), or as given when
+/// they no longer decode (the flow's code changed).
+fn normalized(flow: &FlowDef, params: &Map<String, Value>) -> Map<String, Value> {
+    (flow.invoke)(params.clone()).map_or_else(|_| params.clone(), |s| s.params)
+}
+
 /// A started run.
 pub struct RunHandle {
     /// Its id.
@@ -145,6 +227,12 @@ pub struct RunHandle {
 }
 
 impl RunHandle {
+    /// Whether the run has ended already (e.g. a successful run's id given again
+    /// answers its recorded outcome at once).
+    pub fn ended(&self) -> bool {
+        self.outcome.borrow().is_some()
+    }
+
     /// Waits for the run to end.
     pub async fn wait(mut self) -> FlowRunOutcome {
         let id = self.flow_run_id;
@@ -184,7 +272,7 @@ pub struct CoordShared {
     pub(crate) epoch: u32,
     attempts: AtomicU32,
     /// The object store (large results the journal points at).
-    store: Arc<dyn ObjectStore>,
+    pub(crate) store: Arc<dyn ObjectStore>,
 }
 
 impl CoordShared {
@@ -200,6 +288,8 @@ impl CoordShared {
 struct RunEntry {
     idempotency_key: Option<String>,
     flow: &'static str,
+    /// As the flow took them: what, with `flow`, the run id names.
+    params: Map<String, Value>,
     started: std::time::Instant,
     stats: Arc<RunStats>,
     outcome: watch::Receiver<Option<FlowRunOutcome>>,
@@ -248,7 +338,7 @@ impl Coordinator {
             SchedulerArgs {
                 link,
                 runs: runs.clone(),
-                timing: config.timing,
+                timing: config.timing.clone(),
                 epoch,
             },
         )
@@ -256,8 +346,7 @@ impl Coordinator {
         let cache_counters = Arc::new(CacheCounters::default());
         let (cache, _) =
             Actor::spawn(None, CacheActor, (store.clone(), cache_counters.clone())).await?;
-        let (status, _) =
-            Actor::spawn(None, StatusPublisher, (config.header.clone(), sink)).await?;
+        let (status, _) = Actor::spawn(None, StatusPublisher, sink).await?;
         Ok(Coordinator {
             shared: Arc::new(CoordShared {
                 config,
@@ -380,13 +469,55 @@ impl Coordinator {
             .await
     }
 
-    /// The run a key started, if any.
-    pub fn run_for_key(&self, key: &str) -> Option<FlowRunId> {
-        self.shared
+    /// The run a key started, if this coordinator knows it; an error if that run is
+    /// of another flow or has other parameters.
+    pub fn run_for_key(
+        &self,
+        key: &str,
+        flow: &FlowDef,
+        params: &Map<String, Value>,
+    ) -> Result<Option<FlowRunId>, StartError> {
+        let Some(found) = self
+            .shared
             .table
             .iter()
             .find(|e| e.idempotency_key.as_deref() == Some(key))
-            .map(|e| *e.key())
+            .map(|e| (*e.key(), e.flow, e.params.clone()))
+        else {
+            return Ok(None);
+        };
+        let (id, existing_flow, existing_params) = found;
+        let asked = normalized(flow, params);
+        same_run(
+            || format!("idempotency key {key:?} (flow run {id})"),
+            (existing_flow, &existing_params),
+            (flow.name, &asked),
+            KEY_HINT,
+        )?;
+        Ok(Some(id))
+    }
+
+    /// The events context of runs that do not bring their own.
+    fn default_events(&self) -> EventContext {
+        EventContext {
+            header: self.shared.config.header.clone(),
+            trace_id: None,
+        }
+    }
+
+    /// Publishes the flow FAILED event of a run that could not start (its id is known,
+    /// so whoever waits for its events learns why).
+    pub fn publish_rejection(&self, id: FlowRunId, events: &EventContext, error: &str) {
+        let _ = self.shared.status.send_message(StatusMsg::Flow(
+            Arc::new(RunHeader::new(events.clone())),
+            FlowStatusMessage {
+                flow_run_id: id,
+                status: FlowStatus::Failed,
+                error_message: Some(error.to_string()),
+                traceback: Some(error.to_string()),
+                event_timestamp: now_timestamp(),
+            },
+        ));
     }
 
     /// Resumes every run the journal holds unfinished: each flow is started again under
@@ -433,6 +564,7 @@ impl Coordinator {
                 idempotency_key: replay.idempotency_key.clone(),
                 seeds: Seeds::default(),
                 start_delay: settle,
+                events: replay.events.clone(),
             };
             match self
                 .start_run_with(def, replay.params.clone(), run, options)
@@ -448,9 +580,19 @@ impl Coordinator {
         (resumed, failed)
     }
 
-    /// Starts a run with extra options (idempotency key, results passed in). If the
-    /// journal knows the run id, the run replays it: an unfinished run resumes with its
-    /// journaled parameters; an ended one runs again, reusing its successful calls.
+    /// Starts a run with extra options (idempotency key, results passed in, events).
+    ///
+    /// A run id names one run: a flow and its parameters (as the flow takes them,
+    /// defaults filled in). If the id is known here or to the journal:
+    /// - with another flow or other parameters, the run is refused
+    ///   ([`StartError::OtherRun`], naming both);
+    /// - a run that ended SUCCESS answers its recorded outcome at once (nothing runs;
+    ///   its flow SUCCESS event is published again);
+    /// - a run that ended FAILED runs again, reusing its successful calls; an
+    ///   unfinished one (its process died) resumes with every journaled outcome;
+    /// - a run active here is [`StartError::AlreadyRunning`].
+    ///
+    /// Any other failure to start publishes the run's flow FAILED event.
     pub async fn start_run_with(
         &self,
         flow: &'static FlowDef,
@@ -458,15 +600,81 @@ impl Coordinator {
         flow_run_id: FlowRunId,
         options: RunOptions,
     ) -> Result<RunHandle, StartError> {
-        // an ended run may be run again under its id (its `run`-policy cache entries make
-        // the re-run skip finished calls); an active one may not
-        let active = self
+        let events = options
+            .events
+            .clone()
+            .unwrap_or_else(|| self.default_events());
+        let started = self
+            .try_start(flow, params, flow_run_id, options, &events)
+            .await;
+        if let Err(e) = &started {
+            if !e.is_conflict() {
+                self.publish_rejection(flow_run_id, &events, &e.to_string());
+            }
+        }
+        started
+    }
+
+    async fn try_start(
+        &self,
+        flow: &'static FlowDef,
+        params: Map<String, Value>,
+        flow_run_id: FlowRunId,
+        options: RunOptions,
+        events: &EventContext,
+    ) -> Result<RunHandle, StartError> {
+        let pinazu_shared::registry::FlowStart { params, body } = (flow.invoke)(params)?;
+        let what = || format!("flow run {flow_run_id}");
+        // a run this coordinator started
+        let known = self.shared.table.get(&flow_run_id).map(|e| {
+            (
+                e.flow,
+                e.params.clone(),
+                e.outcome.borrow().clone(),
+                e.stats.clone(),
+            )
+        });
+        if let Some((known_flow, known_params, outcome, _)) = &known {
+            same_run(
+                what,
+                (known_flow, known_params),
+                (flow.name, &params),
+                RUN_ID_HINT,
+            )?;
+            match outcome {
+                None => return Err(StartError::AlreadyRunning(flow_run_id)),
+                Some(o) if o.status == FlowStatus::Success => {
+                    return Ok(self.answer_recorded(flow, params, o.clone(), events, options));
+                }
+                Some(_) => {}
+            }
+        }
+        // the journal: a successful run's latest entry says all (no need to read it all)
+        if let Some(JournalEntry::RunEnded {
+            status: FlowStatus::Success,
+            summary: Some(summary),
+            params: Some(journaled),
+            result_ref,
+        }) = self
             .shared
-            .table
-            .get(&flow_run_id)
-            .is_some_and(|e| e.outcome.borrow().is_none());
-        if active {
-            return Err(StartError::AlreadyRunning(flow_run_id));
+            .journal
+            .latest(flow_run_id)
+            .await
+            .map_err(|e| StartError::Journal(e.to_string()))?
+        {
+            let journaled = if summary.flow == flow.name {
+                normalized(flow, &journaled)
+            } else {
+                journaled
+            };
+            same_run(
+                what,
+                (&summary.flow, &journaled),
+                (flow.name, &params),
+                RUN_ID_HINT,
+            )?;
+            let outcome = self.recorded_outcome(&summary, result_ref).await;
+            return Ok(self.answer_recorded(flow, params, outcome, events, options));
         }
         let entries = self
             .shared
@@ -475,24 +683,28 @@ impl Coordinator {
             .await
             .map_err(|e| StartError::Journal(e.to_string()))?;
         let mut replay = Replay::from_entries(&entries);
+        if let Some(r) = &replay {
+            let journaled = if r.flow == flow.name {
+                normalized(flow, &r.params)
+            } else {
+                r.params.clone()
+            };
+            same_run(
+                what,
+                (&r.flow, &journaled),
+                (flow.name, &params),
+                RUN_ID_HINT,
+            )?;
+            if r.ended == Some(FlowStatus::Success) {
+                if let Some(summary) = &r.summary {
+                    let outcome = self.recorded_outcome(summary, r.result_ref.clone()).await;
+                    return Ok(self.answer_recorded(flow, params, outcome, events, options));
+                }
+            }
+        }
         if let Some(r) = replay.as_mut() {
             r.load_refs(&*self.shared.store).await;
         }
-        let mut params = params;
-        if let Some(r) = &replay {
-            if r.flow != flow.name {
-                return Err(StartError::OtherFlow {
-                    run: flow_run_id,
-                    journaled: r.flow.clone(),
-                    asked: flow.name.to_string(),
-                });
-            }
-            if r.unfinished && r.params != params {
-                tracing::warn!(flow_run_id = %flow_run_id, "resuming with the parameters the run started with, not the ones given now");
-                params = r.params.clone();
-            }
-        }
-        let body = (flow.invoke)(params.clone())?;
         let stats = Arc::new(RunStats::default());
         let (tx, rx) = watch::channel(None);
         self.shared.table.insert(
@@ -500,6 +712,7 @@ impl Coordinator {
             RunEntry {
                 idempotency_key: options.idempotency_key.clone(),
                 flow: flow.name,
+                params: params.clone(),
                 started: std::time::Instant::now(),
                 stats: stats.clone(),
                 outcome: rx.clone(),
@@ -517,16 +730,79 @@ impl Coordinator {
             replay,
             seeds: Arc::new(options.seeds),
             start_delay: options.start_delay,
+            header: Arc::new(RunHeader::new(events.clone())),
         };
         // the runner registers itself in `runs` before its body starts
-        Actor::spawn(None, FlowRunner, args)
-            .await
-            .map_err(|e| StartError::Spawn(e.to_string()))?;
+        if let Err(e) = Actor::spawn(None, FlowRunner, args).await {
+            self.shared.table.remove(&flow_run_id);
+            return Err(StartError::Spawn(e.to_string()));
+        }
         Ok(RunHandle {
             flow_run_id,
             stats,
             outcome: rx,
         })
+    }
+
+    /// The outcome an ended run's journal records (its result loaded from the store
+    /// when it was too large for the journal).
+    async fn recorded_outcome(
+        &self,
+        summary: &RunInfo,
+        result_ref: Option<String>,
+    ) -> FlowRunOutcome {
+        let mut outcome = FlowRunOutcome::from_info(summary);
+        if let (None, Some(key)) = (&outcome.result, result_ref) {
+            match self.shared.store.get(&key).await {
+                Ok(Some(bytes)) => outcome.result = serde_json::from_slice(&bytes).ok(),
+                other => {
+                    tracing::warn!(flow_run_id = %summary.flow_run_id, key, error = ?other.err(), "the run's result is no longer in the store; answering without it")
+                }
+            }
+        }
+        outcome
+    }
+
+    /// A successful run's id given again: its recorded outcome, at once (its flow
+    /// SUCCESS event is published again, for whoever launched it this time).
+    fn answer_recorded(
+        &self,
+        flow: &'static FlowDef,
+        params: Map<String, Value>,
+        outcome: FlowRunOutcome,
+        events: &EventContext,
+        options: RunOptions,
+    ) -> RunHandle {
+        let id = outcome.flow_run_id;
+        tracing::info!(flow_run_id = %id, flow = flow.name, "this run already succeeded; answering its recorded outcome");
+        let _ = self.shared.status.send_message(StatusMsg::Flow(
+            Arc::new(RunHeader::new(events.clone())),
+            FlowStatusMessage {
+                flow_run_id: id,
+                status: FlowStatus::Success,
+                error_message: None,
+                traceback: None,
+                event_timestamp: now_timestamp(),
+            },
+        ));
+        let stats = Arc::new(RunStats::default());
+        let (_, rx) = watch::channel(Some(outcome));
+        self.shared.table.insert(
+            id,
+            RunEntry {
+                idempotency_key: options.idempotency_key,
+                flow: flow.name,
+                params,
+                started: std::time::Instant::now(),
+                stats: stats.clone(),
+                outcome: rx.clone(),
+            },
+        );
+        RunHandle {
+            flow_run_id: id,
+            stats,
+            outcome: rx,
+        }
     }
 
     /// Waits until every status event published so far is delivered.

@@ -17,7 +17,7 @@ use std::time::SystemTime;
 use tokio::sync::{oneshot, watch};
 
 use pinazu_shared::api::RunInfo;
-use pinazu_shared::cache::{object_key, original_md5, CacheResult};
+use pinazu_shared::cache::{md5_of_key, object_key, original_md5, CacheResult};
 use pinazu_shared::error::{ErrorInfo, FailureKind, TaskError};
 use pinazu_shared::events::{now_timestamp, FlowStatus, FlowStatusMessage};
 use pinazu_shared::ids::{AttemptId, CallId, FlowRunId};
@@ -32,7 +32,7 @@ use crate::coordinator::{CoordShared, FlowRunOutcome};
 use crate::journal::{JournalEntry, Replay};
 use crate::scheduler::SchedulerMsg;
 use crate::stats::RunStats;
-use crate::status::{StatusMsg, TaskTransition};
+use crate::status::{CacheKey, RunHeader, StatusMsg, TaskTransition};
 
 type CallReply = oneshot::Sender<Result<Payload, TaskError>>;
 
@@ -111,13 +111,21 @@ pub struct FlowRunnerArgs {
     /// A resumed run waits this long before its body runs again, so agents can hand
     /// back the results and running attempts of the coordinator that died.
     pub(crate) start_delay: Duration,
+    /// Header and trace id of the run's status events.
+    pub(crate) header: Arc<RunHeader>,
 }
 
 struct CallState {
     task: &'static TaskDef,
     args: Bytes,
-    /// Object key and md5 of the call, when cached.
-    cache: Option<(String, String)>,
+    /// The call's MD5 (the original library's cache key), when computed here (cached
+    /// calls, or results passed in).
+    md5: Option<String>,
+    /// Otherwise the arguments as JSON, kept for the SUCCESS event's `result_cache_key`
+    /// (the status publisher computes the MD5, off this actor's path).
+    args_json: Option<Value>,
+    /// Object key of the call's cache entry, when cached.
+    cache: Option<String>,
     attempt: u32,
     /// Position among the run's calls.
     ordinal: u64,
@@ -159,6 +167,11 @@ pub struct RunnerState {
     names: HashMap<&'static str, Arc<str>>,
     replay: Option<Replay>,
     seeds: Arc<Seeds>,
+    /// Keys of `seeds` that answered a call (the others are reported at the end).
+    seeds_used: std::collections::HashSet<String>,
+    header: Arc<RunHeader>,
+    /// The parameters the run runs with (journaled with its end).
+    params: serde_json::Map<String, Value>,
     events: bool,
     finished: bool,
 }
@@ -167,13 +180,16 @@ impl RunnerState {
     /// Queues a task transition; the queue goes to the status publisher as one message
     /// at the end of the runner's current message (`send_events`), which formats it off
     /// the runner's path.
+    /// Queues a task transition: PENDING and RUNNING carry no error; SUCCESS carries the
+    /// call's MD5 cache key; FAILED (and PENDING after a failed attempt that will be
+    /// retried) carries the error.
     fn task_event(
         &self,
         task: &'static str,
         status: FlowStatus,
-        cache_key: Option<String>,
-        error: Option<&ErrorInfo>,
-        note: Option<String>,
+        cache_key: Option<CacheKey>,
+        error_message: Option<String>,
+        traceback: Option<String>,
     ) {
         if !self.events {
             return;
@@ -183,32 +199,46 @@ impl RunnerState {
             task,
             status,
             result_cache_key: cache_key,
-            error_message: error.map(|e| e.to_string()).or(note),
-            traceback: error.and_then(|e| e.traceback.clone()),
+            error_message,
+            traceback,
             at: SystemTime::now(),
         });
     }
 
+    /// A task's SUCCESS event, with the call's MD5 cache key.
+    fn success_event(&self, call: &mut CallState) {
+        let key = match call.md5.clone() {
+            Some(m) => Some(CacheKey::Md5(m)),
+            None => call.args_json.take().map(CacheKey::Args),
+        };
+        self.task_event(call.task.name, FlowStatus::Success, key, None, None);
+    }
+
+    /// The queued task transitions go to the status publisher as one message, at the
+    /// end of the runner's current message: it formats them off the runner's path.
     fn send_events(&self) {
         let events = std::mem::take(&mut *self.task_events.borrow_mut());
         if !events.is_empty() {
-            let _ = self.shared.status.send_message(StatusMsg::Tasks(events));
+            let _ = self
+                .shared
+                .status
+                .send_message(StatusMsg::Tasks(self.header.clone(), events));
         }
     }
 
     fn flow_event(&self, status: FlowStatus, error: Option<&ErrorInfo>) {
         // after the task transitions before it
         self.send_events();
-        let _ = self
-            .shared
-            .status
-            .send_message(StatusMsg::Flow(FlowStatusMessage {
+        let _ = self.shared.status.send_message(StatusMsg::Flow(
+            self.header.clone(),
+            FlowStatusMessage {
                 flow_run_id: self.flow_run_id,
                 status,
                 error_message: error.map(|e| e.to_string()),
                 traceback: error.map(|e| e.traceback.clone().unwrap_or_else(|| e.to_string())),
                 event_timestamp: now_timestamp(),
-            }));
+            },
+        ));
     }
 
     fn effective_policy(&self, task: &TaskDef) -> CachePolicy {
@@ -278,16 +308,21 @@ impl RunnerState {
         let early = self.early.remove(&call_id);
         let adopted = self.adoptable.remove(&call_id);
         let policy = self.effective_policy(task);
-        let seeded = args_json
-            .as_ref()
-            .and_then(|json| self.seeds.lookup(task.name, &original_md5(task.name, json)));
-        let cache = args_json.and_then(|json| {
-            let md5 = original_md5(task.name, &json);
-            object_key(policy, self.flow_run_id, task.name, task.version, &md5).map(|k| (k, md5))
-        });
+        // the MD5 is needed here for a cache key or a result passed in; otherwise the
+        // status publisher computes it for the SUCCESS event
+        let (md5, args_json) = match args_json {
+            Some(json) if policy != CachePolicy::None || !self.seeds.is_empty() => {
+                (Some(original_md5(task.name, &json)), None)
+            }
+            other => (None, other),
+        };
+        let seeded = md5.as_deref().and_then(|m| self.seeds.lookup(task.name, m));
+        let cache = md5
+            .as_deref()
+            .and_then(|m| object_key(policy, self.flow_run_id, task.name, task.version, m));
         self.task_event(task.name, FlowStatus::Pending, None, None, None);
         let lookup = match &cache {
-            Some((key, _)) if !task.options.refresh && !self.shared.config.refresh_cache => {
+            Some(key) if !task.options.refresh && !self.shared.config.refresh_cache => {
                 Some(key.clone())
             }
             _ => None,
@@ -297,6 +332,8 @@ impl RunnerState {
             CallState {
                 task,
                 args,
+                md5,
+                args_json,
                 cache,
                 attempt: 0,
                 ordinal,
@@ -306,16 +343,14 @@ impl RunnerState {
                 reply: Some(reply),
             },
         );
-        if let Some(value) = seeded {
+        if let Some((key, value)) = seeded {
             // a result Pinazu Core passed in (--success-task-results)
             RunStats::bump(&self.stats.replayed);
-            self.task_event(
-                task.name,
-                FlowStatus::Success,
-                None,
-                None,
-                Some("result passed in by --success-task-results".into()),
-            );
+            self.seeds_used.insert(key);
+            if let Some(mut call) = self.calls.remove(&call_id) {
+                self.success_event(&mut call);
+                self.calls.insert(call_id, call);
+            }
             self.journal_end(call_id, Ok(json_to_msgpack(&value)), None);
             self.resolve(call_id, Ok(Payload::Json(value)));
             return;
@@ -337,13 +372,8 @@ impl RunnerState {
             call.executions = 1;
             call.current = Some(attempt_id);
             RunStats::bump(&self.stats.executions);
-            self.task_event(
-                task.name,
-                FlowStatus::Running,
-                None,
-                None,
-                Some("re-attached to an attempt started before the coordinator restarted".into()),
-            );
+            tracing::debug!(flow_run_id = %self.flow_run_id, %call_id, %attempt_id, "re-attached to an attempt started before the coordinator restarted");
+            self.task_event(task.name, FlowStatus::Running, None, None, None);
             return;
         }
         match lookup {
@@ -418,8 +448,10 @@ impl RunnerState {
             call.executions += 1;
             let (task, attempt) = (call.task.name, call.attempt);
             RunStats::bump(&self.stats.executions);
-            let note = (attempt > 1).then(|| format!("attempt {attempt} on agent {}", s.agent_id));
-            self.task_event(task, FlowStatus::Running, None, None, note);
+            if attempt > 1 {
+                tracing::debug!(flow_run_id = %self.flow_run_id, task, attempt, agent = %s.agent_id, "attempt started again");
+            }
+            self.task_event(task, FlowStatus::Running, None, None, None);
         }
     }
 
@@ -437,12 +469,12 @@ impl RunnerState {
     }
 
     fn cache_hit(&mut self, call_id: CallId, record: CacheResult) {
-        let Some(call) = self.calls.get(&call_id) else {
+        let Some(mut call) = self.calls.remove(&call_id) else {
             return;
         };
         RunStats::bump(&self.stats.cache_hits);
-        let key = call.cache.as_ref().map(|(k, _)| k.clone());
-        self.task_event(call.task.name, FlowStatus::Success, key, None, None);
+        self.success_event(&mut call);
+        self.calls.insert(call_id, call);
         self.journal_end(call_id, Ok(json_to_msgpack(&record.result)), None);
         self.resolve(call_id, Ok(Payload::Json(record.result)));
     }
@@ -459,12 +491,13 @@ impl RunnerState {
             tracing::debug!(flow_run_id = %self.flow_run_id, call_id = %f.call_id, attempt_id = %f.attempt_id, "ignoring a result from a superseded attempt");
             return;
         }
-        let call = self.calls.get_mut(&f.call_id).expect("call present");
+        let Some(call) = self.calls.get_mut(&f.call_id) else {
+            return;
+        };
         let task = call.task;
         match f.outcome {
             Ok(bytes) => {
-                let cache_key = call.cache.as_ref().map(|(k, _)| k.clone());
-                if let Some((key, md5)) = &call.cache {
+                if let (Some(key), Some(md5)) = (&call.cache, &call.md5) {
                     match rmp_serde::from_slice::<Value>(&bytes) {
                         Ok(result) => {
                             let _ = self.shared.cache.send_message(CacheMsg::Put {
@@ -483,7 +516,10 @@ impl RunnerState {
                         }
                     }
                 }
-                self.task_event(task.name, FlowStatus::Success, cache_key, None, None);
+                if let Some(mut call) = self.calls.remove(&f.call_id) {
+                    self.success_event(&mut call);
+                    self.calls.insert(f.call_id, call);
+                }
                 self.journal_end(f.call_id, Ok(bytes.clone()), f.result_ref);
                 self.resolve(f.call_id, Ok(Payload::Msgpack(bytes)));
             }
@@ -500,11 +536,18 @@ impl RunnerState {
                         "attempt {attempt} failed: {info}; retry {} of {} in {delay:?}",
                         call.failures, policy.retries
                     );
-                    self.task_event(task.name, FlowStatus::Pending, None, None, Some(note));
+                    let traceback = info.traceback.clone();
+                    self.task_event(task.name, FlowStatus::Pending, None, Some(note), traceback);
                     schedule_retry(myself.clone(), f.call_id, delay);
                 } else {
                     tracing::warn!(flow_run_id = %self.flow_run_id, task = task.name, call_id = %f.call_id, attempts = attempt, error = %info, "task failed");
-                    self.task_event(task.name, FlowStatus::Failed, None, Some(&info), None);
+                    self.task_event(
+                        task.name,
+                        FlowStatus::Failed,
+                        None,
+                        Some(info.to_string()),
+                        info.traceback.clone(),
+                    );
                     self.journal_end(f.call_id, Err(info.clone()), None);
                     self.resolve(
                         f.call_id,
@@ -589,36 +632,51 @@ impl RunnerState {
             return;
         }
         RunStats::bump(&self.stats.lost);
-        let note = format!(
-            "attempt {} lost ({reason}); dispatching it again",
-            call.attempt
-        );
-        self.task_event(call.task.name, FlowStatus::Pending, None, None, Some(note));
+        tracing::info!(flow_run_id = %self.flow_run_id, %call_id, %attempt_id, attempt = call.attempt, %reason, "attempt lost; dispatching it again");
+        self.task_event(call.task.name, FlowStatus::Pending, None, None, None);
         self.dispatch(call_id);
     }
 
     /// Ends the run: stops what it still runs, publishes the final status, delivers
     /// events and cache writes, then answers whoever waits for the outcome.
-    async fn finish(&mut self, myself: &ActorRef<FlowRunnerMsg>, result: Result<Value, ErrorInfo>) {
+    ///
+    /// `unfinished` says why calls that have not ended are cancelled: each of them ends
+    /// with a task FAILED event (`error_message` "cancelled", the reason in
+    /// `traceback`), so every task that got PENDING ends SUCCESS or FAILED.
+    async fn finish(
+        &mut self,
+        myself: &ActorRef<FlowRunnerMsg>,
+        result: Result<Value, ErrorInfo>,
+        unfinished: &str,
+    ) {
         self.finished = true;
         if !self.calls.is_empty() {
-            // calls the flow stopped waiting for: stop their attempts too
+            // calls the flow stopped waiting for (or a cancel): stop their attempts too
             let _ = self
                 .shared
                 .scheduler
                 .send_message(SchedulerMsg::CancelRun(self.flow_run_id));
             let ids: Vec<CallId> = self.calls.keys().copied().collect();
             for id in ids {
-                let task = self.calls[&id].task.name.to_string();
-                self.resolve(
-                    id,
-                    Err(TaskError::RunClosed {
-                        task,
-                        reason: "the flow run ended".into(),
-                    }),
-                );
+                if let Some(mut call) = self.calls.remove(&id) {
+                    RunStats::bump(&self.stats.cancelled);
+                    self.task_event(
+                        call.task.name,
+                        FlowStatus::Failed,
+                        None,
+                        Some("cancelled".into()),
+                        Some(unfinished.to_string()),
+                    );
+                    if let Some(reply) = call.reply.take() {
+                        let _ = reply.send(Err(TaskError::RunClosed {
+                            task: call.task.name.to_string(),
+                            reason: unfinished.to_string(),
+                        }));
+                    }
+                }
             }
         }
+        self.warn_unused_seeds();
         let (status, error) = match &result {
             Ok(_) => (FlowStatus::Success, None),
             Err(e) => (FlowStatus::Failed, Some(e.clone())),
@@ -632,14 +690,33 @@ impl RunnerState {
                 tracing::error!(flow_run_id = %self.flow_run_id, flow = self.flow.name, error = %e, "flow run failed")
             }
         }
-        let summary = self.summary(status, &result, error.as_ref());
-        self.shared.journal.append(
-            self.flow_run_id,
-            JournalEntry::RunEnded {
-                status,
-                summary: Some(summary),
-            },
-        );
+        let (summary, large) = self.summary(status, &result, error.as_ref());
+        // a result too large for the journal entry is kept in the object store, so the
+        // run's id can still answer it
+        let result_ref = match large {
+            Some(json) => {
+                let key = pinazu_shared::wire::result_key(self.flow_run_id);
+                match self.shared.store.put(&key, Bytes::from(json)).await {
+                    Ok(()) => Some(key),
+                    Err(e) => {
+                        tracing::warn!(flow_run_id = %self.flow_run_id, error = %e, "the run's large result could not be kept in the store; its id will answer without it");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        if self.shared.journal.enabled() {
+            self.shared.journal.append(
+                self.flow_run_id,
+                JournalEntry::RunEnded {
+                    status,
+                    summary: Some(summary),
+                    params: Some(self.params.clone()),
+                    result_ref,
+                },
+            );
+        }
         if let Err(e) = self.shared.journal.flush().await {
             tracing::error!(flow_run_id = %self.flow_run_id, error = %e, "the run's journal could not be made durable");
         }
@@ -662,40 +739,38 @@ impl RunnerState {
     }
 }
 
-/// A result larger than this (as JSON) is left out of the journaled run summary.
-const SUMMARY_RESULT_MAX: usize = 64 * 1024;
+/// A result larger than this (as JSON) is kept in the object store, not in the
+/// journaled run summary (a JetStream message stays under the server's max payload).
+const SUMMARY_RESULT_MAX: usize = 256 * 1024;
 
 impl RunnerState {
-    /// What `status` shows of the ended run once no coordinator hosts it.
+    /// What `status` shows of the ended run once no coordinator hosts it, and the
+    /// result's JSON when it is too large to be part of it.
     fn summary(
         &self,
         status: FlowStatus,
         result: &Result<Value, ErrorInfo>,
         error: Option<&ErrorInfo>,
-    ) -> RunInfo {
+    ) -> (RunInfo, Option<Vec<u8>>) {
         let snap = self.stats.snapshot();
-        let (result, note) = match result {
-            Ok(v) if serde_json::to_vec(v).map_or(0, |b| b.len()) > SUMMARY_RESULT_MAX => (
-                None,
-                Some(
-                    "the result is too large to keep in the journal; it was printed by `run`"
-                        .into(),
-                ),
-            ),
-            Ok(v) => (Some(v.clone()), None),
+        let (result, large) = match result {
+            Ok(v) => match serde_json::to_vec(v) {
+                Ok(json) if json.len() > SUMMARY_RESULT_MAX => (None, Some(json)),
+                _ => (Some(v.clone()), None),
+            },
             Err(_) => (None, None),
         };
-        RunInfo {
+        let info = RunInfo {
             result,
             error: error.map(|e| e.to_string()),
-            note,
             ..snap.run_info(
                 self.flow_run_id,
                 self.flow.name,
                 status,
                 self.stats.completed(),
             )
-        }
+        };
+        (info, large)
     }
 
     /// The task's name as shared by every attempt (one allocation per task, not per
@@ -789,22 +864,31 @@ impl Seeds {
         let value: Value = serde_json::from_str(text)
             .map_err(|e| format!("--success-task-results is not JSON: {e}"))?;
         let mut seeds = Seeds::default();
-        let is_md5 = |k: &str| k.len() == 32 && k.chars().all(|c| c.is_ascii_hexdigit());
         match value {
             Value::Object(map) => {
                 for (k, v) in map {
-                    if is_md5(&k) {
-                        seeds.by_md5.insert(k.to_ascii_lowercase(), v);
-                    } else {
-                        seeds.by_task.insert(k, v);
+                    match md5_of_key(&k) {
+                        Some(md5) => {
+                            seeds.by_md5.insert(md5, v);
+                        }
+                        None => {
+                            seeds.by_task.insert(k, v);
+                        }
                     }
                 }
             }
             Value::Array(items) => {
                 for item in items {
                     let result = item.get("result").cloned().unwrap_or(Value::Null);
-                    if let Some(k) = item.get("cache_key").and_then(Value::as_str) {
-                        seeds.by_md5.insert(k.to_ascii_lowercase(), result);
+                    let key = item
+                        .get("cache_key")
+                        .or_else(|| item.get("result_cache_key"))
+                        .and_then(Value::as_str);
+                    if let Some(k) = key {
+                        let md5 = md5_of_key(k).ok_or_else(|| {
+                            format!("--success-task-results: {k:?} is not an MD5 cache key (32 hex digits) or a cache object path ending in /<md5>.json")
+                        })?;
+                        seeds.by_md5.insert(md5, result);
                     } else if let Some(t) = item.get("task_name").and_then(Value::as_str) {
                         seeds.by_task.insert(t.to_string(), result);
                     } else {
@@ -824,11 +908,46 @@ impl Seeds {
         self.by_md5.is_empty() && self.by_task.is_empty()
     }
 
-    fn lookup(&self, task: &str, md5: &str) -> Option<Value> {
-        self.by_md5
-            .get(md5)
-            .or_else(|| self.by_task.get(task))
-            .cloned()
+    /// The result for a call, and the key that gave it.
+    fn lookup(&self, task: &str, md5: &str) -> Option<(String, Value)> {
+        match self.by_md5.get_key_value(md5) {
+            Some((k, v)) => Some((k.clone(), v.clone())),
+            None => self
+                .by_task
+                .get_key_value(task)
+                .map(|(k, v)| (k.clone(), v.clone())),
+        }
+    }
+
+    /// Every key, as given (MD5s lower-cased).
+    fn keys(&self) -> impl Iterator<Item = &String> {
+        self.by_md5.keys().chain(self.by_task.keys())
+    }
+}
+
+impl RunnerState {
+    /// Keys of `--success-task-results` that matched no call of the run: a warning
+    /// naming them (a typo or a key from another run would otherwise pass unnoticed).
+    fn warn_unused_seeds(&self) {
+        let mut unused: Vec<&String> = self
+            .seeds
+            .keys()
+            .filter(|k| !self.seeds_used.contains(*k))
+            .collect();
+        if unused.is_empty() {
+            return;
+        }
+        unused.sort();
+        let shown: Vec<&str> = unused.iter().take(20).map(|k| k.as_str()).collect();
+        let more = unused.len().saturating_sub(shown.len());
+        tracing::warn!(
+            flow_run_id = %self.flow_run_id,
+            unmatched = unused.len(),
+            "--success-task-results: {} key(s) matched no call of this run and were not used: {}{}",
+            unused.len(),
+            shown.join(", "),
+            if more > 0 { format!(" and {more} more") } else { String::new() }
+        );
     }
 }
 
@@ -861,6 +980,7 @@ impl Actor for FlowRunner {
             replay,
             seeds,
             start_delay,
+            header,
         } = args;
         if let Some(r) = &replay {
             if r.unfinished {
@@ -875,15 +995,18 @@ impl Actor for FlowRunner {
             flow_run_id,
             JournalEntry::RunStarted {
                 flow: flow.name.to_string(),
-                params,
+                params: params.clone(),
                 idempotency_key,
+                events: Some(header.context.clone()),
             },
         );
         let ctx = FlowContext {
             runner: myself.clone(),
             flow_run_id,
             default_cache: shared.config.default_cache,
-            always_json: !seeds.is_empty(),
+            // arguments as JSON: for results passed in (keyed by the call's MD5) and for
+            // the MD5 every task SUCCESS event carries
+            always_json: !seeds.is_empty() || shared.events_enabled,
         };
         let mut state = RunnerState {
             flow_run_id,
@@ -904,6 +1027,9 @@ impl Actor for FlowRunner {
             names: HashMap::new(),
             replay,
             seeds,
+            seeds_used: Default::default(),
+            header,
+            params,
             finished: false,
         };
         // route reports to this runner before the body can make its first call
@@ -973,13 +1099,15 @@ impl Actor for FlowRunner {
                         body.abort();
                     }
                     tracing::warn!(flow_run_id = %state.flow_run_id, %reason, "flow run cancelled");
-                    let info = ErrorInfo::new(FailureKind::Cancelled, reason);
-                    state.finish(&myself, Err(info)).await;
+                    let info = ErrorInfo::new(FailureKind::Cancelled, reason.clone());
+                    state.finish(&myself, Err(info), &reason).await;
                 }
             }
             FlowRunnerMsg::FlowDone(result) => {
                 if !state.finished {
-                    state.finish(&myself, result).await;
+                    state
+                        .finish(&myself, result, "the flow returned before this call ended")
+                        .await;
                 }
             }
             FlowRunnerMsg::Adopt {
@@ -995,8 +1123,9 @@ impl Actor for FlowRunner {
                         body.abort();
                     }
                     tracing::error!(flow_run_id = %state.flow_run_id, "{msg}");
+                    let why = "the run failed: its flow no longer matches its journal";
                     state
-                        .finish(&myself, Err(ErrorInfo::new(FailureKind::Error, msg)))
+                        .finish(&myself, Err(ErrorInfo::new(FailureKind::Error, msg)), why)
                         .await;
                 }
             }

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use pinazu_shared::api::RunInfo;
 use pinazu_shared::codec::{decode_envelope, encode_envelope};
 use pinazu_shared::error::ErrorInfo;
-use pinazu_shared::events::FlowStatus;
+use pinazu_shared::events::{EventContext, FlowStatus};
 use pinazu_shared::ids::{CallId, FlowRunId};
 use pinazu_shared::store::ObjectStore;
 use pinazu_shared::BoxFuture;
@@ -31,6 +31,9 @@ pub enum JournalEntry {
         params: Map<String, Value>,
         /// The idempotency key it was submitted with.
         idempotency_key: Option<String>,
+        /// Header and trace id of its status events (kept for a resume).
+        #[serde(default)]
+        events: Option<EventContext>,
     },
     /// A call's final outcome.
     CallEnded {
@@ -57,6 +60,13 @@ pub enum JournalEntry {
         /// (a restarted one); the result is left out when large.
         #[serde(default)]
         summary: Option<RunInfo>,
+        /// The parameters it ran with, so this entry alone says which run the id names
+        /// (a successful run's local journal keeps only this entry).
+        #[serde(default)]
+        params: Option<Map<String, Value>>,
+        /// Object-store key of a result too large to keep in `summary`.
+        #[serde(default)]
+        result_ref: Option<String>,
     },
 }
 
@@ -79,14 +89,25 @@ pub trait Journal: Send + Sync + 'static {
     fn read(&self, run: FlowRunId) -> BoxFuture<'_, Result<Vec<JournalEntry>, JournalError>>;
     /// Runs that started and have not ended.
     fn unfinished(&self) -> BoxFuture<'_, Result<Vec<FlowRunId>, JournalError>>;
+    /// The run's latest `RunStarted` or `RunEnded`, if the journal has the run.
+    fn latest(&self, run: FlowRunId) -> BoxFuture<'_, Result<Option<JournalEntry>, JournalError>> {
+        Box::pin(async move {
+            let entries = self.read(run).await?;
+            Ok(entries.into_iter().rev().find(|e| {
+                matches!(
+                    e,
+                    JournalEntry::RunStarted { .. } | JournalEntry::RunEnded { .. }
+                )
+            }))
+        })
+    }
     /// The summary of an ended run, if the journal still has it.
     fn ended(&self, run: FlowRunId) -> BoxFuture<'_, Result<Option<RunInfo>, JournalError>> {
         Box::pin(async move {
-            let entries = self.read(run).await?;
-            Ok(entries.into_iter().rev().find_map(|e| match e {
-                JournalEntry::RunEnded { summary, .. } => summary,
+            Ok(match self.latest(run).await? {
+                Some(JournalEntry::RunEnded { summary, .. }) => summary,
                 _ => None,
-            }))
+            })
         })
     }
 }
@@ -116,14 +137,22 @@ impl Journal for NoJournal {
 
 enum WriterCmd {
     Append(FlowRunId, Vec<u8>),
-    /// The run succeeded: nothing in its journal will be needed again.
-    Forget(FlowRunId),
+    /// The run succeeded: nothing in its journal will be needed again but this frame
+    /// (its `RunEnded`, which says which run the id names and how it ended).
+    Compact(FlowRunId, Vec<u8>),
     Flush(oneshot::Sender<Result<(), JournalError>>),
 }
+
+/// How long the journal of an ended run is kept (as the JetStream journal's max age).
+pub const RETENTION: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// One append-only file per run under a directory (`<run>.journal`), written by one
 /// thread in batches: every batch is one `write` per run and one `fdatasync` per file,
 /// so journaling a large fan-out costs a few syscalls per batch, not per call.
+///
+/// A run that ends SUCCESS has its file replaced by its `RunEnded` entry alone (written
+/// aside, synced, renamed over): its id keeps answering its outcome. Files of ended
+/// runs older than [`RETENTION`] are removed when the journal is opened.
 pub struct LocalJournal {
     dir: PathBuf,
     tx: std::sync::Mutex<std_mpsc::Sender<WriterCmd>>,
@@ -139,7 +168,10 @@ impl LocalJournal {
         let d = dir.clone();
         std::thread::Builder::new()
             .name("pinazu-journal".into())
-            .spawn(move || writer(d, rx))
+            .spawn(move || {
+                prune(&d, RETENTION);
+                writer(d, rx)
+            })
             .map_err(|e| JournalError(format!("cannot start the journal writer: {e}")))?;
         Ok(LocalJournal {
             dir,
@@ -156,11 +188,51 @@ impl LocalJournal {
     }
 }
 
+/// Removes the journals of runs that ended longer than `age` ago.
+fn prune(dir: &Path, age: std::time::Duration) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let now = std::time::SystemTime::now();
+    for entry in rd.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("journal") {
+            continue;
+        }
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > age);
+        if !old {
+            continue;
+        }
+        let ended = std::fs::read(&path).is_ok_and(|bytes| {
+            matches!(
+                parse_frames(&bytes).last(),
+                Some(JournalEntry::RunEnded { .. })
+            )
+        });
+        if ended {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// Replaces a run's journal with `frame`: written aside, synced, renamed over.
+fn compact(dir: &Path, run: FlowRunId, frame: &[u8]) -> std::io::Result<()> {
+    let path = LocalJournal::path(dir, run);
+    let tmp = path.with_extension("journal.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(frame)?;
+    f.sync_data()?;
+    std::fs::rename(&tmp, &path)
+}
+
 fn writer(dir: PathBuf, rx: std_mpsc::Receiver<WriterCmd>) {
     let mut files: HashMap<FlowRunId, std::fs::File> = HashMap::new();
     while let Ok(first) = rx.recv() {
         let mut batch: HashMap<FlowRunId, Vec<u8>> = HashMap::new();
-        let mut forget = Vec::new();
+        let mut compacts: HashMap<FlowRunId, Vec<u8>> = HashMap::new();
         let mut waiters = Vec::new();
         let mut next = Some(first);
         let mut taken = 0;
@@ -169,7 +241,12 @@ fn writer(dir: PathBuf, rx: std_mpsc::Receiver<WriterCmd>) {
                 WriterCmd::Append(run, frame) => {
                     batch.entry(run).or_default().extend_from_slice(&frame);
                 }
-                WriterCmd::Forget(run) => forget.push(run),
+                WriterCmd::Compact(run, frame) => {
+                    // what was appended before it is superseded; what comes after it
+                    // is written after it
+                    batch.remove(&run);
+                    compacts.insert(run, frame);
+                }
                 WriterCmd::Flush(w) => waiters.push(w),
             }
             taken += 1;
@@ -178,6 +255,12 @@ fn writer(dir: PathBuf, rx: std_mpsc::Receiver<WriterCmd>) {
             }
         }
         let mut error = None;
+        for (run, frame) in compacts {
+            files.remove(&run);
+            if let Err(e) = compact(&dir, run, &frame) {
+                error = Some(format!("compact {run}: {e}"));
+            }
+        }
         for (run, bytes) in batch {
             let file = match files.get_mut(&run) {
                 Some(f) => f,
@@ -196,10 +279,6 @@ fn writer(dir: PathBuf, rx: std_mpsc::Receiver<WriterCmd>) {
             if let Err(e) = file.write_all(&bytes).and_then(|_| file.sync_data()) {
                 error = Some(format!("write {run}: {e}"));
             }
-        }
-        for run in forget {
-            files.remove(&run);
-            let _ = std::fs::remove_file(LocalJournal::path(&dir, run));
         }
         if files.len() > 256 {
             files.clear(); // reopened on demand; keeps descriptors bounded
@@ -245,8 +324,8 @@ pub fn frame(entry: &JournalEntry) -> Option<Vec<u8>> {
 
 impl Journal for LocalJournal {
     fn append(&self, run: FlowRunId, entry: JournalEntry) {
-        // a successful run's journal is removed (a failed one is kept: running its id
-        // again reuses its successful calls), so the directory does not grow without bound
+        // a successful run's journal shrinks to its end (a failed one is kept whole:
+        // running its id again reuses its successful calls)
         let succeeded = matches!(
             entry,
             JournalEntry::RunEnded {
@@ -256,14 +335,16 @@ impl Journal for LocalJournal {
         );
         match frame(&entry) {
             Some(f) => {
-                if !self.send(WriterCmd::Append(run, f)) {
+                let cmd = if succeeded {
+                    WriterCmd::Compact(run, f)
+                } else {
+                    WriterCmd::Append(run, f)
+                };
+                if !self.send(cmd) {
                     tracing::error!(flow_run_id = %run, "journal writer is gone; entry lost");
                 }
             }
             None => tracing::error!(flow_run_id = %run, "journal entry could not be encoded"),
-        }
-        if succeeded {
-            self.send(WriterCmd::Forget(run));
         }
     }
 
@@ -346,6 +427,14 @@ pub struct Replay {
     pub executions: u64,
     /// Started and not ended (a resume), as opposed to a re-run of an ended run.
     pub unfinished: bool,
+    /// How it ended, when it did.
+    pub ended: Option<FlowStatus>,
+    /// What `status` shows of the ended run.
+    pub summary: Option<RunInfo>,
+    /// Object-store key of its result, when too large for `summary`.
+    pub result_ref: Option<String>,
+    /// Header and trace id of its status events.
+    pub events: Option<EventContext>,
 }
 
 impl Replay {
@@ -359,12 +448,15 @@ impl Replay {
                     flow,
                     params,
                     idempotency_key,
+                    events,
                 } => {
                     let r = r.get_or_insert_with(Replay::default);
                     r.flow = flow.clone();
                     r.params = params.clone();
                     r.idempotency_key = idempotency_key.clone();
+                    r.events = events.clone();
                     r.unfinished = true;
+                    r.ended = None;
                 }
                 JournalEntry::CallEnded {
                     ordinal,
@@ -387,10 +479,24 @@ impl Replay {
                         },
                     );
                 }
-                JournalEntry::RunEnded { .. } => {
-                    if let Some(r) = r.as_mut() {
-                        r.unfinished = false;
+                JournalEntry::RunEnded {
+                    status,
+                    summary,
+                    params,
+                    result_ref,
+                } => {
+                    // alone, it is a successful run's whole (compacted) journal
+                    let r = r.get_or_insert_with(Replay::default);
+                    if let Some(s) = summary {
+                        r.flow = s.flow.clone();
                     }
+                    if let Some(p) = params {
+                        r.params = p.clone();
+                    }
+                    r.unfinished = false;
+                    r.ended = Some(*status);
+                    r.summary = summary.clone();
+                    r.result_ref = result_ref.clone();
                 }
             }
         }
@@ -442,6 +548,16 @@ mod tests {
             flow: "f".into(),
             params: Map::new(),
             idempotency_key: None,
+            events: None,
+        }
+    }
+
+    fn run_ended(status: FlowStatus) -> JournalEntry {
+        JournalEntry::RunEnded {
+            status,
+            summary: None,
+            params: Some(Map::new()),
+            result_ref: None,
         }
     }
 
@@ -512,10 +628,7 @@ mod tests {
         assert_eq!(r.calls.len(), 2);
         assert_eq!(r.executions, 4);
         let mut ended_run = entries.clone();
-        ended_run.push(JournalEntry::RunEnded {
-            status: FlowStatus::Failed,
-            summary: None,
-        });
+        ended_run.push(run_ended(FlowStatus::Failed));
         let r = Replay::from_entries(&ended_run).unwrap();
         assert!(!r.unfinished);
         assert_eq!(r.calls.len(), 1);
@@ -523,24 +636,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_successful_run_leaves_no_journal_and_a_failed_one_keeps_it() {
+    async fn a_successful_run_keeps_only_its_end_and_a_failed_one_keeps_everything() {
         let dir = tempfile::tempdir().unwrap();
         let j = LocalJournal::open(dir.path()).unwrap();
         let (ok, failed) = (FlowRunId::new(), FlowRunId::new());
         for (run, status) in [(ok, FlowStatus::Success), (failed, FlowStatus::Failed)] {
             j.append(run, started());
             j.append(run, ended(0, 9, true));
-            j.append(
-                run,
-                JournalEntry::RunEnded {
-                    status,
-                    summary: None,
-                },
-            );
+            j.append(run, run_ended(status));
         }
         j.flush().await.unwrap();
-        assert!(j.read(ok).await.unwrap().is_empty());
+        let kept = j.read(ok).await.unwrap();
+        assert_eq!(kept.len(), 1);
+        let r = Replay::from_entries(&kept).unwrap();
+        assert_eq!(r.ended, Some(FlowStatus::Success));
+        assert!(!r.unfinished && r.calls.is_empty());
         assert_eq!(j.read(failed).await.unwrap().len(), 3);
+        // old ended journals go when the journal is opened again; unfinished ones stay
+        let unfinished = FlowRunId::new();
+        j.append(unfinished, started());
+        j.flush().await.unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        prune(dir.path(), std::time::Duration::from_millis(10));
+        assert!(j.read(ok).await.unwrap().is_empty());
+        assert!(j.read(failed).await.unwrap().is_empty());
+        assert_eq!(j.read(unfinished).await.unwrap().len(), 1);
     }
 
     #[tokio::test]

@@ -18,7 +18,6 @@ use futures_util::StreamExt;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-use pinazu_shared::api::RunInfo;
 use pinazu_shared::codec::{decode_envelope, encode_envelope};
 use pinazu_shared::ids::FlowRunId;
 use pinazu_shared::BoxFuture;
@@ -381,14 +380,17 @@ impl Journal for JetStreamJournal {
     }
 
     /// The run's latest state from the runs stream (one message), not its whole journal.
-    fn ended(&self, run: FlowRunId) -> BoxFuture<'_, Result<Option<RunInfo>, JournalError>> {
+    fn latest(&self, run: FlowRunId) -> BoxFuture<'_, Result<Option<JournalEntry>, JournalError>> {
         Box::pin(async move {
             let subject = format!("{}.runs.{run}", self.prefix);
             match self.runs.get_last_raw_message_by_subject(&subject).await {
-                Ok(msg) => Ok(match decode_envelope::<JournalEntry>(&msg.payload) {
-                    Ok(JournalEntry::RunEnded { summary, .. }) => summary,
-                    _ => None,
-                }),
+                Ok(msg) => match decode_envelope::<JournalEntry>(&msg.payload) {
+                    Ok(entry) => Ok(Some(entry)),
+                    Err(e) => {
+                        tracing::warn!(flow_run_id = %run, error = %e, "the run's latest state does not decode; ignored");
+                        Ok(None)
+                    }
+                },
                 Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
                 Err(e) => Err(err("cannot read the runs stream", e)),
             }

@@ -12,7 +12,6 @@ use tokio::sync::Notify;
 use pinazu_shared::api::{ApiReply, ApiRequest, RunInfo};
 use pinazu_shared::codec::{decode_envelope, encode_envelope};
 use pinazu_shared::error::{ErrorInfo, FailureKind};
-use pinazu_shared::events::FlowStatus;
 use pinazu_shared::ids::{AgentId, AttemptId, FlowRunId};
 use pinazu_shared::nats::{Drops, Publisher};
 use pinazu_shared::registry::Registry;
@@ -25,7 +24,7 @@ use pinazu_shared::wire::{
 };
 use pinazu_shared::BoxFuture;
 
-use crate::coordinator::{Coordinator, RunOptions};
+use crate::coordinator::{Coordinator, RunOptions, StartError};
 use crate::flow_runner::Seeds;
 use crate::status::EventSink;
 
@@ -483,39 +482,43 @@ impl ApiState {
                 flow_run_id,
                 idempotency_key,
                 success_task_results,
+                events,
             } => {
-                if let Some(id) = idempotency_key.as_deref().and_then(|k| c.run_for_key(k)) {
-                    if let Some(run) = c.run_info(id) {
-                        return ApiReply::Started {
-                            run,
-                            existing: true,
-                        };
-                    }
-                }
-                let seeds = match success_task_results.as_deref().map(Seeds::parse) {
-                    None => Seeds::default(),
-                    Some(Ok(s)) => s,
-                    Some(Err(e)) => return ApiReply::Error(e),
-                };
                 let id = flow_run_id.unwrap_or_default();
-                if let Some(run) = c.run_info(id).filter(|r| r.status == FlowStatus::Running) {
-                    return ApiReply::Started {
-                        run,
-                        existing: true,
-                    };
-                }
+                let reject = |e: String| {
+                    c.publish_rejection(id, &events.clone().unwrap_or_default(), &e);
+                    ApiReply::Error(e)
+                };
                 let Some(def) = registry.flow(&flow) else {
-                    return ApiReply::Error(format!(
+                    return reject(format!(
                         "flow `{flow}` is not defined on this coordinator; flows: {}",
                         registry.flow_names().join(", ")
                     ));
                 };
+                // a key names the run it started; then the run id's rules apply (active:
+                // followed; SUCCESS: its outcome; FAILED: run again)
+                let id = match idempotency_key.as_deref() {
+                    Some(key) => match c.run_for_key(key, def, &params) {
+                        Ok(Some(existing)) => existing,
+                        Ok(None) => id,
+                        Err(e) => return ApiReply::Error(e.to_string()),
+                    },
+                    None => id,
+                };
+                let seeds = match success_task_results.as_deref().map(Seeds::parse) {
+                    None => Seeds::default(),
+                    Some(Ok(s)) => s,
+                    Some(Err(e)) => return reject(e),
+                };
                 let options = RunOptions {
                     idempotency_key,
                     seeds,
+                    events,
                     ..RunOptions::default()
                 };
-                match c.start_run_with(def, params, id, options).await {
+                let existing = match c.start_run_with(def, params, id, options).await {
+                    // a run that succeeded before answers its recorded outcome
+                    Ok(handle) if handle.ended() => true,
                     Ok(_) => {
                         watch_run(
                             c.clone(),
@@ -524,17 +527,15 @@ impl ApiState {
                             publisher.clone(),
                             payloads.store.clone(),
                         );
-                        match c.run_info(id) {
-                            Some(run) => ApiReply::Started {
-                                run,
-                                existing: false,
-                            },
-                            None => {
-                                ApiReply::Error(format!("run {id} vanished right after it started"))
-                            }
-                        }
+                        false
                     }
-                    Err(e) => ApiReply::Error(e.to_string()),
+                    // the same run (same flow and parameters) is running here: follow it
+                    Err(StartError::AlreadyRunning(_)) => true,
+                    Err(e) => return ApiReply::Error(e.to_string()),
+                };
+                match c.run_info(id) {
+                    Some(run) => ApiReply::Started { run, existing },
+                    None => ApiReply::Error(format!("run {id} vanished right after it started")),
                 }
             }
             ApiRequest::Status { flow_run_id } => match c.run_info(flow_run_id) {

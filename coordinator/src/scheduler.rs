@@ -8,7 +8,8 @@ use dashmap::DashMap;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use pinazu_shared::api::AgentSummary;
 use pinazu_shared::error::{ErrorInfo, FailureKind};
@@ -19,7 +20,7 @@ use pinazu_shared::wire::{AgentInfo, AttemptFinished, Heartbeat, SpawnTask};
 use crate::flow_runner::FlowRunnerMsg;
 
 /// Timing of liveness checks.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct SchedulerTiming {
     /// An agent silent this long is dead.
     pub dead_after: Duration,
@@ -29,6 +30,9 @@ pub struct SchedulerTiming {
     pub schedule_timeout: Duration,
     /// How often liveness and waiting attempts are checked.
     pub tick: Duration,
+    /// Added to the error of an attempt no agent could run (e.g. how embedded runs
+    /// choose their agents' labels).
+    pub no_agent_hint: Option<Arc<str>>,
 }
 
 impl Default for SchedulerTiming {
@@ -38,6 +42,7 @@ impl Default for SchedulerTiming {
             lost_grace: Duration::from_secs(3),
             schedule_timeout: Duration::from_secs(60),
             tick: Duration::from_millis(500),
+            no_agent_hint: None,
         }
     }
 }
@@ -86,6 +91,9 @@ impl AgentSlot {
     }
 }
 
+/// A task name and the labels it requires: what decides which agents can run it.
+type TaskNeeds = (Arc<str>, Vec<(String, String)>);
+
 struct Dispatched {
     agent: usize,
     call_id: CallId,
@@ -93,9 +101,6 @@ struct Dispatched {
     /// Consecutive heartbeats of its agent that did not list it (after the grace).
     missed: u8,
 }
-
-/// A task name and the labels it requires: what decides which agents can run it.
-type TaskNeeds = (Arc<str>, Vec<(String, String)>);
 
 struct Queued {
     since: Instant,
@@ -126,6 +131,13 @@ pub struct SchedulerState {
     queues: HashMap<FlowRunId, VecDeque<Queued>>,
     round_robin: VecDeque<FlowRunId>,
     running: HashMap<(FlowRunId, AttemptId), Dispatched>,
+    /// Attempts no live agent can run (task not served, labels missing), per run, in
+    /// the order they were queued: set aside so they do not hold up the run's other
+    /// attempts; back in the queue when an agent that serves them joins, failed when
+    /// they have waited the schedule timeout.
+    parked: HashMap<FlowRunId, Vec<Queued>>,
+    /// Runs whose operator note says they wait for an agent.
+    noted: HashSet<FlowRunId>,
     cursor: usize,
     warned: HashSet<(FlowRunId, String)>,
     epoch: u32,
@@ -152,7 +164,8 @@ impl SchedulerState {
         self.agents.iter().any(|a| a.serves(task))
     }
 
-    /// Hands queued attempts to agents with free slots, one per run per round.
+    /// Hands queued attempts to agents with free slots, one per run per round. An
+    /// attempt no live agent can run is parked, so the run's other attempts go on.
     fn dispatch(&mut self) {
         let mut free = self.free_slots();
         let mut batches: HashMap<usize, Vec<SpawnTask>> = HashMap::new();
@@ -163,7 +176,21 @@ impl SchedulerState {
                 break;
             };
             let picked = match self.queues.get(&run).and_then(|q| q.front()) {
-                Some(head) => self.pick_agent(&head.task),
+                Some(head) => match self.pick_agent(&head.task) {
+                    Some(i) => Some(i),
+                    None if !self.servable(&head.task) => {
+                        let queue = self.queues.get_mut(&run).expect("queue present");
+                        let head = queue.pop_front().expect("queue head present");
+                        self.parked.entry(run).or_default().push(head);
+                        if queue.is_empty() {
+                            self.queues.remove(&run);
+                        } else {
+                            self.round_robin.push_front(run);
+                        }
+                        continue;
+                    }
+                    None => None,
+                },
                 None => continue,
             };
             let queue = self.queues.get_mut(&run).expect("queue present");
@@ -363,16 +390,15 @@ impl SchedulerState {
         self.expire_unservable(now);
     }
 
-    /// Attempts no live agent can run: warn once, then fail after the schedule timeout.
-    fn expire_unservable(&mut self, now: Instant) {
-        let timeout = self.timing.schedule_timeout;
-        let mut expired: Vec<SpawnTask> = Vec::new();
-        let mut waiting: Vec<(FlowRunId, String, Duration)> = Vec::new();
-        // keyed by task name and required labels
+    /// Parks every queued attempt no live agent can run (dispatch parks those it meets
+    /// at the head of a queue; this finds the rest, e.g. when there are no free slots).
+    fn park_unservable(&mut self) {
         let mut servable: HashMap<TaskNeeds, bool> = HashMap::new();
         let runs: Vec<FlowRunId> = self.queues.keys().copied().collect();
         for run in runs {
-            let queue = &self.queues[&run];
+            let Some(queue) = self.queues.get(&run) else {
+                continue;
+            };
             let mut all_ok = true;
             for q in queue {
                 let key = (q.task.task.clone(), q.task.requires.clone());
@@ -389,19 +415,13 @@ impl SchedulerState {
             if all_ok {
                 continue;
             }
-            let queue = self.queues.remove(&run).expect("queue present");
+            let queue = self.queues.remove(&run).unwrap_or_default();
             let mut keep = VecDeque::with_capacity(queue.len());
             for q in queue {
                 if servable[&(q.task.task.clone(), q.task.requires.clone())] {
                     keep.push_back(q);
-                    continue;
-                }
-                let waited = now.duration_since(q.since);
-                if waited >= timeout {
-                    expired.push(q.task);
                 } else {
-                    waiting.push((run, q.task.task.to_string(), waited));
-                    keep.push_back(q);
+                    self.parked.entry(run).or_default().push(q);
                 }
             }
             if keep.is_empty() {
@@ -410,12 +430,65 @@ impl SchedulerState {
                 self.queues.insert(run, keep);
             }
         }
-        for (run, task, waited) in waiting {
-            if self.warned.insert((run, task.clone())) {
-                let note = format!("waiting for a live agent that can run task `{task}` (waited {} s, gives up after {} s)", waited.as_secs(), timeout.as_secs());
-                tracing::warn!(flow_run_id = %run, task, "{note}");
-                self.tell_runner(run, FlowRunnerMsg::Note(Some(note)));
+    }
+
+    /// Parked attempts: back to the front of their run's queue when an agent now
+    /// serves them; failed once they have waited the schedule timeout (each from when
+    /// it was queued); meanwhile the run's note says how long the oldest has waited.
+    fn expire_unservable(&mut self, now: Instant) {
+        self.park_unservable();
+        let timeout = self.timing.schedule_timeout;
+        let mut expired: Vec<SpawnTask> = Vec::new();
+        let mut notes: Vec<(FlowRunId, String)> = Vec::new();
+        let runs: Vec<FlowRunId> = self.parked.keys().copied().collect();
+        for run in runs {
+            let parked = self.parked.remove(&run).unwrap_or_default();
+            let mut back = Vec::new();
+            let mut keep = Vec::new();
+            for q in parked {
+                if self.servable(&q.task) {
+                    back.push(q);
+                } else if now.duration_since(q.since) >= timeout {
+                    expired.push(q.task);
+                } else {
+                    keep.push(q);
+                }
             }
+            if !back.is_empty() {
+                let queue = self.queues.entry(run).or_default();
+                if queue.is_empty() {
+                    self.round_robin.push_back(run);
+                }
+                for q in back.into_iter().rev() {
+                    queue.push_front(q);
+                }
+            }
+            if let Some(oldest) = keep.iter().min_by_key(|q| q.since) {
+                let task = oldest.task.task.to_string();
+                let note = format!(
+                    "waiting for a live agent that can run task `{task}`{} (waited {} s, gives up after {} s)",
+                    labels_of(&oldest.task),
+                    now.duration_since(oldest.since).as_secs(),
+                    timeout.as_secs()
+                );
+                if self.warned.insert((run, task.clone())) {
+                    tracing::warn!(flow_run_id = %run, task, "{note}");
+                }
+                notes.push((run, note));
+                self.parked.insert(run, keep);
+            }
+        }
+        // notes of runs that no longer wait are cleared
+        let waiting: HashSet<FlowRunId> = notes.iter().map(|(r, _)| *r).collect();
+        let cleared: Vec<FlowRunId> = self.noted.difference(&waiting).copied().collect();
+        for run in cleared {
+            self.noted.remove(&run);
+            self.warned.retain(|(r, _)| *r != run);
+            self.tell_runner(run, FlowRunnerMsg::Note(None));
+        }
+        for (run, note) in notes {
+            self.noted.insert(run);
+            self.tell_runner(run, FlowRunnerMsg::Note(Some(note)));
         }
         for task in expired {
             let known: Vec<String> = self
@@ -424,28 +497,27 @@ impl SchedulerState {
                 .filter(|a| a.accepts())
                 .map(|a| a.info.agent_id.to_string())
                 .collect();
-            let labels = if task.requires.is_empty() {
+            let waited = if timeout.is_zero() {
                 String::new()
             } else {
-                let l: Vec<String> = task
-                    .requires
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect();
-                format!(" with labels {}", l.join(","))
+                format!("; waited {} s", timeout.as_secs())
             };
+            let hint = self
+                .timing
+                .no_agent_hint
+                .as_ref()
+                .map(|h| format!("; {h}"))
+                .unwrap_or_default();
             let message = format!(
-                "task `{}` is not registered on any live agent{labels} (live agents: {}); waited {} s",
+                "task `{}` is not registered on any live agent{} (live agents: {}){waited}{hint}",
                 task.task,
+                labels_of(&task),
                 if known.is_empty() {
                     "none".to_string()
                 } else {
                     known.join(", ")
                 },
-                timeout.as_secs()
             );
-            self.warned
-                .remove(&(task.flow_run_id, task.task.to_string()));
             self.tell_runner(
                 task.flow_run_id,
                 FlowRunnerMsg::Finished(AttemptFinished {
@@ -460,6 +532,19 @@ impl SchedulerState {
             );
         }
     }
+}
+
+/// " with labels k=v,..." for an attempt that requires labels.
+fn labels_of(task: &SpawnTask) -> String {
+    if task.requires.is_empty() {
+        return String::new();
+    }
+    let l: Vec<String> = task
+        .requires
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    format!(" with labels {}", l.join(","))
 }
 
 impl Actor for Scheduler {
@@ -481,6 +566,8 @@ impl Actor for Scheduler {
             queues: HashMap::new(),
             round_robin: VecDeque::new(),
             running: HashMap::new(),
+            parked: HashMap::new(),
+            noted: HashSet::new(),
             cursor: 0,
             warned: HashSet::new(),
             epoch: args.epoch,
@@ -558,6 +645,9 @@ impl Actor for Scheduler {
             }
             SchedulerMsg::CancelRun(run) => {
                 state.queues.remove(&run);
+                state.parked.remove(&run);
+                state.noted.remove(&run);
+                state.warned.retain(|(r, _)| *r != run);
                 state.round_robin.retain(|r| *r != run);
                 let mut per_agent: HashMap<usize, Vec<(FlowRunId, AttemptId)>> = HashMap::new();
                 for (&(r, attempt), d) in &state.running {

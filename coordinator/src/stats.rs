@@ -31,6 +31,9 @@ pub struct RunStats {
     pub lost: AtomicU64,
     /// Calls answered from the run's journal or from results passed in.
     pub replayed: AtomicU64,
+    /// Calls that had not ended when the run ended (cancelled, or the flow returned
+    /// without them): not counted as completed.
+    pub cancelled: AtomicU64,
     /// A note for the operator, e.g. "waiting for an agent that can run `x`".
     pub note: Mutex<Option<String>>,
 }
@@ -48,6 +51,7 @@ impl Default for RunStats {
             stale_results: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
             note: Mutex::new(None),
         }
     }
@@ -69,6 +73,9 @@ pub struct StatsSnapshot {
     /// Calls answered from the run's journal (a resume) or from results passed in.
     #[serde(default)]
     pub replayed: u64,
+    /// Calls cancelled when the run ended (not counted as completed).
+    #[serde(default)]
+    pub cancelled: u64,
 }
 
 impl RunStats {
@@ -86,6 +93,7 @@ impl RunStats {
             retries: self.retries.load(Relaxed),
             wall_ms: self.started.elapsed().as_millis() as u64,
             replayed: self.replayed.load(Relaxed),
+            cancelled: self.cancelled.load(Relaxed),
         }
     }
 
@@ -126,6 +134,7 @@ impl StatsSnapshot {
             cache_hits: self.cache_hits,
             retries: self.retries,
             replayed: self.replayed,
+            cancelled: self.cancelled,
             wall_ms: self.wall_ms,
             result: None,
             error: None,

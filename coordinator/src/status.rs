@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::sync::{Arc, Mutex};
 
 use pinazu_shared::events::{
-    timestamp, Event, EventHeader, FlowStatusMessage, FLOW_STATUS_SUBJECT, TASK_STATUS_SUBJECT,
+    timestamp, Event, EventContext, FlowStatusMessage, FLOW_STATUS_SUBJECT, TASK_STATUS_SUBJECT,
 };
 use pinazu_shared::BoxFuture;
 
@@ -84,16 +84,51 @@ impl EventSink for CollectingSink {
 
 /// Messages to the status publisher.
 pub enum StatusMsg {
-    /// A flow transition.
-    Flow(FlowStatusMessage),
-    /// Task transitions, in order (formatted here, off the runner's path).
-    Tasks(Vec<TaskTransition>),
+    /// A flow transition of the run stamped by the header.
+    Flow(Arc<RunHeader>, FlowStatusMessage),
+    /// Task transitions of one run, in order (formatted here, off the runner's path).
+    Tasks(Arc<RunHeader>, Vec<TaskTransition>),
     /// Reply once everything before it is delivered.
     Flush(RpcReplyPort<()>),
 }
 
 /// The status publisher actor.
 pub struct StatusPublisher;
+
+/// What stamps every event of one run: its header and trace id, the header rendered
+/// once as JSON.
+#[derive(Debug)]
+pub struct RunHeader {
+    /// Header and trace id.
+    pub context: EventContext,
+    header_json: String,
+    trace_json: String,
+}
+
+impl RunHeader {
+    /// Renders the header once.
+    pub fn new(context: EventContext) -> Self {
+        let header_json = serde_json::to_string(&context.header).unwrap_or_else(|_| {
+            "{\"user_id\":\"00000000-0000-0000-0000-000000000000\",\"thread_id\":null,\"connection_id\":null}".into()
+        });
+        let trace_json = serde_json::to_string(&context.trace_id).unwrap_or_else(|_| "null".into());
+        RunHeader {
+            context,
+            header_json,
+            trace_json,
+        }
+    }
+}
+
+/// The `result_cache_key` of a task event: the call's MD5 (the original library's key),
+/// known already or computed here from the call's arguments (off the runner's path).
+#[derive(Debug)]
+pub enum CacheKey {
+    /// The MD5 hex.
+    Md5(String),
+    /// The call's arguments as JSON: the MD5 is computed when the event is written.
+    Args(Value),
+}
 
 /// A task's status transition, as a runner records it.
 #[derive(Debug)]
@@ -104,9 +139,9 @@ pub struct TaskTransition {
     pub task: &'static str,
     /// Its new status.
     pub status: pinazu_shared::events::FlowStatus,
-    /// The cache object key, when the result came from or went to the cache.
-    pub result_cache_key: Option<String>,
-    /// One-line error or note.
+    /// The call's MD5 cache key (on SUCCESS).
+    pub result_cache_key: Option<CacheKey>,
+    /// One-line error (FAILED; PENDING after a failed attempt that will be retried).
     pub error_message: Option<String>,
     /// The error chain.
     pub traceback: Option<String>,
@@ -116,9 +151,6 @@ pub struct TaskTransition {
 
 /// Its state.
 pub struct StatusState {
-    header: EventHeader,
-    /// The header as JSON, rendered once.
-    header_json: String,
     sink: Arc<dyn EventSink>,
 }
 
@@ -128,11 +160,11 @@ pub struct StatusState {
 /// our own in the coordinator's profile.
 fn write_task_event(
     out: &mut Vec<u8>,
-    header_json: &str,
+    header: &RunHeader,
     t: &TaskTransition,
     at: &str,
 ) -> Result<(), serde_json::Error> {
-    fn opt(out: &mut Vec<u8>, v: &Option<String>) -> Result<(), serde_json::Error> {
+    fn opt(out: &mut Vec<u8>, v: Option<&str>) -> Result<(), serde_json::Error> {
         match v {
             Some(s) => serde_json::to_writer(&mut *out, s),
             None => {
@@ -141,8 +173,15 @@ fn write_task_event(
             }
         }
     }
+    let md5 = match &t.result_cache_key {
+        Some(CacheKey::Md5(m)) => Some(std::borrow::Cow::Borrowed(m.as_str())),
+        Some(CacheKey::Args(args)) => Some(std::borrow::Cow::Owned(
+            pinazu_shared::cache::original_md5(t.task, args),
+        )),
+        None => None,
+    };
     out.extend_from_slice(b"{\"header\":");
-    out.extend_from_slice(header_json.as_bytes());
+    out.extend_from_slice(header.header_json.as_bytes());
     out.extend_from_slice(b",\"message\":{\"flow_run_id\":");
     serde_json::to_writer(&mut *out, &t.flow_run_id)?;
     out.extend_from_slice(b",\"task_name\":");
@@ -150,28 +189,32 @@ fn write_task_event(
     out.extend_from_slice(b",\"status\":\"");
     out.extend_from_slice(t.status.as_str().as_bytes());
     out.extend_from_slice(b"\",\"result_cache_key\":");
-    opt(out, &t.result_cache_key)?;
+    opt(out, md5.as_deref())?;
     out.extend_from_slice(b",\"error_message\":");
-    opt(out, &t.error_message)?;
+    opt(out, t.error_message.as_deref())?;
     out.extend_from_slice(b",\"traceback\":");
-    opt(out, &t.traceback)?;
+    opt(out, t.traceback.as_deref())?;
     // RFC 3339 timestamps need no escaping
     out.extend_from_slice(b",\"event_timestamp\":\"");
     out.extend_from_slice(at.as_bytes());
-    out.extend_from_slice(b"\"},\"metadata\":{\"trace_id\":null,\"timestamp\":\"");
+    out.extend_from_slice(b"\"},\"metadata\":{\"trace_id\":");
+    out.extend_from_slice(header.trace_json.as_bytes());
+    out.extend_from_slice(b",\"timestamp\":\"");
     out.extend_from_slice(at.as_bytes());
     out.extend_from_slice(b"\"}}");
     Ok(())
 }
 
-impl StatusState {
-    fn publish<M: serde::Serialize>(&self, subject: &'static str, message: M, at: String) {
-        let event = Event::at(self.header.clone(), message, at);
-        // events are ~400 bytes: one allocation instead of a series of reallocations
-        let mut json = Vec::with_capacity(512);
-        match serde_json::to_writer(&mut json, &event) {
-            Ok(()) => self.sink.publish(subject, Bytes::from(json)),
-            Err(e) => tracing::error!(error = %e, "status event could not be encoded"),
+/// A flow status event as Pinazu Core reads it (JSON), stamped with the run's header.
+pub fn flow_event_json(context: &EventContext, m: FlowStatusMessage) -> Option<Bytes> {
+    let at = m.event_timestamp.clone();
+    let event = Event::traced(context.header.clone(), context.trace_id.clone(), m, at);
+    let mut json = Vec::with_capacity(512);
+    match serde_json::to_writer(&mut json, &event) {
+        Ok(()) => Some(Bytes::from(json)),
+        Err(e) => {
+            tracing::error!(error = %e, "status event could not be encoded");
+            None
         }
     }
 }
@@ -179,19 +222,14 @@ impl StatusState {
 impl Actor for StatusPublisher {
     type Msg = StatusMsg;
     type State = StatusState;
-    type Arguments = (EventHeader, Arc<dyn EventSink>);
+    type Arguments = Arc<dyn EventSink>;
 
     async fn pre_start(
         &self,
         _myself: ActorRef<Self::Msg>,
-        (header, sink): Self::Arguments,
+        sink: Self::Arguments,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let header_json = serde_json::to_string(&header)?;
-        Ok(StatusState {
-            header,
-            header_json,
-            sink,
-        })
+        Ok(StatusState { sink })
     }
 
     async fn handle(
@@ -201,15 +239,18 @@ impl Actor for StatusPublisher {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            StatusMsg::Flow(m) => {
-                let at = m.event_timestamp.clone();
-                state.publish(FLOW_STATUS_SUBJECT, m, at)
+            StatusMsg::Flow(header, m) => {
+                if let Some(json) = flow_event_json(&header.context, m) {
+                    state.sink.publish(FLOW_STATUS_SUBJECT, json);
+                }
             }
-            StatusMsg::Tasks(transitions) => {
+            StatusMsg::Tasks(header, transitions) => {
                 for t in transitions {
                     let at = timestamp(t.at);
+                    // events are ~400 bytes: one allocation instead of a series of
+                    // reallocations
                     let mut json = Vec::with_capacity(512);
-                    match write_task_event(&mut json, &state.header_json, &t, &at) {
+                    match write_task_event(&mut json, &header, &t, &at) {
                         Ok(()) => state.sink.publish(TASK_STATUS_SUBJECT, Bytes::from(json)),
                         Err(e) => tracing::error!(error = %e, "status event could not be encoded"),
                     }
@@ -227,17 +268,20 @@ impl Actor for StatusPublisher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pinazu_shared::events::{FlowStatus, TaskStatusMessage};
+    use pinazu_shared::events::{EventHeader, FlowStatus, TaskStatusMessage};
     use pinazu_shared::ids::FlowRunId;
 
     #[test]
     fn the_fast_task_event_writer_matches_serde_byte_for_byte() {
-        let headers = [
-            EventHeader::default(),
-            EventHeader {
-                user_id: uuid::Uuid::from_u128(7),
-                thread_id: Some(uuid::Uuid::from_u128(8)),
-                connection_id: None,
+        let contexts = [
+            EventContext::default(),
+            EventContext {
+                header: EventHeader {
+                    user_id: uuid::Uuid::from_u128(7),
+                    thread_id: Some(uuid::Uuid::from_u128(8)),
+                    connection_id: None,
+                },
+                trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
             },
         ];
         let texts = [
@@ -245,34 +289,48 @@ mod tests {
             Some("plain".to_string()),
             Some("quote \" backslash \\ newline \n tab \t ctrl \u{1} unicode é ✓".to_string()),
         ];
-        for header in &headers {
-            let header_json = serde_json::to_string(header).unwrap();
+        let args = serde_json::json!([3, {"b": 1, "a": "x"}]);
+        for context in &contexts {
+            let header = RunHeader::new(context.clone());
             for status in [
                 FlowStatus::Pending,
                 FlowStatus::Running,
                 FlowStatus::Success,
                 FlowStatus::Failed,
             ] {
-                for text in &texts {
+                for (i, text) in texts.iter().enumerate() {
+                    let key = match i {
+                        0 => None,
+                        1 => Some(CacheKey::Md5("0123456789abcdef0123456789abcdef".into())),
+                        _ => Some(CacheKey::Args(args.clone())),
+                    };
+                    let expected_key = match &key {
+                        None => None,
+                        Some(CacheKey::Md5(m)) => Some(m.clone()),
+                        Some(CacheKey::Args(a)) => {
+                            Some(pinazu_shared::cache::original_md5("sq\"uare", a))
+                        }
+                    };
                     let t = TaskTransition {
                         flow_run_id: FlowRunId::new(),
                         task: "sq\"uare",
                         status,
-                        result_cache_key: text.clone(),
+                        result_cache_key: key,
                         error_message: text.clone(),
                         traceback: text.clone(),
                         at: std::time::SystemTime::now(),
                     };
                     let at = timestamp(t.at);
                     let mut fast = Vec::new();
-                    write_task_event(&mut fast, &header_json, &t, &at).unwrap();
-                    let generic = serde_json::to_vec(&Event::at(
-                        header.clone(),
+                    write_task_event(&mut fast, &header, &t, &at).unwrap();
+                    let generic = serde_json::to_vec(&Event::traced(
+                        context.header.clone(),
+                        context.trace_id.clone(),
                         TaskStatusMessage {
                             flow_run_id: t.flow_run_id,
                             task_name: t.task.to_string(),
                             status: t.status,
-                            result_cache_key: t.result_cache_key.clone(),
+                            result_cache_key: expected_key,
                             error_message: t.error_message.clone(),
                             traceback: t.traceback.clone(),
                             event_timestamp: at.clone(),

@@ -12,7 +12,7 @@ use pinazu_coordinator::{call_task, CollectingSink, Coordinator, CoordinatorConf
 use pinazu_shared::error::{ErrorInfo, FailureKind, ParamError};
 use pinazu_shared::ids::{AgentId, AttemptId, CallId, FlowRunId};
 use pinazu_shared::options::{RetryPolicy, TaskOptions};
-use pinazu_shared::registry::{FlowDef, Source, TaskDef};
+use pinazu_shared::registry::{FlowDef, FlowStart, Source, TaskDef};
 use pinazu_shared::store::LocalDirStore;
 use pinazu_shared::transport::AgentLink;
 use pinazu_shared::wire::{AgentInfo, AttemptFinished, AttemptStarted, RunningAttempt, SpawnTask};
@@ -22,7 +22,16 @@ const SOURCE: Source = Source {
     module: "runner_protocol",
     file: file!(),
     line: 0,
+    package: "runner_protocol",
+    version: "0",
 };
+
+fn start(body: BoxFuture<'static, Result<Value, ErrorInfo>>) -> Result<FlowStart, ParamError> {
+    Ok(FlowStart {
+        params: Map::new(),
+        body,
+    })
+}
 
 fn never_invoked(_: Bytes) -> BoxFuture<'static, Result<Bytes, ErrorInfo>> {
     Box::pin(async { unreachable!("the scripted agent never runs task bodies") })
@@ -45,10 +54,8 @@ static PROBE: TaskDef = TaskDef {
     source: SOURCE,
 };
 
-fn one_probe(
-    _: Map<String, Value>,
-) -> Result<BoxFuture<'static, Result<Value, ErrorInfo>>, ParamError> {
-    Ok(Box::pin(async {
+fn one_probe(_: Map<String, Value>) -> Result<FlowStart, ParamError> {
+    start(Box::pin(async {
         let v: u64 = call_task(&PROBE, (1u64,))
             .await
             .map_err(|e| ErrorInfo::new(FailureKind::Error, e.to_string()))?;
@@ -59,14 +66,13 @@ fn one_probe(
 static ONE_PROBE: FlowDef = FlowDef {
     name: "one_probe",
     params: &[],
+    doc: "",
     invoke: one_probe,
     source: SOURCE,
 };
 
-fn five_probes(
-    _: Map<String, Value>,
-) -> Result<BoxFuture<'static, Result<Value, ErrorInfo>>, ParamError> {
-    Ok(Box::pin(async {
+fn five_probes(_: Map<String, Value>) -> Result<FlowStart, ParamError> {
+    start(Box::pin(async {
         let calls = (0..5u64).map(|i| call_task::<u64, _>(&PROBE, (i,)));
         let all = futures_util::future::join_all(calls).await;
         let sum: u64 = all.into_iter().map(|r| r.unwrap_or(0)).sum();
@@ -77,6 +83,7 @@ fn five_probes(
 static FIVE_PROBES: FlowDef = FlowDef {
     name: "five_probes",
     params: &[],
+    doc: "",
     invoke: five_probes,
     source: SOURCE,
 };
@@ -238,10 +245,8 @@ static GPU_PROBE: TaskDef = TaskDef {
     source: SOURCE,
 };
 
-fn gpu_probe(
-    _: Map<String, Value>,
-) -> Result<BoxFuture<'static, Result<Value, ErrorInfo>>, ParamError> {
-    Ok(Box::pin(async {
+fn gpu_probe(_: Map<String, Value>) -> Result<FlowStart, ParamError> {
+    start(Box::pin(async {
         let v: u64 = call_task(&GPU_PROBE, (7u64,))
             .await
             .map_err(|e| ErrorInfo::new(FailureKind::Error, e.to_string()))?;
@@ -252,6 +257,7 @@ fn gpu_probe(
 static GPU_FLOW: FlowDef = FlowDef {
     name: "gpu_flow",
     params: &[],
+    doc: "",
     invoke: gpu_probe,
     source: SOURCE,
 };
@@ -499,4 +505,142 @@ async fn a_late_failure_of_an_earlier_process_attempt_does_not_fail_the_call() {
         .unwrap();
     assert_eq!(out.result, Some(json!(17)));
     assert_eq!(out.stats.retries, 0);
+}
+
+fn two_gpu_probes_ten_seconds_apart(_: Map<String, Value>) -> Result<FlowStart, ParamError> {
+    start(Box::pin(async {
+        let started = tokio::time::Instant::now();
+        let first = pinazu_coordinator::spawn_in_flow(async move {
+            let r = call_task::<u64, _>(&GPU_PROBE, (1u64,)).await;
+            (r.is_err(), started.elapsed().as_secs())
+        });
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let second = call_task::<u64, _>(&GPU_PROBE, (2u64,)).await;
+        let second = (second.is_err(), started.elapsed().as_secs());
+        let first = first.await.unwrap_or((false, 0));
+        Ok(json!([first, second]))
+    }))
+}
+
+static TWO_GPU_PROBES: FlowDef = FlowDef {
+    name: "two_gpu_probes",
+    params: &[],
+    doc: "",
+    invoke: two_gpu_probes_ten_seconds_apart,
+    source: SOURCE,
+};
+
+/// The schedule timeout is per call: each waiting call gives up its own timeout after
+/// it was queued, and the operator note says how long the oldest has waited (in paused
+/// tokio time: no real waiting).
+#[tokio::test(start_paused = true)]
+async fn each_call_waits_its_own_schedule_timeout_and_the_note_keeps_counting() {
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let dir = tempfile::tempdir().unwrap();
+    let config = CoordinatorConfig {
+        timing: pinazu_coordinator::SchedulerTiming {
+            schedule_timeout: Duration::from_secs(60),
+            ..Default::default()
+        },
+        ..CoordinatorConfig::default()
+    };
+    let c = Coordinator::start(
+        config,
+        Arc::new(RecordingLink(tx)),
+        Arc::new(LocalDirStore::new(dir.path())),
+        CollectingSink::new(),
+    )
+    .await
+    .unwrap();
+    // an agent, but none with the label the task requires
+    c.register_agent(AgentInfo {
+        agent_id: AgentId("cpu-1".into()),
+        slots: 4,
+        tasks: vec!["probe".into()],
+        labels: vec![],
+    });
+    let id = FlowRunId::new();
+    let run = c.start_run(&TWO_GPU_PROBES, Map::new(), id).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let note = c.run_info(id).unwrap().note.unwrap_or_default();
+    assert!(note.contains("waited 30 s"), "{note}");
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let note = c.run_info(id).unwrap().note.unwrap_or_default();
+    assert!(
+        note.contains("waited 50 s"),
+        "the note keeps counting: {note}"
+    );
+    let outcome = run.wait().await;
+    // each call failed (no agent) 60 s after it was queued: the first at 60 s, the
+    // second, queued 10 s later, at 70 s
+    assert_eq!(
+        outcome.result,
+        Some(json!([[true, 60], [true, 70]])),
+        "{outcome:?}"
+    );
+}
+
+fn gpu_then_cpu(_: Map<String, Value>) -> Result<FlowStart, ParamError> {
+    start(Box::pin(async {
+        let (gpu, cpu) = futures_util::join!(
+            call_task::<u64, _>(&GPU_PROBE, (1u64,)),
+            call_task::<u64, _>(&PROBE, (2u64,))
+        );
+        Ok(json!([gpu.is_err(), cpu.ok()]))
+    }))
+}
+
+static GPU_THEN_CPU: FlowDef = FlowDef {
+    name: "gpu_then_cpu",
+    params: &[],
+    doc: "",
+    invoke: gpu_then_cpu,
+    source: SOURCE,
+};
+
+/// An attempt no agent can run does not hold up the run's other attempts queued behind
+/// it.
+#[tokio::test(start_paused = true)]
+async fn an_attempt_no_agent_can_run_does_not_block_the_ones_behind_it() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(
+        CoordinatorConfig::default(),
+        Arc::new(RecordingLink(tx)),
+        Arc::new(LocalDirStore::new(dir.path())),
+        CollectingSink::new(),
+    )
+    .await
+    .unwrap();
+    c.register_agent(AgentInfo {
+        agent_id: AgentId("cpu-1".into()),
+        slots: 4,
+        tasks: vec!["probe".into()],
+        labels: vec![],
+    });
+    let run = c
+        .start_run(&GPU_THEN_CPU, Map::new(), FlowRunId::new())
+        .await
+        .unwrap();
+    let queued = tokio::time::Instant::now();
+    let (agent, task) = tokio::time::timeout(Duration::from_secs(60), rx.recv())
+        .await
+        .expect("the servable call is dispatched")
+        .unwrap();
+    assert!(
+        queued.elapsed() < Duration::from_secs(1),
+        "dispatched after {:?}: it waited behind the call no agent can run",
+        queued.elapsed()
+    );
+    assert!(task.requires.is_empty(), "{task:?}");
+    c.result_sink().finished(AttemptFinished {
+        flow_run_id: task.flow_run_id,
+        call_id: task.call_id,
+        attempt_id: task.attempt_id,
+        agent_id: agent,
+        outcome: ok(4),
+        result_ref: None,
+        elapsed_us: 1,
+    });
+    assert_eq!(run.wait().await.result, Some(json!([true, 4])));
 }

@@ -311,12 +311,33 @@ fn hidden_body(func: &ItemFn, ident: &syn::Ident) -> ItemFn {
     body
 }
 
+/// The first line of a function's doc comment (for `--help` and `--list`).
+fn first_doc_line(func: &ItemFn) -> LitStr {
+    let line = func
+        .attrs
+        .iter()
+        .filter(|a| a.path().is_ident("doc"))
+        .find_map(|a| match &a.meta {
+            syn::Meta::NameValue(nv) => match &nv.value {
+                Expr::Lit(syn::ExprLit {
+                    lit: Lit::Str(s), ..
+                }) => Some(s.value().trim().to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .unwrap_or_default();
+    LitStr::new(&line, Span::call_site())
+}
+
 /// Where a definition was written, for duplicate-name errors.
 fn source_tokens() -> TokenStream2 {
     quote!(::pinazu_flows::__private::Source {
         module: ::core::module_path!(),
         file: ::core::file!(),
         line: ::core::line!(),
+        package: ::core::env!("CARGO_PKG_NAME"),
+        version: ::core::env!("CARGO_PKG_VERSION"),
     })
 }
 
@@ -450,7 +471,21 @@ fn expand_task(opts: TaskOpts, mut func: ItemFn) -> syn::Result<TokenStream2> {
         ) -> ::pinazu_flows::__private::BoxFuture<'static, ::core::result::Result<::pinazu_flows::__private::Bytes, ::pinazu_flows::__private::ErrorInfo>> {
             ::std::boxed::Box::pin(async move {
                 let (#(#arg_names,)*): (#(#tys,)*) = ::pinazu_flows::__private::decode_args(#name, &args)?;
-                ::pinazu_flows::__private::encode_result(#name, #body_ident(#(#arg_names),*).await)
+                match #body_ident(#(#arg_names),*).await {
+                    ::core::result::Result::Ok(v) => ::pinazu_flows::__private::encode_ok(#name, &v),
+                    ::core::result::Result::Err(e) => {
+                        #[allow(unused_imports)]
+                        use ::pinazu_flows::__private::{KeepNothing as _, KeepSerializable as _};
+                        let payload = (&&::pinazu_flows::__private::ErrorValue(&e)).payload();
+                        ::core::result::Result::Err(
+                            ::pinazu_flows::__private::ErrorInfo::from_user_error(
+                                ::pinazu_flows::__private::FailureKind::Error,
+                                &e,
+                            )
+                            .with_payload(payload),
+                        )
+                    }
+                }
             })
         }
 
@@ -472,6 +507,7 @@ fn expand_flow(name: Option<LitStr>, mut func: ItemFn) -> syn::Result<TokenStrea
         ));
     }
     let def_ident = format_ident!("__PINAZU_FLOW_{}", fn_ident);
+    let params_ident = format_ident!("__PINAZU_FLOW_PARAMS_{}", fn_ident);
     let invoke_ident = format_ident!("__pinazu_flow_invoke_{}", fn_ident);
     let body_ident = format_ident!("__pinazu_flow_body_{}", fn_ident);
     let vis = &func.vis;
@@ -486,6 +522,24 @@ fn expand_flow(name: Option<LitStr>, mut func: ItemFn) -> syn::Result<TokenStrea
         .iter()
         .map(|p| LitStr::new(p.ident.to_string().trim_start_matches("r#"), p.ident.span()))
         .collect();
+    let type_texts: Vec<LitStr> = params
+        .iter()
+        .map(|p| {
+            let ty = &p.ty;
+            LitStr::new(&quote!(#ty).to_string(), Span::call_site())
+        })
+        .collect();
+    let default_texts: Vec<TokenStream2> = params
+        .iter()
+        .map(|p| match &p.default {
+            Some(e) => {
+                let text = LitStr::new(&quote!(#e).to_string(), Span::call_site());
+                quote!(::core::option::Option::Some(#text))
+            }
+            None => quote!(::core::option::Option::None),
+        })
+        .collect();
+    let doc = first_doc_line(&func);
     let takes = params.iter().zip(&names).map(|(p, n)| {
         let ident = &p.ident;
         let ty = &p.ty;
@@ -518,10 +572,17 @@ fn expand_flow(name: Option<LitStr>, mut func: ItemFn) -> syn::Result<TokenStrea
         #[allow(non_upper_case_globals)]
         static #def_ident: ::pinazu_flows::__private::FlowDef = ::pinazu_flows::__private::FlowDef {
             name: #name,
-            params: &[#(#names),*],
+            params: #params_ident,
+            doc: #doc,
             invoke: #invoke_ident,
             source: #source,
         };
+
+        #[doc(hidden)]
+        #[allow(non_upper_case_globals)]
+        static #params_ident: &[::pinazu_flows::__private::ParamDef] = &[#(
+            ::pinazu_flows::__private::ParamDef { name: #names, ty: #type_texts, default: #default_texts }
+        ),*];
 
         ::pinazu_flows::__private::inventory::submit! {
             ::pinazu_flows::__private::FlowEntry(&#def_ident)
@@ -531,14 +592,17 @@ fn expand_flow(name: Option<LitStr>, mut func: ItemFn) -> syn::Result<TokenStrea
         fn #invoke_ident(
             params: ::pinazu_flows::__private::Map<::std::string::String, ::pinazu_flows::__private::Value>,
         ) -> ::core::result::Result<
-            ::pinazu_flows::__private::BoxFuture<'static, ::core::result::Result<::pinazu_flows::__private::Value, ::pinazu_flows::__private::ErrorInfo>>,
+            ::pinazu_flows::__private::FlowStart,
             ::pinazu_flows::__private::ParamError,
         > {
-            let mut __params = ::pinazu_flows::__private::Params::new(#name, &[#(#names),*], params)?;
+            let mut __params = ::pinazu_flows::__private::Params::new(#name, #params_ident, params)?;
             #(#takes)*
-            ::core::result::Result::Ok(::std::boxed::Box::pin(async move {
-                ::pinazu_flows::__private::encode_flow_result(#name, #body_ident(#(#idents),*).await)
-            }))
+            ::core::result::Result::Ok(::pinazu_flows::__private::FlowStart {
+                params: __params.taken(),
+                body: ::std::boxed::Box::pin(async move {
+                    ::pinazu_flows::__private::encode_flow_result(#name, #body_ident(#(#idents),*).await)
+                }),
+            })
         }
 
         #[doc(hidden)]

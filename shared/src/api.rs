@@ -23,6 +23,9 @@ pub enum ApiRequest {
         /// Results of completed tasks passed in (`--success-task-results`, JSON).
         #[serde(default)]
         success_task_results: Option<String>,
+        /// Header and trace id of the run's status events (the launcher's).
+        #[serde(default)]
+        events: Option<crate::events::EventContext>,
     },
     /// One run's state.
     Status {
@@ -82,6 +85,9 @@ pub struct RunInfo {
     /// Calls answered from the journal or from results passed in.
     #[serde(default)]
     pub replayed: u64,
+    /// Calls cancelled when the run ended (not among the completed ones).
+    #[serde(default)]
+    pub cancelled: u64,
     /// Milliseconds since the run started (until it ended).
     pub wall_ms: u64,
     /// The result (JSON), once SUCCESS.

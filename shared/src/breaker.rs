@@ -40,6 +40,20 @@ impl<S: ObjectStore> BreakerStore<S> {
         }
     }
 
+    /// Wraps a store that is unreachable already (found so at start-up): it starts out
+    /// of the path, and is probed every few seconds like a store that failed.
+    pub fn tripped(inner: S) -> Self {
+        BreakerStore {
+            inner,
+            state: Mutex::new(State {
+                failures: TRIP_AFTER,
+                open_until: Some(Instant::now() + FIRST_OPEN),
+                open_for: FIRST_OPEN,
+                failed_in_outage: 0,
+            }),
+        }
+    }
+
     /// Whether the store is out of the path now.
     pub fn is_open(&self) -> bool {
         self.state

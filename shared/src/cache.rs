@@ -33,12 +33,26 @@ impl CacheResult {
 /// `{"args":[...],"kwargs":{},"task_name":"..."}` (serde_json's map is ordered by key, so
 /// nested objects are sorted too, like the original's `sort_keys`).
 pub fn original_md5(task_name: &str, args: &Value) -> String {
-    let mut doc = serde_json::Map::new();
-    doc.insert("args".into(), args.clone());
-    doc.insert("kwargs".into(), Value::Object(serde_json::Map::new()));
-    doc.insert("task_name".into(), Value::String(task_name.to_string()));
-    let text = serde_json::to_string(&Value::Object(doc)).unwrap_or_default();
-    format!("{:x}", md5::compute(text.as_bytes()))
+    // the document's keys are in sorted order already: written straight into the hash,
+    // without building it (this runs for every task SUCCESS event)
+    let mut ctx = md5::Context::new();
+    ctx.consume(b"{\"args\":");
+    let _ = serde_json::to_writer(&mut ctx, args);
+    ctx.consume(b",\"kwargs\":{},\"task_name\":");
+    let _ = serde_json::to_writer(&mut ctx, task_name);
+    ctx.consume(b"}");
+    format!("{:x}", ctx.compute())
+}
+
+/// The MD5 of a `result_cache_key` as Pinazu Core may hand it back: the bare MD5 hex, or
+/// an object key ending in `/<md5>.json` (as earlier versions published for cached
+/// calls). Lower case.
+pub fn md5_of_key(key: &str) -> Option<String> {
+    let key = key.trim();
+    let last = key.rsplit('/').next().unwrap_or(key);
+    let md5 = last.strip_suffix(".json").unwrap_or(last);
+    (md5.len() == 32 && md5.chars().all(|c| c.is_ascii_hexdigit()))
+        .then(|| md5.to_ascii_lowercase())
 }
 
 /// The object key of a cached call, or `None` for [`CachePolicy::None`].
@@ -88,6 +102,17 @@ mod tests {
         let a = original_md5("t", &json!([{"b": 1, "a": 2}]));
         let text = r#"{"args":[{"a":2,"b":1}],"kwargs":{},"task_name":"t"}"#;
         assert_eq!(a, format!("{:x}", md5::compute(text.as_bytes())));
+    }
+
+    #[test]
+    fn keys_are_read_bare_or_as_object_paths() {
+        let m = "0123456789abcdef0123456789ABCDEF";
+        let lower = m.to_ascii_lowercase();
+        assert_eq!(md5_of_key(m).as_deref(), Some(lower.as_str()));
+        let path = format!("result_cache/flow-x/tasks/square/{m}.json");
+        assert_eq!(md5_of_key(&path).as_deref(), Some(lower.as_str()));
+        assert_eq!(md5_of_key("square"), None);
+        assert_eq!(md5_of_key("result_cache/a/b.json"), None);
     }
 
     #[test]

@@ -158,6 +158,7 @@ mod fuzz {
                 flow_run_id: None,
                 idempotency_key: Some("k".into()),
                 success_task_results: None,
+                events: None,
             })
             .unwrap(),
             encode_envelope(&vec![(FlowRunId::new(), AttemptId(7))]).unwrap(),

@@ -46,6 +46,13 @@ pub struct ErrorInfo {
     pub message: String,
     /// The error chain (Debug of the error; for `anyhow` the "Caused by" list).
     pub traceback: Option<String>,
+    /// The Rust type of the task's error value, when it could be kept (see `payload`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_type: Option<String>,
+    /// The task's error value itself (MessagePack), when its type is serde-serialisable:
+    /// the flow gets it back typed with [`TaskError::downcast`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<bytes::Bytes>,
 }
 
 impl ErrorInfo {
@@ -55,6 +62,8 @@ impl ErrorInfo {
             kind,
             message: message.into(),
             traceback: None,
+            error_type: None,
+            payload: None,
         }
     }
 
@@ -80,7 +89,28 @@ impl ErrorInfo {
             kind,
             traceback: (debug != message).then_some(debug),
             message,
+            error_type: None,
+            payload: None,
         }
+    }
+
+    /// Keeps the task's error value (its type name and MessagePack encoding), so the
+    /// flow can get it back typed.
+    pub fn with_payload(mut self, payload: Option<(&'static str, bytes::Bytes)>) -> Self {
+        if let Some((ty, bytes)) = payload {
+            self.error_type = Some(ty.to_string());
+            self.payload = Some(bytes);
+        }
+        self
+    }
+
+    /// The task's error value as `E`, if the task's error type was `E` and serde could
+    /// keep it.
+    pub fn downcast<E: serde::de::DeserializeOwned>(&self) -> Option<E> {
+        if self.error_type.as_deref() != Some(std::any::type_name::<E>()) {
+            return None;
+        }
+        rmp_serde::from_slice(self.payload.as_deref()?).ok()
     }
 }
 
@@ -146,6 +176,25 @@ pub enum TaskError {
 }
 
 impl TaskError {
+    /// The task's own error value, typed, when the task's error type is `E` and
+    /// serde-serialisable (`#[derive(Serialize, Deserialize)]`); `None` otherwise (then
+    /// the message and chain are in [`TaskError::Failed`]'s `last_error`).
+    ///
+    /// ```
+    /// # use pinazu_shared::error::TaskError;
+    /// #[derive(Debug, serde::Deserialize)]
+    /// struct ParseError { line: u32 }
+    /// fn line_of(e: &TaskError) -> Option<u32> {
+    ///     e.downcast::<ParseError>().map(|p| p.line)
+    /// }
+    /// ```
+    pub fn downcast<E: serde::de::DeserializeOwned>(&self) -> Option<E> {
+        match self {
+            TaskError::Failed { last_error, .. } => last_error.downcast(),
+            _ => None,
+        }
+    }
+
     /// The task's name.
     pub fn task(&self) -> &str {
         match self {

@@ -83,6 +83,85 @@ impl Default for EventHeader {
     }
 }
 
+/// Who a run's events belong to (the header) and the trace they are part of
+/// (`metadata.trace_id`); set by whoever launches the run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventContext {
+    /// The header of every event of the run.
+    pub header: EventHeader,
+    /// The W3C trace id (32 hex digits) of every event of the run, if any.
+    pub trace_id: Option<String>,
+}
+
+impl EventContext {
+    /// From the launcher's environment: `PINAZU_USER_ID`, `PINAZU_THREAD_ID`,
+    /// `PINAZU_CONNECTION_ID` (UUIDs; unset or empty = nil / null) and the trace id of a
+    /// W3C `TRACEPARENT` (an invalid one is ignored with a warning, as the W3C
+    /// recommendation says).
+    pub fn from_env() -> Result<Self, crate::error::ConfigError> {
+        let var = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        let uuid =
+            |name: &str| -> Result<Option<Uuid>, crate::error::ConfigError> {
+                match var(name) {
+                    None => Ok(None),
+                    Some(v) => Uuid::parse_str(&v).map(Some).map_err(|e| {
+                        crate::error::ConfigError::Invalid {
+                            name: name.to_string(),
+                            value: v,
+                            reason: format!("expected a UUID: {e}"),
+                        }
+                    }),
+                }
+            };
+        let trace_id = var("TRACEPARENT").and_then(|tp| {
+            let id = trace_id_of(&tp);
+            if id.is_none() {
+                tracing::warn!(traceparent = %tp, "TRACEPARENT is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>); ignored");
+            }
+            id
+        });
+        Ok(EventContext {
+            header: EventHeader {
+                user_id: uuid("PINAZU_USER_ID")?.unwrap_or_else(Uuid::nil),
+                thread_id: uuid("PINAZU_THREAD_ID")?,
+                connection_id: uuid("PINAZU_CONNECTION_ID")?,
+            },
+            trace_id,
+        })
+    }
+}
+
+/// The trace id of a W3C `traceparent` (`00-<trace id>-<parent id>-<flags>`), if valid.
+pub fn trace_id_of(traceparent: &str) -> Option<String> {
+    let parts: Vec<&str> = traceparent.trim().split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
+    match parts.as_slice() {
+        [version, trace, parent, flags, ..]
+            if hex(version, 2)
+                && *version != "ff"
+                && (parts.len() == 4 || *version != "00")
+                && hex(trace, 32)
+                && nonzero(trace)
+                && hex(parent, 16)
+                && nonzero(parent)
+                && hex(flags, 2) =>
+        {
+            Some(trace.to_string())
+        }
+        _ => None,
+    }
+}
+
 /// Event metadata.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventMetadata {
@@ -152,11 +231,21 @@ impl<M> Event<M> {
     /// own time: formatting one timestamp per event instead of two is measurable at
     /// tens of thousands of events per second).
     pub fn at(header: EventHeader, message: M, timestamp: String) -> Self {
+        Self::traced(header, None, message, timestamp)
+    }
+
+    /// Like [`Event::at`], with the trace id of the run's trace.
+    pub fn traced(
+        header: EventHeader,
+        trace_id: Option<String>,
+        message: M,
+        timestamp: String,
+    ) -> Self {
         Event {
             header,
             message,
             metadata: EventMetadata {
-                trace_id: None,
+                trace_id,
                 timestamp,
             },
         }
@@ -166,6 +255,26 @@ impl<M> Event<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trace_ids_come_from_valid_traceparents_only() {
+        let id = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(
+            trace_id_of(&format!("00-{id}-00f067aa0ba902b7-01")).as_deref(),
+            Some(id)
+        );
+        for bad in [
+            "",
+            "garbage",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            assert_eq!(trace_id_of(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn timestamps_are_utc_micros_with_z() {

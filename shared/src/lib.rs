@@ -14,6 +14,7 @@ pub mod options;
 pub mod registry;
 pub mod store;
 pub mod subjects;
+pub mod task_context;
 pub mod transport;
 pub mod wire;
 

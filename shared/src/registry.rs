@@ -22,6 +22,10 @@ pub struct Source {
     pub file: &'static str,
     /// `line!()`.
     pub line: u32,
+    /// The package that defines it (`CARGO_PKG_NAME`): the app's name.
+    pub package: &'static str,
+    /// That package's version (`CARGO_PKG_VERSION`): the app's version.
+    pub version: &'static str,
 }
 
 impl fmt::Display for Source {
@@ -34,8 +38,52 @@ impl fmt::Display for Source {
 pub type TaskInvoke = fn(Bytes) -> BoxFuture<'static, Result<Bytes, ErrorInfo>>;
 
 /// Starts a flow body from named JSON parameters.
-pub type FlowInvoke =
-    fn(Map<String, Value>) -> Result<BoxFuture<'static, Result<Value, ErrorInfo>>, ParamError>;
+pub type FlowInvoke = fn(Map<String, Value>) -> Result<FlowStart, ParamError>;
+
+/// A flow body ready to run, and the parameters it runs with.
+pub struct FlowStart {
+    /// Every parameter as the flow took it (typed, then encoded as JSON again; defaults
+    /// filled in): two starts with the same `params` are the same run.
+    pub params: Map<String, Value>,
+    /// The body.
+    pub body: BoxFuture<'static, Result<Value, ErrorInfo>>,
+}
+
+impl std::fmt::Debug for FlowStart {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FlowStart")
+            .field("params", &self.params)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One parameter of a flow, for `--help` and `--list`.
+#[derive(Clone, Copy, Debug)]
+pub struct ParamDef {
+    /// Its name (`--name=VALUE`).
+    pub name: &'static str,
+    /// Its Rust type, as written.
+    pub ty: &'static str,
+    /// Its default, as written (`#[default(..)]`), if any.
+    pub default: Option<&'static str>,
+}
+
+impl ParamDef {
+    /// `--name=TYPE` (with ` [default: ..]` or ` [optional]`), for usage texts.
+    pub fn usage(&self) -> String {
+        let extra = match self.default {
+            Some(d) => format!(" [default: {d}]"),
+            None if self.ty.starts_with("Option") => " [optional]".to_string(),
+            None => String::new(),
+        };
+        // `--slow-ms` and `--slow_ms` both work; the dashed one is how flags look
+        format!(
+            "--{}=<{}>{extra}",
+            self.name.replace('_', "-"),
+            self.ty.replace(' ', "")
+        )
+    }
+}
 
 /// A task, as `#[task]` defines it.
 #[derive(Debug)]
@@ -57,8 +105,10 @@ pub struct TaskDef {
 pub struct FlowDef {
     /// Unique flow name (the function name unless `name = "..."`).
     pub name: &'static str,
-    /// Parameter names, in order.
-    pub params: &'static [&'static str],
+    /// Parameters, in order.
+    pub params: &'static [ParamDef],
+    /// The first line of its doc comment.
+    pub doc: &'static str,
     /// Starts the flow body.
     pub invoke: FlowInvoke,
     /// Where it was defined.
@@ -155,6 +205,28 @@ impl Registry {
         v
     }
 
+    /// Every label (`k=v`) some task requires, sorted: what in-process agents advertise
+    /// unless told otherwise, so every task can run embedded.
+    pub fn required_labels(&self) -> Vec<(String, String)> {
+        let mut labels: Vec<(String, String)> = self
+            .tasks
+            .values()
+            .flat_map(|t| t.options.labels.iter())
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        labels.sort();
+        labels.dedup();
+        labels
+    }
+
+    /// The app these definitions belong to: the package (name and version) that defines
+    /// its flows (the first by flow name), if any.
+    pub fn app(&self) -> Option<(&'static str, &'static str)> {
+        let first = self.flow_names().into_iter().next()?;
+        let f = self.flows.get(first)?;
+        Some((f.source.package, f.source.version))
+    }
+
     /// Flow names, sorted.
     pub fn flow_names(&self) -> Vec<&'static str> {
         let mut v: Vec<_> = self.flows.keys().copied().collect();
@@ -181,13 +253,51 @@ pub fn encode_result<T: Serialize, E: fmt::Display + fmt::Debug>(
     result: Result<T, E>,
 ) -> Result<Bytes, ErrorInfo> {
     match result {
-        Ok(v) => rmp_serde::to_vec_named(&v).map(Bytes::from).map_err(|e| {
+        Ok(v) => encode_ok(task, &v),
+        Err(e) => Err(ErrorInfo::from_user_error(FailureKind::Error, &e)),
+    }
+}
+
+/// Encodes a task's successful result as MessagePack.
+pub fn encode_ok<T: Serialize>(task: &str, value: &T) -> Result<Bytes, ErrorInfo> {
+    rmp_serde::to_vec_named(value)
+        .map(Bytes::from)
+        .map_err(|e| {
             ErrorInfo::new(
                 FailureKind::BadResult,
                 format!("task `{task}`: result could not be encoded: {e}"),
             )
-        }),
-        Err(e) => Err(ErrorInfo::from_user_error(FailureKind::Error, &e)),
+        })
+}
+
+/// A task's error value, on its way to an [`ErrorInfo`]: `(&&ErrorValue(&e)).payload()`
+/// keeps the value when its type is serde-serialisable ([`KeepSerializable`]) and
+/// nothing otherwise ([`KeepNothing`]); method resolution picks the first that applies
+/// (the generated code names the concrete error type, so this needs no specialisation).
+pub struct ErrorValue<'a, E>(pub &'a E);
+
+/// Keeps a serialisable error value: its type name and MessagePack encoding.
+pub trait KeepSerializable {
+    /// The type name and the encoded value.
+    fn payload(&self) -> Option<(&'static str, Bytes)>;
+}
+
+impl<E: Serialize> KeepSerializable for &ErrorValue<'_, E> {
+    fn payload(&self) -> Option<(&'static str, Bytes)> {
+        let bytes = rmp_serde::to_vec_named(self.0).ok()?;
+        Some((std::any::type_name::<E>(), Bytes::from(bytes)))
+    }
+}
+
+/// Keeps nothing of an error value whose type is not serialisable.
+pub trait KeepNothing {
+    /// Always `None`.
+    fn payload(&self) -> Option<(&'static str, Bytes)>;
+}
+
+impl<E> KeepNothing for ErrorValue<'_, E> {
+    fn payload(&self) -> Option<(&'static str, Bytes)> {
+        None
     }
 }
 
@@ -210,38 +320,50 @@ pub fn encode_flow_result<T: Serialize, E: fmt::Display + fmt::Debug>(
 /// Named flow parameters being taken apart by the generated code.
 pub struct Params {
     flow: &'static str,
-    known: &'static [&'static str],
+    known: &'static [ParamDef],
     map: Map<String, Value>,
+    /// Every parameter taken, as the flow took it.
+    taken: Map<String, Value>,
 }
 
 impl Params {
     /// Checks that every given parameter is one of the flow's.
     pub fn new(
         flow: &'static str,
-        known: &'static [&'static str],
+        known: &'static [ParamDef],
         map: Map<String, Value>,
     ) -> Result<Params, ParamError> {
-        if let Some(unknown) = map.keys().find(|k| !known.contains(&k.as_str())) {
+        if let Some(unknown) = map.keys().find(|k| !known.iter().any(|p| p.name == *k)) {
             return Err(ParamError::Unknown {
                 flow: flow.to_string(),
                 param: unknown.clone(),
                 known: Self::list(known),
             });
         }
-        Ok(Params { flow, known, map })
+        Ok(Params {
+            flow,
+            known,
+            map,
+            taken: Map::new(),
+        })
     }
 
-    fn list(known: &[&str]) -> String {
+    fn list(known: &[ParamDef]) -> String {
         if known.is_empty() {
             "(none)".to_string()
         } else {
-            known.join(", ")
+            let names: Vec<String> = known.iter().map(ParamDef::usage).collect();
+            names.join(", ")
         }
     }
 
     /// Takes one parameter: given -> decoded; absent -> `default`, else `null` (so an
     /// `Option` parameter is `None`), else a missing-parameter error.
-    pub fn take<T: DeserializeOwned>(
+    ///
+    /// A string value is read as a person typed it on a command line: as JSON when that
+    /// gives the parameter's type (`--n=20000`, `--tags='["a"]'`), else as the string
+    /// itself (`--collection=42` for a `String` parameter is `"42"`).
+    pub fn take<T: DeserializeOwned + Serialize>(
         &mut self,
         name: &str,
         default: Option<fn() -> T>,
@@ -251,17 +373,38 @@ impl Params {
             param: name.to_string(),
             reason,
         };
-        match self.map.remove(name) {
-            Some(v) => serde_json::from_value(v).map_err(|e| invalid(e.to_string())),
+        let value: T = match self.map.remove(name) {
+            Some(Value::String(raw)) => match serde_json::from_str::<T>(&raw) {
+                Ok(v) => v,
+                Err(json_err) => {
+                    let looks_like_json = raw.trim_start().starts_with(['[', '{']);
+                    T::deserialize(Value::String(raw)).map_err(|e| {
+                        invalid(if looks_like_json {
+                            json_err.to_string()
+                        } else {
+                            e.to_string()
+                        })
+                    })?
+                }
+            },
+            Some(v) => serde_json::from_value(v).map_err(|e| invalid(e.to_string()))?,
             None => match default {
-                Some(d) => Ok(d()),
+                Some(d) => d(),
                 None => serde_json::from_value(Value::Null).map_err(|_| ParamError::Missing {
                     flow: self.flow.to_string(),
                     param: name.to_string(),
                     known: Self::list(self.known),
-                }),
+                })?,
             },
-        }
+        };
+        self.taken
+            .insert(name.to_string(), param_value(self.flow, name, &value)?);
+        Ok(value)
+    }
+
+    /// The parameters as the flow took them (see [`FlowStart::params`]).
+    pub fn taken(self) -> Map<String, Value> {
+        self.taken
     }
 }
 

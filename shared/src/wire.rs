@@ -150,3 +150,8 @@ pub fn payload_key(run: FlowRunId, call: CallId, attempt: AttemptId, what: &str)
 pub fn payload_prefix(run: FlowRunId) -> String {
     format!("payloads/{run}")
 }
+
+/// Object-store key of a run's result too large to keep in its journal.
+pub fn result_key(run: FlowRunId) -> String {
+    format!("results/{run}.json")
+}

@@ -384,3 +384,94 @@ impl Drop for S3Server {
         self.kill();
     }
 }
+
+/// An independent NATS client recording every Pinazu Core status event
+/// (`v1.svc.worker.>`), as Pinazu Core would see them, on a thread of its own.
+pub struct EventRecorder {
+    events: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl EventRecorder {
+    /// Subscribed (and flushed) before it returns, so nothing published after is missed.
+    pub fn start(url: &str) -> Self {
+        use futures_util::StreamExt;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = events.clone();
+        let url = url.to_string();
+        runtime.block_on(async move {
+            let client = async_nats::connect(&url)
+                .await
+                .expect("the recorder connects");
+            let mut sub = client
+                .subscribe("v1.svc.worker.>")
+                .await
+                .expect("the recorder subscribes");
+            client.flush().await.expect("flush");
+            tokio::spawn(async move {
+                let _client = client;
+                while let Some(msg) = sub.next().await {
+                    let mut v: serde_json::Value = serde_json::from_slice(&msg.payload)
+                        .unwrap_or_else(|e| {
+                            panic!(
+                                "a status event is not JSON ({e}): {}",
+                                String::from_utf8_lossy(&msg.payload)
+                            )
+                        });
+                    v["subject"] = serde_json::Value::String(msg.subject.to_string());
+                    sink.lock().unwrap().push(v);
+                }
+            });
+        });
+        EventRecorder {
+            events,
+            _runtime: runtime,
+        }
+    }
+
+    /// Every event of one run so far (each with its `subject` added).
+    pub fn of_run(&self, run: &str) -> Vec<serde_json::Value> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["message"]["flow_run_id"] == run)
+            .cloned()
+            .collect()
+    }
+
+    /// The run's flow events' statuses, in order.
+    pub fn flow_statuses(&self, run: &str) -> Vec<String> {
+        self.of_run(run)
+            .iter()
+            .filter(|e| e["subject"] == "v1.svc.worker.flow.status")
+            .map(|e| e["message"]["status"].as_str().unwrap_or("").to_string())
+            .collect()
+    }
+
+    /// The run's task events.
+    pub fn task_events(&self, run: &str) -> Vec<serde_json::Value> {
+        self.of_run(run)
+            .into_iter()
+            .filter(|e| e["subject"] == "v1.svc.worker.task.status")
+            .collect()
+    }
+
+    /// Waits until the run has a flow event with `status`; returns that event.
+    pub fn wait_flow(&self, run: &str, status: &str, timeout: Duration) -> serde_json::Value {
+        wait_until(
+            timeout,
+            &format!("a flow {status} event of run {run}"),
+            || {
+                self.of_run(run).into_iter().find(|e| {
+                    e["subject"] == "v1.svc.worker.flow.status" && e["message"]["status"] == status
+                })
+            },
+        )
+    }
+}
