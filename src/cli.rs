@@ -257,22 +257,30 @@ pub fn split_args(args: impl IntoIterator<Item = String>) -> (Vec<String>, Vec<(
     (clap_args, params)
 }
 
-/// A `--key=value` value, kept as the text typed: the flow reads it as its parameter's
-/// type (JSON where that fits, `--n=20000`, `--tags='["a"]'`; else the text itself, so
-/// `--collection=42` for a `String` parameter is `"42"`).
+/// A `--key=value` value, kept as the text typed: [`merge_params`] reads it as the
+/// parameter's type.
 pub fn parse_param_value(raw: &str) -> Value {
     Value::String(raw.to_string())
 }
 
-/// `--input` (a JSON object) merged with `--key=value` pairs, which win.
+/// `--input` (a JSON object, taken as JSON) merged with `--key=value` pairs, which win
+/// and are read as a person typed them: as JSON when that gives the parameter's type
+/// (`--n=20000`, `--tags='["a"]'`), else as the text itself (`--collection=42` for a
+/// `String` parameter is `"42"`). A name the flow does not have is left for the flow to
+/// report.
 pub fn merge_params(
+    flow: &pinazu_shared::registry::FlowDef,
     input: Option<&str>,
     pairs: Vec<(String, Value)>,
 ) -> Result<Map<String, Value>, ParamError> {
     let mut map = match input {
         None => Map::new(),
         Some(text) => match serde_json::from_str::<Value>(text) {
-            Ok(Value::Object(m)) => m,
+            // `work-ms` as `--work-ms` spells it, or `work_ms`
+            Ok(Value::Object(m)) => m
+                .into_iter()
+                .map(|(k, v)| (k.replace('-', "_"), v))
+                .collect(),
             Ok(other) => {
                 return Err(ParamError::BadInput {
                     reason: format!("got {other}"),
@@ -285,7 +293,16 @@ pub fn merge_params(
             }
         },
     };
-    map.extend(pairs);
+    for (name, value) in pairs {
+        let value = match &value {
+            Value::String(raw) => match (flow.parse_text)(&name, raw) {
+                Some(typed) => typed?,
+                None => value,
+            },
+            _ => value,
+        };
+        map.insert(name, value);
+    }
     Ok(map)
 }
 
@@ -316,6 +333,21 @@ pub fn final_line(outcome: &FlowRunOutcome) -> String {
     serde_json::to_string(&line).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
+/// Writes one line to stdout; a closed stdout (the reader went away) ends the program.
+pub(crate) fn write_out(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(args)
+        .and_then(|_| stdout.write_all(b"\n"))
+        .and_then(|_| stdout.flush());
+    if let Err(e) = written {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+    }
+}
+
 pub(crate) fn usage_error(msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {msg}");
     ExitCode::from(2)
@@ -325,6 +357,11 @@ pub(crate) fn usage_error(msg: impl std::fmt::Display) -> ExitCode {
 /// whoever reads stdout learns why; the exit code is 2.
 pub(crate) fn rejected(flow_run_id: FlowRunId, flow: &str, e: impl std::fmt::Display) -> ExitCode {
     eprintln!("error: {e}");
+    failed_line(flow_run_id, flow, e)
+}
+
+/// The final line (status FAILED) of a run that could not start; exit 2.
+fn failed_line(flow_run_id: FlowRunId, flow: &str, e: impl std::fmt::Display) -> ExitCode {
     let outcome = FlowRunOutcome {
         flow_run_id,
         flow: flow.to_string(),
@@ -334,7 +371,7 @@ pub(crate) fn rejected(flow_run_id: FlowRunId, flow: &str, e: impl std::fmt::Dis
         traceback: None,
         stats: Default::default(),
     };
-    println!("{}", final_line(&outcome));
+    out!("{}", final_line(&outcome));
     ExitCode::from(2)
 }
 
@@ -345,6 +382,12 @@ pub(crate) struct Rejecter {
     pub(crate) flow: String,
     pub(crate) events: EventContext,
     pub(crate) sink: Option<Arc<dyn EventSink>>,
+    /// The id names a run already (the journal knows it): nothing is published under it.
+    pub(crate) known: bool,
+    /// `run`: the coordinator publishes the event (it knows whether the id is taken).
+    pub(crate) coordinator: Option<(async_nats::Client, Subjects)>,
+    /// The error was printed already (with its usage, by clap).
+    pub(crate) printed: bool,
 }
 
 impl Rejecter {
@@ -354,16 +397,37 @@ impl Rejecter {
             flow: flow.unwrap_or_default().to_string(),
             events: EventContext::default(),
             sink: None,
+            known: false,
+            coordinator: None,
+            printed: false,
         }
     }
 
     /// `publish`: false when the event was published already (the coordinator does so
     /// for the failures it finds), or when the run id names another run.
     pub(crate) async fn reject(&self, e: impl std::fmt::Display, publish: bool) -> ExitCode {
-        if let (true, Some(sink)) = (publish, &self.sink) {
-            publish_failed(&**sink, &self.events, self.flow_run_id, &e.to_string()).await;
+        let error = e.to_string();
+        if publish && !self.known {
+            let mut done = false;
+            if let Some((client, subjects)) = &self.coordinator {
+                let req = pinazu_shared::api::ApiRequest::Reject {
+                    flow_run_id: self.flow_run_id,
+                    error: error.clone(),
+                    events: Some(self.events.clone()),
+                };
+                done = crate::distributed::ask(client, subjects, "reject", &req)
+                    .await
+                    .is_ok();
+            }
+            if let (false, Some(sink)) = (done, &self.sink) {
+                publish_failed(&**sink, &self.events, self.flow_run_id, &error).await;
+            }
         }
-        rejected(self.flow_run_id, &self.flow, e)
+        if self.printed {
+            failed_line(self.flow_run_id, &self.flow, error)
+        } else {
+            rejected(self.flow_run_id, &self.flow, error)
+        }
     }
 }
 
@@ -429,7 +493,9 @@ pub fn app_command(registry: Option<&Registry>) -> clap::Command {
         .and_then(Registry::app)
         .unwrap_or((env!("CARGO_PKG_NAME"), lib));
     let flows = registry.map(flows_help).unwrap_or_default();
+    let run_help = flows.clone();
     Cli::command()
+        .mut_subcommand("run", |sc| sc.after_help(run_help))
         .name(bin.clone())
         .bin_name(bin.clone())
         .version(version.to_string())
@@ -464,8 +530,8 @@ fn flows_help(registry: &Registry) -> String {
 
 /// `--list`: every flow with its parameters, every task with its options.
 fn list(registry: &Registry) {
-    print!("{}", flows_help(registry));
-    println!("Tasks:");
+    out!("{}", flows_help(registry).trim_end());
+    out!("Tasks:");
     for name in registry.task_names() {
         let Some(t) = registry.task(name) else {
             continue;
@@ -493,9 +559,9 @@ fn list(registry: &Registry) {
             opts.push(format!("labels {}", l.join(",")));
         }
         if opts.is_empty() {
-            println!("  {name}");
+            out!("  {name}");
         } else {
-            println!("  {name} ({})", opts.join("; "));
+            out!("  {name} ({})", opts.join("; "));
         }
     }
 }
@@ -504,9 +570,15 @@ fn list(registry: &Registry) {
 pub fn main() -> ExitCode {
     let (clap_args, params) = split_args(std::env::args());
     let registry = Registry::global();
+    let embedded = !clap_args.iter().skip(1).any(|a| {
+        Cli::command()
+            .get_subcommands()
+            .any(|sc| sc.get_name() == a.as_str())
+    });
     let matches = match app_command(registry.as_ref().ok().copied()).try_get_matches_from(clap_args)
     {
         Ok(m) => m,
+        Err(e) if embedded && e.use_stderr() => return bad_command_line(e),
         Err(e) => e.exit(),
     };
     let cli = match Cli::from_arg_matches(&matches) {
@@ -536,6 +608,66 @@ pub fn main() -> ExitCode {
         Some(cmd) => rt.block_on(crate::distributed::run_command(&cli, cmd, registry, params)),
     };
     // do not wait for stray tasks (e.g. a NATS reconnect loop) at exit
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    code
+}
+
+/// A command line clap refuses, for an embedded run: the error, and (the run id being
+/// known from `FLOW_RUN_ID`) the final line and, with `NATS_URL` set, the run's FAILED
+/// event; exit 2.
+fn bad_command_line(e: clap::Error) -> ExitCode {
+    let _ = e.print();
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+    let Some(Ok(flow_run_id)) = env("FLOW_RUN_ID").map(|v| FlowRunId::parse(&v, "FLOW_RUN_ID"))
+    else {
+        return ExitCode::from(2);
+    };
+    let message = e
+        .render()
+        .to_string()
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("bad command line")
+        .trim_start_matches("error: ")
+        .to_string();
+    let mut r = Rejecter::new(flow_run_id, None);
+    r.events = EventContext::from_env().unwrap_or_default();
+    r.printed = true;
+    // an id the journal knows names a run: nothing is published under it
+    let journal_dir = env("PINAZU_JOURNAL_DIR").unwrap_or_else(|| ".pinazu/journal".into());
+    r.known = std::path::Path::new(&journal_dir)
+        .join(format!("{flow_run_id}.journal"))
+        .exists();
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return rejected(flow_run_id, "", message);
+    };
+    let code = rt.block_on(async {
+        if let Some(url) = env("NATS_URL") {
+            let config = NatsConfig {
+                urls: url,
+                user: env("NATS_USER"),
+                password: env("NATS_PASSWORD"),
+                token: env("NATS_TOKEN"),
+                creds_file: env("NATS_CREDS").map(PathBuf::from),
+                tls_ca: env("NATS_TLS_CA").map(PathBuf::from),
+                tls_cert: env("NATS_TLS_CERT").map(PathBuf::from),
+                tls_key: env("NATS_TLS_KEY").map(PathBuf::from),
+                tls_required: false,
+                name: "pinazu-embedded".into(),
+            };
+            if let Ok(Ok(client)) =
+                tokio::time::timeout(std::time::Duration::from_secs(5), config.connect()).await
+            {
+                r.sink = Some(Arc::new(pinazu_coordinator::nats::NatsEventSink::new(
+                    pinazu_shared::nats::Publisher::start(client),
+                )));
+            }
+        }
+        r.reject(message, true).await
+    });
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
     code
 }
@@ -651,12 +783,27 @@ async fn run_embedded(
         Ok(events) => r.events = events,
         Err(e) => return r.reject(e, true).await,
     }
+    // the journal first: an id it knows names a run, and nothing is published under it
+    let journal = match try_open_journal(cli) {
+        Ok(j) => j,
+        Err(e) => return r.reject(e, true).await,
+    };
+    if let Some(j) = &journal {
+        r.known = matches!(j.latest(flow_run_id).await, Ok(Some(_)));
+    }
     let flow = match pick_flow(registry, cli.run.flow.as_deref()) {
         Ok(f) => f,
         Err(e) => return r.reject(format!("{e} with --flow NAME"), true).await,
     };
     r.flow = flow.clone();
-    let params = match merge_params(cli.run.input.as_deref(), params) {
+    let Some(def) = registry.flow(&flow) else {
+        let e = format!(
+            "flow `{flow}` is not defined in this program; flows: {}",
+            registry.flow_names().join(", ")
+        );
+        return r.reject(e, true).await;
+    };
+    let params = match merge_params(def, cli.run.input.as_deref(), params) {
         Ok(p) => p,
         Err(e) => return r.reject(e, true).await,
     };
@@ -690,10 +837,7 @@ async fn run_embedded(
         Ok(store) => config.store = Some(store),
         Err(e) => return r.reject(e, true).await,
     }
-    match try_open_journal(cli) {
-        Ok(j) => config.journal = j,
-        Err(e) => return r.reject(e, true).await,
-    }
+    config.journal = journal;
     if let Some(sink) = &r.sink {
         config.events = sink.clone();
     }
@@ -722,7 +866,23 @@ async fn run_embedded(
         }
     };
     let bar = crate::progress::show(handle.stats.clone(), !cli.run.no_progress);
+    // SIGTERM / SIGINT (e.g. the launcher stops the run): cancel it, so its open calls
+    // end FAILED "cancelled" and the run FAILED, events delivered; a second signal
+    // exits at once
+    let coordinator = runtime.coordinator().clone();
+    let stopper = tokio::spawn(async move {
+        crate::distributed::shutdown_signal().await;
+        tracing::warn!(flow_run_id = %flow_run_id, "stop signal: cancelling the run (a second signal exits at once)");
+        let _ = coordinator.cancel(
+            flow_run_id,
+            "the process was asked to stop (SIGTERM/SIGINT)",
+        );
+        crate::distributed::shutdown_signal().await;
+        eprintln!("second stop signal: exiting now");
+        std::process::exit(130);
+    });
     let outcome = handle.wait().await;
+    stopper.abort();
     drop(bar);
     runtime.shutdown().await;
     print_summary(&outcome);
@@ -740,11 +900,13 @@ pub(crate) fn exit_code(status: FlowStatus) -> ExitCode {
 pub(crate) fn print_summary(outcome: &FlowRunOutcome) {
     let s = &outcome.stats;
     let secs = (s.wall_ms as f64 / 1000.0).max(1e-3);
-    println!(
+    out!(
         "flow {} run {}: {}",
-        outcome.flow, outcome.flow_run_id, outcome.status
+        outcome.flow,
+        outcome.flow_run_id,
+        outcome.status
     );
-    println!(
+    out!(
         "  tasks {}  executions {}  cache hits {}  retries {}  wall {:.3} s  {:.0} tasks/s",
         s.tasks,
         s.executions,
@@ -754,9 +916,9 @@ pub(crate) fn print_summary(outcome: &FlowRunOutcome) {
         s.tasks as f64 / secs
     );
     if let Some(e) = &outcome.error {
-        println!("  error: {e}");
+        out!("  error: {e}");
     }
-    println!("{}", final_line(outcome));
+    out!("{}", final_line(outcome));
 }
 
 #[cfg(test)]
@@ -822,9 +984,51 @@ mod tests {
 
     #[test]
     fn input_is_merged_and_pairs_win() {
-        let m = merge_params(Some(r#"{"n": 1, "m": 2}"#), vec![("n".into(), json!(5))]).unwrap();
-        assert_eq!(Value::Object(m), json!({"n": 5, "m": 2}));
-        assert!(merge_params(Some("[1]"), vec![]).is_err());
-        assert!(merge_params(Some("{"), vec![]).is_err());
+        use pinazu_shared::registry::{FlowDef, FlowStart, ParamDef, Source};
+        fn invoke(_: Map<String, Value>) -> Result<FlowStart, ParamError> {
+            unreachable!()
+        }
+        fn text(name: &str, raw: &str) -> Option<Result<Value, ParamError>> {
+            match name {
+                "n" => Some(pinazu_shared::registry::param_from_text::<u64>(
+                    "f", "n", raw,
+                )),
+                "s" => Some(pinazu_shared::registry::param_from_text::<String>(
+                    "f", "s", raw,
+                )),
+                _ => None,
+            }
+        }
+        fn same(a: &Map<String, Value>, b: &Map<String, Value>) -> bool {
+            a == b
+        }
+        static DEF: FlowDef = FlowDef {
+            name: "f",
+            params: &[] as &[ParamDef],
+            doc: "",
+            invoke,
+            parse_text: text,
+            same_params: same,
+            source: Source {
+                module: "",
+                file: "",
+                line: 0,
+                package: "",
+                version: "",
+            },
+        };
+        let m = merge_params(
+            &DEF,
+            Some(r#"{"n": 1, "m": 2, "s": "\"x\""}"#),
+            vec![("n".into(), json!("5"))],
+        )
+        .unwrap();
+        // JSON from --input stays as it is; text is read as the parameter's type
+        assert_eq!(Value::Object(m), json!({"n": 5, "m": 2, "s": "\"x\""}));
+        let m = merge_params(&DEF, None, vec![("s".into(), json!("42"))]).unwrap();
+        assert_eq!(Value::Object(m), json!({"s": "42"}));
+        assert!(merge_params(&DEF, None, vec![("n".into(), json!("x"))]).is_err());
+        assert!(merge_params(&DEF, Some("[1]"), vec![]).is_err());
+        assert!(merge_params(&DEF, Some("{"), vec![]).is_err());
     }
 }

@@ -213,11 +213,11 @@ async fn cache(cli: &Cli, a: &CacheArgs) -> ExitCode {
             }
         }
     }
-    println!("removed {removed} cache entries from {}", store.describe());
+    out!("removed {removed} cache entries from {}", store.describe());
     ExitCode::SUCCESS
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -427,6 +427,18 @@ async fn agent(cli: &Cli, a: &AgentArgs, url: &str, registry: &'static Registry)
     }
 }
 
+/// Sends one API request to a coordinator that must be there now (a few seconds at most).
+pub(crate) async fn ask(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    verb: &str,
+    req: &ApiRequest,
+) -> Result<ApiReply, String> {
+    tokio::time::timeout(Duration::from_secs(5), request(client, subjects, verb, req))
+        .await
+        .map_err(|_| "the coordinator did not answer within 5 s".to_string())?
+}
+
 /// Sends one API request and decodes the reply.
 async fn request(
     client: &async_nats::Client,
@@ -477,16 +489,6 @@ async fn request_waiting(
     decode_envelope(&msg.payload).map_err(|e| format!("bad reply from the coordinator: {e}"))
 }
 
-/// The run id an idempotency key names when no run id is given: a UUID (version 3,
-/// MD5-based) of the key, so the same key is the same run id for every coordinator,
-/// before and after restarts.
-fn run_id_of_key(key: &str) -> FlowRunId {
-    let mut bytes = md5::compute(format!("pinazu-flows idempotency key\0{key}")).0;
-    bytes[6] = (bytes[6] & 0x0f) | 0x30; // version 3
-    bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 4122 variant
-    FlowRunId(uuid::Uuid::from_bytes(bytes))
-}
-
 async fn submit(
     cli: &Cli,
     a: &SubmitArgs,
@@ -495,7 +497,7 @@ async fn submit(
     params: Vec<(String, Value)>,
 ) -> ExitCode {
     let flow_run_id = match (a.run.flow_run_id.as_deref(), a.idempotency_key.as_deref()) {
-        (None, Some(key)) => run_id_of_key(key),
+        (None, Some(key)) => FlowRunId::of_key(key),
         (raw, _) => match run_id(raw) {
             Ok(id) => id,
             Err(e) => return usage_error(e),
@@ -510,6 +512,9 @@ async fn submit(
     r.sink = Some(Arc::new(NatsEventSink::new(Publisher::start(
         client.clone(),
     ))));
+    let subjects = nats_subjects(cli);
+    // the coordinator publishes a refused run's event: it knows whether the id is taken
+    r.coordinator = Some((client.clone(), subjects.clone()));
     match EventContext::from_env() {
         Ok(events) => r.events = events,
         Err(e) => return r.reject(e, true).await,
@@ -519,14 +524,20 @@ async fn submit(
         Err(e) => return r.reject(format!("{e}: `run FLOW`"), true).await,
     };
     r.flow = flow.clone();
-    let params = match merge_params(a.run.input.as_deref(), params) {
+    let Some(def) = registry.flow(&flow) else {
+        let e = format!(
+            "flow `{flow}` is not defined in this program; flows: {}",
+            registry.flow_names().join(", ")
+        );
+        return r.reject(e, true).await;
+    };
+    let params = match merge_params(def, a.run.input.as_deref(), params) {
         Ok(p) => p,
         Err(e) => return r.reject(e, true).await,
     };
     if let Err(e) = env_flag("ENABLE_S3_CACHING") {
         return r.reject(e, true).await;
     }
-    let subjects = nats_subjects(cli);
     // subscribe before starting, so the end cannot slip by
     let (mut done, mut progress) = match (
         client.subscribe(subjects.run_done(flow_run_id)).await,
@@ -564,7 +575,7 @@ async fn submit(
     };
     let id = started.flow_run_id;
     if a.detach {
-        println!("{id}");
+        out!("{id}");
         return ExitCode::SUCCESS;
     }
     let tty = std::io::stderr().is_terminal() && !a.run.no_progress;
@@ -623,6 +634,14 @@ async fn submit(
                 match request(&client, &subjects, "status", &ApiRequest::Status { flow_run_id: id }).await {
                     Ok(ApiReply::Run(info)) if info.status.is_final() => break info,
                     Ok(ApiReply::Run(info)) => show(&info, &mut last_line),
+                    Ok(ApiReply::Unknown(_)) => {
+                        // a coordinator that died before the run was journaled forgot it:
+                        // submit it again (the same run id names the same run)
+                        tracing::warn!(flow_run_id = %id, "the coordinator does not know this run (it restarted before journaling it); submitting it again");
+                        if let Err(e) = request(&client, &subjects, "start", &req).await {
+                            tracing::warn!(error = %e, "could not submit the run again; still waiting");
+                        }
+                    }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "cannot reach the coordinator; still waiting"),
                 }
@@ -632,18 +651,27 @@ async fn submit(
     if let Some(b) = bar {
         b.finish_and_clear();
     }
+    if let Some(note) = &finished.note {
+        eprintln!("warning: {note}");
+    }
     let outcome = FlowRunOutcome::from_info(&finished);
     print_summary(&outcome);
     exit_code(outcome.status)
 }
 
 fn print_run_table(runs: &[RunInfo]) {
-    println!(
+    out!(
         "{:<36}  {:<20}  {:<8}  {:>13}  {:>10}  {:>7}  {:>9}",
-        "RUN", "FLOW", "STATUS", "DONE/TASKS", "EXECUTIONS", "RETRIES", "WALL"
+        "RUN",
+        "FLOW",
+        "STATUS",
+        "DONE/TASKS",
+        "EXECUTIONS",
+        "RETRIES",
+        "WALL"
     );
     for r in runs {
-        println!(
+        out!(
             "{:<36}  {:<20}  {:<8}  {:>13}  {:>10}  {:>7}  {:>8.1}s",
             r.flow_run_id,
             r.flow,
@@ -654,25 +682,30 @@ fn print_run_table(runs: &[RunInfo]) {
             r.wall_ms as f64 / 1000.0
         );
         if r.cancelled > 0 {
-            println!("    cancelled: {} calls had not ended", r.cancelled);
+            out!("    cancelled: {} calls had not ended", r.cancelled);
         }
         if let Some(e) = &r.error {
-            println!("    error: {e}");
+            out!("    error: {e}");
         }
         if let Some(n) = &r.note {
-            println!("    note: {n}");
+            out!("    note: {n}");
         }
     }
 }
 
 fn print_agent_table(agents: &[AgentSummary]) {
-    println!(
+    out!(
         "{:<28}  {:>5}  {:>7}  {:>8}  {:>9}  {:<20}  TASKS",
-        "AGENT", "SLOTS", "RUNNING", "DRAINING", "SEEN(ms)", "LABELS"
+        "AGENT",
+        "SLOTS",
+        "RUNNING",
+        "DRAINING",
+        "SEEN(ms)",
+        "LABELS"
     );
     for a in agents {
         let labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!(
+        out!(
             "{:<28}  {:>5}  {:>7}  {:>8}  {:>9}  {:<20}  {}",
             a.agent_id.to_string(),
             a.slots,
@@ -707,13 +740,13 @@ async fn one_run(cli: &Cli, a: &RunIdArgs, url: &str, cancel: bool) -> ExitCode 
     match request(&client, &subjects, verb, &req).await {
         Ok(ApiReply::Run(info)) => {
             if a.json {
-                println!("{}", serde_json::to_string(&info).unwrap_or_default());
+                out!("{}", serde_json::to_string(&info).unwrap_or_default());
             } else {
                 print_run_table(std::slice::from_ref(&info));
             }
             ExitCode::SUCCESS
         }
-        Ok(ApiReply::Error(e)) => usage_error(e),
+        Ok(ApiReply::Error(e)) | Ok(ApiReply::Unknown(e)) => usage_error(e),
         Ok(other) => usage_error(format!("unexpected reply: {other:?}")),
         Err(e) => usage_error(e),
     }
@@ -733,7 +766,7 @@ async fn list(cli: &Cli, a: &ListArgs, url: &str, runs: bool) -> ExitCode {
     match request(&client, &subjects, verb, &req).await {
         Ok(ApiReply::Runs(v)) => {
             if a.json {
-                println!("{}", serde_json::to_string(&v).unwrap_or_default());
+                out!("{}", serde_json::to_string(&v).unwrap_or_default());
             } else {
                 print_run_table(&v);
             }
@@ -741,7 +774,7 @@ async fn list(cli: &Cli, a: &ListArgs, url: &str, runs: bool) -> ExitCode {
         }
         Ok(ApiReply::Agents(v)) => {
             if a.json {
-                println!("{}", serde_json::to_string(&v).unwrap_or_default());
+                out!("{}", serde_json::to_string(&v).unwrap_or_default());
             } else {
                 print_agent_table(&v);
             }

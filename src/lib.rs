@@ -31,6 +31,14 @@ extern crate self as pinazu_flows;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `println!` for the CLI's output: a reader that went away (`app runs | head`) ends
+/// the program quietly instead of a panic.
+macro_rules! out {
+    ($($t:tt)*) => {
+        $crate::cli::write_out(format_args!($($t)*))
+    };
+}
+
 pub mod cli;
 mod distributed;
 pub mod logging;
@@ -74,9 +82,9 @@ pub mod __private {
     pub use pinazu_shared::error::{ErrorInfo, FailureKind, ParamError};
     pub use pinazu_shared::options::{CachePolicy, RetryPolicy, TaskOptions};
     pub use pinazu_shared::registry::{
-        decode_args, encode_flow_result, encode_ok, encode_result, param_value, ErrorValue,
-        FlowDef, FlowEntry, FlowStart, KeepNothing, KeepSerializable, ParamDef, Params, Source,
-        TaskDef, TaskEntry,
+        decode_args, encode_flow_result, encode_ok, encode_result, param_from_text, param_value,
+        ErrorValue, FlowDef, FlowEntry, FlowStart, KeepNothing, KeepSerializable, ParamDef, Params,
+        Same, SameByEq, SameByJson, Source, TaskDef, TaskEntry,
     };
     pub use pinazu_shared::BoxFuture;
     pub use serde_json::{Map, Value};

@@ -28,7 +28,12 @@ pub fn init(level: Option<&str>, format: Option<LogFormat>, attempt_lines: bool)
             let level = match level.as_str() {
                 "warning" => "warn".to_string(),
                 "critical" | "fatal" => "error".to_string(),
-                other => other.to_string(),
+                "error" | "warn" | "info" | "debug" | "trace" | "off" => level,
+                // a bare word would be read as a target filter, silencing everything
+                other => {
+                    eprintln!("LOG_LEVEL={other:?} is not a level (error, warn, info, debug, trace, off); using info");
+                    "info".to_string()
+                }
             };
             // the NATS client narrates every (re)connect at info; ours says what matters.
             // ractor opens a tracing span per actor, one actor per attempt: at info those

@@ -53,29 +53,42 @@ impl StoreSpec {
     /// Parses `s3://bucket[/prefix]`, `file:///path` or a plain path.
     pub fn parse(url: &str) -> Result<Self, ConfigError> {
         let url = url.trim();
-        if let Some(rest) = url.strip_prefix("s3://") {
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            if bucket.is_empty() {
-                return Err(ConfigError::Invalid {
-                    name: "PINAZU_STORE".into(),
-                    value: url.into(),
-                    reason: "expected s3://bucket/prefix".into(),
-                });
+        let invalid = |reason: &str| ConfigError::Invalid {
+            name: "--store / PINAZU_STORE".into(),
+            value: url.into(),
+            reason: reason.into(),
+        };
+        // a scheme is `letters:` at the start; a mistyped one must not become a
+        // directory named after it (`S3://b`, `s3:/b`, `ftp://h/p`)
+        let scheme = url
+            .split_once(':')
+            .map(|(s, _)| s)
+            .filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric()));
+        match scheme.map(str::to_ascii_lowercase).as_deref() {
+            Some("s3") => {
+                let Some(rest) = url.get(3..).and_then(|r| r.strip_prefix("//")) else {
+                    return Err(invalid("expected s3://bucket/prefix (two slashes)"));
+                };
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                if bucket.is_empty() {
+                    return Err(invalid("expected s3://bucket/prefix"));
+                }
+                Ok(StoreSpec::S3 {
+                    bucket: bucket.to_string(),
+                    prefix: prefix.trim_matches('/').to_string(),
+                })
             }
-            return Ok(StoreSpec::S3 {
-                bucket: bucket.to_string(),
-                prefix: prefix.trim_matches('/').to_string(),
-            });
+            Some("file") => match url.get(5..).and_then(|r| r.strip_prefix("//")) {
+                Some(path) if !path.is_empty() => Ok(StoreSpec::Local(PathBuf::from(path))),
+                _ => Err(invalid("expected file:///path")),
+            },
+            Some(other) if other.len() > 1 => Err(invalid(&format!(
+                "unknown scheme `{other}:`; expected s3://bucket/prefix, file:///path or a directory"
+            ))),
+            // no scheme (or a drive letter): a directory
+            _ if url.is_empty() => Err(invalid("expected s3://bucket/prefix or a directory")),
+            _ => Ok(StoreSpec::Local(PathBuf::from(url))),
         }
-        let path = url.strip_prefix("file://").unwrap_or(url);
-        if path.is_empty() {
-            return Err(ConfigError::Invalid {
-                name: "PINAZU_STORE".into(),
-                value: url.into(),
-                reason: "expected s3://bucket/prefix or a directory".into(),
-            });
-        }
-        Ok(StoreSpec::Local(PathBuf::from(path)))
     }
 
     /// `--store` if given; else S3 when `ENABLE_S3_CACHING=true` (bucket `CACHE_BUCKET`,
@@ -106,7 +119,22 @@ impl StoreSpec {
     /// Opens the store with explicit S3 settings.
     pub async fn open_with(&self, s3: &S3Settings) -> Result<Arc<dyn ObjectStore>, ConfigError> {
         Ok(match self {
-            StoreSpec::Local(dir) => Arc::new(BreakerStore::new(LocalDirStore::new(dir.clone()))),
+            StoreSpec::Local(dir) => {
+                // a directory that cannot be written is a start-up error, not a run of
+                // warnings
+                let probe = dir.join(".pinazu-write-probe");
+                std::fs::create_dir_all(dir)
+                    .and_then(|_| std::fs::write(&probe, b"ok"))
+                    .and_then(|_| std::fs::remove_file(&probe))
+                    .map_err(|e| ConfigError::Store {
+                        store: self.to_string(),
+                        reason: format!(
+                            "cannot write to {}: {e} (set --cache-dir / PINAZU_CACHE_DIR or --store to a writable directory)",
+                            dir.display()
+                        ),
+                    })?;
+                Arc::new(BreakerStore::new(LocalDirStore::new(dir.clone())))
+            }
             StoreSpec::S3 { bucket, prefix } => match S3Store::connect(bucket, prefix, s3).await? {
                 (store, Reachable::Yes) => Arc::new(BreakerStore::new(store)),
                 // the cache is an optimisation (as in the original library): run without
@@ -237,7 +265,23 @@ impl S3Store {
         }
         let client = aws_sdk_s3::Client::from_conf(conf.build());
         let where_ = endpoint.clone().unwrap_or_else(|| "AWS".into());
-        let reachable = match client.head_bucket().bucket(bucket).send().await {
+        // a server that accepts connections and never answers must not hold the start
+        // for the full operation timeout: the check gives up after a few seconds
+        let check = client
+            .head_bucket()
+            .bucket(bucket)
+            .customize()
+            .config_override(
+                aws_sdk_s3::config::Builder::default()
+                    .timeout_config(
+                        TimeoutConfig::builder()
+                            .operation_timeout(Duration::from_secs(5))
+                            .operation_attempt_timeout(Duration::from_secs(5))
+                            .build(),
+                    )
+                    .retry_config(RetryConfig::standard().with_max_attempts(1)),
+            );
+        let reachable = match check.send().await {
             Ok(_) => {
                 tracing::info!(store = %describe, endpoint = %where_, "S3 store ready");
                 Reachable::Yes
@@ -247,7 +291,9 @@ impl S3Store {
                 let reason = match (status, &e) {
                     (Some(404), _) => format!("bucket `{bucket}` does not exist at {where_} (create it, or set CACHE_BUCKET / --store)"),
                     (Some(403), _) | (Some(401), _) => format!("access to bucket `{bucket}` at {where_} was refused: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
-                    (_, SdkError::DispatchFailure(_)) | (_, SdkError::TimeoutError(_)) => {
+                    (Some(500..=599), _)
+                    | (_, SdkError::DispatchFailure(_))
+                    | (_, SdkError::TimeoutError(_)) => {
                         let why = format!("cannot reach the S3 endpoint {where_} (check AWS_ENDPOINT_URL and that the server is up)");
                         return Ok((S3Store::new(client, bucket, prefix, where_), Reachable::No(why)));
                     }
@@ -432,5 +478,20 @@ mod tests {
             StoreSpec::Local("/tmp/x".into())
         );
         assert!(StoreSpec::parse("s3://").is_err());
+        assert_eq!(
+            StoreSpec::parse("S3://b/p").unwrap(),
+            StoreSpec::S3 {
+                bucket: "b".into(),
+                prefix: "p".into()
+            }
+        );
+        for bad in ["s3:/b", "s3:b", "ftp://h/p", "file:/x", "gs://b"] {
+            let e = StoreSpec::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("--store"), "{bad}: {e}");
+        }
+        assert_eq!(
+            StoreSpec::parse("relative/dir").unwrap(),
+            StoreSpec::Local("relative/dir".into())
+        );
     }
 }

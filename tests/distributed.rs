@@ -993,6 +993,8 @@ fn a_run_id_names_one_run_before_and_after_a_coordinator_restart() {
         assert_eq!(again["status"], "SUCCESS", "{round}: {again}");
         assert_eq!(again["result"], first["result"], "{round}");
         assert_eq!(c.attempt_lines(), attempts, "{round}: nothing ran again");
+        let status = c.status(id);
+        assert_eq!(status["completed"], status["tasks"], "{round}: {status}");
         // another flow, or other parameters, under that id: refused, naming both
         refused(&c, &backfill, &["`ingest`", "`backfill`", id]);
         refused(
@@ -1046,6 +1048,28 @@ fn a_run_id_names_one_run_before_and_after_a_coordinator_restart() {
             .unwrap_or_default()
             .to_string();
         assert!(err.contains("nightly-2026-11-29"), "{round}: {err}");
+        // the key with an explicit run id that is not the key's run: refused
+        let other_id = "a2a2a2a2-1111-4222-8333-444455556666";
+        let out = c.output(&[
+            "run",
+            "ingest",
+            "--collection=k",
+            "--docs=2",
+            "--idempotency-key",
+            "nightly-2026-11-29",
+            "--flow-run-id",
+            other_id,
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{round}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            events.of_run(other_id).is_empty(),
+            "{round}: nothing under {other_id}"
+        );
         if round == "before" {
             c.restart_coordinator();
         }

@@ -986,3 +986,63 @@ async fn a_serde_task_error_reaches_the_flow_typed_and_a_task_knows_where_it_run
     assert!(c["agent"].as_str().unwrap().starts_with("embedded-"), "{c}");
     assert!(c["call"].as_str().unwrap().ends_with("-0"), "{c}");
 }
+
+// ---------- a run id names one run: parameters compared as the flow's types ----------
+
+#[task]
+async fn count_tags(tags: Vec<String>) -> anyhow::Result<usize> {
+    Ok(tags.len())
+}
+
+#[flow]
+async fn tagged(
+    tags: std::collections::HashSet<String>,
+    #[default(1)] weight: u32,
+) -> anyhow::Result<usize> {
+    let mut sorted: Vec<String> = tags.into_iter().collect();
+    sorted.sort();
+    Ok(count_tags(sorted).await? * weight as usize)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_parameters_in_another_order_or_spelling_are_the_same_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Arc::new(
+        pinazu_coordinator::journal::LocalJournal::open(dir.path().join("journal")).unwrap(),
+    );
+    let runtime = || async {
+        Runtime::embedded(RuntimeConfig {
+            agents: 1,
+            cache_dir: dir.path().to_path_buf(),
+            events: CollectingSink::new(),
+            journal: Some(journal.clone()),
+            ..RuntimeConfig::default()
+        })
+        .await
+        .unwrap()
+    };
+    let tags: Vec<String> = (0..12).map(|i| format!("tag-{i}")).collect();
+    let mut reversed = tags.clone();
+    reversed.reverse();
+    let id = FlowRunId::new();
+    let rt = runtime().await;
+    let first = rt
+        .run("tagged", params(json!({"tags": tags})), id)
+        .await
+        .unwrap();
+    assert_eq!(first.status, FlowStatus::Success, "{first:?}");
+    // a HashSet serialises in any order, and the default spelled out is the same value:
+    // both are the same run, answered from its record (another process, same journal)
+    let rt = runtime().await;
+    let again = rt
+        .run("tagged", params(json!({"tags": reversed, "weight": 1})), id)
+        .await
+        .unwrap();
+    assert_eq!(again, first);
+    let other = rt
+        .run("tagged", params(json!({"tags": ["x"]})), id)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(other.contains("cannot also be"), "{other}");
+}

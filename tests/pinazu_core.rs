@@ -192,7 +192,14 @@ fn a_run_id_names_one_run_a_successful_one_answers_and_another_use_is_refused() 
         err.contains("\"docs\":6") && err.contains("\"docs\":7"),
         "{err}"
     );
-    // neither refusal published anything under the run's id
+    // nor does a request with bad parameters under the id of a run that exists
+    let bad = l.launch(
+        "ingest_flow",
+        &id,
+        &["--flow", "ingest", "--collection=docs", "--docs=many"],
+    );
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    // none of these published anything under the run's id
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         l.events.flow_statuses(&id),
@@ -291,6 +298,19 @@ fn parameters_are_read_as_a_person_types_them() {
             "{typed}"
         );
     }
+    // JSON given as JSON (--input) is taken as it is, not read again as text
+    let out = l.launch(
+        "ingest_flow",
+        &new_id(),
+        &[
+            "--flow",
+            "ingest",
+            "--input",
+            r#"{"collection": "\"q\"", "docs": 1}"#,
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(last_json_line(&out)["result"]["collection"], "\"q\"");
     // JSON for the others
     let out = l.launch(
         "ingest_flow",
@@ -480,4 +500,108 @@ fn the_app_is_its_own_program() {
     ] {
         assert!(list.contains(expected), "{expected}: {list}");
     }
+}
+
+#[test]
+fn a_second_process_with_a_running_run_id_is_refused_not_run_twice() {
+    let l = Launcher::start();
+    let id = new_id();
+    let mut first = l
+        .cmd("parallel_flow", &id)
+        .args(["--n=40", "--work-ms=300", "--agents=1", "--slots=4"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    l.events.wait_flow(&id, "RUNNING", Duration::from_secs(20));
+    let second = l.launch("parallel_flow", &id, &["--n=40", "--work-ms=300"]);
+    assert_eq!(second.status.code(), Some(2), "{}", stderr(&second));
+    let err = last_json_line(&second)["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(err.contains("already running in process"), "{err}");
+    assert!(first.wait().unwrap().success());
+    // one run: one RUNNING, one SUCCESS, 40 task executions
+    l.events.wait_flow(&id, "SUCCESS", Duration::from_secs(10));
+    assert_eq!(l.events.flow_statuses(&id), ["RUNNING", "SUCCESS"]);
+    let running = l
+        .events
+        .task_events(&id)
+        .iter()
+        .filter(|e| e["message"]["status"] == "RUNNING")
+        .count();
+    assert_eq!(running, 40);
+}
+
+#[test]
+fn a_command_line_clap_refuses_still_ends_the_run_and_a_mistyped_store_is_refused() {
+    let l = Launcher::start();
+    for args in [
+        vec!["--n=3", "--slots", "0"],
+        vec!["--n=3", "--agents", "0"],
+        vec!["--n=3", "stray-positional"],
+    ] {
+        let id = new_id();
+        let out = l.launch("parallel_flow", &id, &args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        let line = last_json_line(&out);
+        assert_eq!(line["status"], "FAILED", "{args:?}: {line}");
+        assert_eq!(line["flow_run_id"], id.as_str());
+        l.events.wait_flow(&id, "FAILED", Duration::from_secs(10));
+    }
+    for store in ["S3:/flow-cache-bucket", "ftp://host/path"] {
+        let id = new_id();
+        let out = l.launch("parallel_flow", &id, &["--n=3", "--store", store]);
+        assert_eq!(out.status.code(), Some(2), "{store}: {}", stderr(&out));
+        let err = last_json_line(&out)["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(err.contains("--store"), "{store}: {err}");
+        assert!(!std::path::Path::new("S3:").exists() && !std::path::Path::new("ftp:").exists());
+    }
+}
+
+#[test]
+fn sigterm_ends_an_embedded_run_cancelled_with_every_task_ended() {
+    let l = Launcher::start();
+    let id = new_id();
+    let child = l
+        .cmd("parallel_flow", &id)
+        .args(["--n=100", "--work-ms=1000", "--agents=1", "--slots=4"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(20), "attempts running", || {
+        let tasks = l.events.task_events(&id);
+        (tasks
+            .iter()
+            .filter(|e| e["message"]["status"] == "RUNNING")
+            .count()
+            >= 4)
+            .then_some(())
+    });
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let line = last_json_line(&out);
+    assert_eq!(line["status"], "FAILED");
+    assert!(
+        line["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cancelled"),
+        "{line}"
+    );
+    l.events.wait_flow(&id, "FAILED", Duration::from_secs(10));
+    let tasks = l.events.task_events(&id);
+    let count = |s: &str| tasks.iter().filter(|e| e["message"]["status"] == s).count();
+    assert_eq!(count("PENDING"), 100);
+    assert_eq!(count("SUCCESS") + count("FAILED"), 100, "{tasks:?}");
 }

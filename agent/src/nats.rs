@@ -210,11 +210,31 @@ pub async fn serve_agent(
         let (store, threshold) = (cfg.store.clone(), cfg.payload_threshold);
         let (outbox, agent_id) = (outbox.clone(), agent_id.clone());
         tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
+            // a report that did not fit the previous batch
+            let mut carried: Option<Report> = None;
+            loop {
+                let first = match carried.take() {
+                    Some(r) => r,
+                    None => match rx.recv().await {
+                        Some(r) => r,
+                        None => break,
+                    },
+                };
+                // batches stay under the payload threshold (results above it go by
+                // reference), so a batch always fits in a NATS message
+                let mut bytes = report_size(&first, threshold);
                 let mut reports = vec![first];
                 while reports.len() < MAX_BATCH {
                     match rx.try_recv() {
-                        Ok(r) => reports.push(r),
+                        Ok(r) => {
+                            let size = report_size(&r, threshold);
+                            if bytes + size > threshold {
+                                carried = Some(r);
+                                break;
+                            }
+                            bytes += size;
+                            reports.push(r);
+                        }
                         Err(_) => break,
                     }
                 }
@@ -475,6 +495,21 @@ async fn fetch_args(
         result_ref: None,
         elapsed_us: 0,
     });
+}
+
+/// About how many bytes a report takes in a batch (a result above `threshold` travels by
+/// reference, so it takes little).
+fn report_size(r: &Report, threshold: usize) -> usize {
+    match r {
+        Report::Started(_) => 128,
+        Report::Finished(f) => {
+            160 + match &f.outcome {
+                Ok(b) if b.len() > threshold => 128,
+                Ok(b) => b.len(),
+                Err(e) => e.size(),
+            }
+        }
+    }
 }
 
 /// Moves a result above the threshold into the store; a result that cannot be stored

@@ -25,7 +25,7 @@ use pinazu_shared::wire::{AgentInfo, AttemptFinished, AttemptStarted, Heartbeat,
 
 use crate::cache::{CacheActor, CacheCounters, CacheMsg};
 use crate::flow_runner::{FlowRunner, FlowRunnerArgs, FlowRunnerMsg, Seeds};
-use crate::journal::{Journal, JournalEntry, NoJournal, Replay};
+use crate::journal::{Claim, Journal, JournalEntry, NoJournal, Replay};
 use crate::scheduler::{Scheduler, SchedulerArgs, SchedulerMsg, SchedulerTiming};
 use crate::stats::{RunStats, StatsSnapshot};
 use crate::status::{EventSink, RunHeader, StatusMsg, StatusPublisher};
@@ -129,6 +129,7 @@ impl FlowRunOutcome {
                 wall_ms: info.wall_ms,
                 replayed: info.replayed,
                 cancelled: info.cancelled,
+                completed: info.completed,
             },
         }
     }
@@ -159,6 +160,14 @@ pub enum StartError {
     /// A run with this id is active here.
     #[error("flow run {0} is already running on this coordinator")]
     AlreadyRunning(FlowRunId),
+    /// A run with this id is running in another process sharing the journal.
+    #[error("flow run {run} is already running in {holder} (its journal is claimed); wait for it to end, or use another FLOW_RUN_ID")]
+    RunningElsewhere {
+        /// The run.
+        run: FlowRunId,
+        /// Who holds it.
+        holder: String,
+    },
     /// The runner actor could not start.
     #[error("could not start the flow runner: {0}")]
     Spawn(String),
@@ -170,7 +179,9 @@ impl StartError {
     pub fn is_conflict(&self) -> bool {
         matches!(
             self,
-            StartError::OtherRun { .. } | StartError::AlreadyRunning(_)
+            StartError::OtherRun { .. }
+                | StartError::AlreadyRunning(_)
+                | StartError::RunningElsewhere { .. }
         )
     }
 }
@@ -189,20 +200,22 @@ fn describe_run(flow: &str, params: &Map<String, Value>) -> String {
     format!("{flow}` with parameters `{json}")
 }
 
-/// Checks that a run id (or key) names the run asked for: same flow, same parameters.
+/// Checks that a run id (or key) names the run asked for: the same flow, and the same
+/// parameters as that flow's types compare them.
 fn same_run(
     what: impl FnOnce() -> String,
     existing: (&str, &Map<String, Value>),
-    asked: (&str, &Map<String, Value>),
+    flow: &FlowDef,
+    asked: &Map<String, Value>,
     hint: &'static str,
 ) -> Result<(), StartError> {
-    if existing.0 == asked.0 && existing.1 == asked.1 {
+    if existing.0 == flow.name && (flow.same_params)(existing.1, asked) {
         return Ok(());
     }
     Err(StartError::OtherRun {
         what: what(),
         journaled: describe_run(existing.0, existing.1),
-        asked: describe_run(asked.0, asked.1),
+        asked: describe_run(flow.name, asked),
         hint,
     })
 }
@@ -210,12 +223,6 @@ fn same_run(
 const RUN_ID_HINT: &str =
     "Start this one under another FLOW_RUN_ID (--flow-run-id), or leave it unset to get a new one.";
 const KEY_HINT: &str = "Use another --idempotency-key for this one.";
-
-/// The parameters as `flow` takes them (typed, defaults filled in), or as given when
-/// they no longer decode (the flow's code changed).
-fn normalized(flow: &FlowDef, params: &Map<String, Value>) -> Map<String, Value> {
-    (flow.invoke)(params.clone()).map_or_else(|_| params.clone(), |s| s.params)
-}
 
 /// A started run.
 pub struct RunHandle {
@@ -265,6 +272,8 @@ pub struct CoordShared {
     pub(crate) journal: Arc<dyn Journal>,
     /// Every run started here, active or ended, for status queries.
     table: DashMap<FlowRunId, RunEntry>,
+    /// The run each idempotency key named first (a key never moves to another run).
+    keys: DashMap<String, FlowRunId>,
     pub(crate) events_enabled: bool,
     /// Reports for runs that are not (or no longer) here.
     pub(crate) unknown_run_reports: AtomicU64,
@@ -286,7 +295,6 @@ impl CoordShared {
 
 /// A run in the coordinator's table.
 struct RunEntry {
-    idempotency_key: Option<String>,
     flow: &'static str,
     /// As the flow took them: what, with `flow`, the run id names.
     params: Map<String, Value>,
@@ -307,7 +315,7 @@ impl RunEntry {
             result: outcome.as_ref().and_then(|o| o.result.clone()),
             error: outcome.as_ref().and_then(|o| o.error.clone()),
             note: self.stats.note(),
-            ..snap.run_info(id, self.flow, status, self.stats.completed())
+            ..snap.run_info(id, self.flow, status, snap.completed)
         }
     }
 }
@@ -356,6 +364,7 @@ impl Coordinator {
                 runs,
                 journal,
                 table: DashMap::new(),
+                keys: DashMap::new(),
                 events_enabled,
                 unknown_run_reports: AtomicU64::new(0),
                 epoch,
@@ -469,32 +478,41 @@ impl Coordinator {
             .await
     }
 
-    /// The run a key started, if this coordinator knows it; an error if that run is
-    /// of another flow or has other parameters.
+    /// The run a key names, if this coordinator knows it; an error if the parameters do
+    /// not decode, or if that run is of another flow or has other parameters.
     pub fn run_for_key(
         &self,
         key: &str,
         flow: &FlowDef,
         params: &Map<String, Value>,
     ) -> Result<Option<FlowRunId>, StartError> {
-        let Some(found) = self
-            .shared
-            .table
-            .iter()
-            .find(|e| e.idempotency_key.as_deref() == Some(key))
-            .map(|e| (*e.key(), e.flow, e.params.clone()))
-        else {
+        let asked = (flow.invoke)(params.clone())?.params;
+        let Some(id) = self.shared.keys.get(key).map(|e| *e.value()) else {
             return Ok(None);
         };
-        let (id, existing_flow, existing_params) = found;
-        let asked = normalized(flow, params);
+        let Some((existing_flow, existing_params)) = self
+            .shared
+            .table
+            .get(&id)
+            .map(|e| (e.flow, e.params.clone()))
+        else {
+            return Ok(Some(id));
+        };
         same_run(
             || format!("idempotency key {key:?} (flow run {id})"),
             (existing_flow, &existing_params),
-            (flow.name, &asked),
+            flow,
+            &asked,
             KEY_HINT,
         )?;
         Ok(Some(id))
+    }
+
+    /// Whether a run id names a run this coordinator or its journal knows (then a
+    /// failure to start it again publishes nothing under it: it is that run's id).
+    pub async fn names_a_run(&self, id: FlowRunId) -> bool {
+        self.shared.table.contains_key(&id)
+            || matches!(self.shared.journal.latest(id).await, Ok(Some(_)))
     }
 
     /// The events context of runs that do not bring their own.
@@ -507,9 +525,11 @@ impl Coordinator {
 
     /// Publishes the flow FAILED event of a run that could not start (its id is known,
     /// so whoever waits for its events learns why).
-    pub fn publish_rejection(&self, id: FlowRunId, events: &EventContext, error: &str) {
+    /// `events`: the launcher's header and trace id (default: this coordinator's).
+    pub fn publish_rejection(&self, id: FlowRunId, events: Option<&EventContext>, error: &str) {
+        let events = events.cloned().unwrap_or_else(|| self.default_events());
         let _ = self.shared.status.send_message(StatusMsg::Flow(
-            Arc::new(RunHeader::new(events.clone())),
+            Arc::new(RunHeader::new(events)),
             FlowStatusMessage {
                 flow_run_id: id,
                 status: FlowStatus::Failed,
@@ -535,11 +555,17 @@ impl Coordinator {
     ) -> (Vec<FlowRunId>, Vec<(FlowRunId, String)>) {
         let mut resumed = Vec::new();
         let mut failed = Vec::new();
-        let runs = match self.shared.journal.unfinished().await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot list unfinished runs");
-                return (resumed, failed);
+        // the journal may still be coming up (JetStream recovering after a restart):
+        // serving before every unfinished run is resumed would leave some behind
+        let mut wait = std::time::Duration::from_millis(250);
+        let runs = loop {
+            match self.shared.journal.unfinished().await {
+                Ok(r) => break r,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot list unfinished runs yet; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(std::time::Duration::from_secs(5));
+                }
             }
         };
         for run in runs {
@@ -574,10 +600,41 @@ impl Coordinator {
                     tracing::info!(flow_run_id = %run, flow = def.name, "resumed an unfinished run");
                     resumed.push(run);
                 }
+                Err(e @ StartError::Params(_)) => {
+                    // its parameters no longer fit the flow (its code changed): it can
+                    // never resume; end it, so it is not left open
+                    let why = format!("the run cannot be resumed: {e}");
+                    self.end_unresumable(run, def.name, &replay, &why).await;
+                    failed.push((run, why));
+                }
                 Err(e) => failed.push((run, e.to_string())),
             }
         }
         (resumed, failed)
+    }
+
+    /// Ends FAILED an unfinished run that cannot resume: its flow FAILED event, and its
+    /// end journaled.
+    async fn end_unresumable(&self, run: FlowRunId, flow: &str, replay: &Replay, why: &str) {
+        self.publish_rejection(run, replay.events.as_ref(), why);
+        let summary = RunInfo {
+            error: Some(why.to_string()),
+            ..StatsSnapshot::default().run_info(run, flow, FlowStatus::Failed, 0)
+        };
+        self.shared.journal.append(
+            run,
+            JournalEntry::RunEnded {
+                status: FlowStatus::Failed,
+                summary: Some(summary),
+                params: Some(replay.params.clone()),
+                result_ref: None,
+                result_lost: false,
+            },
+        );
+        if let Err(e) = self.shared.journal.flush().await {
+            tracing::error!(flow_run_id = %run, error = %e, "could not journal the end of a run that cannot resume");
+        }
+        self.flush_events().await;
     }
 
     /// Starts a run with extra options (idempotency key, results passed in, events).
@@ -608,8 +665,9 @@ impl Coordinator {
             .try_start(flow, params, flow_run_id, options, &events)
             .await;
         if let Err(e) = &started {
-            if !e.is_conflict() {
-                self.publish_rejection(flow_run_id, &events, &e.to_string());
+            // an id that names a run is that run's: nothing is published under it
+            if !e.is_conflict() && !self.names_a_run(flow_run_id).await {
+                self.publish_rejection(flow_run_id, Some(&events), &e.to_string());
             }
         }
         started
@@ -626,21 +684,13 @@ impl Coordinator {
         let pinazu_shared::registry::FlowStart { params, body } = (flow.invoke)(params)?;
         let what = || format!("flow run {flow_run_id}");
         // a run this coordinator started
-        let known = self.shared.table.get(&flow_run_id).map(|e| {
-            (
-                e.flow,
-                e.params.clone(),
-                e.outcome.borrow().clone(),
-                e.stats.clone(),
-            )
-        });
-        if let Some((known_flow, known_params, outcome, _)) = &known {
-            same_run(
-                what,
-                (known_flow, known_params),
-                (flow.name, &params),
-                RUN_ID_HINT,
-            )?;
+        let known = self
+            .shared
+            .table
+            .get(&flow_run_id)
+            .map(|e| (e.flow, e.params.clone(), e.outcome.borrow().clone()));
+        if let Some((known_flow, known_params, outcome)) = &known {
+            same_run(what, (known_flow, known_params), flow, &params, RUN_ID_HINT)?;
             match outcome {
                 None => return Err(StartError::AlreadyRunning(flow_run_id)),
                 Some(o) if o.status == FlowStatus::Success => {
@@ -649,12 +699,28 @@ impl Coordinator {
                 Some(_) => {}
             }
         }
+        // no other process runs it meanwhile (a journal shared by processes)
+        let claim = match self
+            .shared
+            .journal
+            .claim(flow_run_id)
+            .map_err(|e| StartError::Journal(e.to_string()))?
+        {
+            Claim::Held(guard) => guard,
+            Claim::Taken(holder) => {
+                return Err(StartError::RunningElsewhere {
+                    run: flow_run_id,
+                    holder,
+                })
+            }
+        };
         // the journal: a successful run's latest entry says all (no need to read it all)
         if let Some(JournalEntry::RunEnded {
             status: FlowStatus::Success,
             summary: Some(summary),
             params: Some(journaled),
             result_ref,
+            result_lost: false,
         }) = self
             .shared
             .journal
@@ -662,15 +728,11 @@ impl Coordinator {
             .await
             .map_err(|e| StartError::Journal(e.to_string()))?
         {
-            let journaled = if summary.flow == flow.name {
-                normalized(flow, &journaled)
-            } else {
-                journaled
-            };
             same_run(
                 what,
                 (&summary.flow, &journaled),
-                (flow.name, &params),
+                flow,
+                &params,
                 RUN_ID_HINT,
             )?;
             let outcome = self.recorded_outcome(&summary, result_ref).await;
@@ -684,33 +746,43 @@ impl Coordinator {
             .map_err(|e| StartError::Journal(e.to_string()))?;
         let mut replay = Replay::from_entries(&entries);
         if let Some(r) = &replay {
-            let journaled = if r.flow == flow.name {
-                normalized(flow, &r.params)
-            } else {
-                r.params.clone()
-            };
-            same_run(
-                what,
-                (&r.flow, &journaled),
-                (flow.name, &params),
-                RUN_ID_HINT,
-            )?;
-            if r.ended == Some(FlowStatus::Success) {
-                if let Some(summary) = &r.summary {
-                    let outcome = self.recorded_outcome(summary, r.result_ref.clone()).await;
-                    return Ok(self.answer_recorded(flow, params, outcome, events, options));
-                }
+            same_run(what, (&r.flow, &r.params), flow, &params, RUN_ID_HINT)?;
+            if let (Some(FlowStatus::Success), Some(summary), false) =
+                (r.ended, &r.summary, r.result_lost)
+            {
+                let outcome = self.recorded_outcome(summary, r.result_ref.clone()).await;
+                return Ok(self.answer_recorded(flow, params, outcome, events, options));
             }
         }
         if let Some(r) = replay.as_mut() {
             r.load_refs(&*self.shared.store).await;
+        }
+        // durable before anyone hears of the run (its events, the API's answer): a
+        // coordinator killed right after still resumes it
+        if self.shared.journal.enabled() {
+            self.shared.journal.append(
+                flow_run_id,
+                JournalEntry::RunStarted {
+                    flow: flow.name.to_string(),
+                    params: params.clone(),
+                    idempotency_key: options.idempotency_key.clone(),
+                    events: Some(events.clone()),
+                },
+            );
+            self.shared
+                .journal
+                .flush()
+                .await
+                .map_err(|e| StartError::Journal(e.to_string()))?;
+        }
+        if let Some(key) = &options.idempotency_key {
+            self.shared.keys.entry(key.clone()).or_insert(flow_run_id);
         }
         let stats = Arc::new(RunStats::default());
         let (tx, rx) = watch::channel(None);
         self.shared.table.insert(
             flow_run_id,
             RunEntry {
-                idempotency_key: options.idempotency_key.clone(),
                 flow: flow.name,
                 params: params.clone(),
                 started: std::time::Instant::now(),
@@ -726,11 +798,11 @@ impl Coordinator {
             stats: stats.clone(),
             outcome: tx,
             params,
-            idempotency_key: options.idempotency_key,
             replay,
             seeds: Arc::new(options.seeds),
             start_delay: options.start_delay,
             header: Arc::new(RunHeader::new(events.clone())),
+            claim,
         };
         // the runner registers itself in `runs` before its body starts
         if let Err(e) = Actor::spawn(None, FlowRunner, args).await {
@@ -785,12 +857,14 @@ impl Coordinator {
                 event_timestamp: now_timestamp(),
             },
         ));
+        if let Some(key) = options.idempotency_key {
+            self.shared.keys.entry(key).or_insert(id);
+        }
         let stats = Arc::new(RunStats::default());
         let (_, rx) = watch::channel(Some(outcome));
         self.shared.table.insert(
             id,
             RunEntry {
-                idempotency_key: options.idempotency_key,
                 flow: flow.name,
                 params,
                 started: std::time::Instant::now(),

@@ -105,7 +105,6 @@ pub struct FlowRunnerArgs {
     pub(crate) stats: Arc<RunStats>,
     pub(crate) outcome: watch::Sender<Option<FlowRunOutcome>>,
     pub(crate) params: serde_json::Map<String, Value>,
-    pub(crate) idempotency_key: Option<String>,
     pub(crate) replay: Option<Replay>,
     pub(crate) seeds: Arc<Seeds>,
     /// A resumed run waits this long before its body runs again, so agents can hand
@@ -113,6 +112,8 @@ pub struct FlowRunnerArgs {
     pub(crate) start_delay: Duration,
     /// Header and trace id of the run's status events.
     pub(crate) header: Arc<RunHeader>,
+    /// The journal's claim on the run, released when the runner stops.
+    pub(crate) claim: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 struct CallState {
@@ -172,6 +173,8 @@ pub struct RunnerState {
     header: Arc<RunHeader>,
     /// The parameters the run runs with (journaled with its end).
     params: serde_json::Map<String, Value>,
+    /// The journal's claim on the run (dropped with the state, when the runner stops).
+    _claim: Option<Box<dyn std::any::Any + Send + Sync>>,
     events: bool,
     finished: bool,
 }
@@ -272,7 +275,15 @@ impl RunnerState {
         self.next_ordinal += 1;
         if let Some(replay) = &self.replay {
             if let Some(ended) = replay.calls.get(&call_id) {
-                // journaled: answer now, run nothing
+                // journaled: answer now, run nothing (a result passed in for it counts
+                // as used)
+                if let (false, Some(json)) = (self.seeds.is_empty(), &args_json) {
+                    if let Some((key, _)) =
+                        self.seeds.lookup(task.name, &original_md5(task.name, json))
+                    {
+                        self.seeds_used.insert(key);
+                    }
+                }
                 RunStats::bump(&self.stats.replayed);
                 RunStats::bump(&self.stats.completed);
                 let answer = match &ended.outcome {
@@ -676,12 +687,13 @@ impl RunnerState {
                 }
             }
         }
-        self.warn_unused_seeds();
+        // the note the run ends with (e.g. unused results passed in), not what it
+        // waited for
+        self.stats.set_note(self.warn_unused_seeds());
         let (status, error) = match &result {
             Ok(_) => (FlowStatus::Success, None),
             Err(e) => (FlowStatus::Failed, Some(e.clone())),
         };
-        self.flow_event(status, error.as_ref());
         match &error {
             None => {
                 tracing::info!(flow_run_id = %self.flow_run_id, flow = self.flow.name, "flow run succeeded")
@@ -690,21 +702,24 @@ impl RunnerState {
                 tracing::error!(flow_run_id = %self.flow_run_id, flow = self.flow.name, error = %e, "flow run failed")
             }
         }
-        let (summary, large) = self.summary(status, &result, error.as_ref());
+        // one snapshot for the journaled summary and the outcome: the run's id given
+        // again answers exactly what this run answered
+        let snap = self.stats.snapshot();
+        let (summary, large) = self.summary(&snap, status, &result, error.as_ref());
         // a result too large for the journal entry is kept in the object store, so the
         // run's id can still answer it
-        let result_ref = match large {
+        let (result_ref, result_lost) = match large {
             Some(json) => {
                 let key = pinazu_shared::wire::result_key(self.flow_run_id);
                 match self.shared.store.put(&key, Bytes::from(json)).await {
-                    Ok(()) => Some(key),
+                    Ok(()) => (Some(key), false),
                     Err(e) => {
-                        tracing::warn!(flow_run_id = %self.flow_run_id, error = %e, "the run's large result could not be kept in the store; its id will answer without it");
-                        None
+                        tracing::warn!(flow_run_id = %self.flow_run_id, error = %e, "the run's large result could not be kept in the store; its id given again runs the flow again (its calls answer from the journal)");
+                        (None, true)
                     }
                 }
             }
-            None => None,
+            None => (None, false),
         };
         if self.shared.journal.enabled() {
             self.shared.journal.append(
@@ -714,12 +729,16 @@ impl RunnerState {
                     summary: Some(summary),
                     params: Some(self.params.clone()),
                     result_ref,
+                    result_lost,
                 },
             );
         }
+        // the end is durable before it is announced: a coordinator killed in between
+        // resumes the run instead of having announced an end it forgets
         if let Err(e) = self.shared.journal.flush().await {
             tracing::error!(flow_run_id = %self.flow_run_id, error = %e, "the run's journal could not be made durable");
         }
+        self.flow_event(status, error.as_ref());
         // deliver the run's events and cache writes before anyone sees the outcome
         let _ = ractor::call!(self.shared.status, StatusMsg::Flush);
         let _ = ractor::call!(self.shared.cache, CacheMsg::Flush);
@@ -730,17 +749,17 @@ impl RunnerState {
             result: result.as_ref().ok().cloned(),
             error: error.as_ref().map(|e| e.to_string()),
             traceback: error.and_then(|e| e.traceback),
-            stats: self.stats.snapshot(),
+            stats: snap,
         };
-        self.stats.set_note(None);
         self.outcome.send_replace(Some(outcome));
         self.shared.runs.remove(&self.flow_run_id);
         myself.stop(None);
     }
 }
 
-/// A result larger than this (as JSON) is kept in the object store, not in the
-/// journaled run summary (a JetStream message stays under the server's max payload).
+/// A result larger than this (as JSON, with the run's parameters, which the same entry
+/// carries) is kept in the object store, not in the journaled run summary: a JetStream
+/// message stays well under the server's max payload.
 const SUMMARY_RESULT_MAX: usize = 256 * 1024;
 
 impl RunnerState {
@@ -748,14 +767,15 @@ impl RunnerState {
     /// result's JSON when it is too large to be part of it.
     fn summary(
         &self,
+        snap: &crate::stats::StatsSnapshot,
         status: FlowStatus,
         result: &Result<Value, ErrorInfo>,
         error: Option<&ErrorInfo>,
     ) -> (RunInfo, Option<Vec<u8>>) {
-        let snap = self.stats.snapshot();
+        let params_len = serde_json::to_vec(&self.params).map_or(0, |p| p.len());
         let (result, large) = match result {
             Ok(v) => match serde_json::to_vec(v) {
-                Ok(json) if json.len() > SUMMARY_RESULT_MAX => (None, Some(json)),
+                Ok(json) if json.len() + params_len > SUMMARY_RESULT_MAX => (None, Some(json)),
                 _ => (Some(v.clone()), None),
             },
             Err(_) => (None, None),
@@ -763,12 +783,8 @@ impl RunnerState {
         let info = RunInfo {
             result,
             error: error.map(|e| e.to_string()),
-            ..snap.run_info(
-                self.flow_run_id,
-                self.flow.name,
-                status,
-                self.stats.completed(),
-            )
+            note: self.stats.note(),
+            ..snap.run_info(self.flow_run_id, self.flow.name, status, snap.completed)
         };
         (info, large)
     }
@@ -928,26 +944,31 @@ impl Seeds {
 impl RunnerState {
     /// Keys of `--success-task-results` that matched no call of the run: a warning
     /// naming them (a typo or a key from another run would otherwise pass unnoticed).
-    fn warn_unused_seeds(&self) {
+    /// Returns the warning, which also becomes the run's note (what `run` shows).
+    fn warn_unused_seeds(&self) -> Option<String> {
         let mut unused: Vec<&String> = self
             .seeds
             .keys()
             .filter(|k| !self.seeds_used.contains(*k))
             .collect();
         if unused.is_empty() {
-            return;
+            return None;
         }
         unused.sort();
         let shown: Vec<&str> = unused.iter().take(20).map(|k| k.as_str()).collect();
         let more = unused.len().saturating_sub(shown.len());
-        tracing::warn!(
-            flow_run_id = %self.flow_run_id,
-            unmatched = unused.len(),
+        let warning = format!(
             "--success-task-results: {} key(s) matched no call of this run and were not used: {}{}",
             unused.len(),
             shown.join(", "),
-            if more > 0 { format!(" and {more} more") } else { String::new() }
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
         );
+        tracing::warn!(flow_run_id = %self.flow_run_id, unmatched = unused.len(), "{warning}");
+        Some(warning)
     }
 }
 
@@ -976,11 +997,11 @@ impl Actor for FlowRunner {
             stats,
             outcome,
             params,
-            idempotency_key,
             replay,
             seeds,
             start_delay,
             header,
+            claim,
         } = args;
         if let Some(r) = &replay {
             if r.unfinished {
@@ -991,15 +1012,7 @@ impl Actor for FlowRunner {
             }
             tracing::info!(flow_run_id = %flow_run_id, journaled_calls = r.calls.len(), resume = r.unfinished, "replaying the run's journal");
         }
-        shared.journal.append(
-            flow_run_id,
-            JournalEntry::RunStarted {
-                flow: flow.name.to_string(),
-                params: params.clone(),
-                idempotency_key,
-                events: Some(header.context.clone()),
-            },
-        );
+        // `RunStarted` is journaled (and flushed) by `Coordinator::start_run_with`
         let ctx = FlowContext {
             runner: myself.clone(),
             flow_run_id,
@@ -1007,6 +1020,7 @@ impl Actor for FlowRunner {
             // arguments as JSON: for results passed in (keyed by the call's MD5) and for
             // the MD5 every task SUCCESS event carries
             always_json: !seeds.is_empty() || shared.events_enabled,
+            seeded: !seeds.is_empty(),
         };
         let mut state = RunnerState {
             flow_run_id,
@@ -1030,6 +1044,7 @@ impl Actor for FlowRunner {
             seeds_used: Default::default(),
             header,
             params,
+            _claim: claim,
             finished: false,
         };
         // route reports to this runner before the body can make its first call

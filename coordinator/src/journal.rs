@@ -67,6 +67,10 @@ pub enum JournalEntry {
         /// Object-store key of a result too large to keep in `summary`.
         #[serde(default)]
         result_ref: Option<String>,
+        /// A large result could not be kept: the id given again runs the flow again
+        /// (its calls answer from the journal) instead of answering without it.
+        #[serde(default)]
+        result_lost: bool,
     },
 }
 
@@ -89,6 +93,12 @@ pub trait Journal: Send + Sync + 'static {
     fn read(&self, run: FlowRunId) -> BoxFuture<'_, Result<Vec<JournalEntry>, JournalError>>;
     /// Runs that started and have not ended.
     fn unfinished(&self) -> BoxFuture<'_, Result<Vec<FlowRunId>, JournalError>>;
+    /// Claims the run for this process while the returned guard lives: a second process
+    /// sharing the journal cannot run it at the same time ([`Claim::Taken`]). Journals
+    /// that only one process writes need no claim.
+    fn claim(&self, _run: FlowRunId) -> Result<Claim, JournalError> {
+        Ok(Claim::Held(None))
+    }
     /// The run's latest `RunStarted` or `RunEnded`, if the journal has the run.
     fn latest(&self, run: FlowRunId) -> BoxFuture<'_, Result<Option<JournalEntry>, JournalError>> {
         Box::pin(async move {
@@ -110,6 +120,14 @@ pub trait Journal: Send + Sync + 'static {
             })
         })
     }
+}
+
+/// The outcome of [`Journal::claim`].
+pub enum Claim {
+    /// This process holds the run until the guard is dropped.
+    Held(Option<Box<dyn std::any::Any + Send + Sync>>),
+    /// Another process holds it (what is known of it).
+    Taken(String),
 }
 
 /// No journal: nothing survives the process.
@@ -186,6 +204,10 @@ impl LocalJournal {
     fn send(&self, cmd: WriterCmd) -> bool {
         self.tx.lock().map(|t| t.send(cmd).is_ok()).unwrap_or(false)
     }
+
+    fn lock_path(dir: &Path, run: FlowRunId) -> PathBuf {
+        dir.join(format!("{run}.lock"))
+    }
 }
 
 /// Removes the journals of runs that ended longer than `age` ago.
@@ -196,6 +218,11 @@ fn prune(dir: &Path, age: std::time::Duration) {
     let now = std::time::SystemTime::now();
     for entry in rd.flatten() {
         let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) == Some("tmp") {
+            // a compaction that did not finish (the process died): its journal is intact
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
         if path.extension().and_then(|e| e.to_str()) != Some("journal") {
             continue;
         }
@@ -214,6 +241,7 @@ fn prune(dir: &Path, age: std::time::Duration) {
         });
         if ended {
             let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_file(path.with_extension("lock"));
         }
     }
 }
@@ -225,7 +253,9 @@ fn compact(dir: &Path, run: FlowRunId, frame: &[u8]) -> std::io::Result<()> {
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(frame)?;
     f.sync_data()?;
-    std::fs::rename(&tmp, &path)
+    std::fs::rename(&tmp, &path)?;
+    // the rename itself is durable once the directory is
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn writer(dir: PathBuf, rx: std_mpsc::Receiver<WriterCmd>) {
@@ -323,6 +353,39 @@ pub fn frame(entry: &JournalEntry) -> Option<Vec<u8>> {
 }
 
 impl Journal for LocalJournal {
+    /// An exclusive lock (`flock`) on `<run>.lock`, which holds the pid of its holder;
+    /// released when the guard is dropped or the process dies.
+    fn claim(&self, run: FlowRunId) -> Result<Claim, JournalError> {
+        let path = Self::lock_path(&self.dir, run);
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| JournalError(format!("cannot open {}: {e}", path.display())))?;
+        match file.try_lock() {
+            Ok(()) => {
+                let _ = file.set_len(0);
+                let _ = write!(file, "{}", std::process::id());
+                Ok(Claim::Held(Some(Box::new(file))))
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                Ok(Claim::Taken(if holder.is_empty() {
+                    "another process".to_string()
+                } else {
+                    format!("process {holder}")
+                }))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(JournalError(format!("cannot lock {}: {e}", path.display())))
+            }
+        }
+    }
+
     fn append(&self, run: FlowRunId, entry: JournalEntry) {
         // a successful run's journal shrinks to its end (a failed one is kept whole:
         // running its id again reuses its successful calls)
@@ -433,6 +496,8 @@ pub struct Replay {
     pub summary: Option<RunInfo>,
     /// Object-store key of its result, when too large for `summary`.
     pub result_ref: Option<String>,
+    /// Its result could not be kept (see `JournalEntry::RunEnded`).
+    pub result_lost: bool,
     /// Header and trace id of its status events.
     pub events: Option<EventContext>,
 }
@@ -451,6 +516,14 @@ impl Replay {
                     events,
                 } => {
                     let r = r.get_or_insert_with(Replay::default);
+                    if r.ended.is_some() {
+                        // started again after it ended (a re-run of a failed run): of
+                        // the earlier runs only successes are reusable answers, and
+                        // positions and executions count from this start
+                        r.calls.retain(|_, e| e.outcome.is_ok());
+                        r.by_ordinal.clear();
+                        r.executions = 0;
+                    }
                     r.flow = flow.clone();
                     r.params = params.clone();
                     r.idempotency_key = idempotency_key.clone();
@@ -484,6 +557,7 @@ impl Replay {
                     summary,
                     params,
                     result_ref,
+                    result_lost,
                 } => {
                     // alone, it is a successful run's whole (compacted) journal
                     let r = r.get_or_insert_with(Replay::default);
@@ -497,6 +571,7 @@ impl Replay {
                     r.ended = Some(*status);
                     r.summary = summary.clone();
                     r.result_ref = result_ref.clone();
+                    r.result_lost = *result_lost;
                 }
             }
         }
@@ -558,6 +633,7 @@ mod tests {
             summary: None,
             params: Some(Map::new()),
             result_ref: None,
+            result_lost: false,
         }
     }
 
@@ -633,6 +709,32 @@ mod tests {
         assert!(!r.unfinished);
         assert_eq!(r.calls.len(), 1);
         assert!(Replay::from_entries(&[]).is_none());
+    }
+
+    #[test]
+    fn a_rerun_of_a_failed_run_keeps_only_earlier_successes_and_its_own_positions() {
+        // run 1: call 1 ok at #0, call 2 failed at #1, call 3 (a fallback) ok at #2
+        let mut entries = vec![
+            started(),
+            ended(0, 1, true),
+            ended(1, 2, false),
+            ended(2, 3, true),
+            run_ended(FlowStatus::Failed),
+        ];
+        // run 2 (the same id again): call 2 succeeds now, call 4 at #2; then it is killed
+        entries.push(started());
+        entries.push(ended(1, 2, true));
+        entries.push(ended(2, 4, true));
+        let r = Replay::from_entries(&entries).unwrap();
+        assert!(r.unfinished);
+        // call 2's old failure is gone, its new success is there
+        assert!(r.calls[&CallId { key: 2, seq: 0 }].outcome.is_ok());
+        // run 1's successes are reusable; positions are run 2's only
+        assert!(r.calls.contains_key(&CallId { key: 1, seq: 0 }));
+        assert!(r.calls.contains_key(&CallId { key: 3, seq: 0 }));
+        assert_eq!(r.by_ordinal.get(&2), Some(&CallId { key: 4, seq: 0 }));
+        assert_eq!(r.by_ordinal.len(), 2);
+        assert_eq!(r.executions, 4, "run 2's executions only");
     }
 
     #[tokio::test]

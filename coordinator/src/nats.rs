@@ -485,22 +485,42 @@ impl ApiState {
                 events,
             } => {
                 let id = flow_run_id.unwrap_or_default();
-                let reject = |e: String| {
-                    c.publish_rejection(id, &events.clone().unwrap_or_default(), &e);
-                    ApiReply::Error(e)
-                };
                 let Some(def) = registry.flow(&flow) else {
-                    return reject(format!(
+                    let e = format!(
                         "flow `{flow}` is not defined on this coordinator; flows: {}",
                         registry.flow_names().join(", ")
-                    ));
+                    );
+                    return reject(c, id, events.as_ref(), e).await;
                 };
                 // a key names the run it started; then the run id's rules apply (active:
                 // followed; SUCCESS: its outcome; FAILED: run again)
                 let id = match idempotency_key.as_deref() {
+                    // the default key is the run id itself: the run id's rules say it all
+                    Some(key) if key == id.to_string() => id,
                     Some(key) => match c.run_for_key(key, def, &params) {
+                        Ok(Some(existing)) if existing != id && id != FlowRunId::of_key(key) => {
+                            // an explicit run id that is not the key's run
+                            return ApiReply::Error(format!(
+                                "idempotency key {key:?} names flow run {existing}; this request names flow run {id}: a key names one run. Leave --flow-run-id unset to follow the key's run, or use another key"
+                            ));
+                        }
                         Ok(Some(existing)) => existing,
+                        // not known here (e.g. after a restart): a run under the key's
+                        // own id means the key is taken
+                        Ok(None)
+                            if key != id.to_string()
+                                && id != FlowRunId::of_key(key)
+                                && c.names_a_run(FlowRunId::of_key(key)).await =>
+                        {
+                            return ApiReply::Error(format!(
+                                "idempotency key {key:?} names flow run {}; this request names flow run {id}: a key names one run. Leave --flow-run-id unset to follow the key's run, or use another key",
+                                FlowRunId::of_key(key)
+                            ));
+                        }
                         Ok(None) => id,
+                        Err(e @ StartError::Params(_)) => {
+                            return reject(c, id, events.as_ref(), e.to_string()).await
+                        }
                         Err(e) => return ApiReply::Error(e.to_string()),
                     },
                     None => id,
@@ -508,7 +528,7 @@ impl ApiState {
                 let seeds = match success_task_results.as_deref().map(Seeds::parse) {
                     None => Seeds::default(),
                     Some(Ok(s)) => s,
-                    Some(Err(e)) => return reject(e),
+                    Some(Err(e)) => return reject(c, id, events.as_ref(), e).await,
                 };
                 let options = RunOptions {
                     idempotency_key,
@@ -516,6 +536,7 @@ impl ApiState {
                     events,
                     ..RunOptions::default()
                 };
+                // (a failure here is published by `start_run_with`, unless the id is taken)
                 let existing = match c.start_run_with(def, params, id, options).await {
                     // a run that succeeded before answers its recorded outcome
                     Ok(handle) if handle.ended() => true,
@@ -538,12 +559,23 @@ impl ApiState {
                     None => ApiReply::Error(format!("run {id} vanished right after it started")),
                 }
             }
+            ApiRequest::Reject {
+                flow_run_id,
+                error,
+                events,
+            } => {
+                if !c.names_a_run(flow_run_id).await {
+                    c.publish_rejection(flow_run_id, events.as_ref(), &error);
+                    c.flush_events().await;
+                }
+                ApiReply::Done
+            }
             ApiRequest::Status { flow_run_id } => match c.run_info(flow_run_id) {
                 Some(run) => ApiReply::Run(run),
                 // ended before this coordinator process started: its journal knows
                 None => match c.journaled_run(flow_run_id).await {
                     Some(run) => ApiReply::Run(run),
-                    None => ApiReply::Error(format!(
+                    None => ApiReply::Unknown(format!(
                         "flow run {flow_run_id} is not known to this coordinator"
                     )),
                 },
@@ -566,6 +598,20 @@ impl ApiState {
             ApiRequest::Agents => ApiReply::Agents(c.agents().await),
         }
     }
+}
+
+/// A start refused before the run exists: its flow FAILED event, unless its id names a run
+/// already (the id is that run's then).
+async fn reject(
+    c: &Coordinator,
+    id: FlowRunId,
+    events: Option<&pinazu_shared::events::EventContext>,
+    error: String,
+) -> ApiReply {
+    if !c.names_a_run(id).await {
+        c.publish_rejection(id, events, &error);
+    }
+    ApiReply::Error(error)
 }
 
 /// Publishes a run's progress four times a second and its end once; then removes the

@@ -441,12 +441,22 @@ impl SchedulerState {
         let mut expired: Vec<SpawnTask> = Vec::new();
         let mut notes: Vec<(FlowRunId, String)> = Vec::new();
         let runs: Vec<FlowRunId> = self.parked.keys().copied().collect();
+        let mut servable: HashMap<TaskNeeds, bool> = HashMap::new();
         for run in runs {
             let parked = self.parked.remove(&run).unwrap_or_default();
             let mut back = Vec::new();
             let mut keep = Vec::new();
             for q in parked {
-                if self.servable(&q.task) {
+                let key = (q.task.task.clone(), q.task.requires.clone());
+                let ok = match servable.get(&key) {
+                    Some(ok) => *ok,
+                    None => {
+                        let ok = self.servable(&q.task);
+                        servable.insert(key, ok);
+                        ok
+                    }
+                };
+                if ok {
                     back.push(q);
                 } else if now.duration_since(q.since) >= timeout {
                     expired.push(q.task);
@@ -508,16 +518,28 @@ impl SchedulerState {
                 .as_ref()
                 .map(|h| format!("; {h}"))
                 .unwrap_or_default();
-            let message = format!(
-                "task `{}` is not registered on any live agent{} (live agents: {}){waited}{hint}",
-                task.task,
-                labels_of(&task),
-                if known.is_empty() {
-                    "none".to_string()
-                } else {
-                    known.join(", ")
-                },
-            );
+            let live = if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            };
+            let registered = self
+                .agents
+                .iter()
+                .any(|a| a.accepts() && a.tasks.contains(&*task.task));
+            let message = if registered && !task.requires.is_empty() {
+                format!(
+                    "task `{}` needs an agent{}, and no live agent has them (live agents: {live}){waited}{hint}",
+                    task.task,
+                    labels_of(&task),
+                )
+            } else {
+                format!(
+                    "task `{}` is not registered on any live agent{} (live agents: {live}){waited}{hint}",
+                    task.task,
+                    labels_of(&task),
+                )
+            };
             self.tell_runner(
                 task.flow_run_id,
                 FlowRunnerMsg::Finished(AttemptFinished {

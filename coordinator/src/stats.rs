@@ -76,6 +76,9 @@ pub struct StatsSnapshot {
     /// Calls cancelled when the run ended (not counted as completed).
     #[serde(default)]
     pub cancelled: u64,
+    /// Calls resolved (success or final failure).
+    #[serde(default)]
+    pub completed: u64,
 }
 
 impl RunStats {
@@ -94,6 +97,7 @@ impl RunStats {
             wall_ms: self.started.elapsed().as_millis() as u64,
             replayed: self.replayed.load(Relaxed),
             cancelled: self.cancelled.load(Relaxed),
+            completed: self.completed.load(Relaxed),
         }
     }
 

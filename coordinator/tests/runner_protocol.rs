@@ -33,6 +33,14 @@ fn start(body: BoxFuture<'static, Result<Value, ErrorInfo>>) -> Result<FlowStart
     })
 }
 
+fn no_text(_: &str, _: &str) -> Option<Result<Value, ParamError>> {
+    None
+}
+
+fn same(a: &Map<String, Value>, b: &Map<String, Value>) -> bool {
+    a == b
+}
+
 fn never_invoked(_: Bytes) -> BoxFuture<'static, Result<Bytes, ErrorInfo>> {
     Box::pin(async { unreachable!("the scripted agent never runs task bodies") })
 }
@@ -67,6 +75,8 @@ static ONE_PROBE: FlowDef = FlowDef {
     name: "one_probe",
     params: &[],
     doc: "",
+    parse_text: no_text,
+    same_params: same,
     invoke: one_probe,
     source: SOURCE,
 };
@@ -84,6 +94,8 @@ static FIVE_PROBES: FlowDef = FlowDef {
     name: "five_probes",
     params: &[],
     doc: "",
+    parse_text: no_text,
+    same_params: same,
     invoke: five_probes,
     source: SOURCE,
 };
@@ -258,6 +270,8 @@ static GPU_FLOW: FlowDef = FlowDef {
     name: "gpu_flow",
     params: &[],
     doc: "",
+    parse_text: no_text,
+    same_params: same,
     invoke: gpu_probe,
     source: SOURCE,
 };
@@ -526,6 +540,8 @@ static TWO_GPU_PROBES: FlowDef = FlowDef {
     name: "two_gpu_probes",
     params: &[],
     doc: "",
+    parse_text: no_text,
+    same_params: same,
     invoke: two_gpu_probes_ten_seconds_apart,
     source: SOURCE,
 };
@@ -594,6 +610,8 @@ static GPU_THEN_CPU: FlowDef = FlowDef {
     name: "gpu_then_cpu",
     params: &[],
     doc: "",
+    parse_text: no_text,
+    same_params: same,
     invoke: gpu_then_cpu,
     source: SOURCE,
 };

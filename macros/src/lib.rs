@@ -549,6 +549,20 @@ fn expand_flow(name: Option<LitStr>, mut func: ItemFn) -> syn::Result<TokenStrea
         };
         quote!(let #ident: #ty = __params.take(#n, #default)?;)
     });
+    let defaults: Vec<TokenStream2> = params
+        .iter()
+        .map(|p| {
+            let ty = &p.ty;
+            match &p.default {
+                Some(e) => {
+                    quote!(::core::option::Option::Some((|| -> #ty { #e }) as fn() -> #ty))
+                }
+                None => quote!(::core::option::Option::None),
+            }
+        })
+        .collect();
+    let text_ident = format_ident!("__pinazu_flow_text_{}", fn_ident);
+    let same_ident = format_ident!("__pinazu_flow_same_{}", fn_ident);
 
     let body_fn = hidden_body(&func, &body_ident);
     let source = source_tokens();
@@ -575,8 +589,56 @@ fn expand_flow(name: Option<LitStr>, mut func: ItemFn) -> syn::Result<TokenStrea
             params: #params_ident,
             doc: #doc,
             invoke: #invoke_ident,
+            parse_text: #text_ident,
+            same_params: #same_ident,
             source: #source,
         };
+
+        #[doc(hidden)]
+        fn #text_ident(
+            name: &str,
+            raw: &str,
+        ) -> ::core::option::Option<::core::result::Result<::pinazu_flows::__private::Value, ::pinazu_flows::__private::ParamError>> {
+            match name {
+                #(
+                    #names => ::core::option::Option::Some(
+                        ::pinazu_flows::__private::param_from_text::<#tys>(#name, #names, raw)
+                    ),
+                )*
+                _ => ::core::option::Option::None,
+            }
+        }
+
+        #[doc(hidden)]
+        #[allow(unused_mut, unused_variables)]
+        fn #same_ident(
+            a: &::pinazu_flows::__private::Map<::std::string::String, ::pinazu_flows::__private::Value>,
+            b: &::pinazu_flows::__private::Map<::std::string::String, ::pinazu_flows::__private::Value>,
+        ) -> bool {
+            let (::core::result::Result::Ok(mut __a), ::core::result::Result::Ok(mut __b)) = (
+                ::pinazu_flows::__private::Params::new(#name, #params_ident, a.clone()),
+                ::pinazu_flows::__private::Params::new(#name, #params_ident, b.clone()),
+            ) else {
+                return a == b;
+            };
+            #(
+                {
+                    let x: ::core::result::Result<#tys, _> = __a.take(#names, #defaults);
+                    let y: ::core::result::Result<#tys, _> = __b.take(#names, #defaults);
+                    match (x, y) {
+                        (::core::result::Result::Ok(x), ::core::result::Result::Ok(y)) => {
+                            #[allow(unused_imports)]
+                            use ::pinazu_flows::__private::{SameByEq as _, SameByJson as _};
+                            if !(&&::pinazu_flows::__private::Same(&x, &y)).same() {
+                                return false;
+                            }
+                        }
+                        _ => return a == b,
+                    }
+                }
+            )*
+            true
+        }
 
         #[doc(hidden)]
         #[allow(non_upper_case_globals)]

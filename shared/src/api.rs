@@ -41,6 +41,17 @@ pub enum ApiRequest {
     },
     /// The agents.
     Agents,
+    /// A run the client could not submit (bad parameters, ...): publish its flow FAILED
+    /// event, unless its id names a run already (then the id is that run's).
+    Reject {
+        /// The run.
+        flow_run_id: FlowRunId,
+        /// Why it could not start.
+        error: String,
+        /// Header and trace id of its events.
+        #[serde(default)]
+        events: Option<crate::events::EventContext>,
+    },
 }
 
 /// A reply.
@@ -61,6 +72,10 @@ pub enum ApiReply {
     Agents(Vec<AgentSummary>),
     /// The request could not be served; the message says why.
     Error(String),
+    /// No such run is known (not here, not in the journal).
+    Unknown(String),
+    /// Done.
+    Done,
 }
 
 /// What an operator sees of a run.

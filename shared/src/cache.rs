@@ -37,7 +37,13 @@ pub fn original_md5(task_name: &str, args: &Value) -> String {
     // without building it (this runs for every task SUCCESS event)
     let mut ctx = md5::Context::new();
     ctx.consume(b"{\"args\":");
-    let _ = serde_json::to_writer(&mut ctx, args);
+    if args.is_null() {
+        // a task without parameters: its argument tuple `()` is JSON null, the
+        // original's empty `args` list is `[]`
+        ctx.consume(b"[]");
+    } else {
+        let _ = serde_json::to_writer(&mut ctx, args);
+    }
     ctx.consume(b",\"kwargs\":{},\"task_name\":");
     let _ = serde_json::to_writer(&mut ctx, task_name);
     ctx.consume(b"}");
@@ -99,6 +105,12 @@ mod tests {
         let expected = format!("{:x}", md5::compute(text.as_bytes()));
         assert_eq!(original_md5("square", &json!([3])), expected);
         // nested keys are sorted too
+        // no parameters: `"args":[]`
+        let text = r#"{"args":[],"kwargs":{},"task_name":"probe"}"#;
+        assert_eq!(
+            original_md5("probe", &serde_json::Value::Null),
+            format!("{:x}", md5::compute(text.as_bytes()))
+        );
         let a = original_md5("t", &json!([{"b": 1, "a": 2}]));
         let text = r#"{"args":[{"a":2,"b":1}],"kwargs":{},"task_name":"t"}"#;
         assert_eq!(a, format!("{:x}", md5::compute(text.as_bytes())));

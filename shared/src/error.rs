@@ -78,7 +78,8 @@ impl ErrorInfo {
     }
 
     /// From a user error: `Display` for the message, `Debug` for the chain when it adds
-    /// something.
+    /// something. Both are cut to a bound (an error travels in a report message, and
+    /// huge ones would not fit): the message at 8 KiB, the chain at 32 KiB.
     pub fn from_user_error<E: fmt::Display + fmt::Debug + ?Sized>(
         kind: FailureKind,
         e: &E,
@@ -87,21 +88,30 @@ impl ErrorInfo {
         let debug = format!("{e:?}");
         ErrorInfo {
             kind,
-            traceback: (debug != message).then_some(debug),
-            message,
+            traceback: (debug != message).then(|| cut(debug, MAX_TRACEBACK)),
+            message: cut(message, MAX_MESSAGE),
             error_type: None,
             payload: None,
         }
     }
 
     /// Keeps the task's error value (its type name and MessagePack encoding), so the
-    /// flow can get it back typed.
+    /// flow can get it back typed; a value larger than 32 KiB is not kept (the message
+    /// and chain still are).
     pub fn with_payload(mut self, payload: Option<(&'static str, bytes::Bytes)>) -> Self {
-        if let Some((ty, bytes)) = payload {
+        if let Some((ty, bytes)) = payload.filter(|(_, b)| b.len() <= MAX_PAYLOAD) {
             self.error_type = Some(ty.to_string());
             self.payload = Some(bytes);
         }
         self
+    }
+
+    /// About how many bytes this error takes in a message.
+    pub fn size(&self) -> usize {
+        self.message.len()
+            + self.traceback.as_ref().map_or(0, String::len)
+            + self.error_type.as_ref().map_or(0, String::len)
+            + self.payload.as_ref().map_or(0, |p| p.len())
     }
 
     /// The task's error value as `E`, if the task's error type was `E` and serde could
@@ -112,6 +122,26 @@ impl ErrorInfo {
         }
         rmp_serde::from_slice(self.payload.as_deref()?).ok()
     }
+}
+
+/// Bounds of an error's parts (see [`ErrorInfo::from_user_error`]).
+const MAX_MESSAGE: usize = 8 * 1024;
+const MAX_TRACEBACK: usize = 32 * 1024;
+const MAX_PAYLOAD: usize = 32 * 1024;
+
+/// `text` cut to at most `max` bytes (on a character boundary), marked when cut.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let dropped = text.len() - end;
+    text.truncate(end);
+    text.push_str(&format!(" … ({dropped} more bytes cut)"));
+    text
 }
 
 impl fmt::Display for ErrorInfo {

@@ -18,6 +18,16 @@ impl FlowRunId {
         FlowRunId(Uuid::new_v4())
     }
 
+    /// The run id an idempotency key names when no run id is given: a UUID (version 3,
+    /// MD5-based) of the key, the same for every coordinator and client, so the key keeps
+    /// its meaning across restarts.
+    pub fn of_key(key: &str) -> Self {
+        let mut bytes = md5::compute(format!("pinazu-flows idempotency key\0{key}")).0;
+        bytes[6] = (bytes[6] & 0x0f) | 0x30; // version 3
+        bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 4122 variant
+        FlowRunId(Uuid::from_bytes(bytes))
+    }
+
     /// Parses a run id, with an error that names where the value came from.
     pub fn parse(value: &str, source: &str) -> Result<Self, ConfigError> {
         Uuid::from_str(value.trim())

@@ -40,6 +40,15 @@ pub type TaskInvoke = fn(Bytes) -> BoxFuture<'static, Result<Bytes, ErrorInfo>>;
 /// Starts a flow body from named JSON parameters.
 pub type FlowInvoke = fn(Map<String, Value>) -> Result<FlowStart, ParamError>;
 
+/// Reads one parameter typed on a command line (`--name=text`) as the parameter's type,
+/// giving its JSON; `None` when the flow has no parameter of that name.
+pub type FlowParseText = fn(&str, &str) -> Option<Result<Value, ParamError>>;
+
+/// Whether two sets of parameters are the same run's: decoded into the parameters'
+/// types and compared with `PartialEq` where the type has it (a `HashSet` in any
+/// order), else as JSON.
+pub type FlowSameParams = fn(&Map<String, Value>, &Map<String, Value>) -> bool;
+
 /// A flow body ready to run, and the parameters it runs with.
 pub struct FlowStart {
     /// Every parameter as the flow took it (typed, then encoded as JSON again; defaults
@@ -111,6 +120,10 @@ pub struct FlowDef {
     pub doc: &'static str,
     /// Starts the flow body.
     pub invoke: FlowInvoke,
+    /// Reads a parameter given as command-line text.
+    pub parse_text: FlowParseText,
+    /// Compares two sets of parameters.
+    pub same_params: FlowSameParams,
     /// Where it was defined.
     pub source: Source,
 }
@@ -359,10 +372,6 @@ impl Params {
 
     /// Takes one parameter: given -> decoded; absent -> `default`, else `null` (so an
     /// `Option` parameter is `None`), else a missing-parameter error.
-    ///
-    /// A string value is read as a person typed it on a command line: as JSON when that
-    /// gives the parameter's type (`--n=20000`, `--tags='["a"]'`), else as the string
-    /// itself (`--collection=42` for a `String` parameter is `"42"`).
     pub fn take<T: DeserializeOwned + Serialize>(
         &mut self,
         name: &str,
@@ -374,19 +383,6 @@ impl Params {
             reason,
         };
         let value: T = match self.map.remove(name) {
-            Some(Value::String(raw)) => match serde_json::from_str::<T>(&raw) {
-                Ok(v) => v,
-                Err(json_err) => {
-                    let looks_like_json = raw.trim_start().starts_with(['[', '{']);
-                    T::deserialize(Value::String(raw)).map_err(|e| {
-                        invalid(if looks_like_json {
-                            json_err.to_string()
-                        } else {
-                            e.to_string()
-                        })
-                    })?
-                }
-            },
             Some(v) => serde_json::from_value(v).map_err(|e| invalid(e.to_string()))?,
             None => match default {
                 Some(d) => d(),
@@ -405,6 +401,59 @@ impl Params {
     /// The parameters as the flow took them (see [`FlowStart::params`]).
     pub fn taken(self) -> Map<String, Value> {
         self.taken
+    }
+}
+
+/// Reads a parameter typed on a command line as a person means it: as JSON when that
+/// gives the parameter's type (`--n=20000`, `--tags='["a"]'`), else as the text itself
+/// (`--collection=42` for a `String` parameter is `"42"`); returns its JSON.
+pub fn param_from_text<T: DeserializeOwned + Serialize>(
+    flow: &str,
+    name: &str,
+    raw: &str,
+) -> Result<Value, ParamError> {
+    let value: T = match serde_json::from_str::<T>(raw) {
+        Ok(v) => v,
+        Err(json_err) => {
+            T::deserialize(Value::String(raw.to_string())).map_err(|e| ParamError::Invalid {
+                flow: flow.to_string(),
+                param: name.to_string(),
+                reason: if raw.trim_start().starts_with(['[', '{']) {
+                    json_err.to_string()
+                } else {
+                    e.to_string()
+                },
+            })?
+        }
+    };
+    param_value(flow, name, &value)
+}
+
+/// Two values of one parameter, compared: `(&&Same(&a, &b)).same()` uses `PartialEq`
+/// when the type has it ([`SameByEq`]), else compares their JSON ([`SameByJson`]).
+pub struct Same<'a, T>(pub &'a T, pub &'a T);
+
+/// Compares with `PartialEq`.
+pub trait SameByEq {
+    /// Whether the two are equal.
+    fn same(&self) -> bool;
+}
+
+impl<T: PartialEq> SameByEq for &Same<'_, T> {
+    fn same(&self) -> bool {
+        self.0 == self.1
+    }
+}
+
+/// Compares as JSON (types without `PartialEq`).
+pub trait SameByJson {
+    /// Whether the two encode to the same JSON.
+    fn same(&self) -> bool;
+}
+
+impl<T: Serialize> SameByJson for Same<'_, T> {
+    fn same(&self) -> bool {
+        serde_json::to_value(self.0).ok() == serde_json::to_value(self.1).ok()
     }
 }
 
