@@ -494,6 +494,7 @@ async fn fetch_args(
         outcome: Err(ErrorInfo::new(FailureKind::Error, error)),
         result_ref: None,
         elapsed_us: 0,
+        result_cache_key: None,
     });
 }
 

@@ -100,6 +100,7 @@ impl SupervisorState {
             outcome: Err(info),
             result_ref: None,
             elapsed_us: 0,
+            result_cache_key: None,
         }));
     }
 

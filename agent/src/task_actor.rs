@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use pinazu_shared::error::{ErrorInfo, FailureKind};
 use pinazu_shared::ids::AgentId;
-use pinazu_shared::registry::TaskDef;
+use pinazu_shared::registry::{Invoked, TaskDef};
 use pinazu_shared::task_context::{TaskContext, TASK_CONTEXT};
 use pinazu_shared::wire::{AttemptFinished, SpawnTask};
 
@@ -42,6 +42,8 @@ pub struct TaskState {
     /// What `task_context()` answers inside the attempt (taken when it starts).
     context: Option<TaskContext>,
     outcome: Option<Result<bytes::Bytes, ErrorInfo>>,
+    /// The call's MD5 cache key, when the coordinator asked for it.
+    cache_key: Option<String>,
 }
 
 impl TaskState {
@@ -56,6 +58,7 @@ impl TaskState {
             outcome,
             result_ref: None,
             elapsed_us: self.started.elapsed().as_micros() as u64,
+            result_cache_key: self.cache_key,
         })
     }
 }
@@ -101,6 +104,7 @@ impl Actor for TaskActor {
             started: Instant::now(),
             context: Some(context),
             outcome: None,
+            cache_key: None,
         })
     }
 
@@ -114,20 +118,28 @@ impl Actor for TaskActor {
             myself.stop(None);
             return Ok(());
         };
-        let body = (state.def.invoke)(state.spawn.args.clone());
+        let body = (state.def.invoke)(state.spawn.args.clone(), state.spawn.want_key);
         let fut = AssertUnwindSafe(TASK_CONTEXT.scope(ctx, body)).catch_unwind();
-        let outcome = match state.spawn.timeout_ms.map(Duration::from_millis) {
+        let timed_out = |t: Duration| Invoked {
+            outcome: Err(ErrorInfo::new(
+                FailureKind::Timeout,
+                format!("the attempt ran over its timeout of {t:?} and was stopped"),
+            )),
+            cache_key: None,
+        };
+        let invoked = match state.spawn.timeout_ms.map(Duration::from_millis) {
             Some(t) => match tokio::time::timeout(t, fut).await {
                 Ok(r) => r,
-                Err(_) => Ok(Err(ErrorInfo::new(
-                    FailureKind::Timeout,
-                    format!("the attempt ran over its timeout of {t:?} and was stopped"),
-                ))),
+                Err(_) => Ok(timed_out(t)),
             },
             None => fut.await,
         };
-        state.outcome =
-            Some(outcome.unwrap_or_else(|payload| Err(ErrorInfo::from_panic(&*payload))));
+        let invoked = invoked.unwrap_or_else(|payload| Invoked {
+            outcome: Err(ErrorInfo::from_panic(&*payload)),
+            cache_key: None,
+        });
+        state.outcome = Some(invoked.outcome);
+        state.cache_key = invoked.cache_key;
         myself.stop(None);
         Ok(())
     }

@@ -44,11 +44,8 @@ pub struct FlowContext {
     pub(crate) flow_run_id: FlowRunId,
     /// The policy of tasks that set none (`run` when `ENABLE_S3_CACHING=true`).
     pub(crate) default_cache: CachePolicy,
-    /// Send every call's arguments as JSON too (pre-seeded results and the MD5 of task
-    /// SUCCESS events are keyed by them).
+    /// Send every call's arguments as JSON too (pre-seeded results are keyed by them).
     pub(crate) always_json: bool,
-    /// Results were passed in (keyed by the arguments' MD5): arguments must be JSON.
-    pub(crate) seeded: bool,
 }
 
 impl FlowContext {
@@ -95,9 +92,6 @@ pub async fn call_task<R: DeserializeOwned, A: Serialize>(
     let bytes = rmp_serde::to_vec_named(&args).map_err(|e| invalid(e.to_string()))?;
     let args_json = match ctx.policy(def) {
         CachePolicy::None if !ctx.always_json => None,
-        // only for the event's `result_cache_key`: arguments JSON cannot hold (a map
-        // with non-string keys, a u128 above u64::MAX) leave that key null
-        CachePolicy::None if !ctx.seeded => serde_json::to_value(&args).ok(),
         _ => Some(serde_json::to_value(&args).map_err(|e| invalid(e.to_string()))?),
     };
     let (reply, answer) = oneshot::channel();

@@ -32,7 +32,7 @@ use crate::coordinator::{CoordShared, FlowRunOutcome};
 use crate::journal::{JournalEntry, Replay};
 use crate::scheduler::SchedulerMsg;
 use crate::stats::RunStats;
-use crate::status::{CacheKey, RunHeader, StatusMsg, TaskTransition};
+use crate::status::{RunHeader, StatusMsg, TaskTransition};
 
 type CallReply = oneshot::Sender<Result<Payload, TaskError>>;
 
@@ -119,12 +119,9 @@ pub struct FlowRunnerArgs {
 struct CallState {
     task: &'static TaskDef,
     args: Bytes,
-    /// The call's MD5 (the original library's cache key), when computed here (cached
-    /// calls, or results passed in).
+    /// The call's MD5 (the original library's cache key): computed here for cached
+    /// calls and results passed in, else by the agent that ran it (`want_key`).
     md5: Option<String>,
-    /// Otherwise the arguments as JSON, kept for the SUCCESS event's `result_cache_key`
-    /// (the status publisher computes the MD5, off this actor's path).
-    args_json: Option<Value>,
     /// Object key of the call's cache entry, when cached.
     cache: Option<String>,
     attempt: u32,
@@ -173,8 +170,8 @@ pub struct RunnerState {
     header: Arc<RunHeader>,
     /// The parameters the run runs with (journaled with its end).
     params: serde_json::Map<String, Value>,
-    /// The journal's claim on the run (dropped with the state, when the runner stops).
-    _claim: Option<Box<dyn std::any::Any + Send + Sync>>,
+    /// The journal's claim on the run (released when the run ends).
+    claim: Option<Box<dyn std::any::Any + Send + Sync>>,
     events: bool,
     finished: bool,
 }
@@ -190,7 +187,7 @@ impl RunnerState {
         &self,
         task: &'static str,
         status: FlowStatus,
-        cache_key: Option<CacheKey>,
+        cache_key: Option<String>,
         error_message: Option<String>,
         traceback: Option<String>,
     ) {
@@ -209,12 +206,14 @@ impl RunnerState {
     }
 
     /// A task's SUCCESS event, with the call's MD5 cache key.
-    fn success_event(&self, call: &mut CallState) {
-        let key = match call.md5.clone() {
-            Some(m) => Some(CacheKey::Md5(m)),
-            None => call.args_json.take().map(CacheKey::Args),
-        };
-        self.task_event(call.task.name, FlowStatus::Success, key, None, None);
+    fn success_event(&self, call: &CallState) {
+        self.task_event(
+            call.task.name,
+            FlowStatus::Success,
+            call.md5.clone(),
+            None,
+            None,
+        );
     }
 
     /// The queued task transitions go to the status publisher as one message, at the
@@ -319,14 +318,8 @@ impl RunnerState {
         let early = self.early.remove(&call_id);
         let adopted = self.adoptable.remove(&call_id);
         let policy = self.effective_policy(task);
-        // the MD5 is needed here for a cache key or a result passed in; otherwise the
-        // status publisher computes it for the SUCCESS event
-        let (md5, args_json) = match args_json {
-            Some(json) if policy != CachePolicy::None || !self.seeds.is_empty() => {
-                (Some(original_md5(task.name, &json)), None)
-            }
-            other => (None, other),
-        };
+        // arguments come as JSON for a cache key or a result passed in
+        let md5 = args_json.as_ref().map(|json| original_md5(task.name, json));
         let seeded = md5.as_deref().and_then(|m| self.seeds.lookup(task.name, m));
         let cache = md5
             .as_deref()
@@ -344,7 +337,6 @@ impl RunnerState {
                 task,
                 args,
                 md5,
-                args_json,
                 cache,
                 attempt: 0,
                 ordinal,
@@ -358,9 +350,8 @@ impl RunnerState {
             // a result Pinazu Core passed in (--success-task-results)
             RunStats::bump(&self.stats.replayed);
             self.seeds_used.insert(key);
-            if let Some(mut call) = self.calls.remove(&call_id) {
-                self.success_event(&mut call);
-                self.calls.insert(call_id, call);
+            if let Some(call) = self.calls.get(&call_id) {
+                self.success_event(call);
             }
             self.journal_end(call_id, Ok(json_to_msgpack(&value)), None);
             self.resolve(call_id, Ok(Payload::Json(value)));
@@ -429,6 +420,9 @@ impl RunnerState {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            // the agent computes the MD5 of the SUCCESS event (it has the arguments
+            // decoded already), unless it is known here
+            want_key: self.events && call.md5.is_none(),
         };
         self.outbox.push(spawn);
         if self.outbox.len() >= DISPATCH_BATCH {
@@ -480,12 +474,11 @@ impl RunnerState {
     }
 
     fn cache_hit(&mut self, call_id: CallId, record: CacheResult) {
-        let Some(mut call) = self.calls.remove(&call_id) else {
+        let Some(call) = self.calls.get(&call_id) else {
             return;
         };
         RunStats::bump(&self.stats.cache_hits);
-        self.success_event(&mut call);
-        self.calls.insert(call_id, call);
+        self.success_event(call);
         self.journal_end(call_id, Ok(json_to_msgpack(&record.result)), None);
         self.resolve(call_id, Ok(Payload::Json(record.result)));
     }
@@ -527,9 +520,13 @@ impl RunnerState {
                         }
                     }
                 }
-                if let Some(mut call) = self.calls.remove(&f.call_id) {
-                    self.success_event(&mut call);
-                    self.calls.insert(f.call_id, call);
+                if let Some(call) = self.calls.get_mut(&f.call_id) {
+                    if call.md5.is_none() {
+                        call.md5 = f.result_cache_key.clone();
+                    }
+                }
+                if let Some(call) = self.calls.get(&f.call_id) {
+                    self.success_event(call);
                 }
                 self.journal_end(f.call_id, Ok(bytes.clone()), f.result_ref);
                 self.resolve(f.call_id, Ok(Payload::Msgpack(bytes)));
@@ -751,6 +748,9 @@ impl RunnerState {
             traceback: error.and_then(|e| e.traceback),
             stats: snap,
         };
+        // the run has ended and its journal is durable: its id is free again (before
+        // anyone hears of the outcome, so a start that follows finds it free)
+        self.claim = None;
         self.outcome.send_replace(Some(outcome));
         self.shared.runs.remove(&self.flow_run_id);
         myself.stop(None);
@@ -1017,10 +1017,9 @@ impl Actor for FlowRunner {
             runner: myself.clone(),
             flow_run_id,
             default_cache: shared.config.default_cache,
-            // arguments as JSON: for results passed in (keyed by the call's MD5) and for
-            // the MD5 every task SUCCESS event carries
-            always_json: !seeds.is_empty() || shared.events_enabled,
-            seeded: !seeds.is_empty(),
+            // arguments as JSON for results passed in (keyed by the call's MD5); the MD5
+            // of every task SUCCESS event comes from the agent that ran the call
+            always_json: !seeds.is_empty(),
         };
         let mut state = RunnerState {
             flow_run_id,
@@ -1044,7 +1043,7 @@ impl Actor for FlowRunner {
             seeds_used: Default::default(),
             header,
             params,
-            _claim: claim,
+            claim,
             finished: false,
         };
         // route reports to this runner before the body can make its first call

@@ -550,6 +550,7 @@ impl SchedulerState {
                     outcome: Err(ErrorInfo::new(FailureKind::NoAgent, message)),
                     result_ref: None,
                     elapsed_us: 0,
+                    result_cache_key: None,
                 }),
             );
         }

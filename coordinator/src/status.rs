@@ -120,16 +120,6 @@ impl RunHeader {
     }
 }
 
-/// The `result_cache_key` of a task event: the call's MD5 (the original library's key),
-/// known already or computed here from the call's arguments (off the runner's path).
-#[derive(Debug)]
-pub enum CacheKey {
-    /// The MD5 hex.
-    Md5(String),
-    /// The call's arguments as JSON: the MD5 is computed when the event is written.
-    Args(Value),
-}
-
 /// A task's status transition, as a runner records it.
 #[derive(Debug)]
 pub struct TaskTransition {
@@ -140,7 +130,7 @@ pub struct TaskTransition {
     /// Its new status.
     pub status: pinazu_shared::events::FlowStatus,
     /// The call's MD5 cache key (on SUCCESS).
-    pub result_cache_key: Option<CacheKey>,
+    pub result_cache_key: Option<String>,
     /// One-line error (FAILED; PENDING after a failed attempt that will be retried).
     pub error_message: Option<String>,
     /// The error chain.
@@ -173,13 +163,6 @@ fn write_task_event(
             }
         }
     }
-    let md5 = match &t.result_cache_key {
-        Some(CacheKey::Md5(m)) => Some(std::borrow::Cow::Borrowed(m.as_str())),
-        Some(CacheKey::Args(args)) => Some(std::borrow::Cow::Owned(
-            pinazu_shared::cache::original_md5(t.task, args),
-        )),
-        None => None,
-    };
     out.extend_from_slice(b"{\"header\":");
     out.extend_from_slice(header.header_json.as_bytes());
     out.extend_from_slice(b",\"message\":{\"flow_run_id\":");
@@ -189,7 +172,7 @@ fn write_task_event(
     out.extend_from_slice(b",\"status\":\"");
     out.extend_from_slice(t.status.as_str().as_bytes());
     out.extend_from_slice(b"\",\"result_cache_key\":");
-    opt(out, md5.as_deref())?;
+    opt(out, t.result_cache_key.as_deref())?;
     out.extend_from_slice(b",\"error_message\":");
     opt(out, t.error_message.as_deref())?;
     out.extend_from_slice(b",\"traceback\":");
@@ -289,7 +272,6 @@ mod tests {
             Some("plain".to_string()),
             Some("quote \" backslash \\ newline \n tab \t ctrl \u{1} unicode é ✓".to_string()),
         ];
-        let args = serde_json::json!([3, {"b": 1, "a": "x"}]);
         for context in &contexts {
             let header = RunHeader::new(context.clone());
             for status in [
@@ -299,18 +281,8 @@ mod tests {
                 FlowStatus::Failed,
             ] {
                 for (i, text) in texts.iter().enumerate() {
-                    let key = match i {
-                        0 => None,
-                        1 => Some(CacheKey::Md5("0123456789abcdef0123456789abcdef".into())),
-                        _ => Some(CacheKey::Args(args.clone())),
-                    };
-                    let expected_key = match &key {
-                        None => None,
-                        Some(CacheKey::Md5(m)) => Some(m.clone()),
-                        Some(CacheKey::Args(a)) => {
-                            Some(pinazu_shared::cache::original_md5("sq\"uare", a))
-                        }
-                    };
+                    let key = (i > 0).then(|| "0123456789abcdef0123456789abcdef".to_string());
+                    let expected_key = key.clone();
                     let t = TaskTransition {
                         flow_run_id: FlowRunId::new(),
                         task: "sq\"uare",

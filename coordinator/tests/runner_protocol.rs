@@ -41,7 +41,7 @@ fn same(a: &Map<String, Value>, b: &Map<String, Value>) -> bool {
     a == b
 }
 
-fn never_invoked(_: Bytes) -> BoxFuture<'static, Result<Bytes, ErrorInfo>> {
+fn never_invoked(_: Bytes, _: bool) -> BoxFuture<'static, pinazu_shared::registry::Invoked> {
     Box::pin(async { unreachable!("the scripted agent never runs task bodies") })
 }
 
@@ -154,6 +154,7 @@ fn finished(s: &SpawnTask, outcome: Result<Bytes, ErrorInfo>) -> AttemptFinished
         outcome,
         result_ref: None,
         elapsed_us: 1,
+        result_cache_key: None,
     }
 }
 
@@ -330,6 +331,7 @@ async fn a_task_that_requires_labels_goes_only_to_an_agent_that_has_them() {
         outcome: ok(49),
         result_ref: None,
         elapsed_us: 1,
+        result_cache_key: None,
     });
     assert_eq!(run.wait().await.result, Some(json!(49)));
 }
@@ -451,6 +453,7 @@ async fn a_result_an_earlier_coordinator_dispatched_answers_the_call_without_run
         outcome: ok(11),
         result_ref: None,
         elapsed_us: 1,
+        result_cache_key: None,
     });
     let out = tokio::time::timeout(Duration::from_secs(10), run.wait())
         .await
@@ -489,6 +492,7 @@ async fn an_attempt_an_earlier_coordinator_dispatched_is_re_attached_and_its_res
         outcome: ok(13),
         result_ref: None,
         elapsed_us: 1,
+        result_cache_key: None,
     });
     let out = tokio::time::timeout(Duration::from_secs(10), run.wait())
         .await
@@ -659,6 +663,7 @@ async fn an_attempt_no_agent_can_run_does_not_block_the_ones_behind_it() {
         outcome: ok(4),
         result_ref: None,
         elapsed_us: 1,
+        result_cache_key: None,
     });
     assert_eq!(run.wait().await.result, Some(json!([true, 4])));
 }

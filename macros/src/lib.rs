@@ -468,10 +468,24 @@ fn expand_task(opts: TaskOpts, mut func: ItemFn) -> syn::Result<TokenStream2> {
         #[doc(hidden)]
         fn #invoke_ident(
             args: ::pinazu_flows::__private::Bytes,
-        ) -> ::pinazu_flows::__private::BoxFuture<'static, ::core::result::Result<::pinazu_flows::__private::Bytes, ::pinazu_flows::__private::ErrorInfo>> {
+            want_key: bool,
+        ) -> ::pinazu_flows::__private::BoxFuture<'static, ::pinazu_flows::__private::Invoked> {
             ::std::boxed::Box::pin(async move {
-                let (#(#arg_names,)*): (#(#tys,)*) = ::pinazu_flows::__private::decode_args(#name, &args)?;
-                match #body_ident(#(#arg_names),*).await {
+                let (#(#arg_names,)*): (#(#tys,)*) = match ::pinazu_flows::__private::decode_args(#name, &args) {
+                    ::core::result::Result::Ok(a) => a,
+                    ::core::result::Result::Err(e) => {
+                        return ::pinazu_flows::__private::Invoked {
+                            outcome: ::core::result::Result::Err(e),
+                            cache_key: ::core::option::Option::None,
+                        }
+                    }
+                };
+                let cache_key = if want_key {
+                    ::pinazu_flows::__private::args_md5(#name, &(#(&#arg_names,)*))
+                } else {
+                    ::core::option::Option::None
+                };
+                let outcome = match #body_ident(#(#arg_names),*).await {
                     ::core::result::Result::Ok(v) => ::pinazu_flows::__private::encode_ok(#name, &v),
                     ::core::result::Result::Err(e) => {
                         #[allow(unused_imports)]
@@ -485,7 +499,8 @@ fn expand_task(opts: TaskOpts, mut func: ItemFn) -> syn::Result<TokenStream2> {
                             .with_payload(payload),
                         )
                     }
-                }
+                };
+                ::pinazu_flows::__private::Invoked { outcome, cache_key }
             })
         }
 

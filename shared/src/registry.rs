@@ -34,8 +34,18 @@ impl fmt::Display for Source {
     }
 }
 
-/// Runs a task attempt: MessagePack argument tuple in, MessagePack result out.
-pub type TaskInvoke = fn(Bytes) -> BoxFuture<'static, Result<Bytes, ErrorInfo>>;
+/// Runs a task attempt: MessagePack argument tuple in (and whether to compute the call's
+/// MD5 cache key), MessagePack result out.
+pub type TaskInvoke = fn(Bytes, bool) -> BoxFuture<'static, Invoked>;
+
+/// What an attempt's body gave.
+#[derive(Debug)]
+pub struct Invoked {
+    /// MessagePack result, or the error.
+    pub outcome: Result<Bytes, ErrorInfo>,
+    /// The call's MD5 cache key, when asked for (and the arguments are JSON-able).
+    pub cache_key: Option<String>,
+}
 
 /// Starts a flow body from named JSON parameters.
 pub type FlowInvoke = fn(Map<String, Value>) -> Result<FlowStart, ParamError>;
@@ -249,6 +259,14 @@ impl Registry {
 }
 
 // ---- helpers called by the code `#[task]` and `#[flow]` generate ----
+
+/// The original library's MD5 cache key of a call, from its typed arguments (`None`
+/// when they have no JSON form, e.g. a map with non-string keys).
+pub fn args_md5<A: Serialize>(task: &str, args: &A) -> Option<String> {
+    serde_json::to_value(args)
+        .ok()
+        .map(|v| crate::cache::original_md5(task, &v))
+}
 
 /// Decodes a task's MessagePack argument tuple.
 pub fn decode_args<A: DeserializeOwned>(task: &str, args: &[u8]) -> Result<A, ErrorInfo> {

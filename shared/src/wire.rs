@@ -31,6 +31,10 @@ pub struct SpawnTask {
     /// Labels (`k=v`) an agent must have to run this task.
     #[serde(default)]
     pub requires: Vec<(String, String)>,
+    /// Compute the call's MD5 cache key with the result (for its SUCCESS event): the
+    /// agent has the arguments decoded already, and spares the coordinator the work.
+    #[serde(default)]
+    pub want_key: bool,
 }
 
 /// Agent -> coordinator: an attempt started executing.
@@ -64,6 +68,10 @@ pub struct AttemptFinished {
     pub result_ref: Option<String>,
     /// How long the attempt ran, in microseconds.
     pub elapsed_us: u64,
+    /// The call's MD5 cache key (the original library's), computed by the agent from
+    /// the decoded arguments when the attempt asked for it (`SpawnTask::want_key`).
+    #[serde(default)]
+    pub result_cache_key: Option<String>,
 }
 
 /// An agent's advertisement: what it runs and how much at once.
