@@ -122,7 +122,12 @@ impl StoreSpec {
             StoreSpec::Local(dir) => {
                 // a directory that cannot be written is a start-up error, not a run of
                 // warnings
-                let probe = dir.join(".pinazu-write-probe");
+                // a name of its own: processes sharing the directory probe it at once
+                let probe = dir.join(format!(
+                    ".pinazu-write-probe-{}-{}",
+                    std::process::id(),
+                    uuid::Uuid::new_v4().simple()
+                ));
                 std::fs::create_dir_all(dir)
                     .and_then(|_| std::fs::write(&probe, b"ok"))
                     .and_then(|_| std::fs::remove_file(&probe))

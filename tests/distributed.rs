@@ -136,11 +136,22 @@ impl Cluster {
     }
 
     fn wait_agents(&self, n: usize) {
-        wait_until(Duration::from_secs(20), &format!("{n} live agents"), || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
             let out = self.output(&["agents", "--json"]);
-            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-            (v.as_array()?.len() == n).then_some(())
-        });
+            let v: Option<Value> = serde_json::from_slice(&out.stdout).ok();
+            if v.as_ref().and_then(Value::as_array).map(Vec::len) == Some(n) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after 30 s waiting for {n} live agents; last answer: {}{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Starts `run ...` in the background with its stdout piped.

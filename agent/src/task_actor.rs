@@ -39,17 +39,17 @@ pub struct TaskState {
     spawn: SpawnTask,
     def: &'static TaskDef,
     started: Instant,
-    /// What `task_context()` answers inside the attempt (taken when it starts).
-    context: Option<TaskContext>,
-    outcome: Option<Result<bytes::Bytes, ErrorInfo>>,
-    /// The call's MD5 cache key, when the coordinator asked for it.
-    cache_key: Option<String>,
+    /// The agent running it (for `task_context()`; taken when the attempt starts). The
+    /// state is part of the actor's spawned future: it is kept small.
+    agent_id: Option<AgentId>,
+    /// The body's outcome and, when asked for, the call's MD5 cache key.
+    invoked: Option<Invoked>,
 }
 
 impl TaskState {
     /// The report of the ended attempt (`None` if it never ran to an outcome).
     pub fn into_report(self, agent_id: AgentId) -> Option<AttemptFinished> {
-        let outcome = self.outcome?;
+        let Invoked { outcome, cache_key } = self.invoked?;
         Some(AttemptFinished {
             flow_run_id: self.spawn.flow_run_id,
             call_id: self.spawn.call_id,
@@ -58,7 +58,7 @@ impl TaskState {
             outcome,
             result_ref: None,
             elapsed_us: self.started.elapsed().as_micros() as u64,
-            result_cache_key: self.cache_key,
+            result_cache_key: cache_key,
         })
     }
 }
@@ -90,21 +90,12 @@ impl Actor for TaskActor {
             agent = %agent_id,
             "attempt started"
         );
-        let context = TaskContext {
-            flow_run_id: spawn.flow_run_id,
-            call_id: spawn.call_id,
-            attempt_id: spawn.attempt_id,
-            attempt: spawn.attempt,
-            task: spawn.task.clone(),
-            agent_id,
-        };
         Ok(TaskState {
             spawn,
             def,
             started: Instant::now(),
-            context: Some(context),
-            outcome: None,
-            cache_key: None,
+            agent_id: Some(agent_id),
+            invoked: None,
         })
     }
 
@@ -114,9 +105,17 @@ impl Actor for TaskActor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         // set in pre_start; taken once
-        let Some(ctx) = state.context.take() else {
+        let Some(agent_id) = state.agent_id.take() else {
             myself.stop(None);
             return Ok(());
+        };
+        let ctx = TaskContext {
+            flow_run_id: state.spawn.flow_run_id,
+            call_id: state.spawn.call_id,
+            attempt_id: state.spawn.attempt_id,
+            attempt: state.spawn.attempt,
+            task: state.spawn.task.clone(),
+            agent_id,
         };
         let body = (state.def.invoke)(state.spawn.args.clone(), state.spawn.want_key);
         let fut = AssertUnwindSafe(TASK_CONTEXT.scope(ctx, body)).catch_unwind();
@@ -134,12 +133,10 @@ impl Actor for TaskActor {
             },
             None => fut.await,
         };
-        let invoked = invoked.unwrap_or_else(|payload| Invoked {
+        state.invoked = Some(invoked.unwrap_or_else(|payload| Invoked {
             outcome: Err(ErrorInfo::from_panic(&*payload)),
             cache_key: None,
-        });
-        state.outcome = Some(invoked.outcome);
-        state.cache_key = invoked.cache_key;
+        }));
         myself.stop(None);
         Ok(())
     }

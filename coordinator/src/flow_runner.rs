@@ -237,7 +237,11 @@ impl RunnerState {
                 flow_run_id: self.flow_run_id,
                 status,
                 error_message: error.map(|e| e.to_string()),
-                traceback: error.map(|e| e.traceback.clone().unwrap_or_else(|| e.to_string())),
+                traceback: error.map(|e| {
+                    e.traceback
+                        .as_deref()
+                        .map_or_else(|| e.to_string(), String::from)
+                }),
                 event_timestamp: now_timestamp(),
             },
         ));
@@ -522,7 +526,7 @@ impl RunnerState {
                 }
                 if let Some(call) = self.calls.get_mut(&f.call_id) {
                     if call.md5.is_none() {
-                        call.md5 = f.result_cache_key.clone();
+                        call.md5 = f.result_cache_key.as_deref().map(String::from);
                     }
                 }
                 if let Some(call) = self.calls.get(&f.call_id) {
@@ -544,7 +548,7 @@ impl RunnerState {
                         "attempt {attempt} failed: {info}; retry {} of {} in {delay:?}",
                         call.failures, policy.retries
                     );
-                    let traceback = info.traceback.clone();
+                    let traceback = info.traceback.as_deref().map(String::from);
                     self.task_event(task.name, FlowStatus::Pending, None, Some(note), traceback);
                     schedule_retry(myself.clone(), f.call_id, delay);
                 } else {
@@ -554,7 +558,7 @@ impl RunnerState {
                         FlowStatus::Failed,
                         None,
                         Some(info.to_string()),
-                        info.traceback.clone(),
+                        info.traceback.as_deref().map(String::from),
                     );
                     self.journal_end(f.call_id, Err(info.clone()), None);
                     self.resolve(
@@ -745,7 +749,7 @@ impl RunnerState {
             status,
             result: result.as_ref().ok().cloned(),
             error: error.as_ref().map(|e| e.to_string()),
-            traceback: error.and_then(|e| e.traceback),
+            traceback: error.and_then(|e| e.traceback.map(String::from)),
             stats: snap,
         };
         // the run has ended and its journal is durable: its id is free again (before

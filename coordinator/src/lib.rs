@@ -23,3 +23,33 @@ pub use flow_runner::Seeds;
 pub use scheduler::SchedulerTiming;
 pub use stats::{RunStats, StatsSnapshot};
 pub use status::{CollectingSink, EventSink, LogSink};
+#[cfg(test)]
+mod size_probe {
+    #[test]
+    fn sizes() {
+        eprintln!(
+            "FlowRunnerMsg {}",
+            std::mem::size_of::<crate::flow_runner::FlowRunnerMsg>()
+        );
+        eprintln!(
+            "AttemptFinished {}",
+            std::mem::size_of::<pinazu_shared::wire::AttemptFinished>()
+        );
+        eprintln!(
+            "Report {}",
+            std::mem::size_of::<pinazu_shared::wire::Report>()
+        );
+        eprintln!(
+            "SpawnTask {}",
+            std::mem::size_of::<pinazu_shared::wire::SpawnTask>()
+        );
+        eprintln!(
+            "ErrorInfo {}",
+            std::mem::size_of::<pinazu_shared::error::ErrorInfo>()
+        );
+        eprintln!(
+            "SchedulerMsg {}",
+            std::mem::size_of::<crate::scheduler::SchedulerMsg>()
+        );
+    }
+}

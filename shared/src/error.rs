@@ -45,14 +45,22 @@ pub struct ErrorInfo {
     /// One line, suitable for `error_message`.
     pub message: String,
     /// The error chain (Debug of the error; for `anyhow` the "Caused by" list).
-    pub traceback: Option<String>,
-    /// The Rust type of the task's error value, when it could be kept (see `payload`).
+    /// (`Box<str>`: an error travels in every failed attempt's report; kept small.)
+    pub traceback: Option<Box<str>>,
+    /// The task's error value itself, when its type is serde-serialisable: the flow
+    /// gets it back typed with [`TaskError::downcast`]. (Boxed: rare, and an error
+    /// travels inside every attempt report, which stays small.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error_type: Option<String>,
-    /// The task's error value itself (MessagePack), when its type is serde-serialisable:
-    /// the flow gets it back typed with [`TaskError::downcast`].
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub payload: Option<bytes::Bytes>,
+    pub value: Option<Box<ErrorValueData>>,
+}
+
+/// A task's error value, kept typed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorValueData {
+    /// The Rust type of the value (`std::any::type_name`).
+    pub type_name: String,
+    /// The value, MessagePack.
+    pub bytes: bytes::Bytes,
 }
 
 impl ErrorInfo {
@@ -62,8 +70,7 @@ impl ErrorInfo {
             kind,
             message: message.into(),
             traceback: None,
-            error_type: None,
-            payload: None,
+            value: None,
         }
     }
 
@@ -88,10 +95,9 @@ impl ErrorInfo {
         let debug = format!("{e:?}");
         ErrorInfo {
             kind,
-            traceback: (debug != message).then(|| cut(debug, MAX_TRACEBACK)),
+            traceback: (debug != message).then(|| cut(debug, MAX_TRACEBACK).into_boxed_str()),
             message: cut(message, MAX_MESSAGE),
-            error_type: None,
-            payload: None,
+            value: None,
         }
     }
 
@@ -100,8 +106,10 @@ impl ErrorInfo {
     /// and chain still are).
     pub fn with_payload(mut self, payload: Option<(&'static str, bytes::Bytes)>) -> Self {
         if let Some((ty, bytes)) = payload.filter(|(_, b)| b.len() <= MAX_PAYLOAD) {
-            self.error_type = Some(ty.to_string());
-            self.payload = Some(bytes);
+            self.value = Some(Box::new(ErrorValueData {
+                type_name: ty.to_string(),
+                bytes,
+            }));
         }
         self
     }
@@ -109,18 +117,21 @@ impl ErrorInfo {
     /// About how many bytes this error takes in a message.
     pub fn size(&self) -> usize {
         self.message.len()
-            + self.traceback.as_ref().map_or(0, String::len)
-            + self.error_type.as_ref().map_or(0, String::len)
-            + self.payload.as_ref().map_or(0, |p| p.len())
+            + self.traceback.as_ref().map_or(0, |t| t.len())
+            + self
+                .value
+                .as_ref()
+                .map_or(0, |v| v.type_name.len() + v.bytes.len())
     }
 
     /// The task's error value as `E`, if the task's error type was `E` and serde could
     /// keep it.
     pub fn downcast<E: serde::de::DeserializeOwned>(&self) -> Option<E> {
-        if self.error_type.as_deref() != Some(std::any::type_name::<E>()) {
+        let value = self.value.as_ref()?;
+        if value.type_name != std::any::type_name::<E>() {
             return None;
         }
-        rmp_serde::from_slice(self.payload.as_deref()?).ok()
+        rmp_serde::from_slice(&value.bytes).ok()
     }
 }
 

@@ -44,7 +44,7 @@ pub struct Invoked {
     /// MessagePack result, or the error.
     pub outcome: Result<Bytes, ErrorInfo>,
     /// The call's MD5 cache key, when asked for (and the arguments are JSON-able).
-    pub cache_key: Option<String>,
+    pub cache_key: Option<Box<str>>,
 }
 
 /// Starts a flow body from named JSON parameters.
@@ -262,10 +262,10 @@ impl Registry {
 
 /// The original library's MD5 cache key of a call, from its typed arguments (`None`
 /// when they have no JSON form, e.g. a map with non-string keys).
-pub fn args_md5<A: Serialize>(task: &str, args: &A) -> Option<String> {
+pub fn args_md5<A: Serialize>(task: &str, args: &A) -> Option<Box<str>> {
     serde_json::to_value(args)
         .ok()
-        .map(|v| crate::cache::original_md5(task, &v))
+        .map(|v| crate::cache::original_md5(task, &v).into_boxed_str())
 }
 
 /// Decodes a task's MessagePack argument tuple.

@@ -70,8 +70,9 @@ pub struct AttemptFinished {
     pub elapsed_us: u64,
     /// The call's MD5 cache key (the original library's), computed by the agent from
     /// the decoded arguments when the attempt asked for it (`SpawnTask::want_key`).
+    /// (`Box<str>`: this struct travels in every attempt report; kept small.)
     #[serde(default)]
-    pub result_cache_key: Option<String>,
+    pub result_cache_key: Option<Box<str>>,
 }
 
 /// An agent's advertisement: what it runs and how much at once.
