@@ -15,19 +15,25 @@ async fn square(i: u64, work_ms: u64) -> anyhow::Result<u64> {
     if work_ms > 0 {
         tokio::time::sleep(Duration::from_millis(work_ms)).await;
     }
-    Ok(i * i)
+    i.checked_mul(i)
+        .ok_or_else(|| anyhow::anyhow!("{i} squared does not fit in 64 bits"))
 }
 
-/// The sum of the squares of 0..n, each computed by its own task call.
+/// The sum of the squares of 0..n, each computed by its own task call (exact: a JSON
+/// number up to 2^64, the decimal digits as a string above).
 #[flow]
-async fn parallel_flow(n: u64, #[default(0)] work_ms: u64) -> anyhow::Result<u64> {
+async fn parallel_flow(n: u64, #[default(0)] work_ms: u64) -> anyhow::Result<serde_json::Value> {
     // `map` keeps at most 10,000 calls in flight, so n can be in the millions.
     let squares = pinazu_flows::map(0..n, 10_000, |i| square(i, work_ms)).await;
-    let mut sum = 0u64;
+    // in 128 bits: from n of about 3.8 million on, the sum no longer fits in 64
+    let mut sum = 0u128;
     for s in squares {
-        sum += s?;
+        sum += u128::from(s?);
     }
-    Ok(sum)
+    Ok(match u64::try_from(sum) {
+        Ok(small) => serde_json::json!(small),
+        Err(_) => serde_json::json!(sum.to_string()),
+    })
 }
 
 fn main() -> std::process::ExitCode {

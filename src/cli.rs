@@ -41,10 +41,10 @@ pub struct Cli {
     #[command(flatten)]
     pub run: RunArgs,
     /// In-process agents (embedded mode); default one per core.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_parser = crate::cli::at_least_one, allow_negative_numbers = true)]
     pub agents: Option<u32>,
     /// Attempts each in-process agent runs at once (embedded mode).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 4, value_parser = crate::cli::at_least_one, allow_negative_numbers = true)]
     pub slots: u32,
     /// Labels of the in-process agents, `k=v` (repeat or comma separate); default: every
     /// label some task requires, so every task runs embedded.
@@ -154,11 +154,57 @@ pub struct NatsArgs {
     /// TLS client key (PEM).
     #[arg(long, global = true, env = "NATS_TLS_KEY")]
     pub nats_tls_key: Option<PathBuf>,
+    /// How long to wait for a NATS server that does not answer yet (retrying with
+    /// backoff): a duration, or `forever`. Default: forever for `coordinator` and
+    /// `agent` (services: start order does not matter), 5s for the others.
+    #[arg(long, global = true, env = "PINAZU_CONNECT_TIMEOUT", value_parser = parse_wait)]
+    pub connect_timeout: Option<Wait>,
 }
 
+/// A bound on a wait: a duration, or for ever.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// This long at most.
+    At(std::time::Duration),
+    /// Until it happens.
+    Forever,
+}
+
+/// A count of at least one (agents, slots), with an error in words otherwise.
+pub(crate) fn at_least_one(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<i64>() {
+        Ok(n) if n >= 1 && n <= u32::MAX as i64 => Ok(n as u32),
+        Ok(n) if n < 1 => Err(format!(
+            "must be at least 1 (got {n}): it is how many run at once"
+        )),
+        Ok(n) => Err(format!("{n} is too large")),
+        Err(_) => Err(format!("{s:?} is not a whole number")),
+    }
+}
+
+fn parse_wait(s: &str) -> Result<Wait, String> {
+    match s.trim() {
+        "forever" | "inf" | "never" => Ok(Wait::Forever),
+        d => humantime::parse_duration(d)
+            .map(Wait::At)
+            .map_err(|e| format!("{e} (a duration such as 30s or 5m, or `forever`)")),
+    }
+}
+
+/// The default wait for NATS at start-up: for ever for the long-running services, a few
+/// seconds for everything a person (or Pinazu Core) waits on.
+const CLIENT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl NatsArgs {
-    fn config(&self, url: &str, name: &str) -> NatsConfig {
+    fn config(&self, url: &str, name: &str, service: bool) -> NatsConfig {
+        let connect_timeout = match self.connect_timeout {
+            Some(Wait::At(d)) => Some(d),
+            Some(Wait::Forever) => None,
+            None if service => None,
+            None => Some(CLIENT_CONNECT_TIMEOUT),
+        };
         NatsConfig {
+            connect_timeout,
             urls: url.to_string(),
             user: self.nats_user.clone(),
             password: self.nats_password.clone(),
@@ -175,6 +221,26 @@ impl NatsArgs {
     fn subjects(&self) -> Subjects {
         Subjects::new(&self.subject_prefix)
     }
+}
+
+/// The flags `cache` uses, for its help (they are global flags of the app).
+#[derive(Args, Debug)]
+struct StoreHelp {
+    /// The object store: `s3://bucket/prefix` or a directory. Default: S3 bucket
+    /// `CACHE_BUCKET` when `ENABLE_S3_CACHING=true`, else --cache-dir.
+    #[arg(long, global = true, env = "PINAZU_STORE")]
+    store: Option<String>,
+    /// Directory of the local cache store.
+    #[arg(
+        long,
+        global = true,
+        env = "PINAZU_CACHE_DIR",
+        default_value = ".pinazu/cache"
+    )]
+    cache_dir: PathBuf,
+    /// Log level (error, warn, info, debug, trace).
+    #[arg(long, global = true, env = "LOG_LEVEL")]
+    log_level: Option<String>,
 }
 
 /// The roles and operator commands.
@@ -196,6 +262,8 @@ pub enum Command {
     Agents(crate::distributed::ListArgs),
     /// Manage the result cache (no coordinator needed).
     Cache(crate::distributed::CacheArgs),
+    /// Show or remove a run's journal (the local one, and JetStream's with NATS_URL).
+    Journal(crate::distributed::JournalArgs),
 }
 
 /// Splits the raw arguments into the ones clap knows and flow parameters (`--key=value`
@@ -323,11 +391,15 @@ pub struct FinalLine<'a> {
 
 /// The final stdout line of a run, as text.
 pub fn final_line(outcome: &FlowRunOutcome) -> String {
+    let error = outcome
+        .error
+        .as_deref()
+        .map(|e| pinazu_shared::redact::redact(e).into_owned());
     let line = FinalLine {
         flow_run_id: outcome.flow_run_id,
         status: outcome.status,
         result: &outcome.result,
-        error: &outcome.error,
+        error: &error,
         stats: &outcome.stats,
     };
     serde_json::to_string(&line).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
@@ -349,13 +421,14 @@ pub(crate) fn write_out(args: std::fmt::Arguments) {
 }
 
 pub(crate) fn usage_error(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("error: {msg}");
+    eprintln!("error: {}", pinazu_shared::redact::redact(&msg.to_string()));
     ExitCode::from(2)
 }
 
 /// A run that could not start still ends with the final JSON line (status FAILED), so
 /// whoever reads stdout learns why; the exit code is 2.
 pub(crate) fn rejected(flow_run_id: FlowRunId, flow: &str, e: impl std::fmt::Display) -> ExitCode {
+    let e = pinazu_shared::redact::redact(&e.to_string()).into_owned();
     eprintln!("error: {e}");
     failed_line(flow_run_id, flow, e)
 }
@@ -367,7 +440,7 @@ fn failed_line(flow_run_id: FlowRunId, flow: &str, e: impl std::fmt::Display) ->
         flow: flow.to_string(),
         status: FlowStatus::Failed,
         result: None,
-        error: Some(e.to_string()),
+        error: Some(pinazu_shared::redact::redact(&e.to_string()).into_owned()),
         traceback: None,
         stats: Default::default(),
     };
@@ -494,7 +567,7 @@ pub fn app_command(registry: Option<&Registry>) -> clap::Command {
         .unwrap_or((env!("CARGO_PKG_NAME"), lib));
     let flows = registry.map(flows_help).unwrap_or_default();
     let run_help = flows.clone();
-    Cli::command()
+    let cmd = Cli::command()
         .mut_subcommand("run", |sc| sc.after_help(run_help))
         .name(bin.clone())
         .bin_name(bin.clone())
@@ -505,7 +578,8 @@ pub fn app_command(registry: Option<&Registry>) -> clap::Command {
         ))
         .after_help(format!(
             "{flows}Flow parameters: --name=VALUE (read as the parameter's type: JSON where that fits, else the text itself) or --input '<json object>'."
-        ))
+        ));
+    cmd
 }
 
 /// The flows and their parameters, for `--help` and `--list`.
@@ -568,8 +642,24 @@ fn list(registry: &Registry) {
 
 /// Parses the process arguments and runs the app.
 pub fn main() -> ExitCode {
+    // secrets of the environment never reach a log line or a message
+    pinazu_shared::redact::register_env();
     let (clap_args, params) = split_args(std::env::args());
     let registry = Registry::global();
+    // `cache --help`: the flags the cache commands use, not every global one
+    if clap_args.get(1).map(String::as_str) == Some("cache")
+        && clap_args.iter().any(|a| a == "--help" || a == "-h")
+    {
+        let help = <crate::distributed::CacheArgs as clap::Args>::augment_args(
+            <StoreHelp as clap::Args>::augment_args(clap::Command::new("cache"))
+                .bin_name(format!("{} cache", clap_args[0]))
+                .about("Manage the result cache (no coordinator needed)"),
+        );
+        match help.try_get_matches_from(clap_args.iter().skip(1)) {
+            Err(e) => e.exit(),
+            Ok(_) => return ExitCode::SUCCESS,
+        }
+    }
     let embedded = !clap_args.iter().skip(1).any(|a| {
         Cli::command()
             .get_subcommands()
@@ -585,6 +675,12 @@ pub fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
+    for secret in [&cli.nats.nats_password, &cli.nats.nats_token]
+        .into_iter()
+        .flatten()
+    {
+        pinazu_shared::redact::register(secret);
+    }
     let is_agent = matches!(cli.command, Some(Command::Agent(_)));
     logging::init(cli.log_level.as_deref(), cli.log_format, is_agent);
 
@@ -618,9 +714,10 @@ pub fn main() -> ExitCode {
 fn bad_command_line(e: clap::Error) -> ExitCode {
     let _ = e.print();
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-    let Some(Ok(flow_run_id)) = env("FLOW_RUN_ID").map(|v| FlowRunId::parse(&v, "FLOW_RUN_ID"))
-    else {
-        return ExitCode::from(2);
+    let flow_run_id = match env("FLOW_RUN_ID").map(|v| FlowRunId::parse(&v, "FLOW_RUN_ID")) {
+        Some(Ok(id)) => id,
+        Some(Err(_)) => return ExitCode::from(2),
+        None => FlowRunId::new(),
     };
     let message = e
         .render()
@@ -647,6 +744,7 @@ fn bad_command_line(e: clap::Error) -> ExitCode {
     let code = rt.block_on(async {
         if let Some(url) = env("NATS_URL") {
             let config = NatsConfig {
+                connect_timeout: Some(CLIENT_CONNECT_TIMEOUT),
                 urls: url,
                 user: env("NATS_USER"),
                 password: env("NATS_PASSWORD"),
@@ -692,8 +790,12 @@ pub(crate) async fn try_connect(
     url: &str,
     name: &str,
 ) -> Result<async_nats::Client, String> {
+    let service = matches!(
+        cli.command,
+        Some(Command::Coordinator(_)) | Some(Command::Agent(_))
+    );
     cli.nats
-        .config(url, name)
+        .config(url, name, service)
         .connect()
         .await
         .map_err(|e| e.to_string())

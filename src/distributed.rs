@@ -61,7 +61,7 @@ pub enum JournalBackend {
 #[derive(Args, Debug, Clone)]
 pub struct AgentArgs {
     /// Attempts this agent runs at once.
-    #[arg(long, env = "PINAZU_SLOTS", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "PINAZU_SLOTS", default_value_t = 4, value_parser = crate::cli::at_least_one, allow_negative_numbers = true)]
     pub slots: u32,
     /// Labels tasks may require, `k=v` (repeat or comma separate).
     #[arg(long, value_delimiter = ',')]
@@ -120,6 +120,9 @@ pub(crate) async fn run_command(
     if let Command::Cache(a) = cmd {
         return cache(cli, a).await;
     }
+    if let Command::Journal(a) = cmd {
+        return journal(cli, a).await;
+    }
     let url = match require_nats(cli) {
         Ok(u) => u,
         Err(code) => return code,
@@ -132,7 +135,215 @@ pub(crate) async fn run_command(
         Command::Cancel(a) => one_run(cli, a, &url, true).await,
         Command::Runs(a) => list(cli, a, &url, true).await,
         Command::Agents(a) => list(cli, a, &url, false).await,
-        Command::Cache(_) => unreachable!("handled above"),
+        Command::Cache(_) | Command::Journal(_) => unreachable!("handled above"),
+    }
+}
+
+/// `journal` commands.
+#[derive(Args, Debug, Clone)]
+pub struct JournalArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub action: JournalAction,
+}
+
+/// Journal actions.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum JournalAction {
+    /// Print a run's journal entries.
+    Show {
+        /// The run id.
+        flow_run_id: String,
+        /// One JSON object per entry.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a run's journal: the id is forgotten (its next start runs everything).
+    Rm {
+        /// The run id.
+        flow_run_id: String,
+    },
+}
+
+/// The journals a run may be in: the local directory, and JetStream when NATS_URL is
+/// set (embedded runs journal locally, the coordinator in JetStream).
+async fn journals(
+    cli: &Cli,
+) -> Result<Vec<(String, Arc<dyn pinazu_coordinator::journal::Journal>)>, ExitCode> {
+    let mut found: Vec<(String, Arc<dyn pinazu_coordinator::journal::Journal>)> = Vec::new();
+    if cli.journal_dir.is_dir() {
+        let local = pinazu_coordinator::journal::LocalJournal::open(&cli.journal_dir)
+            .map_err(usage_error)?;
+        found.push((
+            format!("dir:{}", cli.journal_dir.display()),
+            Arc::new(local),
+        ));
+    }
+    if let Some(url) = cli
+        .nats
+        .nats_url
+        .as_deref()
+        .filter(|u| !u.trim().is_empty())
+    {
+        let client = connect(cli, url, "pinazu-cli").await?;
+        let subjects = nats_subjects(cli);
+        let js = pinazu_coordinator::journal_js::JetStreamJournal::open(client, subjects.prefix())
+            .await
+            .map_err(usage_error)?;
+        found.push((
+            format!("JetStream ({} streams)", subjects.prefix()),
+            Arc::new(js),
+        ));
+    }
+    Ok(found)
+}
+
+async fn journal(cli: &Cli, a: &JournalArgs) -> ExitCode {
+    let (raw, show_json) = match &a.action {
+        JournalAction::Show { flow_run_id, json } => (flow_run_id, Some(*json)),
+        JournalAction::Rm { flow_run_id } => (flow_run_id, None),
+    };
+    let id = match FlowRunId::parse(raw, "the RUN argument") {
+        Ok(id) => id,
+        Err(e) => return usage_error(e),
+    };
+    let journals = match journals(cli).await {
+        Ok(j) => j,
+        Err(code) => return code,
+    };
+    let mut any = false;
+    for (place, j) in journals {
+        match show_json {
+            Some(json) => {
+                let entries = match j.read(id).await {
+                    Ok(e) => e,
+                    Err(e) => return usage_error(format!("{place}: {e}")),
+                };
+                if entries.is_empty() {
+                    continue;
+                }
+                any = true;
+                if !json {
+                    out!(
+                        "journal of flow run {id} in {place}: {} entries",
+                        entries.len()
+                    );
+                }
+                for (i, e) in entries.iter().enumerate() {
+                    let v = journal_entry_json(e);
+                    if json {
+                        out!("{v}");
+                    } else {
+                        out!("  {i:>5}  {}", describe_entry(&v));
+                    }
+                }
+            }
+            None => match j.remove(id).await {
+                Ok(true) => {
+                    any = true;
+                    out!("removed the journal of flow run {id} from {place}");
+                }
+                Ok(false) => {}
+                Err(e) => return usage_error(format!("{place}: {e}")),
+            },
+        }
+    }
+    if any {
+        ExitCode::SUCCESS
+    } else {
+        usage_error(format!(
+            "no journal of flow run {id} (looked in --journal-dir {}{})",
+            cli.journal_dir.display(),
+            if cli.nats.nats_url.is_some() {
+                " and JetStream"
+            } else {
+                "; set NATS_URL to look in the coordinator's JetStream journal too"
+            }
+        ))
+    }
+}
+
+/// A journal entry as JSON for people: results decoded from MessagePack.
+fn journal_entry_json(e: &pinazu_coordinator::journal::JournalEntry) -> Value {
+    use pinazu_coordinator::journal::JournalEntry as E;
+    match e {
+        E::RunStarted {
+            flow,
+            params,
+            idempotency_key,
+            ..
+        } => serde_json::json!({
+            "entry": "RunStarted", "flow": flow, "params": params,
+            "idempotency_key": idempotency_key,
+        }),
+        E::CallEnded {
+            ordinal,
+            call_id,
+            task,
+            outcome,
+            executions,
+            outcome_ref,
+        } => {
+            let (result, error) = match outcome {
+                Ok(bytes) if outcome_ref.is_none() => (
+                    rmp_serde::from_slice::<Value>(bytes)
+                        .unwrap_or_else(|e| Value::String(format!("<undecodable: {e}>"))),
+                    Value::Null,
+                ),
+                Ok(_) => (Value::Null, Value::Null),
+                Err(info) => (Value::Null, Value::String(info.to_string())),
+            };
+            serde_json::json!({
+                "entry": "CallEnded", "ordinal": ordinal, "call_id": call_id.to_string(),
+                "task": task, "ok": outcome.is_ok(), "result": result, "error": error,
+                "result_ref": outcome_ref, "executions": executions,
+            })
+        }
+        E::RunEnded {
+            status, summary, ..
+        } => serde_json::json!({
+            "entry": "RunEnded", "status": status,
+            "error": summary.as_ref().and_then(|s| s.error.clone()),
+        }),
+    }
+}
+
+/// One line per journal entry.
+fn describe_entry(v: &Value) -> String {
+    let cut = |v: &Value| {
+        let mut t = v.to_string();
+        if t.len() > 80 {
+            let mut end = 80;
+            while !t.is_char_boundary(end) {
+                end -= 1;
+            }
+            t.truncate(end);
+            t.push('…');
+        }
+        t
+    };
+    match v["entry"].as_str() {
+        Some("RunStarted") => format!(
+            "RunStarted  flow {}  params {}",
+            v["flow"],
+            cut(&v["params"])
+        ),
+        Some("CallEnded") if v["ok"] == true => format!(
+            "CallEnded   #{} {} ({})  ok  {}",
+            v["ordinal"],
+            v["task"].as_str().unwrap_or(""),
+            v["call_id"].as_str().unwrap_or(""),
+            cut(&v["result"])
+        ),
+        Some("CallEnded") => format!(
+            "CallEnded   #{} {} ({})  FAILED  {}",
+            v["ordinal"],
+            v["task"].as_str().unwrap_or(""),
+            v["call_id"].as_str().unwrap_or(""),
+            v["error"].as_str().unwrap_or("")
+        ),
+        Some("RunEnded") => format!("RunEnded    {}", v["status"].as_str().unwrap_or("")),
+        _ => v.to_string(),
     }
 }
 
@@ -343,15 +554,44 @@ async fn coordinator(
             "resumed unfinished runs from the journal"
         );
     }
-    tracing::info!(nats = url, prefix = subjects.prefix(), flows = ?registry.flow_names(), "coordinator serving");
+    tracing::info!(nats = %pinazu_shared::redact::redact(url), prefix = subjects.prefix(), flows = ?registry.flow_names(), "coordinator serving");
     shutdown_signal().await;
+    arm_stop(Duration::from_secs(15), "coordinator");
     tracing::info!(
         dropped_messages = counters.drops.count(),
         "coordinator stopping"
     );
-    coordinator.flush_events().await;
-    publisher.flush().await;
+    // events already published are delivered, if NATS takes them within seconds
+    let flushed = tokio::time::timeout(Duration::from_secs(5), async {
+        coordinator.flush_events().await;
+        publisher.flush().await;
+    })
+    .await;
+    if flushed.is_err() {
+        tracing::warn!(
+            "could not deliver the last events within 5 s (NATS unreachable); stopping anyway"
+        );
+    }
     ExitCode::SUCCESS
+}
+
+/// After the first stop signal: a second one ends the process at once, and a watchdog
+/// ends it if stopping takes longer than `bound` (nothing may keep a service from
+/// stopping: a supervisor's stop must work).
+fn arm_stop(bound: Duration, what: &'static str) {
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        eprintln!("{what}: second stop signal: exiting now");
+        std::process::exit(130);
+    });
+    std::thread::spawn(move || {
+        std::thread::sleep(bound);
+        eprintln!(
+            "{what}: still stopping after {} s: exiting now",
+            bound.as_secs()
+        );
+        std::process::exit(1);
+    });
 }
 
 /// How long `run` waits for a coordinator to serve before giving up.
@@ -421,7 +661,12 @@ async fn agent(cli: &Cli, a: &AgentArgs, url: &str, registry: &'static Registry)
         heartbeat: AGENT_HEARTBEAT,
         drain_timeout: a.drain_timeout,
     };
-    match serve_agent(client, cfg, shutdown_signal()).await {
+    let bound = a.drain_timeout + Duration::from_secs(10);
+    let stop = async move {
+        shutdown_signal().await;
+        arm_stop(bound, "agent");
+    };
+    match serve_agent(client, cfg, stop).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => usage_error(e),
     }

@@ -82,9 +82,10 @@ pub mod __private {
     pub use pinazu_shared::error::{ErrorInfo, FailureKind, ParamError};
     pub use pinazu_shared::options::{CachePolicy, RetryPolicy, TaskOptions};
     pub use pinazu_shared::registry::{
-        args_md5, decode_args, encode_flow_result, encode_ok, encode_result, param_from_text,
-        param_value, ErrorValue, FlowDef, FlowEntry, FlowStart, Invoked, KeepNothing,
-        KeepSerializable, ParamDef, Params, Same, SameByEq, SameByJson, Source, TaskDef, TaskEntry,
+        args_md5, check_result, decode_args, encode_flow_result, encode_ok, encode_result,
+        param_from_text, param_value, ErrorValue, FlowDef, FlowEntry, FlowStart, Invoked,
+        KeepNothing, KeepSerializable, ParamDef, Params, Same, SameByEq, SameByJson, Source,
+        TaskDef, TaskEntry,
     };
     pub use pinazu_shared::BoxFuture;
     pub use serde_json::{Map, Value};

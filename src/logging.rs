@@ -14,6 +14,23 @@ pub enum LogFormat {
     Json,
 }
 
+/// Stderr with secrets redacted (`pinazu_shared::redact`): the formatter writes each
+/// line in one call, so a secret is never split across writes.
+struct RedactingStderr;
+
+impl std::io::Write for RedactingStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        let clean = pinazu_shared::redact::redact(&text);
+        std::io::stderr().write_all(clean.as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 /// Installs the global subscriber (once; later calls are ignored). Logs go to stderr so
 /// stdout stays the program's output.
 pub fn init(level: Option<&str>, format: Option<LogFormat>, attempt_lines: bool) {
@@ -55,9 +72,10 @@ pub fn init(level: Option<&str>, format: Option<LogFormat>, attempt_lines: bool)
         Ok(f) if f.eq_ignore_ascii_case("json") => LogFormat::Json,
         _ => LogFormat::Console,
     });
+    pinazu_coordinator::status::set_json_logs(format == LogFormat::Json);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| RedactingStderr)
         .with_target(true);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

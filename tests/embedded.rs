@@ -291,7 +291,8 @@ async fn task_error_reaches_the_flow_with_task_attempts_and_last_error() {
     assert_eq!(r["task"], "always_fails");
     assert_eq!(r["attempts"], 3);
     assert_eq!(r["kind"], "error");
-    assert_eq!(r["message"], "writing the report");
+    // the whole chain on one line
+    assert_eq!(r["message"], "writing the report: disk full on attempt 3");
     let tb = r["traceback"].as_str().expect("traceback holds the chain");
     assert!(tb.contains("disk full on attempt 3"), "{tb}");
     assert_eq!(attempts_of(tag).len(), 3);
@@ -715,7 +716,10 @@ async fn retried_then_failed_task_events_carry_the_errors() {
         "{retry_note}"
     );
     let failed = &statuses[6].1;
-    assert_eq!(failed["error_message"], "writing the report");
+    assert_eq!(
+        failed["error_message"],
+        "writing the report: disk full on attempt 3"
+    );
     assert!(failed["traceback"]
         .as_str()
         .unwrap()
@@ -744,6 +748,7 @@ async fn a_replay_that_diverges_from_its_journal_fails_clearly() {
             params: params(json!({"x": 6})),
             idempotency_key: None,
             events: None,
+            started_at_ms: None,
         },
     );
     journal.append(
@@ -1045,4 +1050,70 @@ async fn the_same_parameters_in_another_order_or_spelling_are_the_same_run() {
         .unwrap_err()
         .to_string();
     assert!(other.contains("cannot also be"), "{other}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journaled_result_that_no_longer_decodes_is_dropped_and_the_call_runs_again() {
+    use pinazu_coordinator::journal::{Journal, JournalEntry, LocalJournal};
+    let dir = tempfile::tempdir().unwrap();
+    let journal = Arc::new(LocalJournal::open(dir.path().join("journal")).unwrap());
+    let run_id = FlowRunId::new();
+    // a failed run whose journal holds a string for `square(6)` (a u64): what a bad
+    // cache entry or a changed return type leaves
+    journal.append(
+        run_id,
+        JournalEntry::RunStarted {
+            flow: "one_square".into(),
+            params: params(json!({"x": 6})),
+            idempotency_key: None,
+            events: None,
+            started_at_ms: None,
+        },
+    );
+    let call_id = pinazu_shared::ids::CallId {
+        key: pinazu_shared::ids::CallId::content_key(
+            "square",
+            &rmp_serde::to_vec_named(&(6u64,)).unwrap(),
+        ),
+        seq: 0,
+    };
+    journal.append(
+        run_id,
+        JournalEntry::CallEnded {
+            ordinal: 0,
+            call_id,
+            task: "square".into(),
+            outcome: Ok(bytes::Bytes::from(rmp_serde::to_vec("oops").unwrap())),
+            executions: 1,
+            outcome_ref: None,
+        },
+    );
+    journal.append(
+        run_id,
+        JournalEntry::RunEnded {
+            status: FlowStatus::Failed,
+            summary: None,
+            params: None,
+            result_ref: None,
+            result_lost: false,
+        },
+    );
+    journal.flush().await.unwrap();
+    let rt = Runtime::embedded(RuntimeConfig {
+        agents: 1,
+        cache_dir: dir.path().to_path_buf(),
+        events: CollectingSink::new(),
+        journal: Some(journal),
+        ..RuntimeConfig::default()
+    })
+    .await
+    .unwrap();
+    let out = rt
+        .run("one_square", params(json!({"x": 6})), run_id)
+        .await
+        .unwrap();
+    assert_eq!(out.status, FlowStatus::Success, "{out:?}");
+    assert_eq!(out.result, Some(json!(36)));
+    assert_eq!(out.stats.replayed, 0, "the bad entry answered nothing");
+    assert_eq!(out.stats.executions, 1, "the call ran again");
 }

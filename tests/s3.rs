@@ -501,3 +501,57 @@ fn an_s3_endpoint_unreachable_at_start_runs_uncached_and_is_used_once_it_answers
     let written = walk(&s3.object_path(&format!("result_cache/flow-{id}/tasks/square")));
     assert!(written > 0 && written < 400, "{written} objects");
 }
+
+#[test]
+fn a_brief_s3_outage_while_results_are_written_does_not_fail_the_attempt() {
+    let mut s3 = S3Server::start();
+    let nats = NatsServer::start();
+    let base = |s3: &S3Server, args: &[&str]| {
+        let mut cmd = app("payload_flow");
+        cli_env(s3, &mut cmd);
+        cmd.env("NATS_URL", nats.url())
+            .env("PINAZU_STORE", format!("s3://{S3_BUCKET}/shared"))
+            .args(args);
+        cmd
+    };
+    let coordinator = Proc::spawn("coordinator", base(&s3, &["coordinator"]));
+    let agent = Proc::spawn("agent", base(&s3, &["agent", "--agent-id", "s3-agent"]));
+    wait_until(Duration::from_secs(20), "the agent", || {
+        let out = base(&s3, &["agents", "--json"]).output().ok()?;
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v.as_array()?.len() == 1).then_some(())
+    });
+    // results of 3 MB go through the store, which is down when they are written
+    s3.kill();
+    let mut run = base(&s3, &["run", "--count=2", "--bytes=3000000"]);
+    let run = std::thread::spawn(move || run.output().unwrap());
+    wait_until(
+        Duration::from_secs(20),
+        "the agent to retry the write",
+        || {
+            agent
+                .logs()
+                .contains("retrying for a few seconds")
+                .then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    s3.restart();
+    let out = run.join().unwrap();
+    let line = last_json_line(&out);
+    assert_eq!(
+        line["status"],
+        "SUCCESS",
+        "{line}\n{}\n{}",
+        coordinator.logs(),
+        agent.logs()
+    );
+    // the outage cost no attempt: nothing was retried, each call ran once
+    assert_eq!(line["stats"]["retries"], 0, "{line}");
+    assert_eq!(line["stats"]["executions"], 3, "{line}");
+    assert!(
+        agent.logs().contains("payload stored after retrying"),
+        "{}",
+        agent.logs()
+    );
+}

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
+use pinazu_shared::api::{ApiReply, ApiRequest};
 use pinazu_shared::codec::{decode_envelope, encode_envelope};
 use pinazu_shared::error::{ErrorInfo, FailureKind};
 use pinazu_shared::ids::{AttemptId, FlowRunId};
@@ -18,8 +19,8 @@ use pinazu_shared::store::ObjectStore;
 use pinazu_shared::subjects::Subjects;
 use pinazu_shared::transport::ResultSink;
 use pinazu_shared::wire::{
-    payload_key, AttemptFinished, AttemptStarted, Heartbeat, Report, ReportAck, ReportBatch,
-    RunningAttempt, SpawnTask,
+    payload_key, AgentIdentity, AttemptFinished, AttemptStarted, Heartbeat, Report, ReportAck,
+    ReportBatch, RunningAttempt, SpawnTask,
 };
 
 use crate::agent::{spawn_agent, AgentConfig, AgentMsg};
@@ -186,6 +187,11 @@ pub async fn serve_agent(
 ) -> Result<(), String> {
     let subjects = cfg.subjects.clone();
     let agent_id = cfg.agent.id.clone();
+    let incarnation = fastrand::u64(..);
+    // one process per id: a second one would run every attempt sent to the id twice
+    let whois = claim_id(&client, &subjects, &agent_id, incarnation).await?;
+    // the coordinator's store must be this agent's too (large payloads go through it)
+    check_store(&client, &subjects, &*cfg.store).await?;
     let tracker = Arc::new(Mutex::new(Tracker::default()));
     let idle = Arc::new(Notify::new());
     let (tx, mut rx) = mpsc::unbounded_channel::<Report>();
@@ -199,12 +205,12 @@ pub async fn serve_agent(
     // reports: one task, so their order is kept; batched under load, numbered, and kept
     // until the coordinator acknowledges them
     let outbox = Arc::new(Mutex::new(Outbox {
-        incarnation: fastrand::u64(..),
+        incarnation,
         seq: 0,
         acked: 0,
         kept: VecDeque::new(),
     }));
-    let reporter = {
+    let mut reporter = {
         let client = client.clone();
         let subject = subjects.reports();
         let (store, threshold) = (cfg.store.clone(), cfg.payload_threshold);
@@ -367,13 +373,32 @@ pub async fn serve_agent(
     )
     .await;
     tokio::pin!(shutdown);
+    let (misfit_tx, mut misfit_rx) = mpsc::unbounded_channel::<String>();
     let mut tick = tokio::time::interval(cfg.heartbeat);
     let reports_subject = subjects.reports();
     loop {
         let all = tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => false,
-            _ = hello_now.notified() => true,
+            _ = hello_now.notified() => {
+                // a coordinator (re)started: is its store ours?
+                let (c, s, store, tx) = (client.clone(), subjects.clone(), cfg.store.clone(), misfit_tx.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = check_store(&c, &s, &*store).await {
+                        let _ = tx.send(e);
+                    }
+                });
+                true
+            }
+            Some(e) = misfit_rx.recv() => {
+                spawn_loop.abort();
+                cancel_loop.abort();
+                hello_loop.abort();
+                ack_loop.abort();
+                whois.abort();
+                agent.stop(None);
+                return Err(e);
+            }
         };
         resend(&client, &reports_subject, &outbox, all).await;
         publish(
@@ -384,68 +409,219 @@ pub async fn serve_agent(
         .await;
     }
 
-    // drain: take nothing new, let what runs finish
-    tracing::info!(agent = %agent_id, "draining: finishing running attempts, taking no new ones");
-    publish(
-        &client,
-        hb_subject.clone(),
-        &heartbeat(&cfg, &tracker, true, false),
-    )
-    .await;
-    let deadline = Instant::now() + cfg.drain_timeout;
-    loop {
-        let busy = tracker.lock().map(|t| t.running.len()).unwrap_or(0);
-        if busy == 0 {
-            break;
-        }
-        if Instant::now() >= deadline {
-            tracing::warn!(agent = %agent_id, running = busy, "drain timeout: leaving with attempts still running; the coordinator runs them elsewhere");
-            break;
-        }
-        tokio::select! {
-            _ = idle.notified() => {}
-            _ = tokio::time::sleep(cfg.heartbeat) => {
-                publish(&client, hb_subject.clone(), &heartbeat(&cfg, &tracker, true, false)).await;
-            }
-        }
-    }
-    spawn_loop.abort();
-    cancel_loop.abort();
-    agent.stop(None);
-    sink.close();
-    if tokio::time::timeout(Duration::from_secs(5), reporter)
-        .await
-        .is_err()
-    {
-        tracing::warn!(agent = %agent_id, "reports still pending after 5 s; leaving anyway");
-    }
-    // wait (briefly) for the coordinator to acknowledge the last results, so none is
-    // lost if it restarts right now
-    let ack_deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let pending = outbox.lock().map(|o| o.kept.len()).unwrap_or(0);
-        if pending == 0 {
-            break;
-        }
-        let wait = all_acked.notified();
-        tokio::select! {
-            _ = wait => {}
-            _ = hello_now.notified() => resend(&client, &reports_subject, &outbox, true).await,
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            _ = tokio::time::sleep_until(ack_deadline) => {
-                tracing::warn!(agent = %agent_id, batches = pending, "leaving with reports the coordinator has not acknowledged; their attempts will run again");
+    // drain: take nothing new, let what runs finish, hand over the reports; the drain
+    // timeout bounds all of it (NATS may be down: every wait on it is inside)
+    tracing::info!(agent = %agent_id, timeout_s = cfg.drain_timeout.as_secs(), "draining: finishing running attempts, taking no new ones");
+    let drain = async {
+        publish(
+            &client,
+            hb_subject.clone(),
+            &heartbeat(&cfg, &tracker, true, false),
+        )
+        .await;
+        loop {
+            let busy = tracker.lock().map(|t| t.running.len()).unwrap_or(0);
+            if busy == 0 {
                 break;
             }
+            tokio::select! {
+                _ = idle.notified() => {}
+                _ = tokio::time::sleep(cfg.heartbeat) => {
+                    publish(&client, hb_subject.clone(), &heartbeat(&cfg, &tracker, true, false)).await;
+                }
+            }
         }
+        spawn_loop.abort();
+        cancel_loop.abort();
+        agent.stop(None);
+        sink.close();
+        let _ = (&mut reporter).await;
+        // the coordinator acknowledges the last results, so none is lost if it
+        // restarts right now
+        loop {
+            let pending = outbox.lock().map(|o| o.kept.len()).unwrap_or(0);
+            if pending == 0 {
+                break;
+            }
+            let wait = all_acked.notified();
+            tokio::select! {
+                _ = wait => {}
+                _ = hello_now.notified() => resend(&client, &reports_subject, &outbox, true).await,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                    resend(&client, &reports_subject, &outbox, false).await
+                }
+            }
+        }
+    };
+    let drained = tokio::time::timeout(cfg.drain_timeout, drain).await.is_ok();
+    if !drained {
+        let running = tracker.lock().map(|t| t.running.len()).unwrap_or(0);
+        let pending = outbox.lock().map(|o| o.kept.len()).unwrap_or(0);
+        tracing::warn!(
+            agent = %agent_id,
+            running,
+            unacknowledged_batches = pending,
+            "drain timeout: leaving now; attempts still running and results the coordinator has not acknowledged are lost to this agent (the coordinator runs those calls again)"
+        );
+        spawn_loop.abort();
+        cancel_loop.abort();
+        agent.stop(None);
+        sink.close();
+        reporter.abort();
     }
     hello_loop.abort();
     ack_loop.abort();
-    publish(&client, hb_subject, &heartbeat(&cfg, &tracker, true, true)).await;
-    if let Err(e) = client.flush().await {
-        tracing::warn!(error = %e, "could not flush NATS before exit");
+    whois.abort();
+    // a last word, if NATS takes it within a second
+    let leaving = async {
+        publish(&client, hb_subject, &heartbeat(&cfg, &tracker, true, true)).await;
+        client.flush().await
+    };
+    if !matches!(
+        tokio::time::timeout(Duration::from_secs(1), leaving).await,
+        Ok(Ok(()))
+    ) {
+        tracing::warn!(agent = %agent_id, "could not say goodbye to the coordinator (NATS unreachable); it notices in a few seconds");
     }
-    tracing::info!(agent = %agent_id, dropped = drops.count(), "agent stopped");
+    tracing::info!(agent = %agent_id, dropped = drops.count(), drained, "agent stopped");
     Ok(())
+}
+
+/// Checks this agent reads the coordinator's store: it asks for the coordinator's probe
+/// object and reads it. No coordinator yet, or a store that does not answer now: no
+/// verdict (the check runs again when a coordinator says hello). A store without the
+/// object is another store: an error saying what to set.
+pub async fn check_store(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    store: &dyn ObjectStore,
+) -> Result<(), String> {
+    let req = match encode_envelope(&ApiRequest::StoreProbe) {
+        Ok(b) => Bytes::from(b),
+        Err(_) => return Ok(()),
+    };
+    let reply = tokio::time::timeout(
+        Duration::from_secs(3),
+        client.request(subjects.api("store_probe"), req),
+    )
+    .await;
+    let Ok(Ok(msg)) = reply else {
+        return Ok(());
+    };
+    let Ok(ApiReply::StoreProbe {
+        key: Some(key),
+        token,
+        store: theirs,
+    }) = decode_envelope::<ApiReply>(&msg.payload)
+    else {
+        return Ok(());
+    };
+    match store.get(&key).await {
+        Ok(Some(found)) if found.as_ref() == token.as_bytes() => Ok(()),
+        Ok(_) => Err(format!(
+            "this agent's object store ({}) is not the coordinator's ({theirs}): arguments and results too large for a NATS message go through the store, and would be lost. Set --store / PINAZU_STORE (s3://bucket/prefix across machines) or PINAZU_CACHE_DIR (one machine) to the coordinator's store",
+            store.describe()
+        )),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the coordinator's store probe now; not checked");
+            Ok(())
+        }
+    }
+}
+
+/// Takes the agent id for this process: refused (an error naming the other process) if a
+/// live agent holds it. Asks who holds it, then answers that question itself, then asks
+/// again: of two processes started at the same moment, the later one gives way.
+async fn claim_id(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    agent_id: &pinazu_shared::ids::AgentId,
+    incarnation: u64,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let subject = subjects.agent_whois(agent_id);
+    let me = AgentIdentity {
+        agent_id: agent_id.clone(),
+        host: std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "unknown".into()),
+        pid: std::process::id(),
+        since: pinazu_shared::events::now_timestamp(),
+        incarnation,
+    };
+    let refuse = |other: &AgentIdentity| {
+        format!(
+            "agent id {agent_id} is already in use by {other}: two agents with one id would both run every attempt sent to it. Give this agent another --agent-id (or leave it unset for <host>-<pid>), or stop the other one first"
+        )
+    };
+    if let Some(other) = holders(client, &subject, incarnation, false).await?.first() {
+        return Err(refuse(other));
+    }
+    let mut requests = client
+        .subscribe(subject.clone())
+        .await
+        .map_err(|e| format!("subscribe: {e}"))?;
+    let answer = encode_envelope(&me).map_err(|e| e.to_string())?;
+    let (c, answer) = (client.clone(), Bytes::from(answer));
+    let responder = tokio::spawn(async move {
+        while let Some(msg) = requests.next().await {
+            if let Some(reply) = msg.reply {
+                let _ = c.publish(reply, answer.clone()).await;
+            }
+        }
+    });
+    if let Some(other) = holders(client, &subject, incarnation, true)
+        .await?
+        .into_iter()
+        .find(|o| o.older_than(&me))
+    {
+        responder.abort();
+        return Err(refuse(&other));
+    }
+    Ok(responder)
+}
+
+/// The other processes answering for an agent id: the first answer only (`all` false:
+/// none is the common case, known at once), or every answer within 300 ms.
+async fn holders(
+    client: &async_nats::Client,
+    subject: &str,
+    incarnation: u64,
+    all: bool,
+) -> Result<Vec<AgentIdentity>, String> {
+    let decode = |payload: &[u8]| {
+        decode_envelope::<AgentIdentity>(payload)
+            .ok()
+            .filter(|i| i.incarnation != incarnation)
+    };
+    if !all {
+        let reply = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.request(subject.to_string(), Bytes::new()),
+        )
+        .await;
+        return Ok(match reply {
+            Ok(Ok(msg)) => decode(&msg.payload).into_iter().collect(),
+            _ => Vec::new(),
+        });
+    }
+    let inbox = client.new_inbox();
+    let mut answers = client
+        .subscribe(inbox.clone())
+        .await
+        .map_err(|e| format!("subscribe: {e}"))?;
+    client
+        .publish_with_reply(subject.to_string(), inbox, Bytes::new())
+        .await
+        .map_err(|e| format!("publish: {e}"))?;
+    let mut found = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+    while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, answers.next()).await {
+        found.extend(decode(&msg.payload));
+    }
+    Ok(found)
 }
 
 /// Sends unacknowledged report batches again (all, or those waiting too long).
@@ -522,7 +698,7 @@ async fn store_large_result(store: &dyn ObjectStore, threshold: usize, f: &mut A
     };
     let key = payload_key(f.flow_run_id, f.call_id, f.attempt_id, "result");
     let bytes = std::mem::replace(&mut f.outcome, Ok(Bytes::new())).unwrap_or_default();
-    match store.put(&key, bytes).await {
+    match pinazu_shared::store::put_retrying(store, &key, bytes).await {
         Ok(()) => f.result_ref = Some(key),
         Err(e) => {
             f.outcome = Err(ErrorInfo::new(

@@ -757,6 +757,15 @@ impl Coordinator {
         if let Some(r) = replay.as_mut() {
             r.load_refs(&*self.shared.store).await;
         }
+        // a resume keeps its first start's time, so its wall time goes on
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let started_at_ms = replay
+            .as_ref()
+            .filter(|r| r.unfinished)
+            .and_then(|r| r.started_at_ms)
+            .unwrap_or(now_ms);
         // durable before anyone hears of the run (its events, the API's answer): a
         // coordinator killed right after still resumes it
         if self.shared.journal.enabled() {
@@ -767,6 +776,7 @@ impl Coordinator {
                     params: params.clone(),
                     idempotency_key: options.idempotency_key.clone(),
                     events: Some(events.clone()),
+                    started_at_ms: Some(started_at_ms),
                 },
             );
             self.shared
@@ -778,7 +788,7 @@ impl Coordinator {
         if let Some(key) = &options.idempotency_key {
             self.shared.keys.entry(key.clone()).or_insert(flow_run_id);
         }
-        let stats = Arc::new(RunStats::default());
+        let stats = Arc::new(RunStats::started_at(started_at_ms));
         let (tx, rx) = watch::channel(None);
         self.shared.table.insert(
             flow_run_id,

@@ -22,7 +22,7 @@ use pinazu_shared::error::{ErrorInfo, FailureKind, TaskError};
 use pinazu_shared::events::{now_timestamp, FlowStatus, FlowStatusMessage};
 use pinazu_shared::ids::{AttemptId, CallId, FlowRunId};
 use pinazu_shared::options::CachePolicy;
-use pinazu_shared::registry::{FlowDef, TaskDef};
+use pinazu_shared::registry::{FlowDef, KeptResult, TaskDef};
 use pinazu_shared::wire::{AttemptFinished, AttemptStarted, Report, SpawnTask};
 use pinazu_shared::BoxFuture;
 
@@ -74,6 +74,9 @@ pub enum FlowRunnerMsg {
         attempt_id: AttemptId,
         /// Why.
         reason: String,
+        /// It ran (its agent died with it, or a heartbeat listed it): an execution,
+        /// whether or not its start was reported.
+        ran: bool,
     },
     /// A note for the operator (or `None` to clear it).
     Note(Option<String>),
@@ -133,6 +136,8 @@ struct CallState {
     failures: u32,
     /// The attempt whose result is accepted; `None` while waiting for a retry.
     current: Option<AttemptId>,
+    /// Its start was reported (counted in `executions`).
+    started: bool,
     reply: Option<CallReply>,
 }
 
@@ -276,6 +281,7 @@ impl RunnerState {
         *seq += 1;
         let ordinal = self.next_ordinal;
         self.next_ordinal += 1;
+        self.drop_undecodable_journal_entry(task, call_id);
         if let Some(replay) = &self.replay {
             if let Some(ended) = replay.calls.get(&call_id) {
                 // journaled: answer now, run nothing (a result passed in for it counts
@@ -347,9 +353,21 @@ impl RunnerState {
                 executions: 0,
                 failures: 0,
                 current: None,
+                started: false,
                 reply: Some(reply),
             },
         );
+        let seeded = match seeded {
+            Some((key, value)) => match (task.check)(KeptResult::Json(&value)) {
+                Ok(()) => Some((key, value)),
+                Err(why) => {
+                    tracing::warn!(flow_run_id = %self.flow_run_id, task = task.name, key, "--success-task-results: the result for this call does not decode into the task's return type ({why}); the call runs instead");
+                    self.seeds_used.insert(key);
+                    None
+                }
+            },
+            None => None,
+        };
         if let Some((key, value)) = seeded {
             // a result Pinazu Core passed in (--success-task-results)
             RunStats::bump(&self.stats.replayed);
@@ -366,6 +384,7 @@ impl RunnerState {
             let call = self.calls.get_mut(&call_id).expect("call present");
             call.attempt = 1;
             call.executions = 1;
+            call.started = true;
             call.current = Some(f.attempt_id);
             RunStats::bump(&self.stats.executions);
             self.finished(myself, f);
@@ -376,6 +395,7 @@ impl RunnerState {
             let call = self.calls.get_mut(&call_id).expect("call present");
             call.attempt = 1;
             call.executions = 1;
+            call.started = true;
             call.current = Some(attempt_id);
             RunStats::bump(&self.stats.executions);
             tracing::debug!(flow_run_id = %self.flow_run_id, %call_id, %attempt_id, "re-attached to an attempt started before the coordinator restarted");
@@ -408,6 +428,7 @@ impl RunnerState {
         call.attempt += 1;
         let attempt_id = self.shared.next_attempt_id();
         call.current = Some(attempt_id);
+        call.started = false;
         let spawn = SpawnTask {
             flow_run_id: self.flow_run_id,
             call_id,
@@ -455,6 +476,7 @@ impl RunnerState {
             .filter(|c| c.current == Some(s.attempt_id));
         if let Some(call) = current {
             call.executions += 1;
+            call.started = true;
             let (task, attempt) = (call.task.name, call.attempt);
             RunStats::bump(&self.stats.executions);
             if attempt > 1 {
@@ -481,6 +503,13 @@ impl RunnerState {
         let Some(call) = self.calls.get(&call_id) else {
             return;
         };
+        if let Err(why) = (call.task.check)(KeptResult::Json(&record.result)) {
+            // a hand edit, or a return type changed without a version bump: a miss;
+            // the task runs and its result overwrites the entry
+            tracing::warn!(flow_run_id = %self.flow_run_id, task = call.task.name, key = call.cache.as_deref().unwrap_or(""), "a cache entry does not decode into the task's return type ({why}); treated as a miss: the task runs and overwrites it");
+            self.dispatch(call_id);
+            return;
+        }
         RunStats::bump(&self.stats.cache_hits);
         self.success_event(call);
         self.journal_end(call_id, Ok(json_to_msgpack(&record.result)), None);
@@ -609,6 +638,24 @@ impl RunnerState {
         }
     }
 
+    /// A journaled result that no longer decodes into the task's return type (a task
+    /// whose return type changed, a journal written from a bad cache entry) is dropped
+    /// from the replay with a warning: the call runs again instead of failing the run.
+    fn drop_undecodable_journal_entry(&mut self, task: &'static TaskDef, call_id: CallId) {
+        let Some(replay) = self.replay.as_mut() else {
+            return;
+        };
+        let Some(Ok(bytes)) = replay.calls.get(&call_id).map(|e| &e.outcome) else {
+            return;
+        };
+        if let Err(why) = (task.check)(KeptResult::Msgpack(bytes)) {
+            tracing::warn!(flow_run_id = %self.flow_run_id, task = task.name, %call_id, "a journaled result does not decode into the task's return type ({why}); dropped: the call runs again");
+            if let Some(e) = replay.calls.remove(&call_id) {
+                replay.by_ordinal.remove(&e.ordinal);
+            }
+        }
+    }
+
     /// Whether the replayed journal answers this call.
     fn journaled(&self, call_id: CallId) -> bool {
         self.replay
@@ -633,19 +680,25 @@ impl RunnerState {
         }
     }
 
-    fn lost(&mut self, call_id: CallId, attempt_id: AttemptId, reason: String) {
+    fn lost(&mut self, call_id: CallId, attempt_id: AttemptId, reason: String, ran: bool) {
         if self.adoptable.get(&call_id) == Some(&attempt_id) {
             self.adoptable.remove(&call_id);
         }
-        let Some(call) = self.calls.get(&call_id) else {
+        let Some(call) = self.calls.get_mut(&call_id) else {
             return;
         };
         if call.current != Some(attempt_id) || self.finished {
             return;
         }
+        if ran && !call.started {
+            // it ran on the agent, whose report of its start never arrived
+            call.executions += 1;
+            RunStats::bump(&self.stats.executions);
+        }
         RunStats::bump(&self.stats.lost);
-        tracing::info!(flow_run_id = %self.flow_run_id, %call_id, %attempt_id, attempt = call.attempt, %reason, "attempt lost; dispatching it again");
-        self.task_event(call.task.name, FlowStatus::Pending, None, None, None);
+        let (task, attempt) = (call.task.name, call.attempt);
+        tracing::info!(flow_run_id = %self.flow_run_id, %call_id, %attempt_id, attempt, %reason, "attempt lost; dispatching it again");
+        self.task_event(task, FlowStatus::Pending, None, None, None);
         self.dispatch(call_id);
     }
 
@@ -1109,7 +1162,8 @@ impl Actor for FlowRunner {
                 call_id,
                 attempt_id,
                 reason,
-            } => state.lost(call_id, attempt_id, reason),
+                ran,
+            } => state.lost(call_id, attempt_id, reason, ran),
             FlowRunnerMsg::Note(note) => state.stats.set_note(note),
             FlowRunnerMsg::Cancel(reason) => {
                 if !state.finished {

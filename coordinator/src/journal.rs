@@ -34,6 +34,10 @@ pub enum JournalEntry {
         /// Header and trace id of its status events (kept for a resume).
         #[serde(default)]
         events: Option<EventContext>,
+        /// When the run started (ms since the Unix epoch): a resume keeps the first
+        /// start's, so its wall time does not start again.
+        #[serde(default)]
+        started_at_ms: Option<u64>,
     },
     /// A call's final outcome.
     CallEnded {
@@ -93,6 +97,10 @@ pub trait Journal: Send + Sync + 'static {
     fn read(&self, run: FlowRunId) -> BoxFuture<'_, Result<Vec<JournalEntry>, JournalError>>;
     /// Runs that started and have not ended.
     fn unfinished(&self) -> BoxFuture<'_, Result<Vec<FlowRunId>, JournalError>>;
+    /// Removes a run's journal (operators: `app journal rm RUN`); whether there was one.
+    fn remove(&self, _run: FlowRunId) -> BoxFuture<'_, Result<bool, JournalError>> {
+        Box::pin(async { Ok(false) })
+    }
     /// Claims the run for this process while the returned guard lives: a second process
     /// sharing the journal cannot run it at the same time ([`Claim::Taken`]). Journals
     /// that only one process writes need no claim.
@@ -353,6 +361,24 @@ pub fn frame(entry: &JournalEntry) -> Option<Vec<u8>> {
 }
 
 impl Journal for LocalJournal {
+    fn remove(&self, run: FlowRunId) -> BoxFuture<'_, Result<bool, JournalError>> {
+        Box::pin(async move {
+            if let Claim::Taken(holder) = self.claim(run)? {
+                return Err(JournalError(format!(
+                    "flow run {run} is running in {holder}; stop it first"
+                )));
+            }
+            let path = Self::path(&self.dir, run);
+            let existed = match std::fs::remove_file(&path) {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                Err(e) => return Err(JournalError(format!("remove {}: {e}", path.display()))),
+            };
+            let _ = std::fs::remove_file(Self::lock_path(&self.dir, run));
+            Ok(existed)
+        })
+    }
+
     /// An exclusive lock (`flock`) on `<run>.lock`, which holds the pid of its holder;
     /// released when the guard is dropped or the process dies.
     fn claim(&self, run: FlowRunId) -> Result<Claim, JournalError> {
@@ -500,6 +526,8 @@ pub struct Replay {
     pub result_lost: bool,
     /// Header and trace id of its status events.
     pub events: Option<EventContext>,
+    /// When it (its latest start) started, ms since the Unix epoch.
+    pub started_at_ms: Option<u64>,
 }
 
 impl Replay {
@@ -514,8 +542,10 @@ impl Replay {
                     params,
                     idempotency_key,
                     events,
+                    started_at_ms,
                 } => {
                     let r = r.get_or_insert_with(Replay::default);
+                    r.started_at_ms = *started_at_ms;
                     if r.ended.is_some() {
                         // started again after it ended (a re-run of a failed run): of
                         // the earlier runs only successes are reusable answers, and
@@ -624,6 +654,7 @@ mod tests {
             params: Map::new(),
             idempotency_key: None,
             events: None,
+            started_at_ms: None,
         }
     }
 

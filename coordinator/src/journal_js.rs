@@ -379,6 +379,24 @@ impl Journal for JetStreamJournal {
         })
     }
 
+    fn remove(&self, run: FlowRunId) -> BoxFuture<'_, Result<bool, JournalError>> {
+        Box::pin(async move {
+            let journal = self
+                .journal
+                .purge()
+                .filter(self.journal_subject(run))
+                .await
+                .map_err(|e| err("cannot purge the run's journal", e))?;
+            let runs = self
+                .runs
+                .purge()
+                .filter(format!("{}.runs.{run}", self.prefix))
+                .await
+                .map_err(|e| err("cannot purge the run's state", e))?;
+            Ok(journal.purged + runs.purged > 0)
+        })
+    }
+
     /// The run's latest state from the runs stream (one message), not its whole journal.
     fn latest(&self, run: FlowRunId) -> BoxFuture<'_, Result<Option<JournalEntry>, JournalError>> {
         Box::pin(async move {

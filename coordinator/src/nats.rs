@@ -79,7 +79,9 @@ impl NatsAgentLink {
         tokio::spawn(async move {
             let key = payload_key(task.flow_run_id, task.call_id, task.attempt_id, "args");
             let size = task.args.len();
-            match store.put(&key, std::mem::take(&mut task.args)).await {
+            match pinazu_shared::store::put_retrying(&*store, &key, std::mem::take(&mut task.args))
+                .await
+            {
                 Ok(()) => {
                     task.args_ref = Some(key);
                     match encode_envelope(&[task]) {
@@ -191,6 +193,8 @@ pub async fn serve(
     payloads: Payloads,
 ) -> Result<Arc<ServiceCounters>, async_nats::SubscribeError> {
     let counters = Arc::new(ServiceCounters::default());
+    // an object every agent must be able to read: then it shares this store
+    let probe = StoreProbe::write(&*payloads.store).await;
     let mut heartbeats = client.subscribe(subjects.heartbeat()).await?;
     let mut reports = client.subscribe(subjects.reports()).await?;
     let mut api = client
@@ -296,6 +300,11 @@ pub async fn serve(
         let mut api_state = ApiState;
         while let Some(msg) = api.next().await {
             let reply = match decode_envelope::<ApiRequest>(&msg.payload) {
+                Ok(ApiRequest::StoreProbe) => ApiReply::StoreProbe {
+                    key: probe.key.clone(),
+                    token: probe.token.clone(),
+                    store: payloads.store.describe(),
+                },
                 Ok(req) => {
                     api_state
                         .handle(&c, registry, &s, &publisher, &payloads, req)
@@ -319,6 +328,29 @@ pub async fn serve(
         }
     });
     Ok(counters)
+}
+
+/// The object agents read to show they share the coordinator's store.
+struct StoreProbe {
+    key: Option<String>,
+    token: String,
+}
+
+impl StoreProbe {
+    async fn write(store: &dyn ObjectStore) -> StoreProbe {
+        let token = uuid::Uuid::new_v4().to_string();
+        let key = format!("probes/{token}");
+        match store.put(&key, Bytes::from(token.clone())).await {
+            Ok(()) => StoreProbe {
+                key: Some(key),
+                token,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "could not write the store probe; agents cannot check they share this store");
+                StoreProbe { key: None, token }
+            }
+        }
+    }
 }
 
 /// Who sent a report batch, and where its numbering stands.
@@ -560,6 +592,7 @@ impl ApiState {
                     None => ApiReply::Error(format!("run {id} vanished right after it started")),
                 }
             }
+            ApiRequest::StoreProbe => ApiReply::Error("handled by the API loop".into()),
             ApiRequest::Reject {
                 flow_run_id,
                 error,

@@ -100,6 +100,8 @@ struct Dispatched {
     at: Instant,
     /// Consecutive heartbeats of its agent that did not list it (after the grace).
     missed: u8,
+    /// A heartbeat of its agent listed it: it ran there.
+    seen: bool,
 }
 
 struct Queued {
@@ -207,6 +209,7 @@ impl SchedulerState {
                             call_id: task.call_id,
                             at: now,
                             missed: 0,
+                            seen: false,
                         },
                     );
                     batches.entry(i).or_default().push(task);
@@ -231,7 +234,8 @@ impl SchedulerState {
         }
     }
 
-    fn lose(&mut self, key: (FlowRunId, AttemptId), reason: String) {
+    /// `died`: its agent died with it (then it ran there, as far as anyone can tell).
+    fn lose(&mut self, key: (FlowRunId, AttemptId), reason: String, died: bool) {
         if let Some(d) = self.running.remove(&key) {
             tracing::warn!(flow_run_id = %key.0, call_id = %d.call_id, attempt_id = %key.1, %reason, "attempt lost; dispatching it again");
             self.tell_runner(
@@ -240,6 +244,7 @@ impl SchedulerState {
                     call_id: d.call_id,
                     attempt_id: key.1,
                     reason,
+                    ran: died || d.seen,
                 },
             );
         }
@@ -253,15 +258,19 @@ impl SchedulerState {
         agent.alive = false;
         agent.free = 0;
         let id = agent.info.agent_id.clone();
-        tracing::warn!(agent = %id, why, "agent is gone; its attempts run elsewhere");
         let lost: Vec<_> = self
             .running
             .iter()
             .filter(|(_, d)| d.agent == i)
             .map(|(k, _)| *k)
             .collect();
+        if lost.is_empty() && why == "left" {
+            tracing::info!(agent = %id, "agent left");
+        } else {
+            tracing::warn!(agent = %id, why, attempts = lost.len(), "agent is gone; its attempts run elsewhere");
+        }
         for key in lost {
-            self.lose(key, format!("agent {id} {why}"));
+            self.lose(key, format!("agent {id} {why}"), true);
         }
     }
 
@@ -301,6 +310,7 @@ impl SchedulerState {
                         call_id: r.call_id,
                         at: now,
                         missed: 0,
+                        seen: true,
                     },
                 );
                 let _ = runner.send_message(FlowRunnerMsg::Adopt {
@@ -351,6 +361,7 @@ impl SchedulerState {
             };
             if listed.contains(&k) {
                 d.missed = 0;
+                d.seen = true;
             } else if now.duration_since(d.at) > grace {
                 d.missed += 1;
                 if d.missed >= 2 {
@@ -359,7 +370,7 @@ impl SchedulerState {
             }
         }
         for key in missing {
-            self.lose(key, format!("agent {id} no longer lists it"));
+            self.lose(key, format!("agent {id} no longer lists it"), false);
         }
         // attempts it runs that we do not (or no longer) want: stop them
         let orphans: Vec<_> = listed

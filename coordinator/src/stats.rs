@@ -82,6 +82,18 @@ pub struct StatsSnapshot {
 }
 
 impl RunStats {
+    /// Counters of a run that started at `at_ms` (ms since the Unix epoch): its wall
+    /// time counts from then (a resumed run's from its first start).
+    pub fn started_at(at_ms: u64) -> Self {
+        let now = std::time::SystemTime::now();
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at_ms);
+        let ago = now.duration_since(at).unwrap_or_default();
+        RunStats {
+            started: Instant::now().checked_sub(ago).unwrap_or_else(Instant::now),
+            ..RunStats::default()
+        }
+    }
+
     /// Adds one to a counter.
     pub fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Relaxed);

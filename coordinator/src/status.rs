@@ -3,6 +3,7 @@
 //! collector in tests), in the order the runners sent them.
 
 use bytes::Bytes;
+use pinazu_shared::redact::redact;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
@@ -30,13 +31,31 @@ pub trait EventSink: Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub struct LogSink;
 
+/// JSON logs (`LOG_FORMAT=json`): status events are written as JSON objects in the log
+/// line, not as a string holding JSON (so `jq .event.message.flow_run_id` works).
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Tells the log sink the logs are JSON lines (the CLI's logging set-up does).
+pub fn set_json_logs(json: bool) {
+    JSON_LOGS.store(json, std::sync::atomic::Ordering::Relaxed);
+}
+
 impl EventSink for LogSink {
     fn enabled(&self) -> bool {
         tracing::enabled!(target: "pinazu::events", tracing::Level::DEBUG)
     }
 
     fn publish(&self, subject: &'static str, payload: Bytes) {
-        tracing::debug!(target: "pinazu::events", subject, event = %String::from_utf8_lossy(&payload));
+        if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+            // the same fields as the other JSON log lines, the event as an object
+            eprintln!(
+                "{{\"timestamp\":\"{}\",\"level\":\"DEBUG\",\"target\":\"pinazu::events\",\"subject\":\"{subject}\",\"event\":{}}}",
+                pinazu_shared::events::now_timestamp(),
+                String::from_utf8_lossy(&payload)
+            );
+        } else {
+            tracing::debug!(target: "pinazu::events", subject, event = %String::from_utf8_lossy(&payload));
+        }
     }
 }
 
@@ -173,10 +192,11 @@ fn write_task_event(
     out.extend_from_slice(t.status.as_str().as_bytes());
     out.extend_from_slice(b"\",\"result_cache_key\":");
     opt(out, t.result_cache_key.as_deref())?;
+    // errors can quote what they failed on (a URL with its password...): redacted
     out.extend_from_slice(b",\"error_message\":");
-    opt(out, t.error_message.as_deref())?;
+    opt(out, t.error_message.as_deref().map(redact).as_deref())?;
     out.extend_from_slice(b",\"traceback\":");
-    opt(out, t.traceback.as_deref())?;
+    opt(out, t.traceback.as_deref().map(redact).as_deref())?;
     // RFC 3339 timestamps need no escaping
     out.extend_from_slice(b",\"event_timestamp\":\"");
     out.extend_from_slice(at.as_bytes());
@@ -189,7 +209,15 @@ fn write_task_event(
 }
 
 /// A flow status event as Pinazu Core reads it (JSON), stamped with the run's header.
-pub fn flow_event_json(context: &EventContext, m: FlowStatusMessage) -> Option<Bytes> {
+pub fn flow_event_json(context: &EventContext, mut m: FlowStatusMessage) -> Option<Bytes> {
+    for text in [&mut m.error_message, &mut m.traceback]
+        .into_iter()
+        .flatten()
+    {
+        if let std::borrow::Cow::Owned(clean) = redact(text) {
+            *text = clean;
+        }
+    }
     let at = m.event_timestamp.clone();
     let event = Event::traced(context.header.clone(), context.trace_id.clone(), m, at);
     let mut json = Vec::with_capacity(512);

@@ -59,6 +59,7 @@ static PROBE: TaskDef = TaskDef {
         ..TaskOptions::DEFAULT
     },
     invoke: never_invoked,
+    check: pinazu_shared::registry::check_result::<u64>,
     source: SOURCE,
 };
 
@@ -255,6 +256,7 @@ static GPU_PROBE: TaskDef = TaskDef {
         ..TaskOptions::DEFAULT
     },
     invoke: never_invoked,
+    check: pinazu_shared::registry::check_result::<u64>,
     source: SOURCE,
 };
 

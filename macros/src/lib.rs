@@ -458,6 +458,7 @@ fn expand_task(opts: TaskOpts, mut func: ItemFn) -> syn::Result<TokenStream2> {
                 labels: &[#((#label_keys, #label_values)),*],
             },
             invoke: #invoke_ident,
+            check: ::pinazu_flows::__private::check_result::<#ok_ty>,
             source: #source,
         };
 

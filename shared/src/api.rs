@@ -41,6 +41,9 @@ pub enum ApiRequest {
     },
     /// The agents.
     Agents,
+    /// The coordinator's store probe: an object an agent must be able to read to share
+    /// the coordinator's store (large payloads travel through it).
+    StoreProbe,
     /// A run the client could not submit (bad parameters, ...): publish its flow FAILED
     /// event, unless its id names a run already (then the id is that run's).
     Reject {
@@ -74,6 +77,16 @@ pub enum ApiReply {
     Error(String),
     /// No such run is known (not here, not in the journal).
     Unknown(String),
+    /// The store probe: the object's key (none if the coordinator could not write it),
+    /// what it holds, and which store the coordinator uses.
+    StoreProbe {
+        /// Object key.
+        key: Option<String>,
+        /// Its content.
+        token: String,
+        /// The coordinator's store, as it describes it.
+        store: String,
+    },
     /// Done.
     Done,
 }

@@ -84,14 +84,16 @@ impl ErrorInfo {
         ErrorInfo::new(FailureKind::Panic, message)
     }
 
-    /// From a user error: `Display` for the message, `Debug` for the chain when it adds
-    /// something. Both are cut to a bound (an error travels in a report message, and
-    /// huge ones would not fit): the message at 8 KiB, the chain at 32 KiB.
+    /// From a user error: the alternate `Display` for the message (the whole chain on one
+    /// line for `anyhow`: "calling the broken service: service unavailable"), `Debug`
+    /// for the chain when it adds something. Both are cut to a bound (an error travels
+    /// in a report message, and huge ones would not fit): the message at 8 KiB, the
+    /// chain at 32 KiB.
     pub fn from_user_error<E: fmt::Display + fmt::Debug + ?Sized>(
         kind: FailureKind,
         e: &E,
     ) -> Self {
-        let message = e.to_string();
+        let message = format!("{e:#}");
         let debug = format!("{e:?}");
         ErrorInfo {
             kind,

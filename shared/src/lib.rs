@@ -11,6 +11,7 @@ pub mod events;
 pub mod ids;
 pub mod nats;
 pub mod options;
+pub mod redact;
 pub mod registry;
 pub mod store;
 pub mod subjects;

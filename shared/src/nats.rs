@@ -29,6 +29,9 @@ pub struct NatsConfig {
     pub tls_required: bool,
     /// Connection name shown by the server.
     pub name: String,
+    /// How long to wait for a server that does not answer yet (retrying with backoff
+    /// and saying so); `None`: for ever (services under a supervisor).
+    pub connect_timeout: Option<Duration>,
 }
 
 /// Why a connection could not be made, with what to check.
@@ -48,10 +51,52 @@ pub enum NatsError {
 }
 
 impl NatsConfig {
-    /// Connects, failing fast with a clear error (the server is down, or refuses our
-    /// credentials). Once connected the client reconnects forever, and logs each
-    /// disconnect, reconnect and slow-consumer event.
+    /// The server URLs with their credentials redacted, for messages.
+    pub fn display_urls(&self) -> String {
+        crate::redact::redact(&self.urls).into_owned()
+    }
+
+    /// Connects. A server that cannot be reached yet is waited for (backoff up to 5 s,
+    /// one log line when the wait starts and one every 30 s), up to `connect_timeout`;
+    /// refused credentials and bad TLS settings fail at once. Once connected the
+    /// client reconnects forever, and logs each disconnect, reconnect and slow-consumer
+    /// event.
     pub async fn connect(&self) -> Result<async_nats::Client, NatsError> {
+        let started = tokio::time::Instant::now();
+        let mut wait = Duration::from_millis(250);
+        let mut told: Option<tokio::time::Instant> = None;
+        loop {
+            match self.connect_once().await {
+                Ok(client) => {
+                    if told.is_some() {
+                        tracing::info!(nats = %self.display_urls(), waited_s = started.elapsed().as_secs(), "NATS is reachable now");
+                    }
+                    return Ok(client);
+                }
+                Err((e, retryable)) => {
+                    let waited = started.elapsed();
+                    let out_of_time = self.connect_timeout.is_some_and(|t| waited + wait > t);
+                    if !retryable || out_of_time {
+                        return Err(e);
+                    }
+                    if told.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                        let until = match self.connect_timeout {
+                            Some(t) => format!("up to {}", humantime::format_duration(t)),
+                            None => "until it answers (--connect-timeout to bound it)".into(),
+                        };
+                        tracing::warn!("waiting for NATS: {e}; retrying {until}");
+                        told = Some(tokio::time::Instant::now());
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// One attempt; the error says whether trying again can help.
+    async fn connect_once(&self) -> Result<async_nats::Client, (NatsError, bool)> {
+        let settings = |e: NatsError| (e, false);
         let connected_once = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut opts = async_nats::ConnectOptions::new()
             .name(if self.name.is_empty() { "pinazu" } else { &self.name })
@@ -73,21 +118,89 @@ impl NatsConfig {
                 }
                 }
             });
-        match (&self.user, &self.password) {
-            (Some(u), Some(p)) => opts = opts.user_and_password(u.clone(), p.clone()),
+        // credentials in the URLs (`nats://user:pass@host`, `nats://token@host`) are
+        // honoured: taken out of the addresses and given as options; the flags win
+        let mut url_user: Option<(Option<String>, String)> = None;
+        let mut urls: Vec<async_nats::ServerAddr> = Vec::new();
+        for u in self
+            .urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+        {
+            let creds = crate::redact::url_credentials(u);
+            if let Some(c) = &creds {
+                if url_user.as_ref().is_some_and(|prev| prev != c) {
+                    return Err(settings(NatsError::Settings(
+                        "the NATS_URL entries carry different credentials; give them once".into(),
+                    )));
+                }
+                crate::redact::register(&c.1);
+                url_user = Some(c.clone());
+            }
+            let bare = match u.split_once("://") {
+                Some((scheme, rest)) if creds.is_some() => {
+                    let at = rest.find('@').map_or(0, |i| i + 1);
+                    format!("{scheme}://{}", &rest[at..])
+                }
+                _ => u.to_string(),
+            };
+            urls.push(bare.parse().map_err(|e| {
+                settings(NatsError::Settings(format!(
+                    "NATS_URL entry {:?}: {e}",
+                    crate::redact::redact(u)
+                )))
+            })?);
+        }
+        if urls.is_empty() {
+            return Err(settings(NatsError::Settings("NATS_URL is empty".into())));
+        }
+        let (mut user, mut password, mut token) = (None, None, None);
+        match url_user {
+            Some((Some(u), p)) => (user, password) = (Some(u), Some(p)),
+            Some((None, t)) => token = Some(t),
+            None => {}
+        }
+        if self.user.is_some() || self.password.is_some() {
+            (user, password) = (self.user.clone(), self.password.clone());
+        }
+        if self.token.is_some() {
+            token = self.token.clone();
+        }
+        match (user, password) {
+            (Some(u), Some(p)) => opts = opts.user_and_password(u, p),
             (Some(_), None) | (None, Some(_)) => {
-                return Err(NatsError::Settings(
+                return Err(settings(NatsError::Settings(
                     "user and password go together (--nats-user and --nats-password)".into(),
-                ))
+                )))
             }
             _ => {}
         }
-        if let Some(t) = &self.token {
-            opts = opts.token(t.clone());
+        if let Some(t) = token {
+            opts = opts.token(t);
+        }
+        // a missing TLS or credentials file is named, not a handshake mystery
+        for (what, path) in [
+            ("credentials file (--nats-creds)", &self.creds_file),
+            ("TLS CA file (--nats-tls-ca)", &self.tls_ca),
+            ("TLS client certificate (--nats-tls-cert)", &self.tls_cert),
+            ("TLS client key (--nats-tls-key)", &self.tls_key),
+        ] {
+            if let Some(p) = path {
+                if let Err(e) = std::fs::metadata(p) {
+                    return Err(settings(NatsError::Settings(format!(
+                        "{what} {}: {e}",
+                        p.display()
+                    ))));
+                }
+            }
         }
         if let Some(path) = &self.creds_file {
             opts = opts.credentials_file(path).await.map_err(|e| {
-                NatsError::Settings(format!("credentials file {}: {e}", path.display()))
+                settings(NatsError::Settings(format!(
+                    "credentials file {}: {e}",
+                    path.display()
+                )))
             })?;
         }
         if let Some(ca) = &self.tls_ca {
@@ -100,28 +213,15 @@ impl NatsConfig {
                     .require_tls(true)
             }
             (Some(_), None) | (None, Some(_)) => {
-                return Err(NatsError::Settings(
+                return Err(settings(NatsError::Settings(
                     "a TLS client certificate needs its key (--nats-tls-cert and --nats-tls-key)"
                         .into(),
-                ))
+                )))
             }
             _ => {}
         }
         if self.tls_required {
             opts = opts.require_tls(true);
-        }
-        let urls: Vec<async_nats::ServerAddr> = self
-            .urls
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .map(|u| {
-                u.parse()
-                    .map_err(|e| NatsError::Settings(format!("NATS_URL entry {u:?}: {e}")))
-            })
-            .collect::<Result<_, _>>()?;
-        if urls.is_empty() {
-            return Err(NatsError::Settings("NATS_URL is empty".into()));
         }
         opts.connect(urls).await.map_err(|e| {
             use async_nats::ConnectErrorKind as K;
@@ -139,10 +239,14 @@ impl NatsConfig {
                 K::TimedOut | K::Io => " (is nats-server running there?)",
                 _ => "",
             };
-            NatsError::Connect {
-                urls: self.urls.clone(),
-                reason: format!("{e}{hint}"),
-            }
+            let retryable = matches!(e.kind(), K::TimedOut | K::Io) && !tls;
+            (
+                NatsError::Connect {
+                    urls: self.display_urls(),
+                    reason: crate::redact::redact(&format!("{e}{hint}")).into_owned(),
+                },
+                retryable,
+            )
         })
     }
 }

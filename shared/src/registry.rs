@@ -115,8 +115,33 @@ pub struct TaskDef {
     pub options: TaskOptions,
     /// Runs one attempt.
     pub invoke: TaskInvoke,
+    /// Whether a result kept elsewhere (cache entry, journal, results passed in) still
+    /// decodes into the task's return type: one that does not is a miss, not a failure.
+    pub check: TaskCheck,
     /// Where it was defined.
     pub source: Source,
+}
+
+/// A task result kept outside the attempt that made it, to check.
+#[derive(Clone, Copy, Debug)]
+pub enum KeptResult<'a> {
+    /// MessagePack (the journal).
+    Msgpack(&'a [u8]),
+    /// JSON (a cache entry, a result passed in).
+    Json(&'a Value),
+}
+
+/// Checks a kept result against a task's return type.
+pub type TaskCheck = fn(KeptResult<'_>) -> Result<(), String>;
+
+/// What `#[task]` generates as [`TaskDef::check`]: decodes into `T`, keeps nothing.
+pub fn check_result<T: DeserializeOwned>(kept: KeptResult<'_>) -> Result<(), String> {
+    match kept {
+        KeptResult::Msgpack(b) => rmp_serde::from_slice::<T>(b)
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        KeptResult::Json(v) => T::deserialize(v).map(|_| ()).map_err(|e| e.to_string()),
+    }
 }
 
 /// A flow, as `#[flow]` defines it.

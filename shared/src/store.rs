@@ -23,6 +23,49 @@ pub trait ObjectStore: Send + Sync + 'static {
     fn describe(&self) -> String;
 }
 
+/// Delays between the attempts of [`put_retrying`]: about 8 s in all, longer than the
+/// circuit breaker's first open period, so a brief outage does not fail an attempt.
+const PUT_RETRY_DELAYS: [std::time::Duration; 5] = [
+    std::time::Duration::from_millis(250),
+    std::time::Duration::from_millis(500),
+    std::time::Duration::from_secs(1),
+    std::time::Duration::from_secs(2),
+    std::time::Duration::from_secs(4),
+];
+
+/// `put`, tried again with backoff while the store fails: a payload that must be
+/// written (an attempt's large argument or result) survives a transient outage.
+pub async fn put_retrying(
+    store: &dyn ObjectStore,
+    key: &str,
+    value: Bytes,
+) -> Result<(), StoreError> {
+    let mut last = None;
+    for (i, delay) in std::iter::once(None)
+        .chain(PUT_RETRY_DELAYS.iter().map(Some))
+        .enumerate()
+    {
+        if let Some(d) = delay {
+            tokio::time::sleep(*d).await;
+        }
+        match store.put(key, value.clone()).await {
+            Ok(()) => {
+                if i > 0 {
+                    tracing::info!(key, attempts = i + 1, "payload stored after retrying");
+                }
+                return Ok(());
+            }
+            Err(e) => {
+                if i == 0 {
+                    tracing::warn!(key, error = %e, "payload could not be stored; retrying for a few seconds");
+                }
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| StoreError::InvalidKey(key.to_string())))
+}
+
 /// Objects as files under a root directory.
 #[derive(Clone, Debug)]
 pub struct LocalDirStore {

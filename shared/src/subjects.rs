@@ -52,6 +52,12 @@ impl Subjects {
         format!("{}.agent.{}.cancel", self.prefix, agent)
     }
 
+    /// Anyone -> the agent with that id (request/reply): who holds the id
+    /// ([`crate::wire::AgentIdentity`]); a starting agent asks, so no id runs twice.
+    pub fn agent_whois(&self, agent: &AgentId) -> String {
+        format!("{}.agent.{}.whois", self.prefix, agent)
+    }
+
     /// Coordinator -> agent: report batches handled durably.
     pub fn agent_ack(&self, agent: &AgentId) -> String {
         format!("{}.agent.{}.ack", self.prefix, agent)

@@ -88,6 +88,38 @@ pub struct AgentInfo {
     pub labels: Vec<(String, String)>,
 }
 
+/// Which process holds an agent id (the answer on `P.agent.<id>.whois`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentIdentity {
+    /// The id.
+    pub agent_id: AgentId,
+    /// The host it runs on.
+    pub host: String,
+    /// Its process id.
+    pub pid: u32,
+    /// When it started (RFC 3339).
+    pub since: String,
+    /// Random per process.
+    pub incarnation: u64,
+}
+
+impl AgentIdentity {
+    /// Of two processes claiming one id, the one that started first keeps it.
+    pub fn older_than(&self, other: &AgentIdentity) -> bool {
+        (&self.since, self.incarnation) < (&other.since, other.incarnation)
+    }
+}
+
+impl std::fmt::Display for AgentIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pid {} on host {} (running since {})",
+            self.pid, self.host, self.since
+        )
+    }
+}
+
 /// Agent -> coordinator, every second: who it is and what it is running.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Heartbeat {

@@ -86,6 +86,18 @@ impl NatsServer {
     }
 
     /// With extra arguments, e.g. `["--user", "u", "--pass", "p"]`.
+    /// On this port (e.g. one that services were told to use before it was up).
+    pub fn start_on(port: u16) -> Self {
+        let mut s = NatsServer {
+            port,
+            child: None,
+            store: tempfile::tempdir().expect("temp dir"),
+            extra: Vec::new(),
+        };
+        s.spawn();
+        s
+    }
+
     pub fn start_with(extra: &[&str]) -> Self {
         let mut s = NatsServer {
             port: free_port(),
@@ -185,6 +197,8 @@ pub fn app(name: &str) -> Command {
 pub struct Proc {
     pub name: String,
     child: Option<Child>,
+    /// The exit code, once it exited (-1: killed by a signal).
+    exited: Option<i32>,
     pub log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -202,6 +216,7 @@ impl Proc {
         Proc {
             name: name.to_string(),
             child: Some(child),
+            exited: None,
             log,
             _dir: dir,
         }
@@ -241,7 +256,29 @@ impl Proc {
     }
 
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+        match self.child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(None)) => true,
+            Some(Ok(Some(status))) => {
+                self.exited = Some(status.code().unwrap_or(-1));
+                self.child = None;
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// The exit code of a process that exited (see `is_running`); -1 if unknown.
+    pub fn exit_code(&self) -> i32 {
+        self.exited.unwrap_or(-1)
+    }
+
+    /// Sends a signal (`TERM`, `INT`, `STOP`, `CONT`, ...).
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .args([format!("-{sig}"), c.id().to_string()])
+                .status();
+        }
     }
 }
 
