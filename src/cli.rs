@@ -979,9 +979,9 @@ async fn run_embedded(
             flow_run_id,
             "the process was asked to stop (SIGTERM/SIGINT)",
         );
-        crate::distributed::shutdown_signal().await;
-        eprintln!("second stop signal: exiting now");
-        std::process::exit(130);
+        // a second signal, or a cancel that cannot finish (its events wait for a NATS
+        // that is down), ends the process anyway
+        crate::distributed::arm_stop(std::time::Duration::from_secs(30), "run");
     });
     let outcome = handle.wait().await;
     stopper.abort();

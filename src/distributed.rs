@@ -578,7 +578,7 @@ async fn coordinator(
 /// After the first stop signal: a second one ends the process at once, and a watchdog
 /// ends it if stopping takes longer than `bound` (nothing may keep a service from
 /// stopping: a supervisor's stop must work).
-fn arm_stop(bound: Duration, what: &'static str) {
+pub(crate) fn arm_stop(bound: Duration, what: &'static str) {
     tokio::spawn(async move {
         shutdown_signal().await;
         eprintln!("{what}: second stop signal: exiting now");

@@ -89,9 +89,14 @@ fn a_second_agent_under_a_live_id_is_refused_naming_the_other_and_nothing_runs_t
     let _coordinator = Proc::spawn("coordinator", coordinator_cmd(&url, dir.path(), &[]));
     let first = Proc::spawn("d2", agent_cmd(&url, dir.path(), "d2", &[]));
     wait_agents(&url, dir.path(), 1, &[&first]);
-    let second = agent_cmd(&url, dir.path(), "d2", &[]).output().unwrap();
-    assert_eq!(second.status.code(), Some(2), "{}", stderr(&second));
-    let err = stderr(&second);
+    let mut second = Proc::spawn("d2-again", agent_cmd(&url, dir.path(), "d2", &[]));
+    assert_eq!(
+        exit_within(&mut second, Duration::from_secs(15)),
+        Some(2),
+        "a second agent under a live id must be refused\n{}",
+        second.logs()
+    );
+    let err = second.logs();
     assert!(
         err.contains("agent id d2 is already in use by pid")
             && err.contains(&first.pid().to_string()),
