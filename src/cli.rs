@@ -128,7 +128,7 @@ pub struct RunArgs {
 #[derive(Args, Debug, Clone)]
 pub struct NatsArgs {
     /// NATS server(s), comma separated; unset = embedded mode.
-    #[arg(long, global = true, env = "NATS_URL")]
+    #[arg(long, global = true, env = "NATS_URL", hide_env_values = true)]
     pub nats_url: Option<String>,
     /// Prefix of every internal subject.
     #[arg(long, global = true, env = "PINAZU_SUBJECT_PREFIX", default_value = DEFAULT_PREFIX)]
@@ -644,6 +644,16 @@ fn list(registry: &Registry) {
 pub fn main() -> ExitCode {
     // secrets of the environment never reach a log line or a message
     pinazu_shared::redact::register_env();
+    // nor a panic message (a task's panic is printed, then reported as its failure)
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let mut text = format!("thread '{}' {info}", thread.name().unwrap_or("<unnamed>"));
+        let trace = std::backtrace::Backtrace::capture();
+        if trace.status() == std::backtrace::BacktraceStatus::Captured {
+            text.push_str(&format!("\n{trace}"));
+        }
+        eprintln!("{}", pinazu_shared::redact::redact(text.trim_end()));
+    }));
     let (clap_args, params) = split_args(std::env::args());
     let registry = Registry::global();
     // `cache --help`: the flags the cache commands use, not every global one
@@ -669,12 +679,15 @@ pub fn main() -> ExitCode {
     {
         Ok(m) => m,
         Err(e) if embedded && e.use_stderr() => return bad_command_line(e),
-        Err(e) => e.exit(),
+        Err(e) => clap_exit(e),
     };
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
-        Err(e) => e.exit(),
+        Err(e) => clap_exit(e),
     };
+    if let Some(urls) = &cli.nats.nats_url {
+        pinazu_shared::redact::register_url(urls);
+    }
     for secret in [&cli.nats.nats_password, &cli.nats.nats_token]
         .into_iter()
         .flatten()
@@ -708,11 +721,22 @@ pub fn main() -> ExitCode {
     code
 }
 
+/// Ends the process on a command-line error (or `--help`), as clap would, with any
+/// secret in the message redacted.
+fn clap_exit(e: clap::Error) -> ! {
+    if !e.use_stderr() {
+        e.exit()
+    }
+    let text = e.render().to_string();
+    eprint!("{}", pinazu_shared::redact::redact(&text));
+    std::process::exit(e.exit_code())
+}
+
 /// A command line clap refuses, for an embedded run: the error, and (the run id being
 /// known from `FLOW_RUN_ID`) the final line and, with `NATS_URL` set, the run's FAILED
 /// event; exit 2.
 fn bad_command_line(e: clap::Error) -> ExitCode {
-    let _ = e.print();
+    eprint!("{}", pinazu_shared::redact::redact(&e.render().to_string()));
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
     let flow_run_id = match env("FLOW_RUN_ID").map(|v| FlowRunId::parse(&v, "FLOW_RUN_ID")) {
         Some(Ok(id)) => id,

@@ -66,7 +66,7 @@ pub struct AgentArgs {
     /// Labels tasks may require, `k=v` (repeat or comma separate).
     #[arg(long, value_delimiter = ',')]
     pub labels: Vec<String>,
-    /// This agent's id (letters, digits, `-`, `_`); default `<host>-<pid>`.
+    /// This agent's id (letters, digits, `-`, `_`); default `<host>-<pid>-<random>`.
     #[arg(long, env = "PINAZU_AGENT_ID")]
     pub agent_id: Option<String>,
     /// On SIGTERM, how long running attempts may take to finish.
@@ -187,13 +187,24 @@ async fn journals(
     {
         let client = connect(cli, url, "pinazu-cli").await?;
         let subjects = nats_subjects(cli);
-        let js = pinazu_coordinator::journal_js::JetStreamJournal::open(client, subjects.prefix())
-            .await
-            .map_err(usage_error)?;
-        found.push((
-            format!("JetStream ({} streams)", subjects.prefix()),
-            Arc::new(js),
-        ));
+        // the coordinator's streams if there are any: an operator command creates none
+        match pinazu_coordinator::journal_js::JetStreamJournal::open_existing(
+            client,
+            subjects.prefix(),
+        )
+        .await
+        {
+            Ok(Some(js)) => found.push((
+                format!("JetStream ({} streams)", subjects.prefix()),
+                Arc::new(js),
+            )),
+            Ok(None) => {}
+            // the local journal still answers
+            Err(e) if !found.is_empty() => {
+                tracing::warn!("JetStream journal not looked at: {e}")
+            }
+            Err(e) => return Err(usage_error(e)),
+        }
     }
     Ok(found)
 }
@@ -622,10 +633,16 @@ fn default_agent_id() -> String {
             }
         })
         .collect();
+    // the random part keeps ids apart across hosts with one name (containers) and pid
+    // reuse
     format!(
-        "{}-{}",
+        "{}-{}-{:04x}",
         if host.is_empty() { "agent" } else { &host },
-        std::process::id()
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() >> 4)
+            & 0xffff
     )
 }
 
@@ -661,10 +678,17 @@ async fn agent(cli: &Cli, a: &AgentArgs, url: &str, registry: &'static Registry)
         heartbeat: AGENT_HEARTBEAT,
         drain_timeout: a.drain_timeout,
     };
+    // the signal is taken by a task of its own: the stop is armed (a second signal, and
+    // the bound on draining) even if the agent's loop is stuck
     let bound = a.drain_timeout + Duration::from_secs(10);
-    let stop = async move {
+    let (stopped_tx, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
         shutdown_signal().await;
         arm_stop(bound, "agent");
+        let _ = stopped_tx.send(());
+    });
+    let stop = async move {
+        let _ = stopped.await;
     };
     match serve_agent(client, cfg, stop).await {
         Ok(()) => ExitCode::SUCCESS,

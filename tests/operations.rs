@@ -246,6 +246,17 @@ fn a_cache_entry_that_no_longer_decodes_is_a_miss_rewritten_and_a_journal_is_sho
         text.contains("RunEnded") && text.contains("SUCCESS"),
         "{text}"
     );
+    // with NATS_URL too, on a server no coordinator used: the local journal answers and
+    // the operator command creates no stream there
+    let nats = NatsServer::start();
+    let mut cmd = app("example_flow");
+    cmd.env("PINAZU_JOURNAL_DIR", dir.path().join("journal"))
+        .env("NATS_URL", nats.url())
+        .args(["journal", "show", &id]);
+    let shown = cmd.output().unwrap();
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("RunEnded"));
+    assert_eq!(nats.stream_names(), Vec::<String>::new());
     let rm = run(&id, &["journal", "rm", &id]);
     assert!(rm.status.success(), "{}", stderr(&rm));
     assert_eq!(run(&id, &["journal", "show", &id]).status.code(), Some(2));

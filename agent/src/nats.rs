@@ -67,7 +67,13 @@ struct Outbox {
 const RESEND_AFTER: Duration = Duration::from_secs(10);
 
 impl Outbox {
-    fn ack(&mut self, seq: u64) {
+    /// Takes an acknowledgement; one addressed to another process that had this id
+    /// before (another incarnation; 0 is from a coordinator that does not say) is
+    /// ignored, or it would drop batches that coordinator never saw.
+    fn ack(&mut self, incarnation: u64, seq: u64) {
+        if incarnation != 0 && incarnation != self.incarnation {
+            return;
+        }
         self.acked = self.acked.max(seq);
         while self.kept.front().is_some_and(|(b, _)| b.seq <= self.acked) {
             self.kept.pop_front();
@@ -103,7 +109,6 @@ struct NatsReportSink {
     agent_id: pinazu_shared::ids::AgentId,
     tx: Mutex<Option<mpsc::UnboundedSender<Report>>>,
     tracker: Arc<Mutex<Tracker>>,
-    idle: Arc<Notify>,
 }
 
 impl ResultSink for NatsReportSink {
@@ -119,16 +124,8 @@ impl ResultSink for NatsReportSink {
     }
 
     fn finished(&self, f: AttemptFinished) {
-        if let Ok(mut t) = self.tracker.lock() {
-            t.running.remove(&RunningAttempt {
-                flow_run_id: f.flow_run_id,
-                call_id: f.call_id,
-                attempt_id: f.attempt_id,
-            });
-            if t.running.is_empty() {
-                self.idle.notify_waiters();
-            }
-        }
+        // still listed as running until its report is in the outbox (a large result may
+        // take seconds to store): the coordinator must not take it for lost meanwhile
         self.send(Report::Finished(f));
     }
 }
@@ -168,12 +165,39 @@ fn heartbeat(
 
 async fn publish(client: &async_nats::Client, subject: String, body: &impl serde::Serialize) {
     match encode_envelope(body) {
-        Ok(b) => {
-            if let Err(e) = client.publish(subject, Bytes::from(b)).await {
-                tracing::warn!(error = %e, "NATS publish failed");
-            }
-        }
+        Ok(b) => publish_bytes(client, subject, Bytes::from(b)).await,
         Err(e) => tracing::error!(error = %e, "could not encode a message"),
+    }
+}
+
+/// How long a publish may wait for room in the client's buffer (full while NATS is
+/// unreachable): the agent's loop never blocks on NATS, so it heartbeats, checks its
+/// id and stops on a signal whatever the connection does.
+const PUBLISH_WAIT: Duration = Duration::from_secs(2);
+
+async fn publish_bytes(client: &async_nats::Client, subject: String, body: Bytes) {
+    match tokio::time::timeout(PUBLISH_WAIT, client.publish(subject, body)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "NATS publish failed"),
+        Err(_) => tracing::debug!("NATS publish timed out (connection down)"),
+    }
+}
+
+/// Unacknowledged batches kept at most; beyond, the oldest are dropped (their calls
+/// are run again by the coordinator, which takes this agent's attempts for lost).
+const MAX_KEPT: usize = 4096;
+
+/// Removes an error's secrets before it leaves the process (a task may put a URL with
+/// credentials in its error).
+fn redact_error(e: &mut ErrorInfo) {
+    use pinazu_shared::redact::redact;
+    if let std::borrow::Cow::Owned(m) = redact(&e.message) {
+        e.message = m;
+    }
+    if let Some(t) = &e.traceback {
+        if let std::borrow::Cow::Owned(t) = redact(t) {
+            e.traceback = Some(t.into_boxed_str());
+        }
     }
 }
 
@@ -189,7 +213,7 @@ pub async fn serve_agent(
     let agent_id = cfg.agent.id.clone();
     let incarnation = fastrand::u64(..);
     // one process per id: a second one would run every attempt sent to the id twice
-    let whois = claim_id(&client, &subjects, &agent_id, incarnation).await?;
+    let (whois, me) = claim_id(&client, &subjects, &agent_id, incarnation).await?;
     // the coordinator's store must be this agent's too (large payloads go through it)
     check_store(&client, &subjects, &*cfg.store).await?;
     let tracker = Arc::new(Mutex::new(Tracker::default()));
@@ -199,7 +223,6 @@ pub async fn serve_agent(
         agent_id: agent_id.clone(),
         tx: Mutex::new(Some(tx)),
         tracker: tracker.clone(),
-        idle: idle.clone(),
     });
 
     // reports: one task, so their order is kept; batched under load, numbered, and kept
@@ -215,6 +238,7 @@ pub async fn serve_agent(
         let subject = subjects.reports();
         let (store, threshold) = (cfg.store.clone(), cfg.payload_threshold);
         let (outbox, agent_id) = (outbox.clone(), agent_id.clone());
+        let (tracker, idle) = (tracker.clone(), idle.clone());
         tokio::spawn(async move {
             // a report that did not fit the previous batch
             let mut carried: Option<Report> = None;
@@ -244,13 +268,26 @@ pub async fn serve_agent(
                         Err(_) => break,
                     }
                 }
-                for report in &mut reports {
-                    if let Report::Finished(f) = report {
-                        store_large_result(&*store, threshold, f).await;
+                // large results of a batch are stored side by side
+                futures_util::future::join_all(reports.iter_mut().filter_map(|r| match r {
+                    Report::Finished(f) => {
+                        if let Err(e) = &mut f.outcome {
+                            redact_error(e);
+                        }
+                        Some(store_large_result(&*store, threshold, f))
                     }
-                }
+                    Report::Started(_) => None,
+                }))
+                .await;
                 let encoded = match outbox.lock() {
                     Ok(mut o) => {
+                        if o.kept.len() >= MAX_KEPT {
+                            o.kept.pop_front();
+                            tracing::warn!(
+                                kept = MAX_KEPT,
+                                "too many reports unacknowledged (coordinator unreachable?): dropping the oldest batch; the coordinator runs its calls again"
+                            );
+                        }
                         o.seq += 1;
                         let batch = ReportBatch {
                             agent_id: agent_id.clone(),
@@ -260,18 +297,28 @@ pub async fn serve_agent(
                             reports,
                         };
                         let encoded = encode_envelope(&batch);
+                        if let Ok(mut t) = tracker.lock() {
+                            for r in &batch.reports {
+                                if let Report::Finished(f) = r {
+                                    t.running.remove(&RunningAttempt {
+                                        flow_run_id: f.flow_run_id,
+                                        call_id: f.call_id,
+                                        attempt_id: f.attempt_id,
+                                    });
+                                }
+                            }
+                            if t.running.is_empty() {
+                                idle.notify_waiters();
+                            }
+                        }
                         o.kept.push_back((batch, Instant::now()));
                         encoded
                     }
                     Err(_) => break,
                 };
                 match encoded {
-                    Ok(b) => {
-                        if let Err(e) = client.publish(subject.clone(), Bytes::from(b)).await {
-                            // kept: sent again later
-                            tracing::warn!(error = %e, "NATS publish failed");
-                        }
-                    }
+                    // kept in the outbox: sent again later if this is lost
+                    Ok(b) => publish_bytes(&client, subject.clone(), Bytes::from(b)).await,
                     Err(e) => tracing::error!(error = %e, "could not encode reports"),
                 }
             }
@@ -343,7 +390,7 @@ pub async fn serve_agent(
             match decode_envelope::<ReportAck>(&msg.payload) {
                 Ok(ack) => {
                     if let Ok(mut o) = o.lock() {
-                        o.ack(ack.seq);
+                        o.ack(ack.incarnation, ack.seq);
                         if o.kept.is_empty() {
                             acked.notify_waiters();
                         }
@@ -375,11 +422,32 @@ pub async fn serve_agent(
     tokio::pin!(shutdown);
     let (misfit_tx, mut misfit_rx) = mpsc::unbounded_channel::<String>();
     let mut tick = tokio::time::interval(cfg.heartbeat);
+    // the id is checked again now and then: after a partition or a NATS restart two
+    // processes may hold it (each started while the other was unreachable); the newer
+    // one stops
+    let mut id_check =
+        tokio::time::interval_at(tokio::time::Instant::now() + ID_CHECK_EVERY, ID_CHECK_EVERY);
+    id_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let reports_subject = subjects.reports();
+    let mut failure: Option<String> = None;
     loop {
         let all = tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => false,
+            _ = id_check.tick() => {
+                let (c, subject, me, tx) = (client.clone(), subjects.agent_whois(&agent_id), me.clone(), misfit_tx.clone());
+                tokio::spawn(async move {
+                    if let Ok(others) = holders(&c, &subject, me.incarnation, true).await {
+                        if let Some(other) = others.into_iter().find(|o| o.older_than(&me)) {
+                            let _ = tx.send(format!(
+                                "agent id {} is also held by {other}, which started first (both took it while NATS kept them apart): this process stops, so that no attempt runs twice. Give each agent its own --agent-id",
+                                me.agent_id
+                            ));
+                        }
+                    }
+                });
+                continue;
+            }
             _ = hello_now.notified() => {
                 // a coordinator (re)started: is its store ours?
                 let (c, s, store, tx) = (client.clone(), subjects.clone(), cfg.store.clone(), misfit_tx.clone());
@@ -391,13 +459,10 @@ pub async fn serve_agent(
                 true
             }
             Some(e) = misfit_rx.recv() => {
-                spawn_loop.abort();
-                cancel_loop.abort();
-                hello_loop.abort();
-                ack_loop.abort();
-                whois.abort();
-                agent.stop(None);
-                return Err(e);
+                // drained like a stop: what runs here finishes and is reported
+                tracing::error!(agent = %agent_id, "{e}");
+                failure = Some(e);
+                break;
             }
         };
         resend(&client, &reports_subject, &outbox, all).await;
@@ -484,21 +549,64 @@ pub async fn serve_agent(
         tracing::warn!(agent = %agent_id, "could not say goodbye to the coordinator (NATS unreachable); it notices in a few seconds");
     }
     tracing::info!(agent = %agent_id, dropped = drops.count(), drained, "agent stopped");
-    Ok(())
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
+
+/// How often an agent checks no other process holds its id.
+const ID_CHECK_EVERY: Duration = Duration::from_secs(10);
 
 /// Checks this agent reads the coordinator's store: it asks for the coordinator's probe
 /// object and reads it. No coordinator yet, or a store that does not answer now: no
 /// verdict (the check runs again when a coordinator says hello). A store without the
-/// object is another store: an error saying what to set.
+/// object is another store: an error saying what to set. A probe not written yet, or
+/// not found, is asked for again for a few seconds before the verdict.
 pub async fn check_store(
     client: &async_nats::Client,
     subjects: &Subjects,
     store: &dyn ObjectStore,
 ) -> Result<(), String> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match probe_once(client, subjects, store).await {
+            Probe::Shared | Probe::Unknown => return Ok(()),
+            Probe::NotYet if tries >= PROBE_TRIES => return Ok(()),
+            Probe::Missing(theirs) if tries >= PROBE_TRIES => {
+                return Err(format!(
+                    "this agent's object store ({}) is not the coordinator's ({theirs}): arguments and results too large for a NATS message go through the store, and would be lost. Set --store / PINAZU_STORE (s3://bucket/prefix across machines) or PINAZU_CACHE_DIR (one machine) to the coordinator's store",
+                    store.describe()
+                ))
+            }
+            Probe::NotYet | Probe::Missing(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+}
+
+/// How many times the store probe is asked for before a verdict (a second apart).
+const PROBE_TRIES: u32 = 5;
+
+enum Probe {
+    /// The probe was read: the store is shared.
+    Shared,
+    /// No verdict possible (no coordinator, store unreadable now).
+    Unknown,
+    /// The coordinator has not written its probe yet.
+    NotYet,
+    /// The probe is not in this agent's store (the coordinator's store, described).
+    Missing(String),
+}
+
+async fn probe_once(
+    client: &async_nats::Client,
+    subjects: &Subjects,
+    store: &dyn ObjectStore,
+) -> Probe {
     let req = match encode_envelope(&ApiRequest::StoreProbe) {
         Ok(b) => Bytes::from(b),
-        Err(_) => return Ok(()),
+        Err(_) => return Probe::Unknown,
     };
     let reply = tokio::time::timeout(
         Duration::from_secs(3),
@@ -506,25 +614,25 @@ pub async fn check_store(
     )
     .await;
     let Ok(Ok(msg)) = reply else {
-        return Ok(());
+        return Probe::Unknown;
     };
     let Ok(ApiReply::StoreProbe {
-        key: Some(key),
+        key,
         token,
         store: theirs,
     }) = decode_envelope::<ApiReply>(&msg.payload)
     else {
-        return Ok(());
+        return Probe::Unknown;
+    };
+    let Some(key) = key else {
+        return Probe::NotYet;
     };
     match store.get(&key).await {
-        Ok(Some(found)) if found.as_ref() == token.as_bytes() => Ok(()),
-        Ok(_) => Err(format!(
-            "this agent's object store ({}) is not the coordinator's ({theirs}): arguments and results too large for a NATS message go through the store, and would be lost. Set --store / PINAZU_STORE (s3://bucket/prefix across machines) or PINAZU_CACHE_DIR (one machine) to the coordinator's store",
-            store.describe()
-        )),
+        Ok(Some(found)) if found.as_ref() == token.as_bytes() => Probe::Shared,
+        Ok(_) => Probe::Missing(theirs),
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the coordinator's store probe now; not checked");
-            Ok(())
+            Probe::Unknown
         }
     }
 }
@@ -537,7 +645,7 @@ async fn claim_id(
     subjects: &Subjects,
     agent_id: &pinazu_shared::ids::AgentId,
     incarnation: u64,
-) -> Result<tokio::task::JoinHandle<()>, String> {
+) -> Result<(tokio::task::JoinHandle<()>, AgentIdentity), String> {
     let subject = subjects.agent_whois(agent_id);
     let me = AgentIdentity {
         agent_id: agent_id.clone(),
@@ -553,7 +661,7 @@ async fn claim_id(
     };
     let refuse = |other: &AgentIdentity| {
         format!(
-            "agent id {agent_id} is already in use by {other}: two agents with one id would both run every attempt sent to it. Give this agent another --agent-id (or leave it unset for <host>-<pid>), or stop the other one first"
+            "agent id {agent_id} is already in use by {other}: two agents with one id would both run every attempt sent to it. Give this agent another --agent-id (or leave it unset for <host>-<pid>-<random>), or stop the other one first"
         )
     };
     if let Some(other) = holders(client, &subject, incarnation, false).await?.first() {
@@ -580,7 +688,7 @@ async fn claim_id(
         responder.abort();
         return Err(refuse(&other));
     }
-    Ok(responder)
+    Ok((responder, me))
 }
 
 /// The other processes answering for an agent id: the first answer only (`all` false:
@@ -626,6 +734,10 @@ async fn holders(
 
 /// Sends unacknowledged report batches again (all, or those waiting too long).
 async fn resend(client: &async_nats::Client, subject: &str, outbox: &Mutex<Outbox>, all: bool) {
+    if client.connection_state() != async_nats::connection::State::Connected {
+        // sent once the connection is back (the next tick finds them stale)
+        return;
+    }
     let batches = match outbox.lock() {
         Ok(mut o) => o.resend(all),
         Err(_) => return,
@@ -638,9 +750,7 @@ async fn resend(client: &async_nats::Client, subject: &str, outbox: &Mutex<Outbo
         );
     }
     for b in batches {
-        if let Err(e) = client.publish(subject.to_string(), Bytes::from(b)).await {
-            tracing::warn!(error = %e, "NATS publish failed");
-        }
+        publish_bytes(client, subject.to_string(), Bytes::from(b)).await;
     }
 }
 
@@ -698,7 +808,14 @@ async fn store_large_result(store: &dyn ObjectStore, threshold: usize, f: &mut A
     };
     let key = payload_key(f.flow_run_id, f.call_id, f.attempt_id, "result");
     let bytes = std::mem::replace(&mut f.outcome, Ok(Bytes::new())).unwrap_or_default();
-    match pinazu_shared::store::put_retrying(store, &key, bytes).await {
+    match pinazu_shared::store::put_retrying(
+        store,
+        &key,
+        bytes,
+        pinazu_shared::store::PUT_RETRY_DELAYS,
+    )
+    .await
+    {
         Ok(()) => f.result_ref = Some(key),
         Err(e) => {
             f.outcome = Err(ErrorInfo::new(
@@ -706,5 +823,48 @@ async fn store_large_result(store: &dyn ObjectStore, threshold: usize, f: &mut A
                 format!("the result of {size} bytes is too large for a NATS message and could not be stored: {e}"),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbox_with(incarnation: u64, seqs: &[u64]) -> Outbox {
+        let mut o = Outbox {
+            incarnation,
+            seq: 0,
+            acked: 0,
+            kept: VecDeque::new(),
+        };
+        for &seq in seqs {
+            o.seq = seq;
+            o.kept.push_back((
+                ReportBatch {
+                    agent_id: pinazu_shared::ids::AgentId("a".into()),
+                    incarnation,
+                    seq,
+                    acked: 0,
+                    reports: Vec::new(),
+                },
+                Instant::now(),
+            ));
+        }
+        o
+    }
+
+    #[test]
+    fn an_acknowledgement_for_another_incarnation_keeps_the_batches() {
+        let mut o = outbox_with(7, &[1, 2, 3]);
+        o.ack(8, 3);
+        assert_eq!(
+            o.kept.len(),
+            3,
+            "an ack for the id's previous process drops nothing"
+        );
+        o.ack(7, 2);
+        assert_eq!(o.kept.len(), 1);
+        o.ack(0, 3);
+        assert!(o.kept.is_empty(), "an ack without incarnation is taken");
     }
 }

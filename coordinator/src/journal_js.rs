@@ -87,16 +87,75 @@ impl JetStreamJournal {
             })
             .await
             .map_err(|e| err("cannot create the runs stream", e))?;
+        Ok(Self::start(js, client_max_payload, prefix, journal, runs))
+    }
+
+    /// Finds the streams a coordinator created, creating nothing (for the operator
+    /// commands): `None` when there are none (no coordinator journaled under this
+    /// prefix, or JetStream is off).
+    pub async fn open_existing(
+        client: async_nats::Client,
+        prefix: &str,
+    ) -> Result<Option<Self>, JournalError> {
+        let client_max_payload = client.server_info().max_payload;
+        let js = jetstream::new(client);
+        let find = |suffix: &'static str| {
+            let js = js.clone();
+            let name = stream_name(prefix, suffix);
+            async move {
+                match js.get_stream(&name).await {
+                    Ok(s) => Ok(Some(s)),
+                    Err(e) => {
+                        use jetstream::context::GetStreamErrorKind as K;
+                        use jetstream::ErrorCode as C;
+                        match e.kind() {
+                            // not there, or no JetStream on this server: nothing
+                            // journaled there
+                            K::JetStream(j)
+                                if [
+                                    C::STREAM_NOT_FOUND,
+                                    C::JETSTREAM_NOT_ENABLED,
+                                    C::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT,
+                                ]
+                                .contains(&j.error_code()) =>
+                            {
+                                Ok(None)
+                            }
+                            _ => Err(err(&format!("cannot read the stream {name}"), e)),
+                        }
+                    }
+                }
+            }
+        };
+        let (Some(journal), Some(runs)) = (find("JOURNAL").await?, find("RUNS").await?) else {
+            return Ok(None);
+        };
+        Ok(Some(Self::start(
+            js,
+            client_max_payload,
+            prefix,
+            journal,
+            runs,
+        )))
+    }
+
+    fn start(
+        js: jetstream::Context,
+        client_max_payload: usize,
+        prefix: &str,
+        journal: stream::Stream,
+        runs: stream::Stream,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         // a message must stay under the server's limit (with room for headers)
         let limit = (client_max_payload.saturating_sub(4096)).max(64 * 1024);
         tokio::spawn(writer(js, rx, limit));
-        Ok(JetStreamJournal {
+        JetStreamJournal {
             prefix: prefix.to_string(),
             journal,
             runs,
             tx,
-        })
+        }
     }
 
     fn journal_subject(&self, run: FlowRunId) -> String {

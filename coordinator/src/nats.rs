@@ -79,8 +79,13 @@ impl NatsAgentLink {
         tokio::spawn(async move {
             let key = payload_key(task.flow_run_id, task.call_id, task.attempt_id, "args");
             let size = task.args.len();
-            match pinazu_shared::store::put_retrying(&*store, &key, std::mem::take(&mut task.args))
-                .await
+            match pinazu_shared::store::put_retrying(
+                &*store,
+                &key,
+                std::mem::take(&mut task.args),
+                pinazu_shared::store::PUT_RETRY_DELAYS_SHORT,
+            )
+            .await
             {
                 Ok(()) => {
                     task.args_ref = Some(key);
@@ -194,7 +199,7 @@ pub async fn serve(
 ) -> Result<Arc<ServiceCounters>, async_nats::SubscribeError> {
     let counters = Arc::new(ServiceCounters::default());
     // an object every agent must be able to read: then it shares this store
-    let probe = StoreProbe::write(&*payloads.store).await;
+    let probe = StoreProbe::start(payloads.store.clone());
     let mut heartbeats = client.subscribe(subjects.heartbeat()).await?;
     let mut reports = client.subscribe(subjects.reports()).await?;
     let mut api = client
@@ -301,7 +306,7 @@ pub async fn serve(
         while let Some(msg) = api.next().await {
             let reply = match decode_envelope::<ApiRequest>(&msg.payload) {
                 Ok(ApiRequest::StoreProbe) => ApiReply::StoreProbe {
-                    key: probe.key.clone(),
+                    key: probe.key(),
                     token: probe.token.clone(),
                     store: payloads.store.describe(),
                 },
@@ -332,24 +337,40 @@ pub async fn serve(
 
 /// The object agents read to show they share the coordinator's store.
 struct StoreProbe {
-    key: Option<String>,
+    /// Set once the object is written.
+    written: Arc<std::sync::OnceLock<String>>,
     token: String,
 }
 
 impl StoreProbe {
-    async fn write(store: &dyn ObjectStore) -> StoreProbe {
+    /// Writes the probe in the background, again and again while the store is down
+    /// (agents asking meanwhile are not checked, and check again on the next hello).
+    fn start(store: Arc<dyn ObjectStore>) -> StoreProbe {
         let token = uuid::Uuid::new_v4().to_string();
-        let key = format!("probes/{token}");
-        match store.put(&key, Bytes::from(token.clone())).await {
-            Ok(()) => StoreProbe {
-                key: Some(key),
-                token,
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "could not write the store probe; agents cannot check they share this store");
-                StoreProbe { key: None, token }
+        let written = Arc::new(std::sync::OnceLock::new());
+        let (w, t) = (written.clone(), token.clone());
+        tokio::spawn(async move {
+            let key = format!("probes/{t}");
+            let mut wait = Duration::from_secs(1);
+            loop {
+                match store.put(&key, Bytes::from(t.clone())).await {
+                    Ok(()) => {
+                        let _ = w.set(key);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in_s = wait.as_secs(), "could not write the store probe; agents cannot check they share this store until it is");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(60));
+                    }
+                }
             }
-        }
+        });
+        StoreProbe { written, token }
+    }
+
+    fn key(&self) -> Option<String> {
+        self.written.get().cloned()
     }
 }
 
@@ -429,7 +450,7 @@ impl Acks {
 
     /// What can be acknowledged once the touched runs are settled: per agent, the
     /// highest batch with every batch up to it received and its results handed over.
-    fn due(&mut self) -> (Vec<(AgentId, u64)>, Vec<FlowRunId>) {
+    fn due(&mut self) -> (Vec<(AgentId, u64, u64)>, Vec<FlowRunId>) {
         let now = Instant::now();
         // forget agents silent for long (they left; their ids are not reused)
         self.agents.retain(|_, a| {
@@ -442,7 +463,7 @@ impl Acks {
                 None => a.contiguous,
             };
             if ready > a.acked {
-                due.push((id.clone(), ready));
+                due.push((id.clone(), a.incarnation, ready));
             }
         }
         (due, self.touched.drain().collect())
@@ -483,8 +504,8 @@ async fn acknowledge(
             due.notify_one();
             continue;
         }
-        for (agent, seq) in ready {
-            match encode_envelope(&ReportAck { seq }) {
+        for (agent, incarnation, seq) in ready {
+            match encode_envelope(&ReportAck { seq, incarnation }) {
                 Ok(b) => publisher.publish(subjects.agent_ack(&agent), Bytes::from(b)),
                 Err(e) => tracing::error!(error = %e, "could not encode an acknowledgement"),
             }
@@ -736,7 +757,10 @@ mod tests {
 
     fn due_for(acks: &mut Acks, agent: &str) -> Option<u64> {
         let (due, _) = acks.due();
-        let seq = due.iter().find(|(a, _)| a.0 == agent).map(|(_, s)| *s);
+        let seq = due
+            .iter()
+            .find(|(a, _, _)| a.0 == agent)
+            .map(|(_, _, s)| *s);
         if let Some(s) = seq {
             acks.sent(&AgentId(agent.into()), s);
         }

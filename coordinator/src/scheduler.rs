@@ -234,8 +234,9 @@ impl SchedulerState {
         }
     }
 
-    /// `died`: its agent died with it (then it ran there, as far as anyone can tell).
-    fn lose(&mut self, key: (FlowRunId, AttemptId), reason: String, died: bool) {
+    /// It counts as an execution only if its agent listed it running (an attempt whose
+    /// spawn never arrived did not run, even if the agent died since).
+    fn lose(&mut self, key: (FlowRunId, AttemptId), reason: String) {
         if let Some(d) = self.running.remove(&key) {
             tracing::warn!(flow_run_id = %key.0, call_id = %d.call_id, attempt_id = %key.1, %reason, "attempt lost; dispatching it again");
             self.tell_runner(
@@ -244,7 +245,7 @@ impl SchedulerState {
                     call_id: d.call_id,
                     attempt_id: key.1,
                     reason,
-                    ran: died || d.seen,
+                    ran: d.seen,
                 },
             );
         }
@@ -270,7 +271,7 @@ impl SchedulerState {
             tracing::warn!(agent = %id, why, attempts = lost.len(), "agent is gone; its attempts run elsewhere");
         }
         for key in lost {
-            self.lose(key, format!("agent {id} {why}"), true);
+            self.lose(key, format!("agent {id} {why}"));
         }
     }
 
@@ -370,7 +371,7 @@ impl SchedulerState {
             }
         }
         for key in missing {
-            self.lose(key, format!("agent {id} no longer lists it"), false);
+            self.lose(key, format!("agent {id} no longer lists it"));
         }
         // attempts it runs that we do not (or no longer) want: stop them
         let orphans: Vec<_> = listed

@@ -170,7 +170,11 @@ mod fuzz {
                 reports: Vec::new(),
             })
             .unwrap(),
-            encode_envelope(&ReportAck { seq: 9 }).unwrap(),
+            encode_envelope(&ReportAck {
+                seq: 9,
+                incarnation: 1,
+            })
+            .unwrap(),
         ];
         for msg in &valid {
             for _ in 0..5_000 {

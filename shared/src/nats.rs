@@ -114,7 +114,9 @@ impl NatsConfig {
                     async_nats::Event::Disconnected => tracing::warn!("NATS connection lost; reconnecting"),
                     async_nats::Event::SlowConsumer(sid) => tracing::error!(sid, "NATS slow consumer: messages were dropped; lost attempts are recovered by heartbeat reconciliation"),
                     async_nats::Event::Closed => tracing::debug!("NATS connection closed"),
-                    other => tracing::info!(event = %other, "NATS event"),
+                    async_nats::Event::ServerError(e) => tracing::warn!(error = %crate::redact::redact(&e.to_string()), "NATS server error"),
+                    async_nats::Event::LameDuckMode => tracing::info!("NATS server entering lame duck mode; moving to another"),
+                    other => tracing::debug!(event = %other, "NATS event"),
                 }
                 }
             });
@@ -140,7 +142,7 @@ impl NatsConfig {
             }
             let bare = match u.split_once("://") {
                 Some((scheme, rest)) if creds.is_some() => {
-                    let at = rest.find('@').map_or(0, |i| i + 1);
+                    let at = rest.rfind('@').map_or(0, |i| i + 1);
                     format!("{scheme}://{}", &rest[at..])
                 }
                 _ => u.to_string(),
@@ -237,9 +239,13 @@ impl NatsConfig {
                 K::Tls => TLS_HINT,
                 K::TimedOut | K::Io if tls => TLS_HINT,
                 K::TimedOut | K::Io => " (is nats-server running there?)",
+                K::Dns => " (the host name does not resolve)",
                 _ => "",
             };
-            let retryable = matches!(e.kind(), K::TimedOut | K::Io) && !tls;
+            // a server not there yet, or a name not resolving yet (DNS comes up with
+            // the container): waited for; refused credentials or TLS: at once
+            let retryable = matches!(e.kind(), K::TimedOut | K::Io | K::Dns | K::MaxReconnects)
+                && !tls;
             (
                 NatsError::Connect {
                     urls: self.display_urls(),

@@ -22,6 +22,16 @@ pub fn register(secret: &str) {
     if secret.len() < 4 {
         return;
     }
+    // as it appears inside JSON (an event's error_message) too
+    let escaped = serde_json::to_string(secret).unwrap_or_default();
+    let escaped = escaped.trim_matches('"');
+    if escaped != secret {
+        register_one(escaped);
+    }
+    register_one(secret);
+}
+
+fn register_one(secret: &str) {
     if let Ok(mut s) = SECRETS.write() {
         if !s.iter().any(|x| x == secret) {
             s.push(secret.to_string());
@@ -39,9 +49,20 @@ pub fn register_env() {
         }
     }
     if let Ok(urls) = std::env::var("NATS_URL") {
-        for url in urls.split(',') {
-            if let Some((_, secret)) = url_credentials(url) {
-                register(&secret);
+        register_url(&urls);
+    }
+}
+
+/// Registers the passwords and tokens in a comma-separated list of URLs, decoded and
+/// as written.
+pub fn register_url(urls: &str) {
+    for url in urls.split(',') {
+        if let Some((_, secret)) = url_credentials(url) {
+            register(&secret);
+        }
+        if let Some((_, rest)) = url.trim().split_once("://") {
+            if let Some((userinfo, _)) = rest.rsplit_once('@') {
+                register(userinfo.split_once(':').map_or(userinfo, |(_, p)| p));
             }
         }
     }
@@ -50,17 +71,39 @@ pub fn register_env() {
 /// The user (if any) and the password or token in a URL's user info:
 /// `scheme://user:pass@host` -> `(Some(user), pass)`; `scheme://token@host` ->
 /// `(None, token)`.
+/// NATS addresses have no path, so the user info ends at the last `@` (a password may
+/// hold `/` or `@` unencoded); percent-encoded user info (`%40`) is decoded.
 pub fn url_credentials(url: &str) -> Option<(Option<String>, String)> {
     let (_, rest) = url.trim().split_once("://")?;
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
-    let (userinfo, _) = authority.rsplit_once('@')?;
+    let rest = rest.split(['?', '#']).next().unwrap_or(rest);
+    let (userinfo, _) = rest.rsplit_once('@')?;
     if userinfo.is_empty() {
         return None;
     }
     Some(match userinfo.split_once(':') {
-        Some((user, pass)) => (Some(user.to_string()), pass.to_string()),
-        None => (None, userinfo.to_string()),
+        Some((user, pass)) => (Some(percent_decode(user)), percent_decode(pass)),
+        None => (None, percent_decode(userinfo)),
     })
+}
+
+/// `%XX` sequences decoded (invalid ones kept as they are).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+            if let Ok(v) = u8::from_str_radix(hex, 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8(out).unwrap_or_else(|_| s.to_string())
 }
 
 /// `text` with URL credentials and registered secrets replaced by `***`.
@@ -132,6 +175,14 @@ mod tests {
         );
         assert_eq!(url_credentials("nats://t@h"), Some((None, "t".into())));
         assert_eq!(url_credentials("nats://h:1"), None);
+        assert_eq!(
+            url_credentials("nats://u:p/a@ss@h:1"),
+            Some((Some("u".into()), "p/a@ss".into()))
+        );
+        assert_eq!(
+            url_credentials("nats://u:p%40ss@h:1"),
+            Some((Some("u".into()), "p@ss".into()))
+        );
         register("wJalrXUtnFEMI/K7MDENG");
         assert_eq!(
             redact("signature with wJalrXUtnFEMI/K7MDENG failed"),

@@ -25,7 +25,7 @@ pub trait ObjectStore: Send + Sync + 'static {
 
 /// Delays between the attempts of [`put_retrying`]: about 8 s in all, longer than the
 /// circuit breaker's first open period, so a brief outage does not fail an attempt.
-const PUT_RETRY_DELAYS: [std::time::Duration; 5] = [
+pub const PUT_RETRY_DELAYS: &[std::time::Duration] = &[
     std::time::Duration::from_millis(250),
     std::time::Duration::from_millis(500),
     std::time::Duration::from_secs(1),
@@ -33,16 +33,27 @@ const PUT_RETRY_DELAYS: [std::time::Duration; 5] = [
     std::time::Duration::from_secs(4),
 ];
 
-/// `put`, tried again with backoff while the store fails: a payload that must be
-/// written (an attempt's large argument or result) survives a transient outage.
+/// Shorter delays (under 3 s in all), for a write the scheduler waits on without
+/// seeing it: the coordinator's store of an attempt's large arguments must end before
+/// the attempt counts as lost, or the attempt would be sent twice.
+pub const PUT_RETRY_DELAYS_SHORT: &[std::time::Duration] = &[
+    std::time::Duration::from_millis(250),
+    std::time::Duration::from_millis(500),
+    std::time::Duration::from_millis(1000),
+    std::time::Duration::from_millis(1000),
+];
+
+/// `put`, tried again after each of `delays` while the store fails: a payload that
+/// must be written (an attempt's large argument or result) survives a transient outage.
 pub async fn put_retrying(
     store: &dyn ObjectStore,
     key: &str,
     value: Bytes,
+    delays: &[std::time::Duration],
 ) -> Result<(), StoreError> {
     let mut last = None;
     for (i, delay) in std::iter::once(None)
-        .chain(PUT_RETRY_DELAYS.iter().map(Some))
+        .chain(delays.iter().map(Some))
         .enumerate()
     {
         if let Some(d) = delay {

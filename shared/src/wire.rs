@@ -171,6 +171,11 @@ pub struct ReportBatch {
 pub struct ReportAck {
     /// The highest batch number acknowledged; all below it are, too.
     pub seq: u64,
+    /// The agent process whose batches these are (an acknowledgement meant for the
+    /// process that had the id before must not clear a new one's batches). Absent from
+    /// older coordinators: 0, taken as "any".
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 /// One attempt report, batched on the reports subject.

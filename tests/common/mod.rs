@@ -128,6 +128,25 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
+    /// The JetStream streams this server stores (the directories of its store).
+    pub fn stream_names(&self) -> Vec<String> {
+        let dir = self
+            .store
+            .path()
+            .join("jetstream")
+            .join("$G")
+            .join("streams");
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
     /// Kills the server (SIGKILL) and starts it again on the same port and store.
     pub fn restart(&mut self) {
         self.kill();
