@@ -268,7 +268,12 @@ fn compact(dir: &Path, run: FlowRunId, frame: &[u8]) -> std::io::Result<()> {
 
 fn writer(dir: PathBuf, rx: std_mpsc::Receiver<WriterCmd>) {
     let mut files: HashMap<FlowRunId, std::fs::File> = HashMap::new();
+    // runs whose file was checked for a torn tail by this process
+    let mut checked: std::collections::HashSet<FlowRunId> = Default::default();
     while let Ok(first) = rx.recv() {
+        if checked.len() > 100_000 {
+            checked.clear(); // bounded; a check again costs one read
+        }
         let mut batch: HashMap<FlowRunId, Vec<u8>> = HashMap::new();
         let mut compacts: HashMap<FlowRunId, Vec<u8>> = HashMap::new();
         let mut waiters = Vec::new();
@@ -302,17 +307,27 @@ fn writer(dir: PathBuf, rx: std_mpsc::Receiver<WriterCmd>) {
         for (run, bytes) in batch {
             let file = match files.get_mut(&run) {
                 Some(f) => f,
-                None => match std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(LocalJournal::path(&dir, run))
-                {
-                    Ok(f) => files.entry(run).or_insert(f),
-                    Err(e) => {
-                        error = Some(format!("open {run}: {e}"));
-                        continue;
+                None => {
+                    let path = LocalJournal::path(&dir, run);
+                    let opened = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&path)
+                        .and_then(|f| {
+                            // once per run and process: only a dead writer leaves a tear
+                            if checked.insert(run) {
+                                cut_torn_tail(&f, &path)?;
+                            }
+                            Ok(f)
+                        });
+                    match opened {
+                        Ok(f) => files.entry(run).or_insert(f),
+                        Err(e) => {
+                            error = Some(format!("open {run}: {e}"));
+                            continue;
+                        }
                     }
-                },
+                }
             };
             if let Err(e) = file.write_all(&bytes).and_then(|_| file.sync_data()) {
                 error = Some(format!("write {run}: {e}"));
@@ -335,20 +350,44 @@ fn writer(dir: PathBuf, rx: std_mpsc::Receiver<WriterCmd>) {
 
 /// Splits a journal file into entries; stops at the first torn or undecodable frame.
 pub fn parse_frames(bytes: &[u8]) -> Vec<JournalEntry> {
+    parse_prefix(bytes).0
+}
+
+/// The entries of the readable prefix of a journal file, and that prefix's length.
+fn parse_prefix(bytes: &[u8]) -> (Vec<JournalEntry>, usize) {
     let mut out = Vec::new();
-    let mut rest = bytes;
-    while rest.len() >= 4 {
-        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        let Some(frame) = rest.get(4..4 + len) else {
+    let mut at = 0;
+    while let Some(head) = bytes.get(at..at + 4) {
+        let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let Some(frame) = bytes.get(at + 4..at + 4 + len) else {
             break;
         };
         match decode_envelope::<JournalEntry>(frame) {
             Ok(e) => out.push(e),
             Err(_) => break,
         }
-        rest = &rest[4 + len..];
+        at += 4 + len;
     }
-    out
+    (out, at)
+}
+
+/// Cuts a journal file back to its readable prefix (a process died mid-write): what is
+/// appended next must follow the last whole entry, or the reader, which stops at the
+/// tear, would never see it.
+fn cut_torn_tail(file: &std::fs::File, path: &Path) -> std::io::Result<()> {
+    let bytes = std::fs::read(path)?;
+    let (_, whole) = parse_prefix(&bytes);
+    if whole < bytes.len() {
+        tracing::warn!(
+            journal = %path.display(),
+            kept = whole,
+            cut = bytes.len() - whole,
+            "journal ends with a torn or unreadable entry (a process died while writing it): cut back to the last whole entry"
+        );
+        file.set_len(whole as u64)?;
+        file.sync_data()?;
+    }
+    Ok(())
 }
 
 /// Encodes one entry as a length-prefixed frame.
@@ -809,5 +848,34 @@ mod tests {
         let j = LocalJournal::open(dir.path()).unwrap();
         assert_eq!(j.read(run).await.unwrap().len(), 2);
         assert_eq!(j.unfinished().await.unwrap(), vec![run]);
+    }
+
+    #[tokio::test]
+    async fn entries_appended_after_a_torn_tail_are_read_on_the_next_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = FlowRunId::new();
+        // a process died in the middle of writing its third entry
+        let mut bytes = Vec::new();
+        for e in [started(), ended(0, 1, true)] {
+            bytes.extend(frame(&e).unwrap());
+        }
+        let whole = bytes.len();
+        bytes.extend(frame(&ended(1, 2, true)).unwrap());
+        bytes.truncate(whole + 6);
+        std::fs::write(LocalJournal::path(dir.path(), run), &bytes).unwrap();
+        // the resumed run journals more
+        let j = LocalJournal::open(dir.path()).unwrap();
+        assert_eq!(j.read(run).await.unwrap().len(), 2);
+        j.append(run, ended(1, 2, true));
+        j.append(run, ended(2, 3, true));
+        j.flush().await.unwrap();
+        drop(j);
+        let j = LocalJournal::open(dir.path()).unwrap();
+        let entries = j.read(run).await.unwrap();
+        assert_eq!(
+            entries.len(),
+            4,
+            "every entry after the tear is read: {entries:?}"
+        );
     }
 }

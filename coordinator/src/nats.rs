@@ -386,8 +386,6 @@ struct BatchMeta {
 #[derive(Default)]
 struct Acks {
     agents: HashMap<AgentId, AgentAcks>,
-    /// Runs that got results since the last acknowledgement round.
-    touched: HashSet<FlowRunId>,
 }
 
 #[derive(Default)]
@@ -404,12 +402,14 @@ struct AgentAcks {
     acked: u64,
     /// When a batch was last received.
     seen: Option<Instant>,
+    /// The runs each batch not yet acknowledged handed results to: they get their
+    /// `Barrier` in the round that acknowledges the batch, not before and not never.
+    touched: BTreeMap<u64, Vec<FlowRunId>>,
 }
 
 impl Acks {
     fn received(&mut self, b: &BatchMeta, fetching: usize, runs: Vec<FlowRunId>) {
         let (seq, acked) = (b.seq, b.acked);
-        self.touched.extend(runs);
         let a = self.agents.entry(b.agent.clone()).or_default();
         if a.incarnation != b.incarnation {
             // a new agent process under this id: its numbering starts again
@@ -419,6 +419,9 @@ impl Acks {
             };
         }
         a.seen = Some(Instant::now());
+        if !runs.is_empty() {
+            a.touched.entry(seq).or_default().extend(runs);
+        }
         // what the agent saw acknowledged needs nothing from us (e.g. after a restart)
         if acked > a.contiguous {
             a.contiguous = acked;
@@ -437,8 +440,8 @@ impl Acks {
     }
 
     fn fetched(&mut self, agent: &AgentId, seq: u64, run: FlowRunId) {
-        self.touched.insert(run);
         if let Some(a) = self.agents.get_mut(agent) {
+            a.touched.entry(seq).or_default().push(run);
             if let Some(n) = a.fetching.get_mut(&seq) {
                 *n -= 1;
                 if *n == 0 {
@@ -448,8 +451,9 @@ impl Acks {
         }
     }
 
-    /// What can be acknowledged once the touched runs are settled: per agent, the
-    /// highest batch with every batch up to it received and its results handed over.
+    /// What can be acknowledged once the runs it touched are settled: per agent, the
+    /// highest batch with every batch up to it received and its results handed over,
+    /// and the runs those batches touched.
     fn due(&mut self) -> (Vec<(AgentId, u64, u64)>, Vec<FlowRunId>) {
         let now = Instant::now();
         // forget agents silent for long (they left; their ids are not reused)
@@ -457,7 +461,8 @@ impl Acks {
             !a.fetching.is_empty() || a.seen.is_none_or(|t| now.duration_since(t) < AGENT_FORGET)
         });
         let mut due = Vec::new();
-        for (id, a) in &self.agents {
+        let mut runs = HashSet::new();
+        for (id, a) in &mut self.agents {
             let ready = match a.fetching.keys().next() {
                 Some(first) => a.contiguous.min(first - 1),
                 None => a.contiguous,
@@ -465,8 +470,14 @@ impl Acks {
             if ready > a.acked {
                 due.push((id.clone(), a.incarnation, ready));
             }
+            // batches up to `ready` are acknowledged in this round (or were before: a
+            // batch sent again, already journaled)
+            let later = a.touched.split_off(&(ready.max(a.acked) + 1));
+            for (_, r) in std::mem::replace(&mut a.touched, later) {
+                runs.extend(r);
+            }
         }
-        (due, self.touched.drain().collect())
+        (due, runs.into_iter().collect())
     }
 
     fn sent(&mut self, agent: &AgentId, seq: u64) {
@@ -793,5 +804,30 @@ mod tests {
         assert_eq!(due_for(&mut fresh, "b"), None);
         fresh.received(&meta("b", 9, 7, 6), 0, vec![]);
         assert_eq!(due_for(&mut fresh, "b"), Some(8));
+    }
+
+    #[test]
+    fn a_batch_is_acknowledged_only_with_a_barrier_to_the_runs_it_touched() {
+        let mut acks = Acks::default();
+        let (r1, r2, r3) = (FlowRunId::new(), FlowRunId::new(), FlowRunId::new());
+        // batch 2 comes first (1 is missing): nothing to acknowledge yet
+        acks.received(&meta("a", 1, 2, 0), 0, vec![r2]);
+        let (due, _) = acks.due();
+        assert!(due.is_empty());
+        // batch 1 arrives: 1 and 2 are due, and both their runs get the barrier
+        acks.received(&meta("a", 1, 1, 0), 0, vec![r1]);
+        let (due, runs) = acks.due();
+        assert_eq!(due, vec![(AgentId("a".into()), 1, 2)]);
+        assert!(runs.contains(&r1) && runs.contains(&r2), "{runs:?}");
+        acks.sent(&AgentId("a".into()), 2);
+        // batch 3's large result is still being fetched: not due; once fetched, its run
+        // gets the barrier with it
+        acks.received(&meta("a", 1, 3, 2), 1, vec![r3]);
+        let (due, _) = acks.due();
+        assert!(due.is_empty());
+        acks.fetched(&AgentId("a".into()), 3, r3);
+        let (due, runs) = acks.due();
+        assert_eq!(due, vec![(AgentId("a".into()), 1, 3)]);
+        assert_eq!(runs, vec![r3]);
     }
 }
