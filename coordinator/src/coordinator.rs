@@ -272,8 +272,12 @@ pub struct CoordShared {
     pub(crate) journal: Arc<dyn Journal>,
     /// Every run started here, active or ended, for status queries.
     table: DashMap<FlowRunId, RunEntry>,
-    /// The run each idempotency key named first (a key never moves to another run).
-    keys: DashMap<String, FlowRunId>,
+    /// The run each idempotency key named first (a key never moves to another run),
+    /// and when: keys older than the journal's retention are forgotten.
+    keys: DashMap<String, (FlowRunId, std::time::Instant)>,
+    /// Ended runs still in `table`, oldest first: beyond `KEEP_ENDED` (and a minute
+    /// old) they leave memory and are answered from the journal.
+    ended: std::sync::Mutex<std::collections::VecDeque<(FlowRunId, tokio::time::Instant)>>,
     pub(crate) events_enabled: bool,
     /// Reports for runs that are not (or no longer) here.
     pub(crate) unknown_run_reports: AtomicU64,
@@ -284,7 +288,44 @@ pub struct CoordShared {
     pub(crate) store: Arc<dyn ObjectStore>,
 }
 
+/// Ended runs kept in memory at most (older ones are answered from the journal).
+pub const KEEP_ENDED: usize = 1000;
+/// An ended run stays in memory at least this long (its watchers read its end there).
+const KEEP_ENDED_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl CoordShared {
+    /// A run has ended: the oldest ended runs beyond [`KEEP_ENDED`] leave memory, so a
+    /// coordinator that serves runs for months stays the same size.
+    pub(crate) fn retire(&self, id: FlowRunId) {
+        let now = tokio::time::Instant::now();
+        let Ok(mut ended) = self.ended.lock() else {
+            return;
+        };
+        ended.push_back((id, now));
+        while ended.len() > KEEP_ENDED
+            && ended
+                .front()
+                .is_some_and(|(_, at)| now.duration_since(*at) >= KEEP_ENDED_FOR)
+        {
+            if let Some((old, _)) = ended.pop_front() {
+                // unless it started again meanwhile (a failed run's id given again)
+                self.table
+                    .remove_if(&old, |_, e| e.outcome.borrow().is_some());
+            }
+        }
+    }
+
+    /// Remembers the run a key names (the first one), forgetting keys older than the
+    /// journal's retention now and then.
+    fn remember_key(&self, key: String, id: FlowRunId) {
+        let now = std::time::Instant::now();
+        self.keys.entry(key).or_insert((id, now));
+        if self.keys.len() % 4096 == 0 {
+            self.keys
+                .retain(|_, (_, at)| now.duration_since(*at) < crate::journal::RETENTION);
+        }
+    }
+
     /// A new attempt id, unique within this coordinator process and distinct from those
     /// of earlier processes (by epoch).
     pub(crate) fn next_attempt_id(&self) -> AttemptId {
@@ -365,6 +406,7 @@ impl Coordinator {
                 journal,
                 table: DashMap::new(),
                 keys: DashMap::new(),
+                ended: Default::default(),
                 events_enabled,
                 unknown_run_reports: AtomicU64::new(0),
                 epoch,
@@ -487,7 +529,7 @@ impl Coordinator {
         params: &Map<String, Value>,
     ) -> Result<Option<FlowRunId>, StartError> {
         let asked = (flow.invoke)(params.clone())?.params;
-        let Some(id) = self.shared.keys.get(key).map(|e| *e.value()) else {
+        let Some(id) = self.shared.keys.get(key).map(|e| e.value().0) else {
             return Ok(None);
         };
         let Some((existing_flow, existing_params)) = self
@@ -786,7 +828,7 @@ impl Coordinator {
                 .map_err(|e| StartError::Journal(e.to_string()))?;
         }
         if let Some(key) = &options.idempotency_key {
-            self.shared.keys.entry(key.clone()).or_insert(flow_run_id);
+            self.shared.remember_key(key.clone(), flow_run_id);
         }
         let stats = Arc::new(RunStats::started_at(started_at_ms));
         let (tx, rx) = watch::channel(None);
@@ -868,7 +910,7 @@ impl Coordinator {
             },
         ));
         if let Some(key) = options.idempotency_key {
-            self.shared.keys.entry(key).or_insert(id);
+            self.shared.remember_key(key, id);
         }
         let stats = Arc::new(RunStats::default());
         let (_, rx) = watch::channel(Some(outcome));
@@ -882,6 +924,7 @@ impl Coordinator {
                 outcome: rx.clone(),
             },
         );
+        self.shared.retire(id);
         RunHandle {
             flow_run_id: id,
             stats,

@@ -810,6 +810,7 @@ impl RunnerState {
         self.claim = None;
         self.outcome.send_replace(Some(outcome));
         self.shared.runs.remove(&self.flow_run_id);
+        self.shared.retire(self.flow_run_id);
         myself.stop(None);
     }
 }

@@ -301,33 +301,66 @@ pub async fn serve(
         subjects.clone(),
         payloads.clone(),
     );
+    // starts (and rejections, which ask whether an id names a run) are taken one at a
+    // time, in order: two starts of one id must not race. Everything else is answered
+    // concurrently (a `cancel` waiting for its run to end holds up nothing), at most
+    // `API_CONCURRENCY` at once; beyond, the subscription waits (backpressure).
+    let api_ctx = Arc::new(ApiCtx {
+        c,
+        registry,
+        subjects: s,
+        publisher,
+        payloads,
+        client,
+    });
+    let (start_tx, mut start_rx) =
+        tokio::sync::mpsc::channel::<(ApiRequest, Option<async_nats::Subject>)>(1024);
+    {
+        let ctx = api_ctx.clone();
+        tokio::spawn(async move {
+            while let Some((req, to)) = start_rx.recv().await {
+                let reply = ctx.handle(req).await;
+                ctx.respond(to, &reply).await;
+            }
+        });
+    }
     tokio::spawn(async move {
-        let mut api_state = ApiState;
+        let permits = Arc::new(tokio::sync::Semaphore::new(API_CONCURRENCY));
         while let Some(msg) = api.next().await {
-            let reply = match decode_envelope::<ApiRequest>(&msg.payload) {
-                Ok(ApiRequest::StoreProbe) => ApiReply::StoreProbe {
-                    key: probe.key(),
-                    token: probe.token.clone(),
-                    store: payloads.store.describe(),
-                },
-                Ok(req) => {
-                    api_state
-                        .handle(&c, registry, &s, &publisher, &payloads, req)
-                        .await
-                }
+            let req = match decode_envelope::<ApiRequest>(&msg.payload) {
+                Ok(req) => req,
                 Err(e) => {
                     k.drops.record(&msg.subject, &e);
-                    ApiReply::Error(format!("malformed request on {}: {e}", msg.subject))
+                    let reply =
+                        ApiReply::Error(format!("malformed request on {}: {e}", msg.subject));
+                    api_ctx.respond(msg.reply, &reply).await;
+                    continue;
                 }
             };
-            if let Some(to) = msg.reply {
-                match encode_envelope(&reply) {
-                    Ok(b) => {
-                        if let Err(e) = client.publish(to, Bytes::from(b)).await {
-                            tracing::warn!(error = %e, "could not send an API reply");
-                        }
+            match req {
+                ApiRequest::StoreProbe => {
+                    let reply = ApiReply::StoreProbe {
+                        key: probe.key(),
+                        token: probe.token.clone(),
+                        store: api_ctx.payloads.store.describe(),
+                    };
+                    api_ctx.respond(msg.reply, &reply).await;
+                }
+                req @ (ApiRequest::Start { .. } | ApiRequest::Reject { .. }) => {
+                    if start_tx.send((req, msg.reply)).await.is_err() {
+                        return;
                     }
-                    Err(e) => tracing::error!(error = %e, "could not encode an API reply"),
+                }
+                req => {
+                    let Ok(permit) = permits.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let ctx = api_ctx.clone();
+                    tokio::spawn(async move {
+                        let reply = ctx.handle(req).await;
+                        ctx.respond(msg.reply, &reply).await;
+                        drop(permit);
+                    });
                 }
             }
         }
@@ -527,19 +560,42 @@ async fn acknowledge(
     }
 }
 
-#[derive(Default)]
-struct ApiState;
+/// API requests answered at once, at most (`status`, `cancel`, `runs`, `agents`).
+const API_CONCURRENCY: usize = 64;
 
-impl ApiState {
-    async fn handle(
-        &mut self,
-        c: &Coordinator,
-        registry: &'static Registry,
-        subjects: &Subjects,
-        publisher: &Publisher,
-        payloads: &Payloads,
-        req: ApiRequest,
-    ) -> ApiReply {
+/// What the API handlers share.
+struct ApiCtx {
+    c: Coordinator,
+    registry: &'static Registry,
+    subjects: Subjects,
+    publisher: Publisher,
+    payloads: Payloads,
+    client: async_nats::Client,
+}
+
+impl ApiCtx {
+    async fn respond(&self, to: Option<async_nats::Subject>, reply: &ApiReply) {
+        let Some(to) = to else {
+            return;
+        };
+        match encode_envelope(reply) {
+            Ok(b) => {
+                if let Err(e) = self.client.publish(to, Bytes::from(b)).await {
+                    tracing::warn!(error = %e, "could not send an API reply");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "could not encode an API reply"),
+        }
+    }
+
+    async fn handle(&self, req: ApiRequest) -> ApiReply {
+        let (c, registry, subjects, publisher, payloads) = (
+            &self.c,
+            self.registry,
+            &self.subjects,
+            &self.publisher,
+            &self.payloads,
+        );
         match req {
             ApiRequest::Start {
                 flow,
@@ -657,6 +713,10 @@ impl ApiState {
                             Some(run) => ApiReply::Run(run),
                             None => ApiReply::Error(format!("flow run {flow_run_id} vanished")),
                         }
+                    }
+                    // ended long ago (no longer in memory): its journal knows
+                    Err(_) if c.journaled_run(flow_run_id).await.is_some() => {
+                        ApiReply::Error(format!("flow run {flow_run_id} has already ended"))
                     }
                     Err(e) => ApiReply::Error(e),
                 }

@@ -669,3 +669,55 @@ async fn an_attempt_no_agent_can_run_does_not_block_the_ones_behind_it() {
     });
     assert_eq!(run.wait().await.result, Some(json!([true, 4])));
 }
+
+fn no_task(_: Map<String, Value>) -> Result<FlowStart, ParamError> {
+    start(Box::pin(async { Ok(json!(7)) }))
+}
+
+static NO_TASK: FlowDef = FlowDef {
+    name: "no_task",
+    params: &[],
+    doc: "",
+    parse_text: no_text,
+    same_params: same,
+    invoke: no_task,
+    source: SOURCE,
+};
+
+#[tokio::test(start_paused = true)]
+async fn ended_runs_leave_memory_and_are_answered_from_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let journal = pinazu_coordinator::journal::LocalJournal::open(dir.path().join("j")).unwrap();
+    let c = Coordinator::start(
+        CoordinatorConfig {
+            journal: pinazu_coordinator::JournalHandle(Arc::new(journal)),
+            ..CoordinatorConfig::default()
+        },
+        Arc::new(ScriptedLink(mpsc::unbounded_channel().0)),
+        Arc::new(LocalDirStore::new(dir.path())),
+        CollectingSink::new(),
+    )
+    .await
+    .unwrap();
+    let keep = pinazu_coordinator::coordinator::KEEP_ENDED;
+    let mut ids = Vec::new();
+    for _ in 0..keep + 50 {
+        let id = FlowRunId::new();
+        let run = c.start_run(&NO_TASK, Map::new(), id).await.unwrap();
+        assert_eq!(run.wait().await.result, Some(json!(7)));
+        ids.push(id);
+    }
+    // (paused time moves on while the journal's thread syncs: the runs are old already)
+    tokio::time::advance(Duration::from_secs(61)).await;
+    let last = c
+        .start_run(&NO_TASK, Map::new(), FlowRunId::new())
+        .await
+        .unwrap();
+    last.wait().await;
+    assert_eq!(c.runs().len(), keep, "only the most recent ended runs stay");
+    // the oldest, no longer in memory, is answered from its journal
+    assert!(c.run_info(ids[0]).is_none());
+    let info = c.journaled_run(ids[0]).await.expect("journaled");
+    assert_eq!(info.status, pinazu_shared::events::FlowStatus::Success);
+    assert!(c.run_info(ids[keep + 49]).is_some());
+}
