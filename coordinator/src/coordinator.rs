@@ -320,7 +320,7 @@ impl CoordShared {
     fn remember_key(&self, key: String, id: FlowRunId) {
         let now = std::time::Instant::now();
         self.keys.entry(key).or_insert((id, now));
-        if self.keys.len() % 4096 == 0 {
+        if self.keys.len().is_multiple_of(4096) {
             self.keys
                 .retain(|_, (_, at)| now.duration_since(*at) < crate::journal::RETENTION);
         }
