@@ -1007,7 +1007,17 @@ async fn run_embedded(
         // that is down), ends the process anyway
         crate::distributed::arm_stop(std::time::Duration::from_secs(30), "run");
     });
-    let outcome = handle.wait().await;
+    let core = runtime.coordinator().clone();
+    let outcome = tokio::select! {
+        o = handle.wait() => o,
+        why = core.core_failure() => {
+            // the run cannot go on in this process; its journal resumes it
+            stopper.abort();
+            drop(bar);
+            eprintln!("error: {}", pinazu_shared::redact::redact(&why));
+            return ExitCode::from(70);
+        }
+    };
     stopper.abort();
     drop(bar);
     runtime.shutdown().await;

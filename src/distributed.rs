@@ -566,7 +566,15 @@ async fn coordinator(
         );
     }
     tracing::info!(nats = %pinazu_shared::redact::redact(url), prefix = subjects.prefix(), flows = ?registry.flow_names(), "coordinator serving");
-    shutdown_signal().await;
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        why = coordinator.core_failure() => {
+            // fail loudly: the service supervisor restarts the process, which resumes
+            // every run from the journal (nothing journaled runs again)
+            eprintln!("error: {}", pinazu_shared::redact::redact(&why));
+            return ExitCode::from(70);
+        }
+    }
     arm_stop(Duration::from_secs(15), "coordinator");
     tracing::info!(
         dropped_messages = counters.drops.count(),

@@ -358,7 +358,12 @@ impl Runtime {
         params: Map<String, Value>,
         flow_run_id: FlowRunId,
     ) -> Result<FlowRunOutcome, FlowError> {
-        Ok(self.start(name, params, flow_run_id).await?.wait().await)
+        let handle = self.start(name, params, flow_run_id).await?;
+        self.inner
+            .coordinator
+            .outcome(handle)
+            .await
+            .map_err(FlowError::Runtime)
     }
 
     /// Stops the agents after delivering pending events.
@@ -389,9 +394,13 @@ pub async fn run_flow<T: DeserializeOwned>(
         .inner
         .coordinator
         .start_run(def, params, FlowRunId::new())
-        .await?
-        .wait()
-        .await;
+        .await?;
+    let outcome = rt
+        .inner
+        .coordinator
+        .outcome(outcome)
+        .await
+        .map_err(FlowError::Runtime)?;
     match outcome.status {
         FlowStatus::Success => T::deserialize(outcome.result.unwrap_or(Value::Null)).map_err(|e| {
             FlowError::InvalidResult {

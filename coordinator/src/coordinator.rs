@@ -29,6 +29,7 @@ use crate::journal::{Claim, Journal, JournalEntry, NoJournal, Replay};
 use crate::scheduler::{Scheduler, SchedulerArgs, SchedulerMsg, SchedulerTiming};
 use crate::stats::{RunStats, StatsSnapshot};
 use crate::status::{EventSink, RunHeader, StatusMsg, StatusPublisher};
+use crate::supervisor::{CoreMsg, CoreSupervisor};
 
 /// Coordinator settings.
 #[derive(Clone, Debug)]
@@ -366,6 +367,8 @@ impl RunEntry {
 pub struct Coordinator {
     shared: Arc<CoordShared>,
     cache_counters: Arc<CacheCounters>,
+    /// Set when a core actor fails (see `supervisor.rs`).
+    failed: watch::Receiver<Option<String>>,
 }
 
 impl Coordinator {
@@ -381,7 +384,10 @@ impl Coordinator {
         let runs = Arc::new(DashMap::new());
         // nonzero, so an epoch never equals that of a zeroed attempt id
         let epoch = fastrand::u32(1..);
-        let (scheduler, _) = Actor::spawn(
+        // the core actors, supervised: one that fails fails the coordinator, loudly
+        let (failed_tx, failed) = watch::channel(None);
+        let (core, _) = Actor::spawn(None, CoreSupervisor, failed_tx).await?;
+        let (scheduler, _) = Actor::spawn_linked(
             None,
             Scheduler,
             SchedulerArgs {
@@ -390,12 +396,26 @@ impl Coordinator {
                 timing: config.timing.clone(),
                 epoch,
             },
+            core.get_cell(),
         )
         .await?;
         let cache_counters = Arc::new(CacheCounters::default());
-        let (cache, _) =
-            Actor::spawn(None, CacheActor, (store.clone(), cache_counters.clone())).await?;
-        let (status, _) = Actor::spawn(None, StatusPublisher, sink).await?;
+        let (cache, _) = Actor::spawn_linked(
+            None,
+            CacheActor,
+            (store.clone(), cache_counters.clone()),
+            core.get_cell(),
+        )
+        .await?;
+        let (status, _) = Actor::spawn_linked(None, StatusPublisher, sink, core.get_cell()).await?;
+        for (id, name) in [
+            (scheduler.get_id(), "scheduler"),
+            (cache.get_id(), "cache actor"),
+            (status.get_id(), "status publisher"),
+        ] {
+            core.send_message(CoreMsg::Watch(id, name))
+                .map_err(|e| SpawnErr::StartupFailed(e.to_string().into()))?;
+        }
         Ok(Coordinator {
             shared: Arc::new(CoordShared {
                 config,
@@ -414,7 +434,32 @@ impl Coordinator {
                 store,
             }),
             cache_counters,
+            failed,
         })
+    }
+
+    /// Resolves when a core actor has failed (the coordinator cannot go on), with why.
+    pub async fn core_failure(&self) -> String {
+        let mut rx = self.failed.clone();
+        let message = match rx.wait_for(Option::is_some).await {
+            Ok(m) => m.clone(),
+            // the supervisor is gone: so is the coordinator
+            Err(_) => Some("the coordinator's core supervisor stopped".to_string()),
+        };
+        message.unwrap_or_default()
+    }
+
+    /// Waits for a run's end, or for the coordinator to fail under it.
+    pub async fn outcome(&self, handle: RunHandle) -> Result<FlowRunOutcome, String> {
+        tokio::select! {
+            o = handle.wait() => Ok(o),
+            why = self.core_failure() => Err(why),
+        }
+    }
+
+    /// Why the coordinator failed, if it has.
+    pub fn failed(&self) -> Option<String> {
+        self.failed.borrow().clone()
     }
 
     /// The sink agents report to. Embedded agents call it directly; the NATS transport

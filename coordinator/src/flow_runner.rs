@@ -405,13 +405,19 @@ impl RunnerState {
         match lookup {
             Some(key) => {
                 let me = myself.clone();
-                let _ = self.shared.cache.send_message(CacheMsg::Get {
+                let asked = self.shared.cache.send_message(CacheMsg::Get {
                     key,
                     expire: task.options.expire,
                     reply: Box::new(move |hit| {
+                        // (the runner may have ended meanwhile: nobody to tell)
                         let _ = me.send_message(FlowRunnerMsg::CacheChecked { call_id, hit });
                     }),
                 });
+                if asked.is_err() {
+                    // the cache actor is gone (the coordinator is failing): a miss, so
+                    // the call is not left waiting for an answer that never comes
+                    self.dispatch(call_id);
+                }
             }
             None => self.dispatch(call_id),
         }
@@ -537,7 +543,7 @@ impl RunnerState {
                 if let (Some(key), Some(md5)) = (&call.cache, &call.md5) {
                     match rmp_serde::from_slice::<Value>(&bytes) {
                         Ok(result) => {
-                            let _ = self.shared.cache.send_message(CacheMsg::Put {
+                            let put = self.shared.cache.send_message(CacheMsg::Put {
                                 key: key.clone(),
                                 record: CacheResult {
                                     flow_run_id: self.flow_run_id,
@@ -547,6 +553,12 @@ impl RunnerState {
                                     timestamp: now_timestamp(),
                                 },
                             });
+                            if put.is_err() {
+                                tracing::warn!(
+                                    task = task.name,
+                                    "the cache actor is gone: result not cached"
+                                );
+                            }
                         }
                         Err(e) => {
                             tracing::warn!(task = task.name, error = %e, "result is not representable as JSON; not cached")

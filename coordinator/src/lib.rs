@@ -13,6 +13,7 @@ pub mod nats;
 pub mod scheduler;
 pub mod stats;
 pub mod status;
+pub(crate) mod supervisor;
 
 pub use context::{call_task, current_flow_run_id, map, spawn_in_flow, FlowContext, Payload};
 pub use coordinator::{

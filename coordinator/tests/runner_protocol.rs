@@ -721,3 +721,45 @@ async fn ended_runs_leave_memory_and_are_answered_from_the_journal() {
     assert_eq!(info.status, pinazu_shared::events::FlowStatus::Success);
     assert!(c.run_info(ids[keep + 49]).is_some());
 }
+
+/// An event sink whose delivery breaks (a bug in the status publisher's path).
+struct BrokenSink;
+
+impl pinazu_coordinator::EventSink for BrokenSink {
+    fn publish(&self, _subject: &'static str, _payload: Bytes) {
+        panic!("the event sink broke");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_core_actor_fails_the_coordinator_loudly_and_no_run_waits_forever() {
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(
+        CoordinatorConfig::default(),
+        Arc::new(ScriptedLink(tx)),
+        Arc::new(LocalDirStore::new(dir.path())),
+        Arc::new(BrokenSink),
+    )
+    .await
+    .unwrap();
+    assert!(c.failed().is_none());
+    c.register_agent(AgentInfo {
+        agent_id: AgentId("scripted".into()),
+        slots: 4,
+        tasks: vec!["probe".into()],
+        labels: vec![],
+    });
+    // the run's first event breaks the status publisher; the run's task is never
+    // answered (the scripted agent is silent), so only the failure can end the wait
+    let run = c
+        .start_run(&ONE_PROBE, Map::new(), FlowRunId::new())
+        .await
+        .unwrap();
+    let why = tokio::time::timeout(Duration::from_secs(10), c.outcome(run))
+        .await
+        .expect("the wait ends")
+        .expect_err("the coordinator failed under the run");
+    assert!(why.contains("status publisher"), "{why}");
+    assert!(c.failed().is_some());
+}
