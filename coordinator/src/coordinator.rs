@@ -316,6 +316,12 @@ impl CoordShared {
         }
     }
 
+    /// A run another coordinator took over leaves this one's table (its waiters here
+    /// see it end without an outcome).
+    pub(crate) fn moved(&self, id: FlowRunId) {
+        self.table.remove(&id);
+    }
+
     /// Remembers the run a key names (the first one), forgetting keys older than the
     /// journal's retention now and then.
     fn remember_key(&self, key: String, id: FlowRunId) {
@@ -416,7 +422,7 @@ impl Coordinator {
             core.send_message(CoreMsg::Watch(id, name))
                 .map_err(|e| SpawnErr::StartupFailed(e.to_string().into()))?;
         }
-        Ok(Coordinator {
+        let c = Coordinator {
             shared: Arc::new(CoordShared {
                 config,
                 scheduler,
@@ -435,7 +441,24 @@ impl Coordinator {
             }),
             cache_counters,
             failed,
-        })
+        };
+        c.follow_fences();
+        Ok(c)
+    }
+
+    /// Lets go of the runs the journal says another coordinator took over.
+    fn follow_fences(&self) {
+        let Some(mut lost) = self.shared.journal.lost() else {
+            return;
+        };
+        let runs = self.shared.runs.clone();
+        tokio::spawn(async move {
+            while let Some(run) = lost.recv().await {
+                if let Some(r) = runs.get(&run) {
+                    let _ = r.send_message(FlowRunnerMsg::LetGo);
+                }
+            }
+        });
     }
 
     /// Resolves when a core actor has failed (the coordinator cannot go on), with why.

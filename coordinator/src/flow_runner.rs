@@ -94,6 +94,9 @@ pub enum FlowRunnerMsg {
         /// The attempt.
         attempt_id: AttemptId,
     },
+    /// Another coordinator took the run over (its journal is fenced from this one):
+    /// stop at once, publishing nothing, leaving its attempts to the new owner.
+    LetGo,
     /// Answered once every message sent to this runner before it is handled (the
     /// report acknowledgement waits for it before flushing the journal).
     Barrier(oneshot::Sender<()>),
@@ -720,6 +723,26 @@ impl RunnerState {
     /// `unfinished` says why calls that have not ended are cancelled: each of them ends
     /// with a task FAILED event (`error_message` "cancelled", the reason in
     /// `traceback`), so every task that got PENDING ends SUCCESS or FAILED.
+    /// The run is another coordinator's now: the body stops, queued attempts are
+    /// dropped (running ones are the new owner's), nothing is announced; whoever waits
+    /// here learns the run moved.
+    fn let_go(&mut self, myself: &ActorRef<FlowRunnerMsg>) {
+        self.finished = true;
+        if let Some(body) = self.body.take() {
+            body.abort();
+        }
+        let _ = self
+            .shared
+            .scheduler
+            .send_message(SchedulerMsg::ForgetRun(self.flow_run_id));
+        self.calls.clear();
+        self.claim = None;
+        self.shared.runs.remove(&self.flow_run_id);
+        self.shared.moved(self.flow_run_id);
+        tracing::warn!(flow_run_id = %self.flow_run_id, "flow run taken over by another coordinator: this one lets it go");
+        myself.stop(None);
+    }
+
     async fn finish(
         &mut self,
         myself: &ActorRef<FlowRunnerMsg>,
@@ -803,6 +826,11 @@ impl RunnerState {
         // resumes the run instead of having announced an end it forgets
         if let Err(e) = self.shared.journal.flush().await {
             tracing::error!(flow_run_id = %self.flow_run_id, error = %e, "the run's journal could not be made durable");
+        }
+        if self.shared.journal.fenced(self.flow_run_id) {
+            // another coordinator owns the run now: its end is not this one's to announce
+            self.let_go(myself);
+            return;
         }
         self.flow_event(status, error.as_ref());
         // deliver the run's events and cache writes before anyone sees the outcome
@@ -1201,6 +1229,12 @@ impl Actor for FlowRunner {
             } => state.adopt(call_id, attempt_id),
             FlowRunnerMsg::Barrier(reply) => {
                 let _ = reply.send(());
+            }
+            FlowRunnerMsg::LetGo => {
+                if !state.finished {
+                    state.let_go(&myself);
+                }
+                return Ok(());
             }
             FlowRunnerMsg::Diverged(msg) => {
                 if !state.finished {

@@ -101,6 +101,15 @@ pub trait Journal: Send + Sync + 'static {
     fn remove(&self, _run: FlowRunId) -> BoxFuture<'_, Result<bool, JournalError>> {
         Box::pin(async { Ok(false) })
     }
+    /// Whether another writer appended to the run after this one (it took the run
+    /// over): this journal no longer appends to it.
+    fn fenced(&self, _run: FlowRunId) -> bool {
+        false
+    }
+    /// The runs this journal is fenced from, as that happens (taken once).
+    fn lost(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<FlowRunId>> {
+        None
+    }
     /// Claims the run for this process while the returned guard lives: a second process
     /// sharing the journal cannot run it at the same time ([`Claim::Taken`]). Journals
     /// that only one process writes need no claim.

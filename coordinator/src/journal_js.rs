@@ -15,6 +15,8 @@
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use futures_util::StreamExt;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -25,7 +27,11 @@ use pinazu_shared::BoxFuture;
 use crate::journal::{parse_frames, Journal, JournalEntry, JournalError, Replay};
 
 enum Cmd {
-    Append(String, Option<String>, Bytes),
+    /// An entry for the run's journal subject and, for starts and ends, its runs
+    /// subject; whether it ends the run.
+    Append(String, Option<String>, Bytes, bool),
+    /// The last stream sequence of a subject, as a read found it (0: none).
+    Known(String, u64),
     Flush(oneshot::Sender<Result<(), JournalError>>),
 }
 
@@ -35,6 +41,11 @@ pub struct JetStreamJournal {
     journal: stream::Stream,
     runs: stream::Stream,
     tx: mpsc::UnboundedSender<Cmd>,
+    /// Runs another writer appended to after this one: this journal no longer appends
+    /// to them (see `Writer::store`).
+    fenced: Arc<Mutex<HashSet<FlowRunId>>>,
+    /// The runs fenced, as they are (taken once, by the coordinator).
+    lost: Mutex<Option<mpsc::UnboundedReceiver<FlowRunId>>>,
 }
 
 fn err(what: &str, e: impl std::fmt::Display) -> JournalError {
@@ -149,12 +160,25 @@ impl JetStreamJournal {
         let (tx, rx) = mpsc::unbounded_channel();
         // a message must stay under the server's limit (with room for headers)
         let limit = (client_max_payload.saturating_sub(4096)).max(64 * 1024);
-        tokio::spawn(writer(js, rx, limit));
+        let fenced = Arc::new(Mutex::new(HashSet::new()));
+        let (lost_tx, lost) = mpsc::unbounded_channel();
+        let w = Writer {
+            js,
+            queues: HashMap::new(),
+            last: HashMap::new(),
+            fenced: fenced.clone(),
+            lost: lost_tx,
+            ids: (fastrand::u64(..), 0),
+            warned: false,
+        };
+        tokio::spawn(writer(w, rx, limit));
         JetStreamJournal {
             prefix: prefix.to_string(),
             journal,
             runs,
             tx,
+            fenced,
+            lost: Mutex::new(Some(lost)),
         }
     }
 
@@ -163,35 +187,65 @@ impl JetStreamJournal {
     }
 }
 
-type Pending = (String, Bytes, jetstream::context::PublishAckFuture);
+/// A message not yet stored: its body, its `Nats-Msg-Id` (a retry of a message the
+/// server stored but whose ack was lost is then a duplicate, not a fence), and whether
+/// it ends the run.
+struct Queued {
+    body: Bytes,
+    id: String,
+    ends: bool,
+}
 
-/// Entries published and awaiting their acks, and entries not yet stored (the server
-/// was unreachable or did not acknowledge): the backlog is kept, in order, and
-/// published again until JetStream stores it; nothing appended is dropped.
-#[derive(Default)]
-struct Outstanding {
-    pending: Vec<Pending>,
-    backlog: std::collections::VecDeque<(String, Bytes)>,
+/// The journal's writer: messages not yet stored, per subject and in order, and the
+/// last stream sequence of each subject it writes.
+///
+/// Fencing: every message carries `Nats-Expected-Last-Subject-Sequence` with the
+/// subject's last sequence this writer knows (from its own acks, or from the read that
+/// preceded a resume). A coordinator that takes a run over reads its journal and
+/// appends; from then on an append by the run's previous host expects a sequence that
+/// is no longer the last, JetStream refuses it (wrong last sequence), and the writer
+/// marks the run fenced: nothing more of it is appended, and the coordinator lets the
+/// run go. Two hosts can never both extend a run's journal.
+struct Writer {
+    js: jetstream::Context,
+    queues: HashMap<String, VecDeque<Queued>>,
+    last: HashMap<String, u64>,
+    fenced: Arc<Mutex<HashSet<FlowRunId>>>,
+    lost: mpsc::UnboundedSender<FlowRunId>,
+    /// This writer's message id prefix (random) and counter.
+    ids: (u64, u64),
     warned: bool,
 }
 
-/// Retry period of the backlog while JetStream is unreachable.
+/// Retry period of what is queued while JetStream is unreachable.
 const RETRY: Duration = Duration::from_millis(250);
 
-impl Outstanding {
-    async fn publish(&mut self, js: &jetstream::Context, subject: String, payload: Bytes) {
-        if !self.backlog.is_empty() {
-            // keep the order: behind what waits already
-            self.backlog.push_back((subject, payload));
+/// The run a journal or runs subject is about (its last token).
+fn run_of(subject: &str) -> Option<FlowRunId> {
+    subject
+        .rsplit('.')
+        .next()
+        .and_then(|id| FlowRunId::parse(id, "journal subject").ok())
+}
+
+impl Writer {
+    fn queue(&mut self, subject: String, body: Bytes, ends: bool) {
+        if run_of(&subject).is_some_and(|r| self.is_fenced(r)) {
             return;
         }
-        match js.publish(subject.clone(), payload.clone()).await {
-            Ok(ack) => self.pending.push((subject, payload, ack)),
-            Err(e) => {
-                self.warn(&e);
-                self.backlog.push_back((subject, payload));
-            }
-        }
+        self.ids.1 += 1;
+        let id = format!("{:016x}-{}", self.ids.0, self.ids.1);
+        self.queues
+            .entry(subject)
+            .or_default()
+            .push_back(Queued { body, id, ends });
+    }
+
+    fn is_fenced(&self, run: FlowRunId) -> bool {
+        self.fenced
+            .lock()
+            .map(|f| f.contains(&run))
+            .unwrap_or(false)
     }
 
     fn warn(&mut self, e: &dyn std::fmt::Display) {
@@ -201,39 +255,92 @@ impl Outstanding {
         }
     }
 
-    /// Waits for every ack, then publishes the backlog again; Ok once nothing is
-    /// outstanding.
-    async fn settle(&mut self, js: &jetstream::Context) -> Result<(), JournalError> {
-        let mut failed = Vec::new();
-        for (subject, payload, ack) in std::mem::take(&mut self.pending) {
-            if let Err(e) = ack.await {
-                self.warn(&e);
-                failed.push((subject, payload));
+    /// Another writer appended to the run: drop what is queued for it, stop writing it.
+    fn fence(&mut self, subject: &str) {
+        let Some(run) = run_of(subject) else {
+            self.queues.remove(subject);
+            return;
+        };
+        tracing::error!(flow_run_id = %run, "another coordinator has written this run's journal since (it took the run over): this coordinator no longer journals it and lets it go");
+        let tail = format!(".{run}");
+        self.queues.retain(|s, _| !s.ends_with(&tail));
+        self.last.retain(|s, _| !s.ends_with(&tail));
+        if let Ok(mut f) = self.fenced.lock() {
+            f.insert(run);
+        }
+        let _ = self.lost.send(run);
+    }
+
+    /// Stores everything queued: rounds of one message per subject, published side by
+    /// side, each expecting the subject's last sequence (when known); Ok once nothing
+    /// is queued. What JetStream did not store stays queued, in order.
+    async fn store(&mut self) -> Result<(), JournalError> {
+        loop {
+            let subjects: Vec<String> = self.queues.keys().cloned().collect();
+            if subjects.is_empty() {
+                if self.warned {
+                    self.warned = false;
+                    tracing::info!("journal entries stored in JetStream again");
+                }
+                return Ok(());
             }
-        }
-        // unacknowledged entries go before the backlog (they were appended earlier)
-        for entry in failed.into_iter().rev() {
-            self.backlog.push_front(entry);
-        }
-        while let Some((subject, payload)) = self.backlog.pop_front() {
-            let stored = match js.publish(subject.clone(), payload.clone()).await {
-                Ok(ack) => ack.await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(e) = stored {
+            let mut acks = Vec::with_capacity(subjects.len());
+            let mut failure: Option<String> = None;
+            for subject in subjects {
+                let Some(q) = self.queues.get(&subject).and_then(|q| q.front()) else {
+                    self.queues.remove(&subject);
+                    continue;
+                };
+                let mut m = jetstream::message::PublishMessage::build()
+                    .payload(q.body.clone())
+                    .message_id(&q.id);
+                if let Some(seq) = self.last.get(&subject) {
+                    m = m.expected_last_subject_sequence(*seq);
+                }
+                match self.js.send_publish(subject.clone(), m).await {
+                    Ok(ack) => acks.push((subject, ack)),
+                    Err(e) => {
+                        failure = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+            for (subject, ack) in acks {
+                match ack.await {
+                    Ok(a) => {
+                        let ends = match self.queues.get_mut(&subject) {
+                            Some(q) => {
+                                let ends = q.pop_front().is_some_and(|m| m.ends);
+                                if q.is_empty() {
+                                    self.queues.remove(&subject);
+                                }
+                                ends
+                            }
+                            None => false,
+                        };
+                        if ends {
+                            // the run is over: nothing more is appended to it here
+                            self.last.remove(&subject);
+                        } else {
+                            self.last.insert(subject, a.sequence);
+                        }
+                    }
+                    Err(e)
+                        if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence =>
+                    {
+                        self.fence(&subject)
+                    }
+                    Err(e) => failure = Some(e.to_string()),
+                }
+            }
+            if let Some(e) = failure {
                 self.warn(&e);
-                self.backlog.push_front((subject, payload));
+                let n: usize = self.queues.values().map(VecDeque::len).sum();
                 return Err(JournalError(format!(
-                    "{} journal entries are not stored yet (JetStream: {e}); they are kept and retried",
-                    self.backlog.len()
+                    "{n} journal messages are not stored yet (JetStream: {e}); they are kept and retried"
                 )));
             }
         }
-        if self.warned {
-            self.warned = false;
-            tracing::info!("journal entries stored in JetStream again");
-        }
-        Ok(())
     }
 }
 
@@ -297,8 +404,7 @@ impl Batch {
     }
 }
 
-async fn writer(js: jetstream::Context, mut rx: mpsc::UnboundedReceiver<Cmd>, limit: usize) {
-    let mut out = Outstanding::default();
+async fn writer(mut w: Writer, mut rx: mpsc::UnboundedReceiver<Cmd>, limit: usize) {
     let mut retry = tokio::time::interval(RETRY);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -307,23 +413,39 @@ async fn writer(js: jetstream::Context, mut rx: mpsc::UnboundedReceiver<Cmd>, li
                 Some(cmd) => cmd,
                 None => break,
             },
-            _ = retry.tick(), if !out.backlog.is_empty() => {
-                let _ = out.settle(&js).await;
+            _ = retry.tick(), if !w.queues.is_empty() => {
+                let _ = w.store().await;
                 continue;
             }
         };
         // everything queued meanwhile goes in this batch
         let mut batch = Batch::new(limit);
         let mut flushes = Vec::new();
+        let mut ending = HashSet::new();
         let mut next = Some(first);
         let mut taken = 0;
         while let Some(cmd) = next.take() {
             match cmd {
-                Cmd::Append(subject, also, envelope) => {
+                Cmd::Append(subject, also, envelope, ends) => {
+                    if ends {
+                        ending.insert(subject.clone());
+                    }
                     batch.framed(subject, &envelope);
                     if let Some(runs) = also {
+                        if ends {
+                            ending.insert(runs.clone());
+                        }
                         batch.single(runs, &envelope);
                     }
+                }
+                Cmd::Known(subject, seq) => {
+                    // (what was batched before it is queued first, in order)
+                    for (subject, body) in std::mem::take(&mut batch.messages) {
+                        let ends = ending.remove(&subject);
+                        w.queue(subject, Bytes::from(body), ends);
+                    }
+                    batch.open.clear();
+                    w.last.insert(subject, seq);
                 }
                 Cmd::Flush(done) => flushes.push(done),
             }
@@ -332,15 +454,25 @@ async fn writer(js: jetstream::Context, mut rx: mpsc::UnboundedReceiver<Cmd>, li
                 next = rx.try_recv().ok();
             }
         }
-        for (subject, body) in batch.messages {
-            out.publish(&js, subject, Bytes::from(body)).await;
+        // the end goes with the subject's last message of the batch
+        let last: HashMap<&str, usize> = batch
+            .messages
+            .iter()
+            .enumerate()
+            .map(|(i, (subject, _))| (subject.as_str(), i))
+            .collect();
+        let ends: Vec<bool> = (0..batch.messages.len())
+            .map(|i| {
+                let subject = batch.messages[i].0.as_str();
+                ending.contains(subject) && last.get(subject) == Some(&i)
+            })
+            .collect();
+        for ((subject, body), ends) in batch.messages.into_iter().zip(ends) {
+            w.queue(subject, Bytes::from(body), ends);
         }
-        // keep the window of unacknowledged messages bounded
-        if !flushes.is_empty() || out.pending.len() >= 1024 {
-            let r = out.settle(&js).await;
-            for done in flushes {
-                let _ = done.send(r.clone());
-            }
+        let r = w.store().await;
+        for done in flushes {
+            let _ = done.send(r.clone());
         }
     }
 }
@@ -350,7 +482,7 @@ async fn read_all(
     stream: &stream::Stream,
     filter: String,
     deliver_policy: consumer::DeliverPolicy,
-) -> Result<Vec<(String, Bytes)>, JournalError> {
+) -> Result<Vec<(String, Bytes, u64)>, JournalError> {
     let mut c: consumer::PullConsumer = stream
         .create_consumer(consumer::pull::Config {
             filter_subject: filter,
@@ -380,7 +512,8 @@ async fn read_all(
             let m = m.map_err(|e| err("cannot read the journal", e))?;
             got += 1;
             pending = m.info().map(|i| i.pending).unwrap_or(0);
-            out.push((m.subject.to_string(), m.payload.clone()));
+            let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+            out.push((m.subject.to_string(), m.payload.clone(), seq));
         }
         if got == 0 {
             break;
@@ -398,12 +531,27 @@ impl Journal for JetStreamJournal {
         .then(|| format!("{}.runs.{run}", self.prefix));
         match encode_envelope(&entry) {
             Ok(b) => {
-                let _ = self
-                    .tx
-                    .send(Cmd::Append(self.journal_subject(run), also, Bytes::from(b)));
+                let ends = matches!(entry, JournalEntry::RunEnded { .. });
+                let _ = self.tx.send(Cmd::Append(
+                    self.journal_subject(run),
+                    also,
+                    Bytes::from(b),
+                    ends,
+                ));
             }
             Err(e) => tracing::error!(error = %e, "journal entry could not be encoded"),
         }
+    }
+
+    fn fenced(&self, run: FlowRunId) -> bool {
+        self.fenced
+            .lock()
+            .map(|f| f.contains(&run))
+            .unwrap_or(false)
+    }
+
+    fn lost(&self) -> Option<mpsc::UnboundedReceiver<FlowRunId>> {
+        self.lost.lock().ok().and_then(|mut l| l.take())
     }
 
     fn flush(&self) -> BoxFuture<'_, Result<(), JournalError>> {
@@ -419,15 +567,15 @@ impl Journal for JetStreamJournal {
 
     fn read(&self, run: FlowRunId) -> BoxFuture<'_, Result<Vec<JournalEntry>, JournalError>> {
         Box::pin(async move {
-            let msgs = read_all(
-                &self.journal,
-                self.journal_subject(run),
-                consumer::DeliverPolicy::All,
-            )
-            .await?;
+            let subject = self.journal_subject(run);
+            let msgs =
+                read_all(&self.journal, subject.clone(), consumer::DeliverPolicy::All).await?;
+            // appends that follow this read (a resume) expect what it found last
+            let last = msgs.last().map_or(0, |(_, _, seq)| *seq);
+            let _ = self.tx.send(Cmd::Known(subject, last));
             // each message holds one or more length-prefixed entries
             let mut entries = Vec::with_capacity(msgs.len());
-            for (_, payload) in msgs {
+            for (_, payload, _) in msgs {
                 let before = entries.len();
                 entries.extend(parse_frames(&payload));
                 if entries.len() == before && !payload.is_empty() {
@@ -462,13 +610,19 @@ impl Journal for JetStreamJournal {
             let subject = format!("{}.runs.{run}", self.prefix);
             match self.runs.get_last_raw_message_by_subject(&subject).await {
                 Ok(msg) => match decode_envelope::<JournalEntry>(&msg.payload) {
-                    Ok(entry) => Ok(Some(entry)),
+                    Ok(entry) => {
+                        let _ = self.tx.send(Cmd::Known(subject, msg.sequence));
+                        Ok(Some(entry))
+                    }
                     Err(e) => {
                         tracing::warn!(flow_run_id = %run, error = %e, "the run's latest state does not decode; ignored");
                         Ok(None)
                     }
                 },
-                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                    let _ = self.tx.send(Cmd::Known(subject, 0));
+                    Ok(None)
+                }
                 Err(e) => Err(err("cannot read the runs stream", e)),
             }
         })
@@ -483,7 +637,7 @@ impl Journal for JetStreamJournal {
             )
             .await?;
             let mut runs = Vec::new();
-            for (subject, payload) in msgs {
+            for (subject, payload, _) in msgs {
                 let Some(id) = subject.rsplit('.').next() else {
                     continue;
                 };

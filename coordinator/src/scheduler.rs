@@ -61,6 +61,9 @@ pub enum SchedulerMsg {
     SlotsFreed(Vec<(FlowRunId, AttemptId)>),
     /// Drop a run's queued attempts and cancel its running ones.
     CancelRun(FlowRunId),
+    /// Drop a run's queued attempts and leave its running ones be: another coordinator
+    /// took the run over and re-attaches them.
+    ForgetRun(FlowRunId),
     /// A view of the agents.
     Agents(RpcReplyPort<Vec<AgentSummary>>),
 }
@@ -146,6 +149,15 @@ pub struct SchedulerState {
 }
 
 impl SchedulerState {
+    /// Drops what a run has queued here.
+    fn forget_queued(&mut self, run: FlowRunId) {
+        self.queues.remove(&run);
+        self.parked.remove(&run);
+        self.noted.remove(&run);
+        self.warned.retain(|(r, _)| *r != run);
+        self.round_robin.retain(|r| *r != run);
+    }
+
     fn free_slots(&self) -> u32 {
         self.agents
             .iter()
@@ -678,12 +690,9 @@ impl Actor for Scheduler {
                     state.dispatch();
                 }
             }
+            SchedulerMsg::ForgetRun(run) => state.forget_queued(run),
             SchedulerMsg::CancelRun(run) => {
-                state.queues.remove(&run);
-                state.parked.remove(&run);
-                state.noted.remove(&run);
-                state.warned.retain(|(r, _)| *r != run);
-                state.round_robin.retain(|r| *r != run);
+                state.forget_queued(run);
                 let mut per_agent: HashMap<usize, Vec<(FlowRunId, AttemptId)>> = HashMap::new();
                 for (&(r, attempt), d) in &state.running {
                     if r == run {
