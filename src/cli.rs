@@ -406,7 +406,17 @@ pub fn final_line(outcome: &FlowRunOutcome) -> String {
 }
 
 /// Writes one line to stdout; a closed stdout (the reader went away) ends the program.
+/// Secrets (see `shared/src/redact.rs`) are replaced by `***`: operator output (status,
+/// runs, journals, summaries) shows errors that may quote them. The run's final JSON
+/// line goes through [`write_raw`]: its result is data and stays as the flow returned it
+/// (its error is redacted by [`final_line`]).
 pub(crate) fn write_out(args: std::fmt::Arguments) {
+    let text = args.to_string();
+    write_raw(format_args!("{}", pinazu_shared::redact::redact(&text)));
+}
+
+/// Writes one line to stdout as it is.
+pub(crate) fn write_raw(args: std::fmt::Arguments) {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
     let written = stdout
@@ -444,7 +454,7 @@ fn failed_line(flow_run_id: FlowRunId, flow: &str, e: impl std::fmt::Display) ->
         traceback: None,
         stats: Default::default(),
     };
-    out!("{}", final_line(&outcome));
+    write_raw(format_args!("{}", final_line(&outcome)));
     ExitCode::from(2)
 }
 
@@ -1054,7 +1064,7 @@ pub(crate) fn print_summary(outcome: &FlowRunOutcome) {
     if let Some(e) = &outcome.error {
         out!("  error: {e}");
     }
-    out!("{}", final_line(outcome));
+    write_raw(format_args!("{}", final_line(outcome)));
 }
 
 #[cfg(test)]

@@ -162,6 +162,9 @@ pub enum JournalAction {
     Rm {
         /// The run id.
         flow_run_id: String,
+        /// Remove it even while a coordinator runs it (the run then cannot resume).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -212,12 +215,44 @@ async fn journals(
 async fn journal(cli: &Cli, a: &JournalArgs) -> ExitCode {
     let (raw, show_json) = match &a.action {
         JournalAction::Show { flow_run_id, json } => (flow_run_id, Some(*json)),
-        JournalAction::Rm { flow_run_id } => (flow_run_id, None),
+        JournalAction::Rm { flow_run_id, .. } => (flow_run_id, None),
     };
     let id = match FlowRunId::parse(raw, "the RUN argument") {
         Ok(id) => id,
         Err(e) => return usage_error(e),
     };
+    if let (JournalAction::Rm { force: false, .. }, Some(url)) = (
+        &a.action,
+        cli.nats
+            .nats_url
+            .as_deref()
+            .filter(|u| !u.trim().is_empty()),
+    ) {
+        // a run a coordinator is running keeps its journal (the local journal's lock
+        // says the same for embedded runs)
+        let client = match connect(cli, url, "pinazu-cli").await {
+            Ok(c) => c,
+            Err(code) => return code,
+        };
+        let asked = ask(
+            &client,
+            &nats_subjects(cli),
+            "status",
+            &ApiRequest::Status { flow_run_id: id },
+        )
+        .await;
+        if let Ok(ApiReply::Run(run)) = asked {
+            if !matches!(
+                run.status,
+                pinazu_shared::events::FlowStatus::Success
+                    | pinazu_shared::events::FlowStatus::Failed
+            ) {
+                return usage_error(format!(
+                    "flow run {id} is running on the coordinator: cancel it first (`cancel {id}`), or remove its journal anyway with --force (it then cannot resume)"
+                ));
+            }
+        }
+    }
     let journals = match journals(cli).await {
         Ok(j) => j,
         Err(code) => return code,
@@ -460,9 +495,14 @@ async fn coordinator(
     url: &str,
     registry: &'static Registry,
 ) -> ExitCode {
-    let client = match connect(cli, url, "pinazu-coordinator").await {
-        Ok(c) => c,
-        Err(code) => return code,
+    stop_guard(COORDINATOR_STOP_BOUND, "coordinator");
+    // a stop while waiting for NATS is a stop
+    let client = tokio::select! {
+        c = connect(cli, url, "pinazu-coordinator") => match c {
+            Ok(c) => c,
+            Err(code) => return code,
+        },
+        _ = shutdown_signal() => return ExitCode::SUCCESS,
     };
     let subjects = nats_subjects(cli);
     let publisher = Publisher::start(client.clone());
@@ -482,12 +522,7 @@ async fn coordinator(
                 Err(code) => return code,
             }
         } else {
-            match pinazu_coordinator::journal_js::JetStreamJournal::open(
-                client.clone(),
-                subjects.prefix(),
-            )
-            .await
-            {
+            match open_js_journal(cli, &client, subjects.prefix()).await {
                 Ok(j) => pinazu_coordinator::JournalHandle(Arc::new(j)),
                 Err(e) => return usage_error(e),
             }
@@ -575,7 +610,7 @@ async fn coordinator(
             return ExitCode::from(70);
         }
     }
-    arm_stop(Duration::from_secs(15), "coordinator");
+    arm_stop(COORDINATOR_STOP_BOUND, "coordinator");
     tracing::info!(
         dropped_messages = counters.drops.count(),
         "coordinator stopping"
@@ -592,6 +627,48 @@ async fn coordinator(
         );
     }
     ExitCode::SUCCESS
+}
+
+/// The JetStream journal, waiting for JetStream as for NATS itself (a cluster may
+/// still be electing its leader; start order does not matter) up to --connect-timeout.
+async fn open_js_journal(
+    cli: &Cli,
+    client: &async_nats::Client,
+    prefix: &str,
+) -> Result<pinazu_coordinator::journal_js::JetStreamJournal, String> {
+    use pinazu_coordinator::journal_js::JetStreamJournal;
+    let deadline = match cli.nats.connect_timeout {
+        Some(crate::cli::Wait::At(d)) => Some(tokio::time::Instant::now() + d),
+        _ => None,
+    };
+    let started = tokio::time::Instant::now();
+    let mut logged: Option<tokio::time::Instant> = None;
+    let mut wait = Duration::from_millis(500);
+    loop {
+        match JetStreamJournal::open(client.clone(), prefix).await {
+            Ok(j) => {
+                if logged.is_some() {
+                    tracing::info!(waited_s = started.elapsed().as_secs(), "JetStream is ready");
+                }
+                return Ok(j);
+            }
+            Err(e) => {
+                let now = tokio::time::Instant::now();
+                if deadline.is_some_and(|d| now + wait > d) {
+                    return Err(format!(
+                        "{e} (waited {} s; --connect-timeout)",
+                        started.elapsed().as_secs()
+                    ));
+                }
+                if logged.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(30)) {
+                    tracing::warn!(error = %e, "waiting for JetStream (the journal's streams); retrying");
+                    logged = Some(now);
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 /// After the first stop signal: a second one ends the process at once, and a watchdog
@@ -611,6 +688,60 @@ pub(crate) fn arm_stop(bound: Duration, what: &'static str) {
         );
         std::process::exit(1);
     });
+}
+
+/// How long a coordinator may take to stop after a signal.
+const COORDINATOR_STOP_BOUND: Duration = Duration::from_secs(15);
+
+/// Stop signals seen by [`stop_guard`]'s handler.
+static STOP_SIGNALS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Makes the process stoppable whatever its async runtime does (tasks that block every
+/// worker thread would otherwise keep tokio from seeing a signal): a signal handler
+/// counts SIGTERM/SIGINT and a thread of its own ends the process on the second signal,
+/// or `bound` after the first.
+pub(crate) fn stop_guard(bound: Duration, what: &'static str) {
+    #[cfg(unix)]
+    {
+        use std::sync::atomic::Ordering::SeqCst;
+        use tokio::signal::unix::SignalKind;
+        for kind in [SignalKind::terminate(), SignalKind::interrupt()] {
+            // SAFETY: the handler only increments an atomic (async-signal-safe)
+            let registered = unsafe {
+                signal_hook_registry::register(kind.as_raw_value(), || {
+                    STOP_SIGNALS.fetch_add(1, SeqCst);
+                })
+            };
+            if let Err(e) = registered {
+                tracing::warn!(error = %e, "could not watch stop signals outside the runtime");
+                return;
+            }
+        }
+        std::thread::Builder::new()
+            .name("pinazu-stop-guard".into())
+            .spawn(move || {
+                let mut first: Option<std::time::Instant> = None;
+                loop {
+                    std::thread::sleep(Duration::from_millis(50));
+                    let seen = STOP_SIGNALS.load(SeqCst);
+                    if seen >= 2 {
+                        eprintln!("{what}: second stop signal: exiting now");
+                        std::process::exit(130);
+                    }
+                    if seen == 1 {
+                        let at = *first.get_or_insert_with(std::time::Instant::now);
+                        if at.elapsed() >= bound {
+                            eprintln!(
+                                "{what}: still stopping after {} s: exiting now",
+                                bound.as_secs()
+                            );
+                            std::process::exit(1);
+                        }
+                    }
+                }
+            })
+            .ok();
+    }
 }
 
 /// How long `run` waits for a coordinator to serve before giving up.
@@ -665,9 +796,16 @@ async fn agent(cli: &Cli, a: &AgentArgs, url: &str, registry: &'static Registry)
         Ok(l) => l,
         Err(e) => return usage_error(e),
     };
-    let client = match connect(cli, url, &format!("pinazu-agent-{id}")).await {
-        Ok(c) => c,
-        Err(code) => return code,
+    let bound = a.drain_timeout + Duration::from_secs(10);
+    stop_guard(bound, "agent");
+    // a stop while waiting for NATS is a stop
+    let name = format!("pinazu-agent-{id}");
+    let client = tokio::select! {
+        c = connect(cli, url, &name) => match c {
+            Ok(c) => c,
+            Err(code) => return code,
+        },
+        _ = shutdown_signal() => return ExitCode::SUCCESS,
     };
     let store = match open_store(cli).await {
         Ok(s) => s,
@@ -688,7 +826,6 @@ async fn agent(cli: &Cli, a: &AgentArgs, url: &str, registry: &'static Registry)
     };
     // the signal is taken by a task of its own: the stop is armed (a second signal, and
     // the bound on draining) even if the agent's loop is stuck
-    let bound = a.drain_timeout + Duration::from_secs(10);
     let (stopped_tx, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         shutdown_signal().await;

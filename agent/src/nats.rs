@@ -6,6 +6,7 @@ use futures_util::StreamExt;
 use ractor::ActorRef;
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
@@ -60,7 +61,10 @@ struct Outbox {
     seq: u64,
     /// The highest batch number acknowledged.
     acked: u64,
-    kept: VecDeque<(ReportBatch, Instant)>,
+    /// Unacknowledged batches: when last sent, and their encoded size.
+    kept: VecDeque<(ReportBatch, Instant, usize)>,
+    /// The encoded size of `kept`.
+    bytes: usize,
 }
 
 /// Unacknowledged batches are sent again after this long.
@@ -75,8 +79,39 @@ impl Outbox {
             return;
         }
         self.acked = self.acked.max(seq);
-        while self.kept.front().is_some_and(|(b, _)| b.seq <= self.acked) {
-            self.kept.pop_front();
+        while self
+            .kept
+            .front()
+            .is_some_and(|(b, _, _)| b.seq <= self.acked)
+        {
+            if let Some((_, _, n)) = self.kept.pop_front() {
+                self.bytes -= n;
+            }
+        }
+    }
+
+    /// Keeps a batch until acknowledged. Beyond `MAX_KEPT` batches or `MAX_KEPT_BYTES`
+    /// the oldest are dropped, and counted as acknowledged: the coordinator must not
+    /// wait for them (their attempts left the heartbeat's list, so the coordinator
+    /// takes them for lost and runs their calls again).
+    fn keep(&mut self, batch: ReportBatch, size: usize) {
+        self.kept.push_back((batch, Instant::now(), size));
+        self.bytes += size;
+        let mut dropped = 0;
+        while self.kept.len() > MAX_KEPT || (self.bytes > MAX_KEPT_BYTES && self.kept.len() > 1) {
+            if let Some((b, _, n)) = self.kept.pop_front() {
+                self.bytes -= n;
+                self.acked = self.acked.max(b.seq);
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                kept = self.kept.len(),
+                bytes = self.bytes,
+                "too many reports unacknowledged (coordinator unreachable?): dropped the oldest; the coordinator runs their calls again"
+            );
         }
     }
 
@@ -88,14 +123,14 @@ impl Outbox {
         let stale = self
             .kept
             .front()
-            .is_some_and(|(_, at)| now.duration_since(*at) >= RESEND_AFTER);
+            .is_some_and(|(_, at, _)| now.duration_since(*at) >= RESEND_AFTER);
         if !(all || stale) {
             return Vec::new();
         }
         let acked = self.acked;
         self.kept
             .iter_mut()
-            .filter_map(|(batch, at)| {
+            .filter_map(|(batch, at, _)| {
                 *at = now;
                 batch.acked = acked;
                 encode_envelope(batch).ok()
@@ -183,9 +218,10 @@ async fn publish_bytes(client: &async_nats::Client, subject: String, body: Bytes
     }
 }
 
-/// Unacknowledged batches kept at most; beyond, the oldest are dropped (their calls
-/// are run again by the coordinator, which takes this agent's attempts for lost).
+/// Unacknowledged batches kept at most, and their bytes; beyond, the oldest are dropped
+/// (their calls are run again by the coordinator, which takes those attempts for lost).
 const MAX_KEPT: usize = 4096;
+const MAX_KEPT_BYTES: usize = 64 << 20;
 
 /// Removes an error's secrets before it leaves the process (a task may put a URL with
 /// credentials in its error).
@@ -232,6 +268,7 @@ pub async fn serve_agent(
         seq: 0,
         acked: 0,
         kept: VecDeque::new(),
+        bytes: 0,
     }));
     let mut reporter = {
         let client = client.clone();
@@ -281,13 +318,6 @@ pub async fn serve_agent(
                 .await;
                 let encoded = match outbox.lock() {
                     Ok(mut o) => {
-                        if o.kept.len() >= MAX_KEPT {
-                            o.kept.pop_front();
-                            tracing::warn!(
-                                kept = MAX_KEPT,
-                                "too many reports unacknowledged (coordinator unreachable?): dropping the oldest batch; the coordinator runs its calls again"
-                            );
-                        }
                         o.seq += 1;
                         let batch = ReportBatch {
                             agent_id: agent_id.clone(),
@@ -311,7 +341,8 @@ pub async fn serve_agent(
                                 idle.notify_waiters();
                             }
                         }
-                        o.kept.push_back((batch, Instant::now()));
+                        let size = encoded.as_ref().map_or(0, Vec::len);
+                        o.keep(batch, size);
                         encoded
                     }
                     Err(_) => break,
@@ -420,7 +451,13 @@ pub async fn serve_agent(
     )
     .await;
     tokio::pin!(shutdown);
-    let (misfit_tx, mut misfit_rx) = mpsc::unbounded_channel::<String>();
+    // why this process cannot serve: (message, whether it must leave at once)
+    let (misfit_tx, mut misfit_rx) = mpsc::unbounded_channel::<(String, bool)>();
+    // one background check of each kind at a time, and none while NATS is unreachable
+    let (id_checking, store_checking) = (
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    );
     let mut tick = tokio::time::interval(cfg.heartbeat);
     // the id is checked again now and then: after a partition or a NATS restart two
     // processes may hold it (each started while the other was unreachable); the newer
@@ -435,43 +472,67 @@ pub async fn serve_agent(
             _ = &mut shutdown => break,
             _ = tick.tick() => false,
             _ = id_check.tick() => {
-                let (c, subject, me, tx) = (client.clone(), subjects.agent_whois(&agent_id), me.clone(), misfit_tx.clone());
-                tokio::spawn(async move {
-                    if let Ok(others) = holders(&c, &subject, me.incarnation, true).await {
-                        if let Some(other) = others.into_iter().find(|o| o.older_than(&me)) {
-                            let _ = tx.send(format!(
-                                "agent id {} is also held by {other}, which started first (both took it while NATS kept them apart): this process stops, so that no attempt runs twice. Give each agent its own --agent-id",
-                                me.agent_id
-                            ));
+                if connected(&client) && !id_checking.swap(true, Relaxed) {
+                    let (c, subject, me, tx) = (client.clone(), subjects.agent_whois(&agent_id), me.clone(), misfit_tx.clone());
+                    let busy = id_checking.clone();
+                    tokio::spawn(async move {
+                        let asked = tokio::time::timeout(Duration::from_secs(5), holders(&c, &subject, me.incarnation, true)).await;
+                        if let Ok(Ok(others)) = asked {
+                            if let Some(other) = others.into_iter().find(|o| o.older_than(&me)) {
+                                let _ = tx.send((format!(
+                                    "agent id {} is also held by {other}, which started first (both took it while NATS kept them apart): this process leaves now, so that no attempt runs twice. Give each agent its own --agent-id",
+                                    me.agent_id
+                                ), true));
+                            }
                         }
-                    }
-                });
+                        busy.store(false, Relaxed);
+                    });
+                }
                 continue;
             }
             _ = hello_now.notified() => {
                 // a coordinator (re)started: is its store ours?
-                let (c, s, store, tx) = (client.clone(), subjects.clone(), cfg.store.clone(), misfit_tx.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = check_store(&c, &s, &*store).await {
-                        let _ = tx.send(e);
-                    }
-                });
+                if connected(&client) && !store_checking.swap(true, Relaxed) {
+                    let (c, s, store, tx) = (client.clone(), subjects.clone(), cfg.store.clone(), misfit_tx.clone());
+                    let busy = store_checking.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = check_store(&c, &s, &*store).await {
+                            let _ = tx.send((e, false));
+                        }
+                        busy.store(false, Relaxed);
+                    });
+                }
                 true
             }
-            Some(e) = misfit_rx.recv() => {
-                // drained like a stop: what runs here finishes and is reported
+            Some((e, at_once)) = misfit_rx.recv() => {
                 tracing::error!(agent = %agent_id, "{e}");
+                if at_once {
+                    // another process holds the id: every attempt here runs there too.
+                    // Leave without a word under the id (a `leaving` heartbeat would
+                    // make the coordinator drop the other process's attempts)
+                    spawn_loop.abort();
+                    cancel_loop.abort();
+                    hello_loop.abort();
+                    ack_loop.abort();
+                    whois.abort();
+                    reporter.abort();
+                    agent.stop(None);
+                    return Err(e);
+                }
+                // drained like a stop: what runs here finishes and is reported
                 failure = Some(e);
                 break;
             }
         };
-        resend(&client, &reports_subject, &outbox, all).await;
+        // the heartbeat first: after a coordinator restart it must arrive within the
+        // resumed runs' hold window, whatever the resend costs
         publish(
             &client,
             hb_subject.clone(),
             &heartbeat(&cfg, &tracker, false, false),
         )
         .await;
+        resend(&client, &reports_subject, &outbox, all).await;
     }
 
     // drain: take nothing new, let what runs finish, hand over the reports; the drain
@@ -680,15 +741,21 @@ async fn claim_id(
             }
         }
     });
+    // another process that took the id at the same moment: whichever saw the other
+    // gives way (both may: then both stop, and neither runs anything twice)
     if let Some(other) = holders(client, &subject, incarnation, true)
         .await?
         .into_iter()
-        .find(|o| o.older_than(&me))
+        .next()
     {
         responder.abort();
         return Err(refuse(&other));
     }
     Ok((responder, me))
+}
+
+fn connected(client: &async_nats::Client) -> bool {
+    client.connection_state() == async_nats::connection::State::Connected
 }
 
 /// The other processes answering for an agent id: the first answer only (`all` false:
@@ -734,7 +801,7 @@ async fn holders(
 
 /// Sends unacknowledged report batches again (all, or those waiting too long).
 async fn resend(client: &async_nats::Client, subject: &str, outbox: &Mutex<Outbox>, all: bool) {
-    if client.connection_state() != async_nats::connection::State::Connected {
+    if !connected(client) {
         // sent once the connection is back (the next tick finds them stale)
         return;
     }
@@ -763,7 +830,19 @@ async fn fetch_args(
     mut task: SpawnTask,
 ) {
     let key = task.args_ref.take().unwrap_or_default();
-    let error = match store.get(&key).await {
+    // listed as running from now: reading may take seconds (retries), and the
+    // coordinator must not take the attempt for lost meanwhile
+    if let Ok(mut t) = sink.tracker.lock() {
+        t.running.insert(RunningAttempt {
+            flow_run_id: task.flow_run_id,
+            call_id: task.call_id,
+            attempt_id: task.attempt_id,
+        });
+    }
+    let read =
+        pinazu_shared::store::get_retrying(store, &key, pinazu_shared::store::PUT_RETRY_DELAYS)
+            .await;
+    let error = match read {
         Ok(Some(bytes)) => {
             task.args = bytes;
             let _ = agent.send_message(AgentMsg::Spawn(vec![task]));
@@ -836,10 +915,11 @@ mod tests {
             seq: 0,
             acked: 0,
             kept: VecDeque::new(),
+            bytes: 0,
         };
         for &seq in seqs {
             o.seq = seq;
-            o.kept.push_back((
+            o.keep(
                 ReportBatch {
                     agent_id: pinazu_shared::ids::AgentId("a".into()),
                     incarnation,
@@ -847,8 +927,8 @@ mod tests {
                     acked: 0,
                     reports: Vec::new(),
                 },
-                Instant::now(),
-            ));
+                10,
+            );
         }
         o
     }
@@ -866,5 +946,16 @@ mod tests {
         assert_eq!(o.kept.len(), 1);
         o.ack(0, 3);
         assert!(o.kept.is_empty(), "an ack without incarnation is taken");
+        assert_eq!(o.bytes, 0);
+    }
+
+    #[test]
+    fn an_overflowing_outbox_drops_the_oldest_and_counts_them_acknowledged() {
+        let seqs: Vec<u64> = (1..=MAX_KEPT as u64 + 2).collect();
+        let o = outbox_with(7, &seqs);
+        assert_eq!(o.kept.len(), MAX_KEPT);
+        assert_eq!(o.acked, 2, "the coordinator is not left waiting for a gap");
+        assert_eq!(o.kept.front().map(|(b, _, _)| b.seq), Some(3));
+        assert_eq!(o.bytes, MAX_KEPT * 10);
     }
 }

@@ -357,12 +357,14 @@ fn writer(dir: PathBuf, rx: std_mpsc::Receiver<WriterCmd>) {
     }
 }
 
-/// Splits a journal file into entries; stops at the first torn or undecodable frame.
+/// Splits a journal file into entries; stops at a torn frame (its length runs past the
+/// end: a writer died mid-write). A whole frame that does not decode (written by a newer
+/// version, or damaged) is skipped with a warning: the entries after it still count.
 pub fn parse_frames(bytes: &[u8]) -> Vec<JournalEntry> {
     parse_prefix(bytes).0
 }
 
-/// The entries of the readable prefix of a journal file, and that prefix's length.
+/// The entries of the whole frames of a journal file, and the length they span.
 fn parse_prefix(bytes: &[u8]) -> (Vec<JournalEntry>, usize) {
     let mut out = Vec::new();
     let mut at = 0;
@@ -373,16 +375,18 @@ fn parse_prefix(bytes: &[u8]) -> (Vec<JournalEntry>, usize) {
         };
         match decode_envelope::<JournalEntry>(frame) {
             Ok(e) => out.push(e),
-            Err(_) => break,
+            Err(e) => {
+                tracing::warn!(offset = at, bytes = len, error = %e, "skipping a journal entry that does not decode")
+            }
         }
         at += 4 + len;
     }
     (out, at)
 }
 
-/// Cuts a journal file back to its readable prefix (a process died mid-write): what is
-/// appended next must follow the last whole entry, or the reader, which stops at the
-/// tear, would never see it.
+/// Cuts a journal file back to its last whole frame (a process died mid-write): what
+/// is appended next must follow it, or the reader, which stops at the tear, would never
+/// see it.
 fn cut_torn_tail(file: &std::fs::File, path: &Path) -> std::io::Result<()> {
     let bytes = std::fs::read(path)?;
     let (_, whole) = parse_prefix(&bytes);
@@ -391,7 +395,7 @@ fn cut_torn_tail(file: &std::fs::File, path: &Path) -> std::io::Result<()> {
             journal = %path.display(),
             kept = whole,
             cut = bytes.len() - whole,
-            "journal ends with a torn or unreadable entry (a process died while writing it): cut back to the last whole entry"
+            "journal ends with a torn entry (a process died while writing it): cut back to the last whole entry"
         );
         file.set_len(whole as u64)?;
         file.sync_data()?;
@@ -761,6 +765,16 @@ mod tests {
         assert_eq!(found.outcome.as_ref().unwrap().as_ref(), b"big result");
         assert!(!r.calls.contains_key(&CallId { key: 2, seq: 0 }));
         assert!(!r.by_ordinal.contains_key(&1));
+    }
+
+    #[test]
+    fn a_whole_entry_that_does_not_decode_is_skipped_not_the_ones_after_it() {
+        let mut bytes = frame(&ended(0, 1, true)).unwrap();
+        bytes.extend_from_slice(&3u32.to_le_bytes());
+        bytes.extend_from_slice(b"???");
+        bytes.extend(frame(&ended(1, 2, true)).unwrap());
+        assert_eq!(parse_frames(&bytes).len(), 2);
+        assert_eq!(parse_prefix(&bytes).1, bytes.len(), "nothing to cut");
     }
 
     #[test]

@@ -48,6 +48,10 @@ pub struct Payloads {
     pub threshold: usize,
 }
 
+/// How long storing an attempt's large arguments may take, retries included: less than
+/// the scheduler's loss grace (3 s), after which the attempt would be sent again.
+const SPAWN_STORE_BOUND: Duration = Duration::from_millis(2500);
+
 impl NatsAgentLink {
     /// A link publishing through `publisher`; batches above `max_payload` are split.
     pub fn new(
@@ -70,6 +74,8 @@ impl NatsAgentLink {
         let _ = self.failures.set(sink);
     }
 
+    /// Stores an attempt's large arguments, then dispatches it; within
+    /// [`SPAWN_STORE_BOUND`], or the attempt fails (and is retried per its policy).
     fn spawn_large(&self, agent: &AgentId, mut task: SpawnTask) {
         let subject = self.subjects.agent_spawn(agent);
         let publisher = self.publisher.clone();
@@ -79,14 +85,27 @@ impl NatsAgentLink {
         tokio::spawn(async move {
             let key = payload_key(task.flow_run_id, task.call_id, task.attempt_id, "args");
             let size = task.args.len();
-            match pinazu_shared::store::put_retrying(
-                &*store,
-                &key,
-                std::mem::take(&mut task.args),
-                pinazu_shared::store::PUT_RETRY_DELAYS_SHORT,
+            // bounded as a whole (each try may hang on a store that does not answer):
+            // past the scheduler's loss grace the attempt is taken for lost and sent
+            // again, so this one must not be published after it
+            let stored = tokio::time::timeout(
+                SPAWN_STORE_BOUND,
+                pinazu_shared::store::put_retrying(
+                    &*store,
+                    &key,
+                    std::mem::take(&mut task.args),
+                    pinazu_shared::store::PUT_RETRY_DELAYS_SHORT,
+                ),
             )
             .await
-            {
+            .unwrap_or_else(|_| {
+                Err(pinazu_shared::error::StoreError::Io {
+                    op: "put",
+                    key: key.clone(),
+                    reason: format!("no answer within {} s", SPAWN_STORE_BOUND.as_secs_f32()),
+                })
+            });
+            match stored {
                 Ok(()) => {
                     task.args_ref = Some(key);
                     match encode_envelope(&[task]) {
@@ -786,7 +805,11 @@ async fn fetch_result(store: &dyn ObjectStore, mut f: AttemptFinished) -> Attemp
     let Some(key) = f.result_ref.clone() else {
         return f;
     };
-    f.outcome = match store.get(&key).await {
+    // (the batch is not acknowledged until this settles: the agent keeps the result)
+    let read =
+        pinazu_shared::store::get_retrying(store, &key, pinazu_shared::store::PUT_RETRY_DELAYS)
+            .await;
+    f.outcome = match read {
         Ok(Some(bytes)) => {
             return AttemptFinished {
                 outcome: Ok(bytes),

@@ -77,6 +77,40 @@ pub async fn put_retrying(
     Err(last.unwrap_or_else(|| StoreError::InvalidKey(key.to_string())))
 }
 
+/// `get`, tried again after each of `delays` while the store fails (not when the object
+/// is missing: that is an answer): a payload written once is read despite a transient
+/// outage.
+pub async fn get_retrying(
+    store: &dyn ObjectStore,
+    key: &str,
+    delays: &[std::time::Duration],
+) -> Result<Option<Bytes>, StoreError> {
+    let mut last = None;
+    for (i, delay) in std::iter::once(None)
+        .chain(delays.iter().map(Some))
+        .enumerate()
+    {
+        if let Some(d) = delay {
+            tokio::time::sleep(*d).await;
+        }
+        match store.get(key).await {
+            Ok(found) => {
+                if i > 0 {
+                    tracing::info!(key, attempts = i + 1, "payload read after retrying");
+                }
+                return Ok(found);
+            }
+            Err(e) => {
+                if i == 0 {
+                    tracing::warn!(key, error = %e, "payload could not be read; retrying for a few seconds");
+                }
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| StoreError::InvalidKey(key.to_string())))
+}
+
 /// Objects as files under a root directory.
 #[derive(Clone, Debug)]
 pub struct LocalDirStore {
