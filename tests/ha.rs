@@ -128,3 +128,74 @@ async fn a_journal_restarted_on_nats_keeps_appending_to_its_runs() {
     let other = journal(&nats).await;
     assert_eq!(ordinals(&other.read(run).await.unwrap()), vec![0, 1]);
 }
+
+fn lease(id: &str) -> pinazu_coordinator::ha::CoordLease {
+    pinazu_coordinator::ha::CoordLease {
+        coordinator: id.into(),
+        epoch: 1,
+        host: "test".into(),
+        pid: 1,
+        since: "now".into(),
+    }
+}
+
+async fn leases(nats: &NatsServer, id: &str) -> pinazu_coordinator::ha::Leases {
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    pinazu_coordinator::ha::Leases::open(client, "pinazu", lease(id))
+        .await
+        .expect("leases")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_has_one_owner_and_a_dead_owners_runs_are_taken_over() {
+    use pinazu_coordinator::ha::Owned;
+    let nats = NatsServer::start();
+    let a = leases(&nats, "coord-a").await;
+    let b = leases(&nats, "coord-b").await;
+    a.poll_live().await.unwrap();
+    b.poll_live().await.unwrap();
+    assert_eq!(b.live(), vec!["coord-a".to_string(), "coord-b".to_string()]);
+    let run = FlowRunId::new();
+    assert_eq!(a.claim(run).await.unwrap(), Owned::Mine);
+    assert_eq!(b.claim(run).await.unwrap(), Owned::By("coord-a".into()));
+    assert!(b.orphans().await.unwrap().is_empty());
+
+    // a stops renewing (killed): its lease expires within 3 s, then b takes the run
+    let started = std::time::Instant::now();
+    loop {
+        b.renew().await.unwrap();
+        if !b.poll_live().await.unwrap().contains("coord-a") {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(6),
+            "a's lease expires"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(2),
+        "not before its time"
+    );
+    assert_eq!(b.orphans().await.unwrap(), vec![run]);
+    assert_eq!(b.claim(run).await.unwrap(), Owned::Mine);
+    assert!(b.orphans().await.unwrap().is_empty());
+
+    // a comes back (it was only stopped): the run is not its own any more, and its
+    // release does not free what b owns
+    a.renew().await.unwrap();
+    a.poll_live().await.unwrap();
+    assert_eq!(a.claim(run).await.unwrap(), Owned::By("coord-b".into()));
+    a.release(run).await;
+    assert_eq!(
+        b.owner(run).await.unwrap().0.map(|o| o.coordinator),
+        Some("coord-b".into())
+    );
+    // b ends the run: released, nobody's orphan
+    b.release(run).await;
+    assert_eq!(
+        b.owner(run).await.unwrap().0.map(|o| o.coordinator),
+        Some(String::new())
+    );
+    assert!(a.orphans().await.unwrap().is_empty());
+}

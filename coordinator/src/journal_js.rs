@@ -53,7 +53,7 @@ fn err(what: &str, e: impl std::fmt::Display) -> JournalError {
 }
 
 /// Stream names allow letters, digits, `-` and `_` only.
-fn stream_name(prefix: &str, suffix: &str) -> String {
+pub(crate) fn stream_name(prefix: &str, suffix: &str) -> String {
     let base: String = prefix
         .chars()
         .map(|c| {
@@ -478,7 +478,7 @@ async fn writer(mut w: Writer, mut rx: mpsc::UnboundedReceiver<Cmd>, limit: usiz
 }
 
 /// Every message on `filter` (from the start, or the last per subject), in order.
-async fn read_all(
+pub(crate) async fn read_all(
     stream: &stream::Stream,
     filter: String,
     deliver_policy: consumer::DeliverPolicy,

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod context;
 pub mod coordinator;
 pub mod flow_runner;
+pub mod ha;
 pub mod journal;
 pub mod journal_js;
 pub mod nats;

@@ -1,0 +1,390 @@
+//! Several coordinators on one NATS: who is alive, and who owns which run.
+//!
+//! Two JetStream streams (plain streams, so that nats-server 2.9.10 serves them too):
+//!
+//! - `<P>_COORDS`, subjects `<prefix>.lease.coord.<coordinator>`, one message per
+//!   subject, **max age 3 s** (`LEASE_TTL`): every coordinator publishes its
+//!   [`CoordLease`] there every second. A coordinator whose message has expired has not
+//!   renewed for 3 s: it is dead (or cut off from NATS). The server's clock alone decides
+//!   expiry, so clock skew between machines does not matter.
+//! - `<P>_OWNERS`, subjects `<prefix>.lease.run.<run>`, one message per subject: the
+//!   [`RunOwner`] of each run, written with `Nats-Expected-Last-Subject-Sequence`
+//!   (compare-and-set): a coordinator claims a run that has no owner, a released owner
+//!   (empty `coordinator`), or an owner that is dead; exactly one claim wins.
+//!
+//! A run is owned through both: its owner record names a coordinator, and that
+//! coordinator's lease is alive. Renewing one lease per coordinator (not one per run)
+//! keeps the cost flat however many runs are active. The hard guarantee against two
+//! hosts is the journal's fencing (see `journal_js.rs`): a coordinator that takes a run
+//! over appends to its journal first, after which the previous host cannot.
+
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use pinazu_shared::codec::{decode_envelope, encode_envelope};
+use pinazu_shared::ids::FlowRunId;
+
+/// How long a coordinator's lease lives without renewal.
+pub const LEASE_TTL: Duration = Duration::from_secs(3);
+/// How often a coordinator renews its lease.
+pub const RENEW_EVERY: Duration = Duration::from_secs(1);
+/// How often a coordinator looks for peers that died.
+pub const POLL_EVERY: Duration = Duration::from_millis(500);
+
+/// A coordinator's lease: who it is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordLease {
+    /// The coordinator's id (`<host>-<pid>-<random>`).
+    pub coordinator: String,
+    /// Its attempt-id epoch.
+    pub epoch: u32,
+    /// The host it runs on.
+    pub host: String,
+    /// Its process id.
+    pub pid: u32,
+    /// When it started (RFC 3339).
+    pub since: String,
+}
+
+/// Who owns a run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunOwner {
+    /// The owning coordinator; empty once the run ended (released).
+    pub coordinator: String,
+}
+
+/// The outcome of a claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Owned {
+    /// This coordinator owns the run now.
+    Mine,
+    /// Another live coordinator owns it.
+    By(String),
+}
+
+fn err(what: &str, e: impl std::fmt::Display) -> String {
+    format!("{what}: {e}")
+}
+
+/// This coordinator's view of leases and ownership.
+pub struct Leases {
+    me: CoordLease,
+    prefix: String,
+    js: jetstream::Context,
+    coords: stream::Stream,
+    owners: stream::Stream,
+    /// When this process started (the base of the millisecond clocks below).
+    base: Instant,
+    /// When the last renewal succeeded (ms since `base`; 0: never).
+    renewed_ms: AtomicU64,
+    /// Since when renewals have succeeded without a failure (ms since `base`).
+    healthy_since_ms: AtomicU64,
+    /// The coordinators alive at the last poll.
+    live: Mutex<HashSet<String>>,
+    /// The sequence of this coordinator's owner record of each run it owns.
+    mine: Mutex<HashMap<FlowRunId, u64>>,
+}
+
+impl Leases {
+    /// Creates (or finds) the streams and renews this coordinator's lease once.
+    pub async fn open(
+        client: async_nats::Client,
+        prefix: &str,
+        me: CoordLease,
+    ) -> Result<Leases, String> {
+        let js = jetstream::new(client);
+        let name = |suffix: &str| crate::journal_js::stream_name(prefix, suffix);
+        let coords = js
+            .get_or_create_stream(stream::Config {
+                name: name("COORDS"),
+                subjects: vec![format!("{prefix}.lease.coord.*")],
+                storage: stream::StorageType::File,
+                max_messages_per_subject: 1,
+                max_age: LEASE_TTL,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err("cannot create the coordinators' lease stream", e))?;
+        let owners = js
+            .get_or_create_stream(stream::Config {
+                name: name("OWNERS"),
+                subjects: vec![format!("{prefix}.lease.run.*")],
+                storage: stream::StorageType::File,
+                max_messages_per_subject: 1,
+                max_age: crate::journal::RETENTION,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| err("cannot create the run owners' stream", e))?;
+        let leases = Leases {
+            me,
+            prefix: prefix.to_string(),
+            js,
+            coords,
+            owners,
+            base: Instant::now(),
+            renewed_ms: AtomicU64::new(0),
+            healthy_since_ms: AtomicU64::new(0),
+            live: Mutex::new(HashSet::new()),
+            mine: Mutex::new(HashMap::new()),
+        };
+        leases.renew().await?;
+        leases.poll_live().await?;
+        Ok(leases)
+    }
+
+    /// This coordinator's id.
+    pub fn me(&self) -> &str {
+        &self.me.coordinator
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64 + 1
+    }
+
+    fn coord_subject(&self, coordinator: &str) -> String {
+        format!("{}.lease.coord.{coordinator}", self.prefix)
+    }
+
+    fn run_subject(&self, run: FlowRunId) -> String {
+        format!("{}.lease.run.{run}", self.prefix)
+    }
+
+    /// Publishes this coordinator's lease (stored before it returns).
+    pub async fn renew(&self) -> Result<(), String> {
+        let body = encode_envelope(&self.me).map_err(|e| e.to_string())?;
+        let stored = async {
+            self.js
+                .publish(self.coord_subject(&self.me.coordinator), Bytes::from(body))
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(RENEW_EVERY, stored).await {
+            Ok(Ok(_)) => {
+                let now = self.now_ms();
+                let before = self.renewed_ms.swap(now, Relaxed);
+                // a gap longer than the lease: healthy again only from now
+                if before == 0 || now.saturating_sub(before) > LEASE_TTL.as_millis() as u64 {
+                    self.healthy_since_ms.store(now, Relaxed);
+                }
+                Ok(())
+            }
+            Ok(Err(e)) => Err(err("cannot renew this coordinator's lease", e)),
+            Err(_) => Err("cannot renew this coordinator's lease: no answer within 1 s".into()),
+        }
+    }
+
+    /// Whether this coordinator's own lease is current: it renewed within the lease
+    /// period (less a margin). A process that was stopped (SIGSTOP, a long pause) finds
+    /// its lease stale when it wakes, and must not dispatch, acknowledge or announce
+    /// until it has renewed and checked which runs are still its own.
+    pub fn valid(&self) -> bool {
+        let renewed = self.renewed_ms.load(Relaxed);
+        renewed > 0
+            && self.now_ms().saturating_sub(renewed)
+                < (LEASE_TTL - Duration::from_millis(500)).as_millis() as u64
+    }
+
+    /// How long the last renewal is ago.
+    pub fn since_renewal(&self) -> Duration {
+        Duration::from_millis(self.now_ms().saturating_sub(self.renewed_ms.load(Relaxed)))
+    }
+
+    /// Whether renewals have succeeded for long enough that a peer's missing lease
+    /// means the peer, not NATS, failed (after a NATS restart every lease is renewed
+    /// within a second; none is judged before).
+    pub fn healthy(&self) -> bool {
+        self.valid()
+            && self
+                .now_ms()
+                .saturating_sub(self.healthy_since_ms.load(Relaxed))
+                >= (RENEW_EVERY + Duration::from_millis(500)).as_millis() as u64
+    }
+
+    /// The coordinators whose lease is alive now (this one included).
+    pub async fn poll_live(&self) -> Result<HashSet<String>, String> {
+        let filter = format!("{}.lease.coord.*", self.prefix);
+        let mut info = self
+            .coords
+            .info_with_subjects(&filter)
+            .await
+            .map_err(|e| err("cannot list the coordinators' leases", e))?;
+        let mut live = HashSet::new();
+        while let Some((subject, _)) = info
+            .try_next()
+            .await
+            .map_err(|e| err("cannot list the coordinators' leases", e))?
+        {
+            if let Some(id) = subject.rsplit('.').next() {
+                live.insert(id.to_string());
+            }
+        }
+        if let Ok(mut l) = self.live.lock() {
+            l.clone_from(&live);
+        }
+        Ok(live)
+    }
+
+    /// Whether a coordinator was alive at the last poll.
+    pub fn is_live(&self, coordinator: &str) -> bool {
+        coordinator == self.me.coordinator
+            || self
+                .live
+                .lock()
+                .map(|l| l.contains(coordinator))
+                .unwrap_or(false)
+    }
+
+    /// The live coordinators (at the last poll).
+    pub fn live(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .live
+            .lock()
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// The run's owner record and its sequence (0: none).
+    pub async fn owner(&self, run: FlowRunId) -> Result<(Option<RunOwner>, u64), String> {
+        match self
+            .owners
+            .get_last_raw_message_by_subject(&self.run_subject(run))
+            .await
+        {
+            Ok(msg) => Ok((decode_envelope::<RunOwner>(&msg.payload).ok(), msg.sequence)),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok((None, 0)),
+            Err(e) => Err(err("cannot read the run's owner", e)),
+        }
+    }
+
+    /// Writes the run's owner record if its last sequence is still `expected`.
+    async fn write_owner(
+        &self,
+        run: FlowRunId,
+        owner: &RunOwner,
+        expected: u64,
+    ) -> Result<Option<u64>, String> {
+        let body = encode_envelope(owner).map_err(|e| e.to_string())?;
+        let m = jetstream::message::PublishMessage::build()
+            .payload(Bytes::from(body))
+            .expected_last_subject_sequence(expected);
+        let ack = self
+            .js
+            .send_publish(self.run_subject(run), m)
+            .await
+            .map_err(|e| err("cannot write the run's owner", e))?
+            .await;
+        match ack {
+            Ok(a) => Ok(Some(a.sequence)),
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                Ok(None)
+            }
+            Err(e) => Err(err("cannot write the run's owner", e)),
+        }
+    }
+
+    /// Claims a run for this coordinator: it is free (no owner, released, or its owner
+    /// is dead) or already this coordinator's. Compare-and-set: of several claiming at
+    /// once, one wins and the others learn who.
+    pub async fn claim(&self, run: FlowRunId) -> Result<Owned, String> {
+        for _ in 0..5 {
+            let (owner, seq) = self.owner(run).await?;
+            match owner {
+                Some(o) if o.coordinator == self.me.coordinator => {
+                    self.remember(run, seq);
+                    return Ok(Owned::Mine);
+                }
+                Some(o) if !o.coordinator.is_empty() && self.is_live(&o.coordinator) => {
+                    return Ok(Owned::By(o.coordinator));
+                }
+                _ => {}
+            }
+            let me = RunOwner {
+                coordinator: self.me.coordinator.clone(),
+            };
+            if let Some(seq) = self.write_owner(run, &me, seq).await? {
+                self.remember(run, seq);
+                return Ok(Owned::Mine);
+            }
+            // another claim won meanwhile: see whose
+        }
+        Err(format!(
+            "could not claim flow run {run}: its owner record keeps changing"
+        ))
+    }
+
+    fn remember(&self, run: FlowRunId, seq: u64) {
+        if let Ok(mut m) = self.mine.lock() {
+            m.insert(run, seq);
+        }
+    }
+
+    /// This coordinator no longer hosts the run (it let it go).
+    pub fn forget(&self, run: FlowRunId) {
+        if let Ok(mut m) = self.mine.lock() {
+            m.remove(&run);
+        }
+    }
+
+    /// The run ended here: its owner record says so (only if still this coordinator's).
+    pub async fn release(&self, run: FlowRunId) {
+        let Some(seq) = self.mine.lock().ok().and_then(|mut m| m.remove(&run)) else {
+            return;
+        };
+        let free = RunOwner {
+            coordinator: String::new(),
+        };
+        match self.write_owner(run, &free, seq).await {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                tracing::debug!(flow_run_id = %run, "the run's owner record changed; not released")
+            }
+            Err(e) => tracing::warn!(flow_run_id = %run, error = %e, "could not release the run"),
+        }
+    }
+
+    /// Runs whose owner is not alive (and that were not released): to be taken over.
+    pub async fn orphans(&self) -> Result<Vec<FlowRunId>, String> {
+        let msgs = crate::journal_js::read_all(
+            &self.owners,
+            format!("{}.lease.run.*", self.prefix),
+            jetstream::consumer::DeliverPolicy::LastPerSubject,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        for (subject, payload, _) in msgs {
+            let Some(run) = subject
+                .rsplit('.')
+                .next()
+                .and_then(|id| FlowRunId::parse(id, "owner subject").ok())
+            else {
+                continue;
+            };
+            if let Ok(o) = decode_envelope::<RunOwner>(&payload) {
+                if !o.coordinator.is_empty() && !self.is_live(&o.coordinator) {
+                    out.push(run);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The runs this coordinator owns (as it knows).
+    pub fn owned(&self) -> Vec<FlowRunId> {
+        self.mine
+            .lock()
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default()
+    }
+}
