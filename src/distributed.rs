@@ -510,7 +510,8 @@ async fn coordinator(
         Ok(c) => c.default_cache,
         Err(e) => return usage_error(e),
     };
-    let config = CoordinatorConfig {
+    let js_journal = !cli.no_journal && a.journal != JournalBackend::Local;
+    let mut config = CoordinatorConfig {
         default_cache,
         refresh_cache: cli.refresh_cache,
         journal: if cli.no_journal {
@@ -534,6 +535,24 @@ async fn coordinator(
         },
         ..CoordinatorConfig::default()
     };
+    // with the journal in JetStream any number of coordinators can share NATS: each
+    // owns the runs it started, and takes over those of one that dies
+    let leases = if js_journal {
+        let me = pinazu_coordinator::ha::CoordLease {
+            coordinator: process_id("coordinator"),
+            epoch: 0,
+            host: host_name(),
+            pid: std::process::id(),
+            since: pinazu_shared::events::now_timestamp(),
+        };
+        match pinazu_coordinator::ha::Leases::open(client.clone(), subjects.prefix(), me).await {
+            Ok(l) => Some(Arc::new(l)),
+            Err(e) => return usage_error(e),
+        }
+    } else {
+        None
+    };
+    config.ownership = pinazu_coordinator::OwnershipHandle(leases.clone());
     let store = match open_store(cli).await {
         Ok(s) => s,
         Err(code) => return code,
@@ -561,6 +580,10 @@ async fn coordinator(
         Err(e) => return usage_error(format!("could not start the coordinator: {e}")),
     };
     link.report_failures_to(coordinator.result_sink());
+    if let Some(l) = &leases {
+        link.guard_with(l.clone());
+        tracing::info!(coordinator = l.me(), peers = ?l.live(), "coordinator lease taken");
+    }
     // runs the journal holds unfinished (the coordinator was killed) resume first, so
     // that what agents hand back after the hello below finds its runner; each body waits
     // a heartbeat period and a bit, in which agents send the results the previous
@@ -611,6 +634,10 @@ async fn coordinator(
         }
     }
     arm_stop(COORDINATOR_STOP_BOUND, "coordinator");
+    if let Some(l) = &leases {
+        // the others take this one's runs over now, not in 3 s
+        let _ = tokio::time::timeout(Duration::from_secs(1), l.resign()).await;
+    }
     tracing::info!(
         dropped_messages = counters.drops.count(),
         "coordinator stopping"
@@ -757,12 +784,16 @@ fn payload_threshold(cli: &Cli, client: &async_nats::Client) -> usize {
 }
 
 fn default_agent_id() -> String {
+    process_id("agent")
+}
+
+/// This host's name, as a subject token.
+fn host_name() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .ok()
         .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "agent".into());
-    let host: String = host
-        .trim()
+        .unwrap_or_default();
+    host.trim()
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
@@ -771,12 +802,16 @@ fn default_agent_id() -> String {
                 '-'
             }
         })
-        .collect();
-    // the random part keeps ids apart across hosts with one name (containers) and pid
-    // reuse
+        .collect()
+}
+
+/// `<host>-<pid>-<random>`: distinct across hosts with one name (containers) and pid
+/// reuse.
+fn process_id(fallback: &str) -> String {
+    let host = host_name();
     format!(
         "{}-{}-{:04x}",
-        if host.is_empty() { "agent" } else { &host },
+        if host.is_empty() { fallback } else { &host },
         std::process::id(),
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

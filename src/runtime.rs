@@ -247,6 +247,7 @@ impl Runtime {
                         .unwrap_or_else(|| Arc::new(NoJournal)),
                 ),
                 timing,
+                ownership: Default::default(),
             },
             link.clone(),
             store,

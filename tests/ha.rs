@@ -199,3 +199,268 @@ async fn a_run_has_one_owner_and_a_dead_owners_runs_are_taken_over() {
     );
     assert!(a.orphans().await.unwrap().is_empty());
 }
+
+// ---- several coordinator processes, real faults ----
+
+use serde_json::Value;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const APP: &str = "parallel_flow";
+
+fn sum_squares(n: u64) -> u64 {
+    (0..n).map(|i| i * i).sum()
+}
+
+struct Ha {
+    nats: NatsServer,
+    coordinators: Vec<Proc>,
+    agents: Vec<Proc>,
+    cache: tempfile::TempDir,
+}
+
+impl Ha {
+    fn start(coordinators: usize, agents: usize, slots: u32) -> Ha {
+        let mut h = Ha {
+            nats: NatsServer::start(),
+            coordinators: Vec::new(),
+            agents: Vec::new(),
+            cache: tempfile::tempdir().unwrap(),
+        };
+        for i in 0..coordinators {
+            h.add_coordinator(&format!("coordinator-{i}"));
+        }
+        for i in 0..agents {
+            let mut cmd = h.cmd();
+            cmd.args([
+                "agent",
+                "--agent-id",
+                &format!("agent-{i}"),
+                "--slots",
+                &slots.to_string(),
+            ]);
+            h.agents.push(Proc::spawn(&format!("agent-{i}"), cmd));
+        }
+        wait_until(Duration::from_secs(30), "agents and coordinators", || {
+            let out = h.cmd().args(["agents", "--json"]).output().ok()?;
+            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+            let ids = h.coordinator_ids();
+            (v.as_array()?.len() == agents && ids.iter().all(Option::is_some)).then_some(())
+        });
+        h
+    }
+
+    fn add_coordinator(&mut self, name: &str) {
+        let mut cmd = self.cmd();
+        cmd.args(["coordinator", "--dead-after", "2s"]);
+        self.coordinators.push(Proc::spawn(name, cmd));
+    }
+
+    fn cmd(&self) -> Command {
+        let mut cmd = common::app(APP);
+        cmd.env("NATS_URL", self.nats.url())
+            .env("PINAZU_CACHE_DIR", self.cache.path())
+            .env("PINAZU_JOURNAL_DIR", self.cache.path().join("journal"));
+        cmd
+    }
+
+    /// Each coordinator's id, from its log.
+    fn coordinator_ids(&self) -> Vec<Option<String>> {
+        self.coordinators
+            .iter()
+            .map(|c| {
+                let logs = c.logs();
+                let at = logs.find("coordinator lease taken")?;
+                let rest = &logs[at..];
+                let id = rest.split("coordinator=").nth(1)?;
+                Some(
+                    id.split(|ch: char| ch.is_whitespace() || ch == '"')
+                        .find(|s| !s.is_empty())?
+                        .to_string(),
+                )
+            })
+            .collect()
+    }
+
+    fn spawn_run(&self, args: &[&str]) -> std::process::Child {
+        let mut cmd = self.cmd();
+        cmd.arg("run")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.spawn().expect("run starts")
+    }
+
+    fn completed(&self, id: &str) -> Option<u64> {
+        let out = self.cmd().args(["status", id, "--json"]).output().ok()?;
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["completed"].as_u64()
+    }
+
+    fn attempt_lines(&self) -> u64 {
+        self.agents
+            .iter()
+            .map(|a| {
+                a.logs()
+                    .lines()
+                    .filter(|l| l.contains("attempt started"))
+                    .count() as u64
+            })
+            .sum()
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        for p in self.coordinators.iter().chain(&self.agents) {
+            s.push_str(&format!("\n--- {} ---\n{}", p.name, p.logs()));
+        }
+        s
+    }
+
+    /// The index of the coordinator that owns the run now.
+    fn owner(&self, run: &str) -> Option<usize> {
+        let url = self.nats.url();
+        let subject = format!("pinazu.lease.run.{run}");
+        let owner = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let client = async_nats::connect(url).await.ok()?;
+                let js = async_nats::jetstream::new(client);
+                let stream = js.get_stream("PINAZU_OWNERS").await.ok()?;
+                let msg = stream
+                    .get_last_raw_message_by_subject(&subject)
+                    .await
+                    .ok()?;
+                pinazu_shared::codec::decode_envelope::<pinazu_coordinator::ha::RunOwner>(
+                    &msg.payload,
+                )
+                .ok()
+            })?;
+        self.coordinator_ids()
+            .iter()
+            .position(|id| id.as_deref() == Some(owner.coordinator.as_str()))
+    }
+}
+
+fn finish(child: std::process::Child, timeout: Duration, h: &Ha) -> Output {
+    let deadline = Instant::now() + timeout;
+    let mut child = child;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "run did not finish within {timeout:?}\nstdout:\n{}\nstderr:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                h.logs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_owner_of_a_run_is_killed_and_another_coordinator_finishes_it_without_rerunning_calls() {
+    let mut h = Ha::start(2, 3, 4);
+    let id = "a1a1a1a1-1111-4222-8333-444455556666";
+    let n = 1500u64;
+    let run = h.spawn_run(&[&format!("--n={n}"), "--work-ms=20", "--flow-run-id", id]);
+    wait_until(Duration::from_secs(30), "400 calls done", || {
+        (h.completed(id)? >= 400).then_some(())
+    });
+    let owner = h.owner(id).expect("the run has an owner");
+    let killed = Instant::now();
+    h.coordinators[owner].kill9();
+    let other = 1 - owner;
+    // owned again within 5 s
+    wait_until(
+        Duration::from_secs(10),
+        "the run owned by the other coordinator",
+        || (h.owner(id) == Some(other)).then_some(()),
+    );
+    let took = killed.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "taken over after {took:?}\n{}",
+        h.logs()
+    );
+    // the client follows the run across the failover and prints the exact result
+    let out = finish(run, Duration::from_secs(120), &h);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        h.logs()
+    );
+    let line = last_json_line(&out);
+    assert_eq!(line["result"], sum_squares(n), "{line}");
+    assert!(line["stats"]["replayed"].as_u64().unwrap() >= 400, "{line}");
+    // no journaled call ran again, nor the ones in flight (their agents are alive)
+    let lines = h.attempt_lines();
+    assert!(
+        lines >= n && lines <= n + 4,
+        "{lines} attempt starts for {n} calls\n{line}"
+    );
+    assert!(
+        h.coordinators[other].logs().contains("took over runs"),
+        "{}",
+        h.logs()
+    );
+}
+
+#[test]
+fn a_coordinator_stopped_past_its_lease_lets_its_run_go_and_the_run_ends_once() {
+    let h = Ha::start(2, 3, 4);
+    let id = "b2b2b2b2-1111-4222-8333-444455556666";
+    let n = 1500u64;
+    let run = h.spawn_run(&[&format!("--n={n}"), "--work-ms=20", "--flow-run-id", id]);
+    wait_until(Duration::from_secs(30), "300 calls done", || {
+        (h.completed(id)? >= 300).then_some(())
+    });
+    let owner = h.owner(id).expect("the run has an owner");
+    let other = 1 - owner;
+    h.coordinators[owner].signal("STOP");
+    wait_until(
+        Duration::from_secs(10),
+        "the run owned by the other coordinator",
+        || (h.owner(id) == Some(other)).then_some(()),
+    );
+    // a little longer, then the old owner wakes up: it must let the run go, not
+    // dispatch, acknowledge, journal or announce anything of it
+    std::thread::sleep(Duration::from_secs(1));
+    h.coordinators[owner].signal("CONT");
+    let out = finish(run, Duration::from_secs(120), &h);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        h.logs()
+    );
+    let line = last_json_line(&out);
+    assert_eq!(line["result"], sum_squares(n), "{line}");
+    wait_until(Duration::from_secs(10), "the old owner to notice", || {
+        let logs = h.coordinators[owner].logs();
+        (logs.contains("lets it go") || logs.contains("lease lapsed")).then_some(())
+    });
+    let lines = h.attempt_lines();
+    assert!(
+        lines >= n && lines <= n + 16,
+        "{lines} attempt starts for {n} calls\n{line}\n{}",
+        h.logs()
+    );
+    if std::env::var("HA_DEBUG").is_ok() {
+        eprintln!("attempt lines {lines}\n{}", h.logs());
+    }
+    // one end: the other coordinator's
+    assert!(
+        !h.coordinators[owner].logs().contains("flow run succeeded"),
+        "{}",
+        h.logs()
+    );
+}

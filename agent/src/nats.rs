@@ -51,20 +51,32 @@ struct Tracker {
     running: HashSet<RunningAttempt>,
 }
 
-/// Report batches sent and not yet acknowledged by the coordinator. Every batch stays
-/// here until acknowledged, so a coordinator that died before journaling its results
-/// gets them again from its successor (on its hello, or after `RESEND_AFTER`).
+/// Report batches sent and not yet acknowledged. Every batch stays here until
+/// acknowledged, so a coordinator that died before journaling its results gets them
+/// again from its successor (on its hello, or after `RESEND_AFTER`). With several
+/// coordinators each acknowledges the runs it answers for: a batch leaves once every
+/// run in it is acknowledged, and is sent again with only the reports still pending.
 struct Outbox {
     /// This process's incarnation (random).
     incarnation: u64,
     /// The last batch number used.
     seq: u64,
-    /// The highest batch number acknowledged.
+    /// Every batch up to this one is acknowledged whole.
     acked: u64,
-    /// Unacknowledged batches: when last sent, and their encoded size.
-    kept: VecDeque<(ReportBatch, Instant, usize)>,
+    /// Batches not acknowledged whole, oldest first.
+    kept: VecDeque<Kept>,
     /// The encoded size of `kept`.
     bytes: usize,
+}
+
+struct Kept {
+    batch: ReportBatch,
+    /// When last sent.
+    at: Instant,
+    /// Encoded size.
+    size: usize,
+    /// Runs whose reports in it are not acknowledged yet.
+    pending: HashSet<FlowRunId>,
 }
 
 /// Unacknowledged batches are sent again after this long.
@@ -74,20 +86,34 @@ impl Outbox {
     /// Takes an acknowledgement; one addressed to another process that had this id
     /// before (another incarnation; 0 is from a coordinator that does not say) is
     /// ignored, or it would drop batches that coordinator never saw.
-    fn ack(&mut self, incarnation: u64, seq: u64) {
+    fn ack(&mut self, incarnation: u64, seq: u64, runs: Option<&[FlowRunId]>) {
         if incarnation != 0 && incarnation != self.incarnation {
             return;
         }
-        self.acked = self.acked.max(seq);
-        while self
-            .kept
-            .front()
-            .is_some_and(|(b, _, _)| b.seq <= self.acked)
-        {
-            if let Some((_, _, n)) = self.kept.pop_front() {
-                self.bytes -= n;
+        match runs {
+            None => {
+                for k in self.kept.iter_mut().take_while(|k| k.batch.seq <= seq) {
+                    k.pending.clear();
+                }
+            }
+            Some(runs) => {
+                for k in self.kept.iter_mut().take_while(|k| k.batch.seq <= seq) {
+                    for r in runs {
+                        k.pending.remove(r);
+                    }
+                }
             }
         }
+        while self.kept.front().is_some_and(|k| k.pending.is_empty()) {
+            if let Some(k) = self.kept.pop_front() {
+                self.bytes -= k.size;
+                self.acked = self.acked.max(k.batch.seq);
+            }
+        }
+        self.acked = self.acked.max(match runs {
+            None => seq,
+            Some(_) => 0,
+        });
     }
 
     /// Keeps a batch until acknowledged. Beyond `MAX_KEPT` batches or `MAX_KEPT_BYTES`
@@ -95,13 +121,19 @@ impl Outbox {
     /// wait for them (their attempts left the heartbeat's list, so the coordinator
     /// takes them for lost and runs their calls again).
     fn keep(&mut self, batch: ReportBatch, size: usize) {
-        self.kept.push_back((batch, Instant::now(), size));
+        let pending = batch.reports.iter().map(report_run).collect();
+        self.kept.push_back(Kept {
+            batch,
+            at: Instant::now(),
+            size,
+            pending,
+        });
         self.bytes += size;
         let mut dropped = 0;
         while self.kept.len() > MAX_KEPT || (self.bytes > MAX_KEPT_BYTES && self.kept.len() > 1) {
-            if let Some((b, _, n)) = self.kept.pop_front() {
-                self.bytes -= n;
-                self.acked = self.acked.max(b.seq);
+            if let Some(k) = self.kept.pop_front() {
+                self.bytes -= k.size;
+                self.acked = self.acked.max(k.batch.seq);
                 dropped += 1;
             }
         }
@@ -115,27 +147,55 @@ impl Outbox {
         }
     }
 
-    /// Batches to send again: all of them, or those unacknowledged for `RESEND_AFTER`;
-    /// each carries the current acknowledgement, so a new coordinator knows where the
-    /// agent's sequence stands.
+    /// Batches to send again: all of them, or those unacknowledged for `RESEND_AFTER`,
+    /// with the reports still pending; each carries the current acknowledgement, so a
+    /// new coordinator knows where the agent's sequence stands.
     fn resend(&mut self, all: bool) -> Vec<Vec<u8>> {
         let now = Instant::now();
         let stale = self
             .kept
             .front()
-            .is_some_and(|(_, at, _)| now.duration_since(*at) >= RESEND_AFTER);
+            .is_some_and(|k| now.duration_since(k.at) >= RESEND_AFTER);
         if !(all || stale) {
             return Vec::new();
         }
         let acked = self.acked;
         self.kept
             .iter_mut()
-            .filter_map(|(batch, at, _)| {
-                *at = now;
-                batch.acked = acked;
-                encode_envelope(batch).ok()
+            .filter(|k| !k.pending.is_empty())
+            .filter_map(|k| {
+                k.at = now;
+                k.batch.acked = acked;
+                if k.batch
+                    .reports
+                    .iter()
+                    .all(|r| k.pending.contains(&report_run(r)))
+                {
+                    return encode_envelope(&k.batch).ok();
+                }
+                let partial = ReportBatch {
+                    agent_id: k.batch.agent_id.clone(),
+                    incarnation: k.batch.incarnation,
+                    seq: k.batch.seq,
+                    acked,
+                    reports: k
+                        .batch
+                        .reports
+                        .iter()
+                        .filter(|r| k.pending.contains(&report_run(r)))
+                        .cloned()
+                        .collect(),
+                };
+                encode_envelope(&partial).ok()
             })
             .collect()
+    }
+}
+
+fn report_run(r: &Report) -> FlowRunId {
+    match r {
+        Report::Started(s) => s.flow_run_id,
+        Report::Finished(f) => f.flow_run_id,
     }
 }
 
@@ -421,7 +481,7 @@ pub async fn serve_agent(
             match decode_envelope::<ReportAck>(&msg.payload) {
                 Ok(ack) => {
                     if let Ok(mut o) = o.lock() {
-                        o.ack(ack.incarnation, ack.seq);
+                        o.ack(ack.incarnation, ack.seq, ack.runs.as_deref());
                         if o.kept.is_empty() {
                             acked.notify_waiters();
                         }
@@ -909,7 +969,16 @@ async fn store_large_result(store: &dyn ObjectStore, threshold: usize, f: &mut A
 mod tests {
     use super::*;
 
-    fn outbox_with(incarnation: u64, seqs: &[u64]) -> Outbox {
+    fn started(run: FlowRunId) -> Report {
+        Report::Started(AttemptStarted {
+            flow_run_id: run,
+            call_id: pinazu_shared::ids::CallId { key: 1, seq: 0 },
+            attempt_id: pinazu_shared::ids::AttemptId::new(1, 1),
+            agent_id: pinazu_shared::ids::AgentId("a".into()),
+        })
+    }
+
+    fn outbox_of(incarnation: u64, batches: &[(u64, Vec<FlowRunId>)]) -> Outbox {
         let mut o = Outbox {
             incarnation,
             seq: 0,
@@ -917,15 +986,15 @@ mod tests {
             kept: VecDeque::new(),
             bytes: 0,
         };
-        for &seq in seqs {
-            o.seq = seq;
+        for (seq, runs) in batches {
+            o.seq = *seq;
             o.keep(
                 ReportBatch {
                     agent_id: pinazu_shared::ids::AgentId("a".into()),
                     incarnation,
-                    seq,
+                    seq: *seq,
                     acked: 0,
-                    reports: Vec::new(),
+                    reports: runs.iter().map(|r| started(*r)).collect(),
                 },
                 10,
             );
@@ -933,18 +1002,46 @@ mod tests {
         o
     }
 
+    fn outbox_with(incarnation: u64, seqs: &[u64]) -> Outbox {
+        let run = FlowRunId::new();
+        let batches: Vec<(u64, Vec<FlowRunId>)> = seqs.iter().map(|s| (*s, vec![run])).collect();
+        outbox_of(incarnation, &batches)
+    }
+
+    #[test]
+    fn with_several_coordinators_a_batch_leaves_once_each_of_its_runs_is_acknowledged() {
+        let (a, b) = (FlowRunId::new(), FlowRunId::new());
+        let mut o = outbox_of(7, &[(1, vec![a, b]), (2, vec![b])]);
+        // the coordinator of run a acknowledges up to 2: batch 1 still holds b's report
+        o.ack(7, 2, Some(&[a]));
+        assert_eq!(o.kept.len(), 2);
+        assert_eq!(o.acked, 0);
+        // what is sent again is b's report only
+        let again = o.resend(true);
+        let first: ReportBatch = decode_envelope(&again[0]).unwrap();
+        assert_eq!(first.reports.len(), 1);
+        assert_eq!(report_run(&first.reports[0]), b);
+        // b's coordinator acknowledges 1 (2 is still on its way): 1 leaves
+        o.ack(7, 1, Some(&[b]));
+        assert_eq!(o.kept.len(), 1);
+        assert_eq!(o.acked, 1);
+        o.ack(7, 2, Some(&[b]));
+        assert!(o.kept.is_empty());
+        assert_eq!((o.acked, o.bytes), (2, 0));
+    }
+
     #[test]
     fn an_acknowledgement_for_another_incarnation_keeps_the_batches() {
         let mut o = outbox_with(7, &[1, 2, 3]);
-        o.ack(8, 3);
+        o.ack(8, 3, None);
         assert_eq!(
             o.kept.len(),
             3,
             "an ack for the id's previous process drops nothing"
         );
-        o.ack(7, 2);
+        o.ack(7, 2, None);
         assert_eq!(o.kept.len(), 1);
-        o.ack(0, 3);
+        o.ack(0, 3, None);
         assert!(o.kept.is_empty(), "an ack without incarnation is taken");
         assert_eq!(o.bytes, 0);
     }
@@ -955,7 +1052,7 @@ mod tests {
         let o = outbox_with(7, &seqs);
         assert_eq!(o.kept.len(), MAX_KEPT);
         assert_eq!(o.acked, 2, "the coordinator is not left waiting for a gap");
-        assert_eq!(o.kept.front().map(|(b, _, _)| b.seq), Some(3));
+        assert_eq!(o.kept.front().map(|k| k.batch.seq), Some(3));
         assert_eq!(o.bytes, MAX_KEPT * 10);
     }
 }

@@ -44,6 +44,22 @@ pub struct CoordinatorConfig {
     pub timing: SchedulerTiming,
     /// Where runs' progress is journaled (default: nowhere).
     pub journal: JournalHandle,
+    /// Leases and run owners when several coordinators share NATS (default: none, this
+    /// coordinator is alone).
+    pub ownership: OwnershipHandle,
+}
+
+/// The coordinators' leases, shared (see `ha.rs`).
+#[derive(Clone, Default)]
+pub struct OwnershipHandle(pub Option<Arc<crate::ha::Leases>>);
+
+impl std::fmt::Debug for OwnershipHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(l) => write!(f, "Leases({})", l.me()),
+            None => f.write_str("Alone"),
+        }
+    }
 }
 
 /// A journal, shared.
@@ -89,8 +105,20 @@ impl Default for CoordinatorConfig {
             refresh_cache: false,
             timing: SchedulerTiming::default(),
             journal: JournalHandle::default(),
+            ownership: OwnershipHandle::default(),
         }
     }
+}
+
+/// What became of an unfinished run at resume.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// It runs here now.
+    Resumed,
+    /// Nothing to do (it ended, or another coordinator hosts it).
+    Skipped,
+    /// It could not resume (why).
+    Failed(String),
 }
 
 /// The end of a run, as the CLI prints it and callers receive it.
@@ -172,6 +200,14 @@ pub enum StartError {
     /// The runner actor could not start.
     #[error("could not start the flow runner: {0}")]
     Spawn(String),
+    /// Another live coordinator owns the run (several coordinators share NATS).
+    #[error("flow run {run} is owned by coordinator {coordinator}")]
+    OwnedElsewhere {
+        /// The run.
+        run: FlowRunId,
+        /// Its owner.
+        coordinator: String,
+    },
 }
 
 impl StartError {
@@ -183,6 +219,7 @@ impl StartError {
             StartError::OtherRun { .. }
                 | StartError::AlreadyRunning(_)
                 | StartError::RunningElsewhere { .. }
+                | StartError::OwnedElsewhere { .. }
         )
     }
 }
@@ -401,6 +438,7 @@ impl Coordinator {
                 runs: runs.clone(),
                 timing: config.timing.clone(),
                 epoch,
+                shared: config.ownership.0.is_some(),
             },
             core.get_cell(),
         )
@@ -679,48 +717,116 @@ impl Coordinator {
             }
         };
         for run in runs {
-            let entries = match self.shared.journal.read(run).await {
-                Ok(e) => e,
-                Err(e) => {
-                    failed.push((run, e.to_string()));
-                    continue;
-                }
-            };
-            let Some(replay) = Replay::from_entries(&entries) else {
-                continue;
-            };
-            let Some(def) = registry.flow(&replay.flow) else {
-                failed.push((
-                    run,
-                    format!("flow `{}` is not defined in this program", replay.flow),
-                ));
-                continue;
-            };
-            let options = RunOptions {
-                idempotency_key: replay.idempotency_key.clone(),
-                seeds: Seeds::default(),
-                start_delay: settle,
-                events: replay.events.clone(),
-            };
-            match self
-                .start_run_with(def, replay.params.clone(), run, options)
-                .await
-            {
-                Ok(_) => {
-                    tracing::info!(flow_run_id = %run, flow = def.name, "resumed an unfinished run");
-                    resumed.push(run);
-                }
-                Err(e @ StartError::Params(_)) => {
-                    // its parameters no longer fit the flow (its code changed): it can
-                    // never resume; end it, so it is not left open
-                    let why = format!("the run cannot be resumed: {e}");
-                    self.end_unresumable(run, def.name, &replay, &why).await;
-                    failed.push((run, why));
-                }
-                Err(e) => failed.push((run, e.to_string())),
+            match self.resume_one(registry, run, settle).await {
+                Resume::Resumed => resumed.push(run),
+                Resume::Skipped => {}
+                Resume::Failed(why) => failed.push((run, why)),
             }
         }
         (resumed, failed)
+    }
+
+    /// Resumes one unfinished run from its journal (after a restart, or taking it over
+    /// from a coordinator that died).
+    pub async fn resume_one(
+        &self,
+        registry: &'static pinazu_shared::registry::Registry,
+        run: FlowRunId,
+        settle: std::time::Duration,
+    ) -> Resume {
+        if let Some(leases) = &self.shared.config.ownership.0 {
+            // another live coordinator hosts it: not even read
+            if let Ok((Some(o), _)) = leases.owner(run).await {
+                if !o.coordinator.is_empty()
+                    && o.coordinator != leases.me()
+                    && leases.is_live(&o.coordinator)
+                {
+                    return Resume::Skipped;
+                }
+            }
+        }
+        let entries = match self.shared.journal.read(run).await {
+            Ok(e) => e,
+            Err(e) => return Resume::Failed(e.to_string()),
+        };
+        let Some(replay) = Replay::from_entries(&entries) else {
+            return Resume::Skipped;
+        };
+        if !replay.unfinished {
+            // it ended, but its owner died before releasing it: released now
+            if let Some(leases) = &self.shared.config.ownership.0 {
+                if leases.claim(run).await == Ok(crate::ha::Owned::Mine) {
+                    leases.release(run).await;
+                }
+            }
+            return Resume::Skipped;
+        }
+        let Some(def) = registry.flow(&replay.flow) else {
+            return Resume::Failed(format!(
+                "flow `{}` is not defined in this program",
+                replay.flow
+            ));
+        };
+        let options = RunOptions {
+            idempotency_key: replay.idempotency_key.clone(),
+            seeds: Seeds::default(),
+            start_delay: settle,
+            events: replay.events.clone(),
+        };
+        match self
+            .start_run_with(def, replay.params.clone(), run, options)
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(flow_run_id = %run, flow = def.name, "resumed an unfinished run");
+                Resume::Resumed
+            }
+            // hosted here already, or by another live coordinator
+            Err(StartError::AlreadyRunning(_) | StartError::OwnedElsewhere { .. }) => {
+                Resume::Skipped
+            }
+            Err(e @ StartError::Params(_)) => {
+                // its parameters no longer fit the flow (its code changed): it can
+                // never resume; end it, so it is not left open
+                let why = format!("the run cannot be resumed: {e}");
+                self.end_unresumable(run, def.name, &replay, &why).await;
+                Resume::Failed(why)
+            }
+            Err(e) => Resume::Failed(e.to_string()),
+        }
+    }
+
+    /// Lets go of the runs this coordinator hosts that another one owns now (after this
+    /// process was stopped or cut off past its lease).
+    pub async fn recheck_ownership(&self) {
+        let Some(leases) = &self.shared.config.ownership.0 else {
+            return;
+        };
+        let hosted: Vec<FlowRunId> = self.shared.runs.iter().map(|e| *e.key()).collect();
+        for run in hosted {
+            match leases.owner(run).await {
+                Ok((Some(o), _)) if o.coordinator != leases.me() => {
+                    tracing::warn!(flow_run_id = %run, owner = %o.coordinator, "this coordinator's lease lapsed and another took the run over");
+                    if let Some(r) = self.shared.runs.get(&run) {
+                        let _ = r.send_message(FlowRunnerMsg::LetGo);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(flow_run_id = %run, error = %e, "cannot check who owns the run")
+                }
+            }
+        }
+    }
+
+    /// Whether this coordinator hosts the run now.
+    pub fn hosts(&self, run: FlowRunId) -> bool {
+        self.shared.runs.contains_key(&run)
+    }
+
+    /// The leases, when several coordinators share NATS.
+    pub fn leases(&self) -> Option<&Arc<crate::ha::Leases>> {
+        self.shared.config.ownership.0.as_ref()
     }
 
     /// Ends FAILED an unfinished run that cannot resume: its flow FAILED event, and its
@@ -876,6 +982,23 @@ impl Coordinator {
             .filter(|r| r.unfinished)
             .and_then(|r| r.started_at_ms)
             .unwrap_or(now_ms);
+        // one coordinator hosts a run: claimed before anything of it is journaled (a
+        // takeover's first append then fences the previous host out, `journal_js.rs`)
+        if let Some(leases) = &self.shared.config.ownership.0 {
+            match leases
+                .claim(flow_run_id)
+                .await
+                .map_err(StartError::Journal)?
+            {
+                crate::ha::Owned::Mine => {}
+                crate::ha::Owned::By(coordinator) => {
+                    return Err(StartError::OwnedElsewhere {
+                        run: flow_run_id,
+                        coordinator,
+                    })
+                }
+            }
+        }
         // durable before anyone hears of the run (its events, the API's answer): a
         // coordinator killed right after still resumes it
         if self.shared.journal.enabled() {
@@ -927,6 +1050,9 @@ impl Coordinator {
         // the runner registers itself in `runs` before its body starts
         if let Err(e) = Actor::spawn(None, FlowRunner, args).await {
             self.shared.table.remove(&flow_run_id);
+            if let Some(leases) = &self.shared.config.ownership.0 {
+                leases.release(flow_run_id).await;
+            }
             return Err(StartError::Spawn(e.to_string()));
         }
         Ok(RunHandle {

@@ -739,6 +739,9 @@ impl RunnerState {
         self.claim = None;
         self.shared.runs.remove(&self.flow_run_id);
         self.shared.moved(self.flow_run_id);
+        if let Some(leases) = &self.shared.config.ownership.0 {
+            leases.forget(self.flow_run_id);
+        }
         tracing::warn!(flow_run_id = %self.flow_run_id, "flow run taken over by another coordinator: this one lets it go");
         myself.stop(None);
     }
@@ -831,6 +834,10 @@ impl RunnerState {
             // another coordinator owns the run now: its end is not this one's to announce
             self.let_go(myself);
             return;
+        }
+        if let Some(leases) = &self.shared.config.ownership.0 {
+            // ended and journaled: nobody is to take it over
+            leases.release(self.flow_run_id).await;
         }
         self.flow_event(status, error.as_ref());
         // deliver the run's events and cache writes before anyone sees the outcome

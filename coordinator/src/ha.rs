@@ -182,6 +182,19 @@ impl Leases {
         }
     }
 
+    /// Gives the lease up (a clean stop): the other coordinators take this one's runs
+    /// over at their next look, without waiting for the lease to expire.
+    pub async fn resign(&self) {
+        if let Err(e) = self
+            .coords
+            .purge()
+            .filter(self.coord_subject(&self.me.coordinator))
+            .await
+        {
+            tracing::debug!(error = %e, "could not give the lease up; it expires in 3 s");
+        }
+    }
+
     /// Whether this coordinator's own lease is current: it renewed within the lease
     /// period (less a margin). A process that was stopped (SIGSTOP, a long pause) finds
     /// its lease stale when it wakes, and must not dispatch, acknowledge or announce

@@ -37,6 +37,9 @@ pub struct NatsAgentLink {
     payloads: Payloads,
     /// Where an attempt whose arguments cannot be stored is reported failed.
     failures: OnceLock<Arc<dyn ResultSink>>,
+    /// The coordinator's lease (several coordinators): nothing is dispatched while it
+    /// is stale (the attempts are taken for lost and sent again, or the run moved).
+    lease: OnceLock<Arc<crate::ha::Leases>>,
 }
 
 /// Where large payloads go, and from what size.
@@ -66,12 +69,18 @@ impl NatsAgentLink {
             max_payload,
             payloads,
             failures: OnceLock::new(),
+            lease: OnceLock::new(),
         }
     }
 
     /// Where to report attempts that could not be sent (the coordinator's result sink).
     pub fn report_failures_to(&self, sink: Arc<dyn ResultSink>) {
         let _ = self.failures.set(sink);
+    }
+
+    /// Dispatches only while this lease is current.
+    pub fn guard_with(&self, lease: Arc<crate::ha::Leases>) {
+        let _ = self.lease.set(lease);
     }
 
     /// Stores an attempt's large arguments, then dispatches it; within
@@ -156,6 +165,12 @@ impl NatsAgentLink {
 
 impl AgentLink for NatsAgentLink {
     fn spawn(&self, agent: &AgentId, tasks: Vec<SpawnTask>) {
+        if self.lease.get().is_some_and(|l| !l.valid()) {
+            // this process may have lost its runs (it was stopped or cut off past its
+            // lease): the attempts are taken for lost and sent again once it knows
+            tracing::debug!(attempts = tasks.len(), "lease stale: not dispatching");
+            return;
+        }
         let threshold = self.payloads.threshold;
         let (large, small): (Vec<_>, Vec<_>) =
             tasks.into_iter().partition(|t| t.args.len() > threshold);
@@ -221,9 +236,27 @@ pub async fn serve(
     let probe = StoreProbe::start(payloads.store.clone());
     let mut heartbeats = client.subscribe(subjects.heartbeat()).await?;
     let mut reports = client.subscribe(subjects.reports()).await?;
-    let mut api = client
-        .subscribe(format!("{}.api.*", subjects.prefix()))
+    // one coordinator answers each request (a queue group: several coordinators share
+    // the load); a request about a run another coordinator hosts is passed on to that
+    // one's own subject (`<prefix>.coord.<id>.api.<verb>`), answered there
+    let api = client
+        .queue_subscribe(
+            format!("{}.api.*", subjects.prefix()),
+            API_QUEUE.to_string(),
+        )
         .await?;
+    let own = match coordinator.leases() {
+        Some(l) => Some(
+            client
+                .subscribe(format!("{}.coord.{}.api.*", subjects.prefix(), l.me()))
+                .await?,
+        ),
+        None => None,
+    };
+    let mut api = futures_util::stream::select(
+        api.map(|m| (m, false)),
+        futures_util::stream::iter(own).flatten().map(|m| (m, true)),
+    );
 
     let (c, k) = (coordinator.clone(), counters.clone());
     tokio::spawn(async move {
@@ -333,19 +366,20 @@ pub async fn serve(
         client,
     });
     let (start_tx, mut start_rx) =
-        tokio::sync::mpsc::channel::<(ApiRequest, Option<async_nats::Subject>)>(1024);
+        tokio::sync::mpsc::channel::<(ApiRequest, Option<async_nats::Subject>, bool)>(1024);
     {
         let ctx = api_ctx.clone();
         tokio::spawn(async move {
-            while let Some((req, to)) = start_rx.recv().await {
-                let reply = ctx.handle(req).await;
+            while let Some((req, to, passed)) = start_rx.recv().await {
+                let reply = ctx.handle(req, passed).await;
                 ctx.respond(to, &reply).await;
             }
         });
     }
+    let lease_ctx = api_ctx.clone();
     tokio::spawn(async move {
         let permits = Arc::new(tokio::sync::Semaphore::new(API_CONCURRENCY));
-        while let Some(msg) = api.next().await {
+        while let Some((msg, passed)) = api.next().await {
             let req = match decode_envelope::<ApiRequest>(&msg.payload) {
                 Ok(req) => req,
                 Err(e) => {
@@ -366,7 +400,7 @@ pub async fn serve(
                     api_ctx.respond(msg.reply, &reply).await;
                 }
                 req @ (ApiRequest::Start { .. } | ApiRequest::Reject { .. }) => {
-                    if start_tx.send((req, msg.reply)).await.is_err() {
+                    if start_tx.send((req, msg.reply, passed)).await.is_err() {
                         return;
                     }
                 }
@@ -376,7 +410,7 @@ pub async fn serve(
                     };
                     let ctx = api_ctx.clone();
                     tokio::spawn(async move {
-                        let reply = ctx.handle(req).await;
+                        let reply = ctx.handle(req, passed).await;
                         ctx.respond(msg.reply, &reply).await;
                         drop(permit);
                     });
@@ -384,7 +418,142 @@ pub async fn serve(
             }
         }
     });
+    if let Some(leases) = coordinator.leases().cloned() {
+        tokio::spawn(keep_leases(
+            coordinator.clone(),
+            leases,
+            registry,
+            subjects.clone(),
+            lease_ctx.publisher.clone(),
+            lease_ctx.payloads.store.clone(),
+        ));
+    }
     Ok(counters)
+}
+
+/// How long a run taken over waits before its body runs: agents send the results the
+/// dead coordinator did not acknowledge and list their running attempts meanwhile.
+const TAKEOVER_SETTLE: Duration = Duration::from_millis(1500);
+
+/// Renews this coordinator's lease every second; looks for coordinators that stopped
+/// renewing theirs every half second, and takes their runs over (each run resumed from
+/// its journal, as after a restart). A lease that lapsed here (this process was stopped
+/// or cut off) is renewed, then every hosted run is checked: those another coordinator
+/// took meanwhile are let go.
+async fn keep_leases(
+    c: Coordinator,
+    leases: Arc<crate::ha::Leases>,
+    registry: &'static Registry,
+    subjects: Subjects,
+    publisher: Publisher,
+    store: Arc<dyn ObjectStore>,
+) {
+    let mut renew = tokio::time::interval(crate::ha::RENEW_EVERY);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut poll = tokio::time::interval(crate::ha::POLL_EVERY);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut known: HashSet<String> = leases.live().into_iter().collect();
+    let mut failing = false;
+    // runs orphaned while this coordinator was starting are looked for once it is sure
+    // of its view (renewing for a while)
+    let mut look = true;
+    loop {
+        tokio::select! {
+            _ = renew.tick() => {
+                let lapsed = leases.since_renewal() > crate::ha::LEASE_TTL;
+                match leases.renew().await {
+                    Ok(()) => {
+                        if failing {
+                            failing = false;
+                            tracing::info!("coordinator lease renewed again");
+                        }
+                        if lapsed {
+                            tracing::warn!("this coordinator's lease lapsed (the process was stopped or cut off from NATS): checking which runs are still its own");
+                            c.recheck_ownership().await;
+                        }
+                    }
+                    Err(e) => {
+                        if !failing {
+                            failing = true;
+                            tracing::warn!(error = %e, "cannot renew this coordinator's lease; after 3 s other coordinators take its runs over");
+                        }
+                    }
+                }
+            }
+            _ = poll.tick() => {
+                let Ok(live) = leases.poll_live().await else {
+                    continue;
+                };
+                let gone: Vec<String> = known
+                    .difference(&live)
+                    .filter(|id| id.as_str() != leases.me())
+                    .cloned()
+                    .collect();
+                known = live;
+                if !gone.is_empty() {
+                    tracing::warn!(coordinators = ?gone, "coordinators stopped renewing their leases: taking their runs over");
+                    look = true;
+                }
+                if look && leases.healthy() {
+                    look = false;
+                    take_over(&c, &leases, registry, &subjects, &publisher, &store).await;
+                }
+            }
+        }
+    }
+}
+
+/// Takes over the runs whose owner is dead: each is claimed (compare-and-set: one
+/// coordinator wins it) and resumed from its journal.
+async fn take_over(
+    c: &Coordinator,
+    leases: &crate::ha::Leases,
+    registry: &'static Registry,
+    subjects: &Subjects,
+    publisher: &Publisher,
+    store: &Arc<dyn ObjectStore>,
+) {
+    let mut orphans = match leases.orphans().await {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list the runs of dead coordinators; trying again at the next death");
+            return;
+        }
+    };
+    if orphans.is_empty() {
+        return;
+    }
+    // coordinators taking over at once meet in different places: the runs spread
+    fastrand::shuffle(&mut orphans);
+    let started = Instant::now();
+    let mut taken = 0;
+    for run in orphans {
+        match c.resume_one(registry, run, TAKEOVER_SETTLE).await {
+            crate::coordinator::Resume::Resumed => {
+                taken += 1;
+                watch_run(
+                    c.clone(),
+                    run,
+                    subjects.clone(),
+                    publisher.clone(),
+                    store.clone(),
+                );
+            }
+            crate::coordinator::Resume::Skipped => {}
+            crate::coordinator::Resume::Failed(why) => {
+                tracing::error!(flow_run_id = %run, error = %why, "a run of a dead coordinator could not be resumed")
+            }
+        }
+    }
+    if taken > 0 {
+        tracing::info!(
+            runs = taken,
+            took_ms = started.elapsed().as_millis() as u64,
+            "took over runs of dead coordinators"
+        );
+        // agents: send what the dead coordinator did not acknowledge, list what runs
+        publisher.publish(subjects.hello(), Bytes::new());
+    }
 }
 
 /// The object agents read to show they share the coordinator's store.
@@ -506,30 +675,37 @@ impl Acks {
     /// What can be acknowledged once the runs it touched are settled: per agent, the
     /// highest batch with every batch up to it received and its results handed over,
     /// and the runs those batches touched.
-    fn due(&mut self) -> (Vec<(AgentId, u64, u64)>, Vec<FlowRunId>) {
+    fn due(&mut self) -> (Vec<Due>, Vec<FlowRunId>) {
         let now = Instant::now();
         // forget agents silent for long (they left; their ids are not reused)
         self.agents.retain(|_, a| {
             !a.fetching.is_empty() || a.seen.is_none_or(|t| now.duration_since(t) < AGENT_FORGET)
         });
         let mut due = Vec::new();
-        let mut runs = HashSet::new();
+        let mut all = HashSet::new();
         for (id, a) in &mut self.agents {
             let ready = match a.fetching.keys().next() {
                 Some(first) => a.contiguous.min(first - 1),
                 None => a.contiguous,
             };
-            if ready > a.acked {
-                due.push((id.clone(), a.incarnation, ready));
-            }
             // batches up to `ready` are acknowledged in this round (or were before: a
             // batch sent again, already journaled)
             let later = a.touched.split_off(&(ready.max(a.acked) + 1));
+            let mut runs = HashSet::new();
             for (_, r) in std::mem::replace(&mut a.touched, later) {
                 runs.extend(r);
             }
+            all.extend(runs.iter().copied());
+            if ready > a.acked {
+                due.push(Due {
+                    agent: id.clone(),
+                    incarnation: a.incarnation,
+                    seq: ready,
+                    runs: runs.into_iter().collect(),
+                });
+            }
         }
-        (due, runs.into_iter().collect())
+        (due, all.into_iter().collect())
     }
 
     fn sent(&mut self, agent: &AgentId, seq: u64) {
@@ -537,6 +713,15 @@ impl Acks {
             a.acked = a.acked.max(seq);
         }
     }
+}
+
+/// An acknowledgement due to an agent: every batch up to `seq`, which touched `runs`.
+#[derive(Debug, PartialEq, Eq)]
+struct Due {
+    agent: AgentId,
+    incarnation: u64,
+    seq: u64,
+    runs: Vec<FlowRunId>,
 }
 
 /// Agents silent this long are forgotten by the acknowledger.
@@ -552,6 +737,7 @@ async fn acknowledge(
     publisher: Publisher,
     subjects: Subjects,
 ) {
+    let mut owners = OwnerCache::new();
     loop {
         due.notified().await;
         let Ok((ready, runs)) = acks.lock().map(|mut a| a.due()) else {
@@ -567,20 +753,96 @@ async fn acknowledge(
             due.notify_one();
             continue;
         }
-        for (agent, incarnation, seq) in ready {
-            match encode_envelope(&ReportAck { seq, incarnation }) {
-                Ok(b) => publisher.publish(subjects.agent_ack(&agent), Bytes::from(b)),
+        if c.leases().is_some_and(|l| !l.valid()) {
+            // this process may have lost its runs while it could not renew its lease:
+            // nothing is acknowledged until it knows (agents keep the reports)
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            due.notify_one();
+            continue;
+        }
+        for d in ready {
+            let runs = match c.leases() {
+                None => None,
+                Some(leases) => Some(answerable(&c, leases, &mut owners, d.runs).await),
+            };
+            let ack = ReportAck {
+                seq: d.seq,
+                incarnation: d.incarnation,
+                runs,
+            };
+            match encode_envelope(&ack) {
+                Ok(b) => publisher.publish(subjects.agent_ack(&d.agent), Bytes::from(b)),
                 Err(e) => tracing::error!(error = %e, "could not encode an acknowledgement"),
             }
             if let Ok(mut a) = acks.lock() {
-                a.sent(&agent, seq);
+                a.sent(&d.agent, d.seq);
             }
         }
     }
 }
 
+/// Who owns runs this coordinator does not host, as last looked up (for 2 s).
+type OwnerCache = HashMap<FlowRunId, (Option<String>, Instant)>;
+
+/// The runs among `runs` whose reports this coordinator answers for (several
+/// coordinators): those it hosts (settled just before), and those no other live
+/// coordinator owns (ended, or nobody's: their reports are needed by no one).
+async fn answerable(
+    c: &Coordinator,
+    leases: &crate::ha::Leases,
+    owners: &mut OwnerCache,
+    runs: Vec<FlowRunId>,
+) -> Vec<FlowRunId> {
+    let now = Instant::now();
+    owners.retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(2));
+    let mut mine = Vec::with_capacity(runs.len());
+    for run in runs {
+        if c.hosts(run) {
+            mine.push(run);
+            continue;
+        }
+        let owner = match owners.get(&run) {
+            Some((o, _)) => o.clone(),
+            None => {
+                let o = match leases.owner(run).await {
+                    Ok((o, _)) => o.map(|o| o.coordinator).filter(|c| !c.is_empty()),
+                    // unknown now: left to whoever knows (the agent sends it again)
+                    Err(_) => continue,
+                };
+                owners.insert(run, (o.clone(), now));
+                o
+            }
+        };
+        match owner {
+            Some(o) if o != leases.me() && leases.is_live(&o) => {}
+            _ => mine.push(run),
+        }
+    }
+    mine
+}
+
 /// API requests answered at once, at most (`status`, `cancel`, `runs`, `agents`).
 const API_CONCURRENCY: usize = 64;
+
+/// The queue group of the coordinators' API subscriptions.
+const API_QUEUE: &str = "pinazu-coordinators";
+
+/// How long a request passed on to another coordinator may take (a `cancel` waits up to
+/// 10 s for its run to end).
+const PASS_ON_WAIT: Duration = Duration::from_secs(15);
+
+/// The API verb of a request (its subject's last token).
+fn verb_of(req: &ApiRequest) -> &'static str {
+    match req {
+        ApiRequest::Start { .. } => "start",
+        ApiRequest::Status { .. } => "status",
+        ApiRequest::Runs => "runs",
+        ApiRequest::Cancel { .. } => "cancel",
+        ApiRequest::Agents => "agents",
+        ApiRequest::Reject { .. } => "reject",
+        ApiRequest::StoreProbe => "store_probe",
+    }
+}
 
 /// What the API handlers share.
 struct ApiCtx {
@@ -607,7 +869,84 @@ impl ApiCtx {
         }
     }
 
-    async fn handle(&self, req: ApiRequest) -> ApiReply {
+    /// Passes a request on to the coordinator that hosts its run, and returns its reply.
+    async fn pass_on(&self, coordinator: &str, req: &ApiRequest) -> ApiReply {
+        let subject = format!(
+            "{}.coord.{coordinator}.api.{}",
+            self.subjects.prefix(),
+            verb_of(req)
+        );
+        let body = match encode_envelope(req) {
+            Ok(b) => Bytes::from(b),
+            Err(e) => return ApiReply::Error(e.to_string()),
+        };
+        match tokio::time::timeout(PASS_ON_WAIT, self.client.request(subject, body)).await {
+            Ok(Ok(msg)) => decode_envelope::<ApiReply>(&msg.payload).unwrap_or_else(|e| {
+                ApiReply::Error(format!("coordinator {coordinator} answered garbage: {e}"))
+            }),
+            Ok(Err(e)) => ApiReply::Error(format!(
+                "coordinator {coordinator}, which hosts the run, did not answer: {e}"
+            )),
+            Err(_) => ApiReply::Error(format!(
+                "coordinator {coordinator}, which hosts the run, did not answer within {} s",
+                PASS_ON_WAIT.as_secs()
+            )),
+        }
+    }
+
+    /// The live coordinator other than this one that owns the run, if any.
+    async fn owner_elsewhere(&self, run: FlowRunId) -> Option<String> {
+        let leases = self.c.leases()?;
+        if self.c.hosts(run) {
+            return None;
+        }
+        match leases.owner(run).await {
+            Ok((Some(o), _))
+                if !o.coordinator.is_empty()
+                    && o.coordinator != leases.me()
+                    && leases.is_live(&o.coordinator) =>
+            {
+                Some(o.coordinator)
+            }
+            _ => None,
+        }
+    }
+
+    /// `passed`: the request was passed on by another coordinator (answered here, never
+    /// passed on again).
+    async fn handle(&self, req: ApiRequest, passed: bool) -> ApiReply {
+        if !passed {
+            let run = match &req {
+                ApiRequest::Status { flow_run_id } | ApiRequest::Cancel { flow_run_id } => {
+                    Some(*flow_run_id)
+                }
+                _ => None,
+            };
+            if let Some(run) = run {
+                if let Some(owner) = self.owner_elsewhere(run).await {
+                    return self.pass_on(&owner, &req).await;
+                }
+            }
+            if matches!(req, ApiRequest::Runs) {
+                if let Some(leases) = self.c.leases() {
+                    // every live coordinator's runs
+                    let mut runs = self.c.runs();
+                    for other in leases.live() {
+                        if other == leases.me() {
+                            continue;
+                        }
+                        match self.pass_on(&other, &ApiRequest::Runs).await {
+                            ApiReply::Runs(r) => runs.extend(r),
+                            ApiReply::Error(e) => {
+                                tracing::warn!(coordinator = %other, error = %e, "runs: a coordinator did not answer")
+                            }
+                            _ => {}
+                        }
+                    }
+                    return ApiReply::Runs(runs);
+                }
+            }
+        }
         let (c, registry, subjects, publisher, payloads) = (
             &self.c,
             self.registry,
@@ -615,6 +954,11 @@ impl ApiCtx {
             &self.publisher,
             &self.payloads,
         );
+        // (a start passed on as it came)
+        let original = match &req {
+            ApiRequest::Start { .. } if !passed && c.leases().is_some() => Some(req.clone()),
+            _ => None,
+        };
         match req {
             ApiRequest::Start {
                 flow,
@@ -692,6 +1036,15 @@ impl ApiCtx {
                     }
                     // the same run (same flow and parameters) is running here: follow it
                     Err(StartError::AlreadyRunning(_)) => true,
+                    // another live coordinator hosts it: that one answers
+                    Err(StartError::OwnedElsewhere { coordinator, .. }) if original.is_some() => {
+                        return match &original {
+                            Some(req) => self.pass_on(&coordinator, req).await,
+                            None => ApiReply::Error(format!(
+                                "flow run {id} is hosted by coordinator {coordinator}"
+                            )),
+                        };
+                    }
                     Err(e) => return ApiReply::Error(e.to_string()),
                 };
                 match c.run_info(id) {
@@ -851,10 +1204,7 @@ mod tests {
 
     fn due_for(acks: &mut Acks, agent: &str) -> Option<u64> {
         let (due, _) = acks.due();
-        let seq = due
-            .iter()
-            .find(|(a, _, _)| a.0 == agent)
-            .map(|(_, _, s)| *s);
+        let seq = due.iter().find(|d| d.agent.0 == agent).map(|d| d.seq);
         if let Some(s) = seq {
             acks.sent(&AgentId(agent.into()), s);
         }
@@ -900,7 +1250,12 @@ mod tests {
         // batch 1 arrives: 1 and 2 are due, and both their runs get the barrier
         acks.received(&meta("a", 1, 1, 0), 0, vec![r1]);
         let (due, runs) = acks.due();
-        assert_eq!(due, vec![(AgentId("a".into()), 1, 2)]);
+        assert_eq!(
+            due.iter()
+                .map(|d| (d.agent.0.as_str(), d.incarnation, d.seq))
+                .collect::<Vec<_>>(),
+            vec![("a", 1, 2)]
+        );
         assert!(runs.contains(&r1) && runs.contains(&r2), "{runs:?}");
         acks.sent(&AgentId("a".into()), 2);
         // batch 3's large result is still being fetched: not due; once fetched, its run
@@ -910,7 +1265,13 @@ mod tests {
         assert!(due.is_empty());
         acks.fetched(&AgentId("a".into()), 3, r3);
         let (due, runs) = acks.due();
-        assert_eq!(due, vec![(AgentId("a".into()), 1, 3)]);
+        assert_eq!(
+            due.iter()
+                .map(|d| (d.agent.0.as_str(), d.incarnation, d.seq))
+                .collect::<Vec<_>>(),
+            vec![("a", 1, 3)]
+        );
+        assert_eq!(due[0].runs, vec![r3]);
         assert_eq!(runs, vec![r3]);
     }
 }

@@ -125,6 +125,9 @@ pub struct SchedulerArgs {
     pub timing: SchedulerTiming,
     /// The coordinator process's epoch (the high half of the attempt ids it issues).
     pub epoch: u32,
+    /// Other coordinators share the agents: attempts of runs not hosted here may be
+    /// theirs, and are not cancelled.
+    pub shared: bool,
 }
 
 /// Its state.
@@ -146,6 +149,7 @@ pub struct SchedulerState {
     cursor: usize,
     warned: HashSet<(FlowRunId, String)>,
     epoch: u32,
+    shared: bool,
 }
 
 impl SchedulerState {
@@ -385,10 +389,14 @@ impl SchedulerState {
         for key in missing {
             self.lose(key, format!("agent {id} no longer lists it"));
         }
-        // attempts it runs that we do not (or no longer) want: stop them
+        // attempts it runs that we do not (or no longer) want: stop them (with other
+        // coordinators, only those this process dispatched: the rest may be theirs)
+        let shared = self.shared;
+        let epoch = self.epoch;
         let orphans: Vec<_> = listed
             .into_iter()
             .filter(|k| !self.running.contains_key(k) && !self.runs.contains_key(&k.0))
+            .filter(|k| !shared || k.1.epoch() == epoch)
             .collect();
         if !orphans.is_empty() {
             self.link.cancel(&id, orphans);
@@ -618,6 +626,7 @@ impl Actor for Scheduler {
             cursor: 0,
             warned: HashSet::new(),
             epoch: args.epoch,
+            shared: args.shared,
         })
     }
 

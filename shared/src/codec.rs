@@ -173,6 +173,7 @@ mod fuzz {
             encode_envelope(&ReportAck {
                 seq: 9,
                 incarnation: 1,
+                runs: Some(vec![crate::ids::FlowRunId::new()]),
             })
             .unwrap(),
         ];

@@ -167,7 +167,7 @@ pub struct ReportBatch {
 
 /// Coordinator -> agent: every report batch up to `seq` is handled durably (its results
 /// are in the journal, or in the runner when there is no journal).
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ReportAck {
     /// The highest batch number acknowledged; all below it are, too.
     pub seq: u64,
@@ -176,6 +176,11 @@ pub struct ReportAck {
     /// older coordinators: 0, taken as "any".
     #[serde(default)]
     pub incarnation: u64,
+    /// With several coordinators, each acknowledges the reports of the runs it is
+    /// responsible for (those it hosts, and those nobody hosts): the agent keeps a
+    /// batch until every run in it is acknowledged. `None`: every run (one coordinator).
+    #[serde(default)]
+    pub runs: Option<Vec<FlowRunId>>,
 }
 
 /// One attempt report, batched on the reports subject.
