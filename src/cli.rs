@@ -172,11 +172,9 @@ pub enum Wait {
 
 /// A count of at least one (agents, slots), with an error in words otherwise.
 pub(crate) fn at_least_one(s: &str) -> Result<u32, String> {
-    match s.trim().parse::<i64>() {
-        Ok(n) if n >= 1 && n <= u32::MAX as i64 => Ok(n as u32),
-        Ok(n) if n < 1 => Err(format!(
-            "must be at least 1 (got {n}): it is how many run at once"
-        )),
+    match s.trim().parse::<i128>() {
+        Ok(n) if n >= 1 && n <= u32::MAX as i128 => Ok(n as u32),
+        Ok(n) if n < 1 => Err(format!("must be at least 1 (got {n})")),
         Ok(n) => Err(format!("{n} is too large")),
         Err(_) => Err(format!("{s:?} is not a whole number")),
     }

@@ -353,6 +353,10 @@ fn io(op: &'static str, key: &str, reason: String) -> StoreError {
 }
 
 impl ObjectStore for S3Store {
+    fn unguarded(&self) -> &dyn ObjectStore {
+        self
+    }
+
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
         Box::pin(async move {
             let resp = self

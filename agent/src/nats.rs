@@ -310,10 +310,34 @@ pub async fn serve_agent(
     let incarnation = fastrand::u64(..);
     // one process per id: a second one would run every attempt sent to the id twice
     let (whois, me) = claim_id(&client, &subjects, &agent_id, incarnation).await?;
-    // the coordinator's store must be this agent's too (large payloads go through it)
+    tokio::pin!(shutdown);
+    // the coordinator's store must be this agent's too (large payloads go through it):
+    // no work is taken before a coordinator has answered that question
+    let mut waiting_since: Option<Instant> = None;
+    loop {
+        if !matches!(
+            probe_once(&client, &subjects, &*cfg.store).await,
+            Probe::NoCoordinator
+        ) {
+            break;
+        }
+        if waiting_since.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+            tracing::info!(agent = %agent_id, "waiting for a coordinator (this agent takes work once one has confirmed it shares its store)");
+            waiting_since = Some(Instant::now());
+        }
+        tokio::select! {
+            _ = &mut shutdown => {
+                whois.abort();
+                return Ok(());
+            }
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
     check_store(&client, &subjects, &*cfg.store).await?;
     let tracker = Arc::new(Mutex::new(Tracker::default()));
     let idle = Arc::new(Notify::new());
+    // asks the serve loop to check the id now (after a freeze)
+    let recheck_id = Arc::new(Notify::new());
     let (tx, mut rx) = mpsc::unbounded_channel::<Report>();
     let sink = Arc::new(NatsReportSink {
         agent_id: agent_id.clone(),
@@ -438,14 +462,36 @@ pub async fn serve_agent(
         .await
         .map_err(|e| format!("subscribe: {e}"))?;
 
+    // a process that was frozen (SIGSTOP, a paused VM) finds spawns NATS queued for it
+    // meanwhile: the coordinator took it for dead and sent those attempts elsewhere, and
+    // another process may hold its id now. They are dropped (until a heartbeat had time
+    // to reach the coordinator), and the id is checked again at once.
+    let freeze = Arc::new(FreezeWatch::new());
+    let ticker = {
+        let (freeze, recheck) = (freeze.clone(), recheck_id.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                if freeze.beat() {
+                    recheck.notify_one();
+                }
+            }
+        })
+    };
     let (a, d, s, store) = (
         agent.clone(),
         drops.clone(),
         sink.clone(),
         cfg.store.clone(),
     );
+    let (frozen, recheck) = (freeze.clone(), recheck_id.clone());
     let spawn_loop = tokio::spawn(async move {
         while let Some(msg) = spawns.next().await {
+            if frozen.dropping() {
+                recheck.notify_one();
+                d.record(&msg.subject, &"sent while this process was frozen; dropped (the coordinator sends it elsewhere)");
+                continue;
+            }
             match decode_envelope::<Vec<SpawnTask>>(&msg.payload) {
                 Ok(tasks) => {
                     let (by_ref, inline): (Vec<_>, Vec<_>) =
@@ -510,7 +556,6 @@ pub async fn serve_agent(
         &heartbeat(&cfg, &tracker, false, false),
     )
     .await;
-    tokio::pin!(shutdown);
     // why this process cannot serve: (message, whether it must leave at once)
     let (misfit_tx, mut misfit_rx) = mpsc::unbounded_channel::<(String, bool)>();
     // one background check of each kind at a time, and none while NATS is unreachable
@@ -531,16 +576,28 @@ pub async fn serve_agent(
         let all = tokio::select! {
             _ = &mut shutdown => break,
             _ = tick.tick() => false,
-            _ = id_check.tick() => {
+            after_freeze = async {
+                tokio::select! {
+                    _ = id_check.tick() => false,
+                    _ = recheck_id.notified() => true,
+                }
+            } => {
                 if connected(&client) && !id_checking.swap(true, Relaxed) {
                     let (c, subject, me, tx) = (client.clone(), subjects.agent_whois(&agent_id), me.clone(), misfit_tx.clone());
                     let busy = id_checking.clone();
                     tokio::spawn(async move {
                         let asked = tokio::time::timeout(Duration::from_secs(5), holders(&c, &subject, me.incarnation, true)).await;
                         if let Ok(Ok(others)) = asked {
-                            if let Some(other) = others.into_iter().find(|o| o.older_than(&me)) {
+                            // after a freeze this process is the stale one: the id was
+                            // given to another while it slept, whichever started first
+                            if let Some(other) = others.into_iter().find(|o| after_freeze || o.older_than(&me)) {
+                                let why = if after_freeze {
+                                    "which took it while this process was frozen"
+                                } else {
+                                    "which started first (both took it while NATS kept them apart)"
+                                };
                                 let _ = tx.send((format!(
-                                    "agent id {} is also held by {other}, which started first (both took it while NATS kept them apart): this process leaves now, so that no attempt runs twice. Give each agent its own --agent-id",
+                                    "agent id {} is also held by {other}, {why}: this process leaves now, so that no attempt runs twice. Give each agent its own --agent-id",
                                     me.agent_id
                                 ), true));
                             }
@@ -576,6 +633,7 @@ pub async fn serve_agent(
                     ack_loop.abort();
                     whois.abort();
                     reporter.abort();
+                    ticker.abort();
                     agent.stop(None);
                     return Err(e);
                 }
@@ -658,6 +716,7 @@ pub async fn serve_agent(
     hello_loop.abort();
     ack_loop.abort();
     whois.abort();
+    ticker.abort();
     // a last word, if NATS takes it within a second
     let leaving = async {
         publish(&client, hb_subject, &heartbeat(&cfg, &tracker, true, true)).await;
@@ -673,6 +732,69 @@ pub async fn serve_agent(
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Notices that this process did not run for a while (stopped, or a paused machine).
+struct FreezeWatch {
+    base: Instant,
+    /// When the ticker last ran (ms since `base`).
+    beat_ms: std::sync::atomic::AtomicU64,
+    /// Spawns are dropped until then (ms since `base`).
+    drop_until_ms: std::sync::atomic::AtomicU64,
+}
+
+/// A gap this long between ticks (every 250 ms) is a freeze.
+const FROZEN_AFTER: Duration = Duration::from_secs(2);
+/// Spawns are dropped this long after a freeze: a heartbeat reaches the coordinator
+/// meanwhile, and what it sends after is meant for this process as it is now.
+const DROP_AFTER_FREEZE: Duration = Duration::from_secs(1);
+
+impl FreezeWatch {
+    fn new() -> Self {
+        FreezeWatch {
+            base: Instant::now(),
+            beat_ms: std::sync::atomic::AtomicU64::new(0),
+            drop_until_ms: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
+    }
+
+    /// Whether the gap since the last beat says this process was frozen; then spawns
+    /// are dropped for a while.
+    fn frozen_now(&self, now: u64, last: u64) -> bool {
+        if now.saturating_sub(last) > FROZEN_AFTER.as_millis() as u64 {
+            self.drop_until_ms
+                .fetch_max(now + DROP_AFTER_FREEZE.as_millis() as u64, Relaxed);
+            tracing::warn!(
+                frozen_ms = now.saturating_sub(last),
+                "this process did not run for a while (stopped or paused): dropping the attempts sent meanwhile (the coordinator sends them elsewhere) and checking the agent id again"
+            );
+            return true;
+        }
+        false
+    }
+
+    /// The ticker's beat; true when it found a freeze.
+    fn beat(&self) -> bool {
+        let now = self.now_ms();
+        let last = self.beat_ms.swap(now, Relaxed);
+        self.frozen_now(now, last)
+    }
+
+    /// Whether a spawn arriving now is to be dropped.
+    fn dropping(&self) -> bool {
+        let now = self.now_ms();
+        // the spawn loop may wake before the ticker: it looks at the gap itself
+        let last = self.beat_ms.load(Relaxed);
+        if self.frozen_now(now, last) {
+            self.beat_ms.store(now, Relaxed);
+            return true;
+        }
+        now < self.drop_until_ms.load(Relaxed)
     }
 }
 
@@ -693,7 +815,7 @@ pub async fn check_store(
     loop {
         tries += 1;
         match probe_once(client, subjects, store).await {
-            Probe::Shared | Probe::Unknown => return Ok(()),
+            Probe::Shared | Probe::Unknown | Probe::NoCoordinator => return Ok(()),
             Probe::NotYet if tries >= PROBE_TRIES => return Ok(()),
             Probe::Missing(theirs) if tries >= PROBE_TRIES => {
                 return Err(format!(
@@ -710,6 +832,8 @@ pub async fn check_store(
 const PROBE_TRIES: u32 = 5;
 
 enum Probe {
+    /// No coordinator answered.
+    NoCoordinator,
     /// The probe was read: the store is shared.
     Shared,
     /// No verdict possible (no coordinator, store unreadable now).
@@ -735,7 +859,7 @@ async fn probe_once(
     )
     .await;
     let Ok(Ok(msg)) = reply else {
-        return Probe::Unknown;
+        return Probe::NoCoordinator;
     };
     let Ok(ApiReply::StoreProbe {
         key,

@@ -381,6 +381,14 @@ fn parse_prefix(bytes: &[u8]) -> (Vec<JournalEntry>, usize) {
         }
         at += 4 + len;
     }
+    if at < bytes.len() {
+        tracing::warn!(
+            entries = out.len(),
+            offset = at,
+            ignored_bytes = bytes.len() - at,
+            "a journal has bytes after its last whole entry (a torn write, or a damaged length): ignored"
+        );
+    }
     (out, at)
 }
 

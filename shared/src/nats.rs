@@ -140,10 +140,10 @@ impl NatsConfig {
                 crate::redact::register(&c.1);
                 url_user = Some(c.clone());
             }
-            let bare = match u.split_once("://") {
-                Some((scheme, rest)) if creds.is_some() => {
+            let bare = match crate::redact::split_scheme(u) {
+                (scheme, rest) if creds.is_some() => {
                     let at = rest.rfind('@').map_or(0, |i| i + 1);
-                    format!("{scheme}://{}", &rest[at..])
+                    format!("{}://{}", scheme.unwrap_or("nats"), &rest[at..])
                 }
                 _ => u.to_string(),
             };

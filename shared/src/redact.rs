@@ -74,7 +74,7 @@ pub fn register_url(urls: &str) {
 /// NATS addresses have no path, so the user info ends at the last `@` (a password may
 /// hold `/` or `@` unencoded); percent-encoded user info (`%40`) is decoded.
 pub fn url_credentials(url: &str) -> Option<(Option<String>, String)> {
-    let (_, rest) = url.trim().split_once("://")?;
+    let (_, rest) = split_scheme(url.trim());
     let rest = rest.split(['?', '#']).next().unwrap_or(rest);
     let (userinfo, _) = rest.rsplit_once('@')?;
     if userinfo.is_empty() {
@@ -84,6 +84,21 @@ pub fn url_credentials(url: &str) -> Option<(Option<String>, String)> {
         Some((user, pass)) => (Some(percent_decode(user)), percent_decode(pass)),
         None => (None, percent_decode(userinfo)),
     })
+}
+
+/// A server address split into its scheme (if it has one) and the rest. Lenient, as
+/// people type them: `nats://h`, `nats:/h` (one slash), or no scheme at all
+/// (`user:pass@h:4222`).
+pub fn split_scheme(url: &str) -> (Option<&str>, &str) {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        return (Some(scheme), rest);
+    }
+    if let Some((scheme, rest)) = url.split_once(":/") {
+        if !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphabetic()) {
+            return (Some(scheme), rest.trim_start_matches('/'));
+        }
+    }
+    (None, url)
 }
 
 /// `%XX` sequences decoded (invalid ones kept as they are).
@@ -183,6 +198,16 @@ mod tests {
             url_credentials("nats://u:p%40ss@h:1"),
             Some((Some("u".into()), "p@ss".into()))
         );
+        // as people type them: no scheme, or one slash
+        assert_eq!(
+            url_credentials("pinazu:S3cr%40t@127.0.0.1:4222"),
+            Some((Some("pinazu".into()), "S3cr@t".into()))
+        );
+        assert_eq!(
+            url_credentials("nats:/u:pw@h"),
+            Some((Some("u".into()), "pw".into()))
+        );
+        assert_eq!(url_credentials("127.0.0.1:4222"), None);
         register("wJalrXUtnFEMI/K7MDENG");
         assert_eq!(
             redact("signature with wJalrXUtnFEMI/K7MDENG failed"),

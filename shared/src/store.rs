@@ -21,6 +21,10 @@ pub trait ObjectStore: Send + Sync + 'static {
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
     /// A short description for logs (`dir:/path`, `s3://bucket/prefix`).
     fn describe(&self) -> String;
+    /// The store itself, past any circuit breaker: payloads that must be written or
+    /// read (an attempt's large arguments and results) retry on their own and must not
+    /// be skipped because the cache gave up on the store for a while.
+    fn unguarded(&self) -> &dyn ObjectStore;
 }
 
 /// Delays between the attempts of [`put_retrying`]: about 8 s in all, longer than the
@@ -59,7 +63,7 @@ pub async fn put_retrying(
         if let Some(d) = delay {
             tokio::time::sleep(*d).await;
         }
-        match store.put(key, value.clone()).await {
+        match store.unguarded().put(key, value.clone()).await {
             Ok(()) => {
                 if i > 0 {
                     tracing::info!(key, attempts = i + 1, "payload stored after retrying");
@@ -93,7 +97,7 @@ pub async fn get_retrying(
         if let Some(d) = delay {
             tokio::time::sleep(*d).await;
         }
-        match store.get(key).await {
+        match store.unguarded().get(key).await {
             Ok(found) => {
                 if i > 0 {
                     tracing::info!(key, attempts = i + 1, "payload read after retrying");
@@ -150,6 +154,10 @@ fn io_err(op: &'static str, key: &str, e: std::io::Error) -> StoreError {
 }
 
 impl ObjectStore for LocalDirStore {
+    fn unguarded(&self) -> &dyn ObjectStore {
+        self
+    }
+
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
         Box::pin(async move {
             let path = self.path(key)?;
@@ -242,7 +250,9 @@ impl ObjectStore for LocalDirStore {
     }
 
     fn describe(&self) -> String {
-        format!("dir:{}", self.root.display())
+        // absolute: two processes started in different directories compare it
+        let root = std::path::absolute(&self.root).unwrap_or_else(|_| self.root.clone());
+        format!("dir:{}", root.display())
     }
 }
 
