@@ -313,6 +313,8 @@ pub struct CoordShared {
     /// The run each idempotency key named first (a key never moves to another run),
     /// and when: keys older than the journal's retention are forgotten.
     keys: DashMap<String, (FlowRunId, std::time::Instant)>,
+    /// Runs being started now (see `start_run_with`).
+    starting: DashMap<FlowRunId, Arc<tokio::sync::Mutex<()>>>,
     /// Ended runs still in `table`, oldest first: beyond `KEEP_ENDED` (and a minute
     /// old) they leave memory and are answered from the journal.
     ended: std::sync::Mutex<std::collections::VecDeque<(FlowRunId, tokio::time::Instant)>>,
@@ -471,6 +473,7 @@ impl Coordinator {
                 table: DashMap::new(),
                 keys: DashMap::new(),
                 ended: Default::default(),
+                starting: DashMap::new(),
                 events_enabled,
                 unknown_run_reports: AtomicU64::new(0),
                 epoch,
@@ -877,9 +880,24 @@ impl Coordinator {
             .events
             .clone()
             .unwrap_or_else(|| self.default_events());
-        let started = self
-            .try_start(flow, params, flow_run_id, options, &events)
-            .await;
+        // one start of a run id at a time in this process (an API start and a takeover
+        // of the same run may meet): the second sees the first's runner
+        let gate = self
+            .shared
+            .starting
+            .entry(flow_run_id)
+            .or_default()
+            .value()
+            .clone();
+        let started = {
+            let _one = gate.lock().await;
+            self.try_start(flow, params, flow_run_id, options, &events)
+                .await
+        };
+        self.shared
+            .starting
+            .remove_if(&flow_run_id, |_, g| Arc::strong_count(g) <= 2);
+        drop(gate);
         if let Err(e) = &started {
             // an id that names a run is that run's: nothing is published under it
             if !e.is_conflict() && !self.names_a_run(flow_run_id).await {

@@ -696,11 +696,13 @@ impl Acks {
                 runs.extend(r);
             }
             all.extend(runs.iter().copied());
-            if ready > a.acked {
+            // batches sent again (their acknowledgement was lost, or they wait for
+            // another coordinator's runs) are acknowledged again
+            if ready > a.acked || !runs.is_empty() {
                 due.push(Due {
                     agent: id.clone(),
                     incarnation: a.incarnation,
-                    seq: ready,
+                    seq: ready.max(a.acked),
                     runs: runs.into_iter().collect(),
                 });
             }
@@ -1237,6 +1239,20 @@ mod tests {
         assert_eq!(due_for(&mut fresh, "b"), None);
         fresh.received(&meta("b", 9, 7, 6), 0, vec![]);
         assert_eq!(due_for(&mut fresh, "b"), Some(8));
+    }
+
+    #[test]
+    fn a_batch_sent_again_is_acknowledged_again() {
+        let mut acks = Acks::default();
+        let r = FlowRunId::new();
+        acks.received(&meta("a", 1, 1, 0), 0, vec![r]);
+        assert_eq!(due_for(&mut acks, "a"), Some(1));
+        // the acknowledgement was lost (or it left r to another coordinator): the agent
+        // sends the batch again, and hears about it again
+        acks.received(&meta("a", 1, 1, 0), 0, vec![r]);
+        let (due, _) = acks.due();
+        assert_eq!(due.len(), 1);
+        assert_eq!((due[0].seq, due[0].runs.clone()), (1, vec![r]));
     }
 
     #[test]
