@@ -557,7 +557,13 @@ impl Coordinator {
 
     /// One run's state, if this coordinator started it.
     pub fn run_info(&self, id: FlowRunId) -> Option<RunInfo> {
-        self.shared.table.get(&id).map(|e| e.info(id))
+        let mut info = self.shared.table.get(&id).map(|e| e.info(id))?;
+        if let Some(l) = &self.shared.config.ownership.0 {
+            if info.status == FlowStatus::Running {
+                info.owner = Some(l.me().to_string());
+            }
+        }
+        Some(info)
     }
 
     /// An ended run this coordinator does not host (it ended before this process
@@ -581,7 +587,15 @@ impl Coordinator {
             .map(|e| (e.started, e.info(*e.key())))
             .collect();
         v.sort_by_key(|(t, _)| *t);
-        v.into_iter().map(|(_, i)| i).collect()
+        let me = self.shared.config.ownership.0.as_ref().map(|l| l.me());
+        v.into_iter()
+            .map(|(_, mut i)| {
+                if i.status == FlowStatus::Running {
+                    i.owner = me.map(String::from);
+                }
+                i
+            })
+            .collect()
     }
 
     /// Waits for a run this coordinator started to end.

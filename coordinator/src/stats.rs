@@ -155,6 +155,7 @@ impl StatsSnapshot {
             result: None,
             error: None,
             note: None,
+            owner: None,
         }
     }
 }

@@ -124,6 +124,9 @@ pub struct RunInfo {
     pub error: Option<String>,
     /// A note for the operator (e.g. waiting for an agent that can run a task).
     pub note: Option<String>,
+    /// The coordinator that hosts the run (several coordinators); absent when alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// What an operator sees of an agent.
