@@ -254,8 +254,8 @@ pub enum Command {
     Status(crate::distributed::RunIdArgs),
     /// Cancel a run: its attempts stop and it ends FAILED.
     Cancel(crate::distributed::RunIdArgs),
-    /// List the coordinator's runs.
-    Runs(crate::distributed::ListArgs),
+    /// List runs, most recent first: the live ones and the journal's history.
+    Runs(crate::distributed::RunsArgs),
     /// List the live agents.
     Agents(crate::distributed::ListArgs),
     /// Manage the result cache (no coordinator needed).

@@ -4,6 +4,7 @@
 use bytes::Bytes;
 use clap::Args;
 use futures_util::StreamExt;
+use pinazu_shared::events::FlowStatus;
 use serde_json::Value;
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -110,6 +111,39 @@ pub struct ListArgs {
     pub json: bool,
 }
 
+/// `runs` options.
+#[derive(Args, Debug, Clone)]
+pub struct RunsArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// At most this many runs (the most recent).
+    #[arg(long, default_value_t = 50, value_parser = crate::cli::at_least_one)]
+    pub limit: u32,
+    /// Only runs with this status (RUNNING, SUCCESS, FAILED).
+    #[arg(long, value_parser = parse_status)]
+    pub status: Option<FlowStatus>,
+    /// Only runs of this flow.
+    #[arg(long)]
+    pub flow: Option<String>,
+    /// Only runs started or ended within this long (e.g. 1h, 30m, 2d).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub since: Option<Duration>,
+}
+
+fn parse_status(s: &str) -> Result<FlowStatus, String> {
+    match s.trim().to_ascii_uppercase().as_str() {
+        "RUNNING" => Ok(FlowStatus::Running),
+        "SUCCESS" => Ok(FlowStatus::Success),
+        "FAILED" => Ok(FlowStatus::Failed),
+        "PENDING" => Ok(FlowStatus::Pending),
+        "SCHEDULED" => Ok(FlowStatus::Scheduled),
+        other => Err(format!(
+            "{other:?} is not a run status: RUNNING, SUCCESS or FAILED"
+        )),
+    }
+}
+
 /// Runs one subcommand.
 pub(crate) async fn run_command(
     cli: &Cli,
@@ -133,8 +167,22 @@ pub(crate) async fn run_command(
         Command::Run(a) => submit(cli, a, &url, registry, params).await,
         Command::Status(a) => one_run(cli, a, &url, false).await,
         Command::Cancel(a) => one_run(cli, a, &url, true).await,
-        Command::Runs(a) => list(cli, a, &url, true).await,
-        Command::Agents(a) => list(cli, a, &url, false).await,
+        Command::Runs(a) => {
+            let since_ms = a.since.map(|d| {
+                std::time::SystemTime::now()
+                    .checked_sub(d)
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |t| t.as_millis() as u64)
+            });
+            let q = pinazu_shared::api::RunsQuery {
+                limit: a.limit,
+                status: a.status,
+                flow: a.flow.clone(),
+                since_ms,
+            };
+            list(cli, a.json, &url, Some(q)).await
+        }
+        Command::Agents(a) => list(cli, a.json, &url, None).await,
         Command::Cache(_) | Command::Journal(_) => unreachable!("handled above"),
     }
 }
@@ -1201,20 +1249,24 @@ async fn one_run(cli: &Cli, a: &RunIdArgs, url: &str, cancel: bool) -> ExitCode 
     }
 }
 
-async fn list(cli: &Cli, a: &ListArgs, url: &str, runs: bool) -> ExitCode {
+async fn list(
+    cli: &Cli,
+    json: bool,
+    url: &str,
+    runs: Option<pinazu_shared::api::RunsQuery>,
+) -> ExitCode {
     let client = match connect(cli, url, "pinazu-cli").await {
         Ok(c) => c,
         Err(code) => return code,
     };
     let subjects = nats_subjects(cli);
-    let (verb, req) = if runs {
-        ("runs", ApiRequest::Runs)
-    } else {
-        ("agents", ApiRequest::Agents)
+    let (verb, req) = match runs {
+        Some(q) => ("runs", ApiRequest::History(q)),
+        None => ("agents", ApiRequest::Agents),
     };
     match request(&client, &subjects, verb, &req).await {
         Ok(ApiReply::Runs(v)) => {
-            if a.json {
+            if json {
                 out!("{}", serde_json::to_string(&v).unwrap_or_default());
             } else {
                 print_run_table(&v);
@@ -1222,7 +1274,7 @@ async fn list(cli: &Cli, a: &ListArgs, url: &str, runs: bool) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(ApiReply::Agents(v)) => {
-            if a.json {
+            if json {
                 out!("{}", serde_json::to_string(&v).unwrap_or_default());
             } else {
                 print_agent_table(&v);

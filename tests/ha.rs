@@ -472,3 +472,44 @@ fn a_coordinator_stopped_past_its_lease_lets_its_run_go_and_the_run_ends_once() 
         h.logs()
     );
 }
+
+#[test]
+fn runs_lists_history_after_every_coordinator_restarted_with_filters() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let mut h = Ha::start(1, 1, 4);
+    for n in [3, 4, 5] {
+        let out = h
+            .cmd()
+            .args(["run", "--no-progress", &format!("--n={n}")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // every coordinator goes; a new one knows nothing of them but the journal
+    h.coordinators[0].kill9();
+    h.add_coordinator("coordinator-again");
+    let runs = |args: &[&str]| -> Vec<Value> {
+        wait_until(Duration::from_secs(20), "runs answered", || {
+            let out = h.cmd().args(["runs", "--json"]).args(args).output().ok()?;
+            let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+            v.as_array().cloned()
+        })
+    };
+    let all = runs(&[]);
+    assert_eq!(all.len(), 3, "{all:?}");
+    assert!(all.iter().all(|r| r["status"] == "SUCCESS"), "{all:?}");
+    // most recent first
+    assert_eq!(all[0]["result"], 30, "the run of n=5: 1 + 4 + 9 + 16");
+    assert_eq!(runs(&["--limit", "2"]).len(), 2);
+    assert_eq!(runs(&["--status", "failed"]).len(), 0);
+    assert_eq!(runs(&["--status", "SUCCESS", "--since", "1h"]).len(), 3);
+    assert_eq!(runs(&["--flow", "no_such_flow"]).len(), 0);
+    assert_eq!(runs(&["--flow", APP]).len(), 3);
+    let bad = h.cmd().args(["runs", "--status", "done"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a run status"));
+}

@@ -836,6 +836,15 @@ impl Coordinator {
         }
     }
 
+    /// The journal's history of runs (their latest states), see `Journal::history`.
+    pub async fn history(&self) -> Result<Vec<(RunInfo, u64)>, String> {
+        self.shared
+            .journal
+            .history()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// Whether this coordinator hosts the run now.
     pub fn hosts(&self, run: FlowRunId) -> bool {
         self.shared.runs.contains_key(&run)

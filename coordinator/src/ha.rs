@@ -376,7 +376,10 @@ impl Leases {
         .await
         .map_err(|e| e.to_string())?;
         let mut out = Vec::new();
-        for (subject, payload, _) in msgs {
+        for crate::journal_js::Read {
+            subject, payload, ..
+        } in msgs
+        {
             let Some(run) = subject
                 .rsplit('.')
                 .next()

@@ -101,6 +101,11 @@ pub trait Journal: Send + Sync + 'static {
     fn remove(&self, _run: FlowRunId) -> BoxFuture<'_, Result<bool, JournalError>> {
         Box::pin(async { Ok(false) })
     }
+    /// Every run the journal keeps (its latest state) and when that state was written
+    /// (ms since the Unix epoch): `runs` lists them after every coordinator restarted.
+    fn history(&self) -> BoxFuture<'_, Result<Vec<(RunInfo, u64)>, JournalError>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
     /// Whether another writer appended to the run after this one (it took the run
     /// over): this journal no longer appends to it.
     fn fenced(&self, _run: FlowRunId) -> bool {

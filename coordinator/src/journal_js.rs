@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
+use pinazu_shared::api::RunInfo;
 use pinazu_shared::codec::{decode_envelope, encode_envelope};
 use pinazu_shared::ids::FlowRunId;
 use pinazu_shared::BoxFuture;
@@ -477,12 +478,21 @@ async fn writer(mut w: Writer, mut rx: mpsc::UnboundedReceiver<Cmd>, limit: usiz
     }
 }
 
+/// A message read back: its subject, body, stream sequence and when it was stored (ms
+/// since the Unix epoch).
+pub(crate) struct Read {
+    pub subject: String,
+    pub payload: Bytes,
+    pub seq: u64,
+    pub at_ms: u64,
+}
+
 /// Every message on `filter` (from the start, or the last per subject), in order.
 pub(crate) async fn read_all(
     stream: &stream::Stream,
     filter: String,
     deliver_policy: consumer::DeliverPolicy,
-) -> Result<Vec<(String, Bytes, u64)>, JournalError> {
+) -> Result<Vec<Read>, JournalError> {
     let mut c: consumer::PullConsumer = stream
         .create_consumer(consumer::pull::Config {
             filter_subject: filter,
@@ -512,8 +522,18 @@ pub(crate) async fn read_all(
             let m = m.map_err(|e| err("cannot read the journal", e))?;
             got += 1;
             pending = m.info().map(|i| i.pending).unwrap_or(0);
-            let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-            out.push((m.subject.to_string(), m.payload.clone(), seq));
+            let (seq, at_ms) = m.info().map_or((0, 0), |i| {
+                (
+                    i.stream_sequence,
+                    (i.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64,
+                )
+            });
+            out.push(Read {
+                subject: m.subject.to_string(),
+                payload: m.payload.clone(),
+                seq,
+                at_ms,
+            });
         }
         if got == 0 {
             break;
@@ -571,11 +591,11 @@ impl Journal for JetStreamJournal {
             let msgs =
                 read_all(&self.journal, subject.clone(), consumer::DeliverPolicy::All).await?;
             // appends that follow this read (a resume) expect what it found last
-            let last = msgs.last().map_or(0, |(_, _, seq)| *seq);
+            let last = msgs.last().map_or(0, |m| m.seq);
             let _ = self.tx.send(Cmd::Known(subject, last));
             // each message holds one or more length-prefixed entries
             let mut entries = Vec::with_capacity(msgs.len());
-            for (_, payload, _) in msgs {
+            for Read { payload, .. } in msgs {
                 let before = entries.len();
                 entries.extend(parse_frames(&payload));
                 if entries.len() == before && !payload.is_empty() {
@@ -628,6 +648,66 @@ impl Journal for JetStreamJournal {
         })
     }
 
+    fn history(&self) -> BoxFuture<'_, Result<Vec<(RunInfo, u64)>, JournalError>> {
+        Box::pin(async move {
+            let msgs = read_all(
+                &self.runs,
+                format!("{}.runs.>", self.prefix),
+                consumer::DeliverPolicy::LastPerSubject,
+            )
+            .await?;
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let mut out = Vec::with_capacity(msgs.len());
+            for m in msgs {
+                let Some(run) = m
+                    .subject
+                    .rsplit('.')
+                    .next()
+                    .and_then(|id| FlowRunId::parse(id, "runs subject").ok())
+                else {
+                    continue;
+                };
+                match decode_envelope::<JournalEntry>(&m.payload) {
+                    Ok(JournalEntry::RunEnded {
+                        summary: Some(info),
+                        ..
+                    }) => out.push((info, m.at_ms)),
+                    Ok(JournalEntry::RunStarted {
+                        flow,
+                        started_at_ms,
+                        ..
+                    }) => {
+                        let started = started_at_ms.unwrap_or(m.at_ms);
+                        out.push((
+                            RunInfo {
+                                flow_run_id: run,
+                                flow,
+                                status: pinazu_shared::events::FlowStatus::Running,
+                                tasks: 0,
+                                completed: 0,
+                                executions: 0,
+                                cache_hits: 0,
+                                retries: 0,
+                                replayed: 0,
+                                cancelled: 0,
+                                wall_ms: now_ms.saturating_sub(started),
+                                result: None,
+                                error: None,
+                                note: Some("no coordinator hosts it now".into()),
+                                owner: None,
+                            },
+                            started,
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+            Ok(out)
+        })
+    }
+
     fn unfinished(&self) -> BoxFuture<'_, Result<Vec<FlowRunId>, JournalError>> {
         Box::pin(async move {
             let msgs = read_all(
@@ -637,7 +717,10 @@ impl Journal for JetStreamJournal {
             )
             .await?;
             let mut runs = Vec::new();
-            for (subject, payload, _) in msgs {
+            for Read {
+                subject, payload, ..
+            } in msgs
+            {
                 let Some(id) = subject.rsplit('.').next() else {
                     continue;
                 };

@@ -841,6 +841,7 @@ fn verb_of(req: &ApiRequest) -> &'static str {
         ApiRequest::Runs => "runs",
         ApiRequest::Cancel { .. } => "cancel",
         ApiRequest::Agents => "agents",
+        ApiRequest::History(_) => "runs",
         ApiRequest::Reject { .. } => "reject",
         ApiRequest::StoreProbe => "store_probe",
     }
@@ -914,6 +915,62 @@ impl ApiCtx {
         }
     }
 
+    /// Every live coordinator's runs (this one's alone when it is alone).
+    async fn live_runs(&self) -> Vec<RunInfo> {
+        let mut runs = self.c.runs();
+        if let Some(leases) = self.c.leases() {
+            for other in leases.live() {
+                if other == leases.me() {
+                    continue;
+                }
+                match self.pass_on(&other, &ApiRequest::Runs).await {
+                    ApiReply::Runs(r) => runs.extend(r),
+                    ApiReply::Error(e) => {
+                        tracing::warn!(coordinator = %other, error = %e, "runs: a coordinator did not answer")
+                    }
+                    _ => {}
+                }
+            }
+        }
+        runs
+    }
+
+    /// `runs`: the journal's history, with the live coordinators' runs over it (their
+    /// counters are current), filtered, most recent first.
+    async fn history(&self, q: &pinazu_shared::api::RunsQuery) -> ApiReply {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let mut by_id: HashMap<FlowRunId, (RunInfo, u64)> = match self.c.history().await {
+            Ok(h) => h
+                .into_iter()
+                .map(|(r, at)| (r.flow_run_id, (r, at)))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "runs: the journal's history cannot be read; live runs only");
+                HashMap::new()
+            }
+        };
+        for r in self.live_runs().await {
+            let at = match by_id.get(&r.flow_run_id) {
+                Some((_, at)) => *at,
+                None => now_ms.saturating_sub(r.wall_ms),
+            };
+            by_id.insert(r.flow_run_id, (r, at));
+        }
+        let mut runs: Vec<(RunInfo, u64)> = by_id
+            .into_values()
+            .filter(|(r, at)| {
+                q.status.is_none_or(|s| r.status == s)
+                    && q.flow.as_deref().is_none_or(|f| r.flow == f)
+                    && q.since_ms.is_none_or(|t| *at >= t)
+            })
+            .collect();
+        runs.sort_by_key(|r| std::cmp::Reverse(r.1));
+        runs.truncate(q.limit.max(1) as usize);
+        ApiReply::Runs(runs.into_iter().map(|(r, _)| r).collect())
+    }
+
     /// `passed`: the request was passed on by another coordinator (answered here, never
     /// passed on again).
     async fn handle(&self, req: ApiRequest, passed: bool) -> ApiReply {
@@ -929,24 +986,11 @@ impl ApiCtx {
                     return self.pass_on(&owner, &req).await;
                 }
             }
-            if matches!(req, ApiRequest::Runs) {
-                if let Some(leases) = self.c.leases() {
-                    // every live coordinator's runs
-                    let mut runs = self.c.runs();
-                    for other in leases.live() {
-                        if other == leases.me() {
-                            continue;
-                        }
-                        match self.pass_on(&other, &ApiRequest::Runs).await {
-                            ApiReply::Runs(r) => runs.extend(r),
-                            ApiReply::Error(e) => {
-                                tracing::warn!(coordinator = %other, error = %e, "runs: a coordinator did not answer")
-                            }
-                            _ => {}
-                        }
-                    }
-                    return ApiReply::Runs(runs);
-                }
+            if let ApiRequest::History(q) = &req {
+                return self.history(q).await;
+            }
+            if matches!(req, ApiRequest::Runs) && self.c.leases().is_some() {
+                return ApiReply::Runs(self.live_runs().await);
             }
         }
         let (c, registry, subjects, publisher, payloads) = (
@@ -1077,6 +1121,8 @@ impl ApiCtx {
                 },
             },
             ApiRequest::Runs => ApiReply::Runs(c.runs()),
+            // (answered above unless passed on, which it never is)
+            ApiRequest::History(q) => self.history(&q).await,
             ApiRequest::Cancel { flow_run_id } => {
                 match c.cancel(flow_run_id, "the run was cancelled by an operator") {
                     Ok(()) => {

@@ -41,6 +41,9 @@ pub enum ApiRequest {
     },
     /// The agents.
     Agents,
+    /// Runs from the history (the journal's runs stream) and the live coordinators,
+    /// most recent first: so they survive every coordinator restarting.
+    History(RunsQuery),
     /// The coordinator's store probe: an object an agent must be able to read to share
     /// the coordinator's store (large payloads travel through it).
     StoreProbe,
@@ -127,6 +130,19 @@ pub struct RunInfo {
     /// The coordinator that hosts the run (several coordinators); absent when alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+}
+
+/// Which runs `runs` lists.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunsQuery {
+    /// At most this many (the most recent).
+    pub limit: u32,
+    /// Only runs with this status.
+    pub status: Option<crate::events::FlowStatus>,
+    /// Only runs of this flow.
+    pub flow: Option<String>,
+    /// Only runs started or ended at or after this time (ms since the Unix epoch).
+    pub since_ms: Option<u64>,
 }
 
 /// What an operator sees of an agent.
