@@ -687,8 +687,8 @@ async fn garbage_on_every_subject_is_dropped_and_nothing_breaks() {
         (0..=255u8).collect(),
     ];
     let subjects = [
-        "pinazu.agent.heartbeat",
-        "pinazu.coord.reports",
+        "pinazu.agent.agent-0.hb",
+        "pinazu.coord.reports.agent-0",
         "pinazu.coord.hello",
         "pinazu.agent.agent-0.spawn",
         "pinazu.agent.agent-0.cancel",

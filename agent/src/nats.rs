@@ -356,7 +356,7 @@ pub async fn serve_agent(
     }));
     let mut reporter = {
         let client = client.clone();
-        let subject = subjects.reports();
+        let subject = subjects.reports_of(&agent_id);
         let (store, threshold) = (cfg.store.clone(), cfg.payload_threshold);
         let (outbox, agent_id) = (outbox.clone(), agent_id.clone());
         let (tracker, idle) = (tracker.clone(), idle.clone());
@@ -548,7 +548,7 @@ pub async fn serve_agent(
         }
     });
 
-    let hb_subject = subjects.heartbeat();
+    let hb_subject = subjects.heartbeat_of(&agent_id);
     tracing::info!(agent = %agent_id, slots = cfg.agent.slots, tasks = cfg.agent.registry.task_names().len(), "agent serving");
     publish(
         &client,
@@ -570,7 +570,7 @@ pub async fn serve_agent(
     let mut id_check =
         tokio::time::interval_at(tokio::time::Instant::now() + ID_CHECK_EVERY, ID_CHECK_EVERY);
     id_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let reports_subject = subjects.reports();
+    let reports_subject = subjects.reports_of(&agent_id);
     let mut failure: Option<String> = None;
     loop {
         let all = tokio::select! {

@@ -234,7 +234,7 @@ pub async fn serve(
     let counters = Arc::new(ServiceCounters::default());
     // an object every agent must be able to read: then it shares this store
     let probe = StoreProbe::start(payloads.store.clone());
-    let mut heartbeats = client.subscribe(subjects.heartbeat()).await?;
+    let mut heartbeats = client.subscribe(subjects.heartbeats()).await?;
     let mut reports = client.subscribe(subjects.reports()).await?;
     // one coordinator answers each request (a queue group: several coordinators share
     // the load); a request about a run another coordinator hosts is passed on to that
@@ -258,10 +258,21 @@ pub async fn serve(
         futures_util::stream::iter(own).flatten().map(|m| (m, true)),
     );
 
-    let (c, k) = (coordinator.clone(), counters.clone());
+    let (c, k, hs) = (coordinator.clone(), counters.clone(), subjects.clone());
     tokio::spawn(async move {
         while let Some(msg) = heartbeats.next().await {
             match decode_envelope::<Heartbeat>(&msg.payload) {
+                // an agent speaks for itself only: the subject (which NATS permissions
+                // can restrict per agent) must name the agent the body names
+                Ok(hb) if hs.agent_of(&msg.subject) != Some(hb.info.agent_id.0.as_str()) => {
+                    k.drops.record(
+                        &msg.subject,
+                        &format!(
+                            "heartbeat of agent {:?} on another agent's subject",
+                            hb.info.agent_id.0
+                        ),
+                    )
+                }
                 Ok(hb) if valid_token(&hb.info.agent_id.0) => c.heartbeat(hb),
                 Ok(hb) => k.drops.record(
                     &msg.subject,
@@ -281,14 +292,25 @@ pub async fn serve(
         publisher.clone(),
         subjects.clone(),
     ));
-    let (sink, k, store) = (
+    let (sink, k, store, rs) = (
         coordinator.result_sink(),
         counters.clone(),
         payloads.store.clone(),
+        subjects.clone(),
     );
     tokio::spawn(async move {
         while let Some(msg) = reports.next().await {
             let batch = match decode_envelope::<ReportBatch>(&msg.payload) {
+                Ok(b) if rs.agent_of(&msg.subject) != Some(b.agent_id.0.as_str()) => {
+                    k.drops.record(
+                        &msg.subject,
+                        &format!(
+                            "reports of agent {:?} on another agent's subject",
+                            b.agent_id.0
+                        ),
+                    );
+                    continue;
+                }
                 Ok(b) if valid_token(&b.agent_id.0) && b.seq > 0 => b,
                 Ok(b) => {
                     k.drops.record(

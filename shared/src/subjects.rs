@@ -63,14 +63,34 @@ impl Subjects {
         format!("{}.agent.{}.ack", self.prefix, agent)
     }
 
-    /// Agent -> coordinator: heartbeats.
-    pub fn heartbeat(&self) -> String {
-        format!("{}.agent.heartbeat", self.prefix)
+    /// Agent -> coordinators: this agent's heartbeats (one subject per agent, so NATS
+    /// permissions can keep an agent from speaking for another).
+    pub fn heartbeat_of(&self, agent: &AgentId) -> String {
+        format!("{}.agent.{}.hb", self.prefix, agent)
     }
 
-    /// Agent -> coordinator: batched attempt reports.
+    /// Every agent's heartbeats (what coordinators subscribe to).
+    pub fn heartbeats(&self) -> String {
+        format!("{}.agent.*.hb", self.prefix)
+    }
+
+    /// Agent -> coordinators: this agent's batched attempt reports.
+    pub fn reports_of(&self, agent: &AgentId) -> String {
+        format!("{}.coord.reports.{}", self.prefix, agent)
+    }
+
+    /// Every agent's reports (what coordinators subscribe to).
     pub fn reports(&self) -> String {
-        format!("{}.coord.reports", self.prefix)
+        format!("{}.coord.reports.*", self.prefix)
+    }
+
+    /// The agent a per-agent subject (`heartbeat_of`, `reports_of`) is about.
+    pub fn agent_of<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        let rest = subject.strip_prefix(&self.prefix)?.strip_prefix('.')?;
+        if let Some(r) = rest.strip_prefix("coord.reports.") {
+            return Some(r);
+        }
+        rest.strip_prefix("agent.")?.strip_suffix(".hb")
     }
 
     /// Coordinator -> agents: "I (re)started; heartbeat now".
@@ -101,7 +121,11 @@ mod tests {
     #[test]
     fn subjects_use_the_prefix() {
         let s = Subjects::new("acme.flows.");
-        assert_eq!(s.heartbeat(), "acme.flows.agent.heartbeat");
+        let a1 = AgentId("a1".into());
+        assert_eq!(s.heartbeat_of(&a1), "acme.flows.agent.a1.hb");
+        assert_eq!(s.agent_of(&s.heartbeat_of(&a1)), Some("a1"));
+        assert_eq!(s.agent_of(&s.reports_of(&a1)), Some("a1"));
+        assert_eq!(s.agent_of("acme.flows.agent.a1.spawn"), None);
         assert_eq!(
             s.agent_spawn(&AgentId("a1".into())),
             "acme.flows.agent.a1.spawn"
