@@ -594,7 +594,12 @@ async fn coordinator(
             since: pinazu_shared::events::now_timestamp(),
         };
         match pinazu_coordinator::ha::Leases::open(client.clone(), subjects.prefix(), me).await {
-            Ok(l) => Some(Arc::new(l)),
+            Ok(l) => {
+                let l = Arc::new(l);
+                // renewed from now on: resuming runs may take a while
+                l.keep_renewing();
+                Some(l)
+            }
             Err(e) => return usage_error(e),
         }
     } else {

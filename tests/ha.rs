@@ -191,13 +191,12 @@ async fn a_run_has_one_owner_and_a_dead_owners_runs_are_taken_over() {
         b.owner(run).await.unwrap().0.map(|o| o.coordinator),
         Some("coord-b".into())
     );
-    // b ends the run: released, nobody's orphan
+    // b ends the run: released (and the record purged), nobody's orphan; a later
+    // claim of the id (a failed run started again) starts from nothing
     b.release(run).await;
-    assert_eq!(
-        b.owner(run).await.unwrap().0.map(|o| o.coordinator),
-        Some(String::new())
-    );
+    assert_eq!(b.owner(run).await.unwrap(), (None, 0));
     assert!(a.orphans().await.unwrap().is_empty());
+    assert_eq!(a.claim(run).await.unwrap(), Owned::Mine);
 }
 
 // ---- several coordinator processes, real faults ----

@@ -845,6 +845,33 @@ impl Coordinator {
             .map_err(|e| e.to_string())
     }
 
+    /// A run its journal says started and did not end, that no coordinator hosts now
+    /// (several coordinators: one is taking it over); `None` otherwise, or when alone.
+    pub async fn unhosted_run(&self, id: FlowRunId) -> Option<RunInfo> {
+        self.shared.config.ownership.0.as_ref()?;
+        let Ok(Some(JournalEntry::RunStarted {
+            flow,
+            started_at_ms,
+            ..
+        })) = self.shared.journal.latest(id).await
+        else {
+            return None;
+        };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let snap = StatsSnapshot::default();
+        let mut info = snap.run_info(id, &flow, FlowStatus::Running, 0);
+        info.wall_ms = started_at_ms.map_or(0, |t| now_ms.saturating_sub(t));
+        info.note = Some("its coordinator stopped; another is taking it over".into());
+        Some(info)
+    }
+
+    /// Whether this coordinator's journal is fenced from the run (another took it).
+    pub fn fenced(&self, run: FlowRunId) -> bool {
+        self.shared.journal.fenced(run)
+    }
+
     /// Whether this coordinator hosts the run now.
     pub fn hosts(&self, run: FlowRunId) -> bool {
         self.shared.runs.contains_key(&run)
@@ -971,6 +998,29 @@ impl Coordinator {
                 })
             }
         };
+        // one coordinator hosts a run: claimed before its journal is read (the first
+        // append after the read then fences any previous host out, `journal_js.rs`);
+        // given back unless a runner starts here
+        let mut claimed = None;
+        if let Some(leases) = &self.shared.config.ownership.0 {
+            match leases
+                .claim(flow_run_id)
+                .await
+                .map_err(StartError::Journal)?
+            {
+                crate::ha::Owned::Mine => {
+                    claimed = Some(crate::ha::Claimed::new(leases.clone(), flow_run_id));
+                    // what an earlier host of this run left in this process's writer
+                    self.shared.journal.unfence(flow_run_id);
+                }
+                crate::ha::Owned::By(coordinator) => {
+                    return Err(StartError::OwnedElsewhere {
+                        run: flow_run_id,
+                        coordinator,
+                    })
+                }
+            }
+        }
         // the journal: a successful run's latest entry says all (no need to read it all)
         if let Some(JournalEntry::RunEnded {
             status: FlowStatus::Success,
@@ -1023,23 +1073,6 @@ impl Coordinator {
             .filter(|r| r.unfinished)
             .and_then(|r| r.started_at_ms)
             .unwrap_or(now_ms);
-        // one coordinator hosts a run: claimed before anything of it is journaled (a
-        // takeover's first append then fences the previous host out, `journal_js.rs`)
-        if let Some(leases) = &self.shared.config.ownership.0 {
-            match leases
-                .claim(flow_run_id)
-                .await
-                .map_err(StartError::Journal)?
-            {
-                crate::ha::Owned::Mine => {}
-                crate::ha::Owned::By(coordinator) => {
-                    return Err(StartError::OwnedElsewhere {
-                        run: flow_run_id,
-                        coordinator,
-                    })
-                }
-            }
-        }
         // durable before anyone hears of the run (its events, the API's answer): a
         // coordinator killed right after still resumes it
         if self.shared.journal.enabled() {
@@ -1058,6 +1091,14 @@ impl Coordinator {
                 .flush()
                 .await
                 .map_err(|e| StartError::Journal(e.to_string()))?;
+            if self.shared.journal.fenced(flow_run_id) {
+                // another process appended between the read and this start's first
+                // append (a previous owner that woke up): not started; it is taken again
+                // at the next look for orphans, or by the client submitting it again
+                return Err(StartError::Journal(format!(
+                    "flow run {flow_run_id}: another process wrote its journal while it was being started here; not started (try again)"
+                )));
+            }
         }
         if let Some(key) = &options.idempotency_key {
             self.shared.remember_key(key.clone(), flow_run_id);
@@ -1091,10 +1132,11 @@ impl Coordinator {
         // the runner registers itself in `runs` before its body starts
         if let Err(e) = Actor::spawn(None, FlowRunner, args).await {
             self.shared.table.remove(&flow_run_id);
-            if let Some(leases) = &self.shared.config.ownership.0 {
-                leases.release(flow_run_id).await;
-            }
             return Err(StartError::Spawn(e.to_string()));
+        }
+        // the runner hosts it now: the claim stays
+        if let Some(c) = claimed {
+            c.keep();
         }
         Ok(RunHandle {
             flow_run_id,

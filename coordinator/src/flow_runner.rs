@@ -827,8 +827,22 @@ impl RunnerState {
         }
         // the end is durable before it is announced: a coordinator killed in between
         // resumes the run instead of having announced an end it forgets
-        if let Err(e) = self.shared.journal.flush().await {
-            tracing::error!(flow_run_id = %self.flow_run_id, error = %e, "the run's journal could not be made durable");
+        let mut waited = 0u32;
+        while let Err(e) = self.shared.journal.flush().await {
+            if self.shared.config.ownership.0.is_none() {
+                tracing::error!(flow_run_id = %self.flow_run_id, error = %e, "the run's journal could not be made durable");
+                break;
+            }
+            // with other coordinators an end that is not durable is not announced: the
+            // run would be resumed elsewhere and end twice
+            if self.shared.journal.fenced(self.flow_run_id) {
+                break;
+            }
+            if waited.is_multiple_of(20) {
+                tracing::error!(flow_run_id = %self.flow_run_id, error = %e, "the run's end cannot be journaled yet; retrying before announcing it");
+            }
+            waited += 1;
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
         if self.shared.journal.fenced(self.flow_run_id) {
             // another coordinator owns the run now: its end is not this one's to announce

@@ -36,6 +36,9 @@ pub const LEASE_TTL: Duration = Duration::from_secs(3);
 pub const RENEW_EVERY: Duration = Duration::from_secs(1);
 /// How often a coordinator looks for peers that died.
 pub const POLL_EVERY: Duration = Duration::from_millis(500);
+/// A lease renewed longer ago than this is not relied on here (a margin under
+/// `LEASE_TTL`, after which the others may take this coordinator's runs).
+pub const VALID_FOR: Duration = Duration::from_millis(2500);
 
 /// A coordinator's lease: who it is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,8 +84,13 @@ pub struct Leases {
     owners: stream::Stream,
     /// When this process started (the base of the millisecond clocks below).
     base: Instant,
-    /// When the last renewal succeeded (ms since `base`; 0: never).
+    /// When the last successful renewal was sent (ms since `base`; 0: never).
     renewed_ms: AtomicU64,
+    /// The lease lapsed here (the process was stopped or cut off): nothing is
+    /// dispatched or acknowledged until every hosted run's owner was checked again.
+    suspect: std::sync::atomic::AtomicBool,
+    /// Given up (a clean stop): not renewed any more.
+    resigned: std::sync::atomic::AtomicBool,
     /// Since when renewals have succeeded without a failure (ms since `base`).
     healthy_since_ms: AtomicU64,
     /// The coordinators alive at the last poll.
@@ -130,6 +138,8 @@ impl Leases {
             owners,
             base: Instant::now(),
             renewed_ms: AtomicU64::new(0),
+            suspect: std::sync::atomic::AtomicBool::new(false),
+            resigned: std::sync::atomic::AtomicBool::new(false),
             healthy_since_ms: AtomicU64::new(0),
             live: Mutex::new(HashSet::new()),
             mine: Mutex::new(HashMap::new()),
@@ -158,6 +168,12 @@ impl Leases {
 
     /// Publishes this coordinator's lease (stored before it returns).
     pub async fn renew(&self) -> Result<(), String> {
+        if self.resigned.load(Relaxed) {
+            return Ok(());
+        }
+        // the server ages the lease from when it stores it: the send time is the safe
+        // side of that
+        let sent = self.now_ms();
         let body = encode_envelope(&self.me).map_err(|e| e.to_string())?;
         let stored = async {
             self.js
@@ -169,11 +185,14 @@ impl Leases {
         };
         match tokio::time::timeout(RENEW_EVERY, stored).await {
             Ok(Ok(_)) => {
-                let now = self.now_ms();
-                let before = self.renewed_ms.swap(now, Relaxed);
-                // a gap longer than the lease: healthy again only from now
-                if before == 0 || now.saturating_sub(before) > LEASE_TTL.as_millis() as u64 {
-                    self.healthy_since_ms.store(now, Relaxed);
+                let before = self.renewed_ms.swap(sent, Relaxed);
+                // a gap that made the lease invalid here: suspect until rechecked, and
+                // healthy again only from now
+                if before == 0 || sent.saturating_sub(before) >= VALID_FOR.as_millis() as u64 {
+                    self.healthy_since_ms.store(sent, Relaxed);
+                    if before != 0 {
+                        self.suspect.store(true, Relaxed);
+                    }
                 }
                 Ok(())
             }
@@ -182,9 +201,36 @@ impl Leases {
         }
     }
 
+    /// Renews the lease every second from now on (started as soon as the lease is
+    /// taken: a coordinator still resuming its runs must not look dead).
+    pub fn keep_renewing(self: &std::sync::Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let leases = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RENEW_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
+            loop {
+                tick.tick().await;
+                match leases.renew().await {
+                    Ok(()) if failing => {
+                        failing = false;
+                        tracing::info!("coordinator lease renewed again");
+                    }
+                    Ok(()) => {}
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "cannot renew this coordinator's lease; after 3 s other coordinators take its runs over");
+                    }
+                    Err(_) => {}
+                }
+            }
+        })
+    }
+
     /// Gives the lease up (a clean stop): the other coordinators take this one's runs
     /// over at their next look, without waiting for the lease to expire.
     pub async fn resign(&self) {
+        self.resigned.store(true, Relaxed);
         if let Err(e) = self
             .coords
             .purge()
@@ -202,8 +248,24 @@ impl Leases {
     pub fn valid(&self) -> bool {
         let renewed = self.renewed_ms.load(Relaxed);
         renewed > 0
-            && self.now_ms().saturating_sub(renewed)
-                < (LEASE_TTL - Duration::from_millis(500)).as_millis() as u64
+            && !self.suspect.load(Relaxed)
+            && self.now_ms().saturating_sub(renewed) < VALID_FOR.as_millis() as u64
+    }
+
+    /// Whether the lease is current, suspicion aside (renewed recently).
+    pub fn valid_ignoring_suspicion(&self) -> bool {
+        let renewed = self.renewed_ms.load(Relaxed);
+        renewed > 0 && self.now_ms().saturating_sub(renewed) < VALID_FOR.as_millis() as u64
+    }
+
+    /// Whether the lease lapsed here and the hosted runs must be checked again.
+    pub fn suspect(&self) -> bool {
+        self.suspect.load(Relaxed)
+    }
+
+    /// The hosted runs were checked again after a lapse.
+    pub fn cleared(&self) {
+        self.suspect.store(false, Relaxed);
     }
 
     /// How long the last renewal is ago.
@@ -219,7 +281,7 @@ impl Leases {
             && self
                 .now_ms()
                 .saturating_sub(self.healthy_since_ms.load(Relaxed))
-                >= (RENEW_EVERY + Duration::from_millis(500)).as_millis() as u64
+                >= LEASE_TTL.as_millis() as u64
     }
 
     /// The coordinators whose lease is alive now (this one included).
@@ -244,6 +306,14 @@ impl Leases {
             l.clone_from(&live);
         }
         Ok(live)
+    }
+
+    /// Whether a coordinator's lease exists now (asked of the server).
+    async fn lease_exists(&self, coordinator: &str) -> bool {
+        self.coords
+            .get_last_raw_message_by_subject(&self.coord_subject(coordinator))
+            .await
+            .is_ok()
     }
 
     /// Whether a coordinator was alive at the last poll.
@@ -320,6 +390,10 @@ impl Leases {
                 Some(o) if !o.coordinator.is_empty() && self.is_live(&o.coordinator) => {
                     return Ok(Owned::By(o.coordinator));
                 }
+                // not alive at the last poll: but it may have started since
+                Some(o) if !o.coordinator.is_empty() && self.lease_exists(&o.coordinator).await => {
+                    return Ok(Owned::By(o.coordinator));
+                }
                 _ => {}
             }
             let me = RunOwner {
@@ -358,7 +432,16 @@ impl Leases {
             coordinator: String::new(),
         };
         match self.write_owner(run, &free, seq).await {
-            Ok(Some(_)) => {}
+            Ok(Some(released)) => {
+                // gone from the stream (a later claim, above it, is kept): the scan for
+                // orphans reads only the runs that are owned
+                let _ = self
+                    .owners
+                    .purge()
+                    .filter(self.run_subject(run))
+                    .sequence(released + 1)
+                    .await;
+            }
             Ok(None) => {
                 tracing::debug!(flow_run_id = %run, "the run's owner record changed; not released")
             }
@@ -402,5 +485,38 @@ impl Leases {
             .lock()
             .map(|m| m.keys().copied().collect())
             .unwrap_or_default()
+    }
+}
+
+/// A claim made by a start that may not get as far as a runner: given back (released,
+/// in the background) when dropped, unless kept.
+pub struct Claimed {
+    leases: Option<std::sync::Arc<Leases>>,
+    run: FlowRunId,
+}
+
+impl Claimed {
+    /// Guards the claim of `run`.
+    pub fn new(leases: std::sync::Arc<Leases>, run: FlowRunId) -> Claimed {
+        Claimed {
+            leases: Some(leases),
+            run,
+        }
+    }
+
+    /// The run is hosted here: the claim stays.
+    pub fn keep(mut self) {
+        self.leases = None;
+    }
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        if let Some(leases) = self.leases.take() {
+            let run = self.run;
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { leases.release(run).await });
+            }
+        }
     }
 }

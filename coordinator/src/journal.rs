@@ -111,6 +111,10 @@ pub trait Journal: Send + Sync + 'static {
     fn fenced(&self, _run: FlowRunId) -> bool {
         false
     }
+    /// This process claimed the run (again): whatever an earlier host of it here left
+    /// behind (a fence, a known sequence) is forgotten; the read that follows says
+    /// where the run's journal stands.
+    fn unfence(&self, _run: FlowRunId) {}
     /// The runs this journal is fenced from, as that happens (taken once).
     fn lost(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<FlowRunId>> {
         None

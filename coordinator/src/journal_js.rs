@@ -33,6 +33,8 @@ enum Cmd {
     Append(String, Option<String>, Bytes, bool),
     /// The last stream sequence of a subject, as a read found it (0: none).
     Known(String, u64),
+    /// Forget what is known of a run (claimed again by this process).
+    Forget(FlowRunId),
     Flush(oneshot::Sender<Result<(), JournalError>>),
 }
 
@@ -256,6 +258,17 @@ impl Writer {
         }
     }
 
+    /// The sequence of the subject's last message when it is the next queued one of
+    /// this writer (same `Nats-Msg-Id`).
+    async fn stored_as(&self, subject: &str) -> Option<u64> {
+        let ours = self.queues.get(subject)?.front()?.id.clone();
+        let name = self.js.stream_by_subject(subject).await.ok()?;
+        let stream = self.js.get_stream(name).await.ok()?;
+        let last = stream.get_last_raw_message_by_subject(subject).await.ok()?;
+        let id = last.headers.get(async_nats::header::NATS_MESSAGE_ID)?;
+        (id.as_str() == ours).then_some(last.sequence)
+    }
+
     /// Another writer appended to the run: drop what is queued for it, stop writing it.
     fn fence(&mut self, subject: &str) {
         let Some(run) = run_of(subject) else {
@@ -329,7 +342,28 @@ impl Writer {
                     Err(e)
                         if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence =>
                     {
-                        self.fence(&subject)
+                        // ours after all? (stored, its ack lost, and retried after the
+                        // server's duplicate window): then it is not a fence
+                        match self.stored_as(&subject).await {
+                            Some(seq) => {
+                                let ends = match self.queues.get_mut(&subject) {
+                                    Some(q) => {
+                                        let ends = q.pop_front().is_some_and(|m| m.ends);
+                                        if q.is_empty() {
+                                            self.queues.remove(&subject);
+                                        }
+                                        ends
+                                    }
+                                    None => false,
+                                };
+                                if ends {
+                                    self.last.remove(&subject);
+                                } else {
+                                    self.last.insert(subject, seq);
+                                }
+                            }
+                            None => self.fence(&subject),
+                        }
                     }
                     Err(e) => failure = Some(e.to_string()),
                 }
@@ -439,6 +473,10 @@ async fn writer(mut w: Writer, mut rx: mpsc::UnboundedReceiver<Cmd>, limit: usiz
                         batch.single(runs, &envelope);
                     }
                 }
+                Cmd::Forget(run) => {
+                    let tail = format!(".{run}");
+                    w.last.retain(|s, _| !s.ends_with(&tail));
+                }
                 Cmd::Known(subject, seq) => {
                     // (what was batched before it is queued first, in order)
                     for (subject, body) in std::mem::take(&mut batch.messages) {
@@ -446,7 +484,13 @@ async fn writer(mut w: Writer, mut rx: mpsc::UnboundedReceiver<Cmd>, limit: usiz
                         w.queue(subject, Bytes::from(body), ends);
                     }
                     batch.open.clear();
-                    w.last.insert(subject, seq);
+                    // a read made while this writer has appends of the subject on the
+                    // way knows less than the writer will; nor does a read older than
+                    // the writer's last ack (never backwards: `Forget` resets a run)
+                    if !w.queues.contains_key(&subject) {
+                        let last = w.last.entry(subject).or_insert(seq);
+                        *last = (*last).max(seq);
+                    }
                 }
                 Cmd::Flush(done) => flushes.push(done),
             }
@@ -568,6 +612,13 @@ impl Journal for JetStreamJournal {
             .lock()
             .map(|f| f.contains(&run))
             .unwrap_or(false)
+    }
+
+    fn unfence(&self, run: FlowRunId) {
+        if let Ok(mut f) = self.fenced.lock() {
+            f.remove(&run);
+        }
+        let _ = self.tx.send(Cmd::Forget(run));
     }
 
     fn lost(&self) -> Option<mpsc::UnboundedReceiver<FlowRunId>> {

@@ -393,6 +393,36 @@ pub async fn serve(
         let ctx = api_ctx.clone();
         tokio::spawn(async move {
             while let Some((req, to, passed)) = start_rx.recv().await {
+                // a start of a run another live coordinator hosts goes there, without
+                // holding up the starts behind it
+                if let (
+                    ApiRequest::Start {
+                        flow_run_id: Some(id),
+                        ..
+                    },
+                    false,
+                ) = (&req, passed)
+                {
+                    if let Some(owner) = ctx.owner_elsewhere(*id).await {
+                        let (ctx, id) = (ctx.clone(), *id);
+                        tokio::spawn(async move {
+                            let reply = match ctx.pass_on(&owner, &req).await {
+                                ApiReply::Error(e) => match ctx.c.unhosted_run(id).await {
+                                    // its owner does not answer (stopped, or dying): the
+                                    // client follows the run while it is taken over
+                                    Some(run) => ApiReply::Started {
+                                        run,
+                                        existing: true,
+                                    },
+                                    None => ApiReply::Error(e),
+                                },
+                                reply => reply,
+                            };
+                            ctx.respond(to, &reply).await;
+                        });
+                        continue;
+                    }
+                }
                 let reply = ctx.handle(req, passed).await;
                 ctx.respond(to, &reply).await;
             }
@@ -470,60 +500,60 @@ async fn keep_leases(
     publisher: Publisher,
     store: Arc<dyn ObjectStore>,
 ) {
-    let mut renew = tokio::time::interval(crate::ha::RENEW_EVERY);
-    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut poll = tokio::time::interval(crate::ha::POLL_EVERY);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut known: HashSet<String> = leases.live().into_iter().collect();
-    let mut failing = false;
-    // runs orphaned while this coordinator was starting are looked for once it is sure
-    // of its view (renewing for a while)
-    let mut look = true;
+    // coordinators missing from the live set, since when: dead once missing for a
+    // second poll in a row (a lease renewed a moment late is not a death)
+    let mut missing: HashMap<String, Instant> = HashMap::new();
+    // runs orphaned while this coordinator was starting, or whose takeover failed, are
+    // looked for again now and then
+    let mut last_scan: Option<Instant> = None;
     loop {
-        tokio::select! {
-            _ = renew.tick() => {
-                let lapsed = leases.since_renewal() > crate::ha::LEASE_TTL;
-                match leases.renew().await {
-                    Ok(()) => {
-                        if failing {
-                            failing = false;
-                            tracing::info!("coordinator lease renewed again");
-                        }
-                        if lapsed {
-                            tracing::warn!("this coordinator's lease lapsed (the process was stopped or cut off from NATS): checking which runs are still its own");
-                            c.recheck_ownership().await;
-                        }
-                    }
-                    Err(e) => {
-                        if !failing {
-                            failing = true;
-                            tracing::warn!(error = %e, "cannot renew this coordinator's lease; after 3 s other coordinators take its runs over");
-                        }
-                    }
+        poll.tick().await;
+        if leases.suspect() {
+            tracing::warn!("this coordinator's lease lapsed (the process was stopped or cut off from NATS): checking which runs are still its own");
+            if leases.valid_ignoring_suspicion() {
+                c.recheck_ownership().await;
+                leases.cleared();
+            }
+            continue;
+        }
+        let Ok(live) = leases.poll_live().await else {
+            continue;
+        };
+        let now = Instant::now();
+        for id in known.difference(&live) {
+            missing.entry(id.clone()).or_insert(now);
+        }
+        missing.retain(|id, _| !live.contains(id));
+        let dead: Vec<String> = missing
+            .iter()
+            .filter(|(id, since)| {
+                id.as_str() != leases.me() && now.duration_since(**since) >= crate::ha::POLL_EVERY
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        known = live;
+        if !leases.healthy() {
+            continue;
+        }
+        let scan_due = last_scan.is_none_or(|t| now.duration_since(t) >= ORPHAN_SCAN_EVERY);
+        if !dead.is_empty() || scan_due {
+            if !dead.is_empty() {
+                tracing::warn!(coordinators = ?dead, "coordinators stopped renewing their leases: taking their runs over");
+                for id in &dead {
+                    missing.remove(id);
                 }
             }
-            _ = poll.tick() => {
-                let Ok(live) = leases.poll_live().await else {
-                    continue;
-                };
-                let gone: Vec<String> = known
-                    .difference(&live)
-                    .filter(|id| id.as_str() != leases.me())
-                    .cloned()
-                    .collect();
-                known = live;
-                if !gone.is_empty() {
-                    tracing::warn!(coordinators = ?gone, "coordinators stopped renewing their leases: taking their runs over");
-                    look = true;
-                }
-                if look && leases.healthy() {
-                    look = false;
-                    take_over(&c, &leases, registry, &subjects, &publisher, &store).await;
-                }
-            }
+            last_scan = Some(now);
+            take_over(&c, &leases, registry, &subjects, &publisher, &store).await;
         }
     }
 }
+
+/// How often a coordinator looks for runs nobody alive owns, deaths aside.
+const ORPHAN_SCAN_EVERY: Duration = Duration::from_secs(5);
 
 /// Takes over the runs whose owner is dead: each is claimed (compare-and-set: one
 /// coordinator wins it) and resumed from its journal.
@@ -822,7 +852,10 @@ async fn answerable(
     let mut mine = Vec::with_capacity(runs.len());
     for run in runs {
         if c.hosts(run) {
-            mine.push(run);
+            // (a run fenced here is another coordinator's: its reports are not ours)
+            if !c.fenced(run) {
+                mine.push(run);
+            }
             continue;
         }
         let owner = match owners.get(&run) {
@@ -837,9 +870,11 @@ async fn answerable(
                 o
             }
         };
-        match owner {
-            Some(o) if o != leases.me() && leases.is_live(&o) => {}
-            _ => mine.push(run),
+        // only a run nobody owns (released: it ended) is answered for by anyone; a run
+        // whose owner died is the taker's, one claimed here but not hosted yet is not
+        // settled
+        if owner.is_none() {
+            mine.push(run);
         }
     }
     mine
@@ -853,7 +888,7 @@ const API_QUEUE: &str = "pinazu-coordinators";
 
 /// How long a request passed on to another coordinator may take (a `cancel` waits up to
 /// 10 s for its run to end).
-const PASS_ON_WAIT: Duration = Duration::from_secs(15);
+const PASS_ON_WAIT: Duration = Duration::from_secs(12);
 
 /// The API verb of a request (its subject's last token).
 fn verb_of(req: &ApiRequest) -> &'static str {
@@ -1137,9 +1172,15 @@ impl ApiCtx {
                 // ended before this coordinator process started: its journal knows
                 None => match c.journaled_run(flow_run_id).await {
                     Some(run) => ApiReply::Run(run),
-                    None => ApiReply::Unknown(format!(
-                        "flow run {flow_run_id} is not known to this coordinator"
-                    )),
+                    // journaled and not ended, hosted nowhere now (its coordinator died
+                    // and another is taking it over): running, not unknown, or the
+                    // client would submit it again
+                    None => match c.unhosted_run(flow_run_id).await {
+                        Some(run) => ApiReply::Run(run),
+                        None => ApiReply::Unknown(format!(
+                            "flow run {flow_run_id} is not known to this coordinator"
+                        )),
+                    },
                 },
             },
             ApiRequest::Runs => ApiReply::Runs(c.runs()),
@@ -1196,15 +1237,19 @@ pub fn watch_run(
         let wait = c.wait(id);
         tokio::pin!(wait);
         let mut tick = tokio::time::interval(Duration::from_millis(250));
-        loop {
+        let ended = loop {
             tokio::select! {
-                _ = &mut wait => break,
+                o = &mut wait => break o.is_some(),
                 _ = tick.tick() => {
                     if let Some(info) = c.run_info(id) {
                         publish_info(&publisher, progress.clone(), &info);
                     }
                 }
             }
+        };
+        if !ended {
+            // let go (another coordinator hosts it now): its payloads are that one's
+            return;
         }
         if let Some(info) = c.run_info(id) {
             publish_info(&publisher, subjects.run_done(id), &info);

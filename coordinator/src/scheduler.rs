@@ -389,15 +389,18 @@ impl SchedulerState {
         for key in missing {
             self.lose(key, format!("agent {id} no longer lists it"));
         }
-        // attempts it runs that we do not (or no longer) want: stop them (with other
-        // coordinators, only those this process dispatched: the rest may be theirs)
-        let shared = self.shared;
-        let epoch = self.epoch;
-        let orphans: Vec<_> = listed
-            .into_iter()
-            .filter(|k| !self.running.contains_key(k) && !self.runs.contains_key(&k.0))
-            .filter(|k| !shared || k.1.epoch() == epoch)
-            .collect();
+        // attempts it runs that we do not (or no longer) want: stop them. Not with other
+        // coordinators: an attempt of a run not hosted here may be another one's (even
+        // one this process dispatched, of a run it let go and another adopted); a run
+        // ended or cancelled here cancelled its own attempts already
+        let orphans: Vec<_> = if self.shared {
+            Vec::new()
+        } else {
+            listed
+                .into_iter()
+                .filter(|k| !self.running.contains_key(k) && !self.runs.contains_key(&k.0))
+                .collect()
+        };
         if !orphans.is_empty() {
             self.link.cancel(&id, orphans);
         }
