@@ -4,8 +4,8 @@
 # replaced by a new one) and SIGSTOPped once past its lease (then SIGCONT). The run must
 # end with the exact sum, the `run` client must never fail, and the agents must have
 # started each call once (a handful more allowed for attempts whose agent also died:
-# none here). Prints the failover time of each fault: from the signal to the first
-# `status` that names another live owner.
+# none here). Prints the failover time of each fault: from the signal to the log line
+# of the coordinator that took the run over.
 #
 #   scripts/ha_faults.sh [--n 20000] [--work-ms 5] [--kills 2] [--stops 1] [--port 4335]
 #
@@ -82,14 +82,22 @@ pid_of() {
 completed() {
   "$bin" status "$id" --json 2>/dev/null | python3 -c 'import json,sys
 try: print(json.load(sys.stdin)["completed"])
-except Exception: print("?")' || echo "?"
+except Exception: print("?")' || true
 }
 
 times=()
+# takeovers logged so far, and the time (ms) of the last one
+takeovers() { cat "$work"/coordinator-*.log | grep -c "took over runs" || true; }
+last_takeover_ms() {
+  local ts
+  ts=$(cat "$work"/coordinator-*.log | grep "took over runs" | sort | tail -n1 | cut -d' ' -f1)
+  date -d "$ts" +%s%3N
+}
 fault() { # kill|stop
-  local o p t0 o2 t
+  local o p t0 o2 t before
   for _ in $(seq 1 100); do o=$(owner); [ -n "$o" ] && break; sleep 0.1; done
   p=$(pid_of "$o") || { log "cannot find the owner's process ($o)"; return 1; }
+  before=$(takeovers)
   t0=$(now_ms)
   if [ "$1" = kill ]; then
     kill -9 "$p"
@@ -98,13 +106,18 @@ fault() { # kill|stop
     kill -STOP "$p"
     log "completed $(completed): SIGSTOP owner $o (pid $p)"
   fi
+  # owned again: a coordinator logged that it took the run over (its log time)
   while :; do
-    o2=$(owner)
-    if [ -n "$o2" ] && [ "$o2" != "$o" ]; then break; fi
+    if [ "$(takeovers)" -gt "$before" ]; then o2=$(owner); break; fi
+    if ! kill -0 "$run_pid" 2>/dev/null; then
+      log "the run ended (before or while it was taken over)"
+      [ "$1" = stop ] && kill -CONT "$p"
+      return 0
+    fi
     if [ $(( $(now_ms) - t0 )) -gt 30000 ]; then log "no new owner within 30 s"; return 1; fi
     sleep 0.05
   done
-  t=$(( $(now_ms) - t0 ))
+  t=$(( $(last_takeover_ms) - t0 ))
   times+=("$t")
   log "owned again by $o2 after $t ms"
   if [ "$1" = kill ]; then

@@ -194,7 +194,7 @@ fn parse_wait(s: &str) -> Result<Wait, String> {
 const CLIENT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl NatsArgs {
-    fn config(&self, url: &str, name: &str, service: bool) -> NatsConfig {
+    pub(crate) fn config(&self, url: &str, name: &str, service: bool) -> NatsConfig {
         let connect_timeout = match self.connect_timeout {
             Some(Wait::At(d)) => Some(d),
             Some(Wait::Forever) => None,

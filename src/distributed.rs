@@ -559,6 +559,19 @@ async fn coordinator(
         Err(e) => return usage_error(e),
     };
     let js_journal = !cli.no_journal && a.journal != JournalBackend::Local;
+    if !js_journal {
+        // a coordinator without the JetStream journal runs alone: next to others it
+        // would take a share of their requests and not know their runs
+        let others =
+            pinazu_coordinator::ha::live_coordinators(client.clone(), subjects.prefix()).await;
+        if !others.is_empty() {
+            return usage_error(format!(
+                "coordinators with the JetStream journal already serve this NATS (prefix {:?}): {}. A coordinator with --journal local or --no-journal must be alone: use the JetStream journal to join them, or another --subject-prefix",
+                subjects.prefix(),
+                others.join(", ")
+            ));
+        }
+    }
     let mut config = CoordinatorConfig {
         default_cache,
         refresh_cache: cli.refresh_cache,
@@ -596,8 +609,10 @@ async fn coordinator(
         match pinazu_coordinator::ha::Leases::open(client.clone(), subjects.prefix(), me).await {
             Ok(l) => {
                 let l = Arc::new(l);
-                // renewed from now on: resuming runs may take a while
-                l.keep_renewing();
+                // renewed from now on (resuming runs may take a while), on a thread and
+                // a connection of its own
+                let config = cli.nats.config(url, "pinazu-coordinator-lease", true);
+                l.keep_renewing(move || async move { config.connect().await.ok() });
                 Some(l)
             }
             Err(e) => return usage_error(e),
@@ -953,6 +968,14 @@ async fn request(
 
 /// Sends one API request; while no coordinator serves (e.g. one is restarting and
 /// resuming its runs), tries again for up to `wait`.
+/// How long one try of an API request waits for its answer.
+const TRY_WAIT: Duration = Duration::from_secs(5);
+/// How long a try of `cancel` waits.
+const CANCEL_WAIT: Duration = Duration::from_secs(15);
+/// How long an API request is tried again when coordinators do not answer (a `cancel`
+/// waits up to 10 s for its run to end: one try is longer than that).
+const ANSWER_WAIT: Duration = Duration::from_secs(12);
+
 async fn request_waiting(
     client: &async_nats::Client,
     subjects: &Subjects,
@@ -962,14 +985,43 @@ async fn request_waiting(
 ) -> Result<ApiReply, String> {
     let body = Bytes::from(encode_envelope(req).map_err(|e| e.to_string())?);
     let deadline = tokio::time::Instant::now() + wait;
+    // a coordinator that does not answer (stopped, dying) is skipped: with several, the
+    // next try goes to another (requests are idempotent: a start names its run id)
+    let answer_by = tokio::time::Instant::now() + wait.max(ANSWER_WAIT);
     let mut told = false;
     let msg = loop {
+        // (a cancel is answered once its run ended: up to 10 s)
+        let try_wait = if verb == "cancel" {
+            CANCEL_WAIT
+        } else {
+            TRY_WAIT
+        };
+        let request = async_nats::Request::new()
+            .payload(body.clone())
+            .timeout(Some(try_wait));
         let reply = tokio::time::timeout(
-            Duration::from_secs(15),
-            client.request(subjects.api(verb), body.clone()),
+            try_wait + Duration::from_secs(1),
+            client.send_request(subjects.api(verb), request),
         )
-        .await
-        .map_err(|_| "the coordinator did not answer within 15 s".to_string())?;
+        .await;
+        let reply = match reply {
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => Err(()),
+            Ok(r) => Ok(r),
+            Err(_) => Err(()),
+        };
+        let reply = match reply {
+            Ok(r) => r,
+            Err(()) if tokio::time::Instant::now() < answer_by => {
+                tracing::debug!(verb, "a coordinator did not answer; asking again");
+                continue;
+            }
+            Err(()) => {
+                return Err(format!(
+                    "request to the coordinator failed: no answer within {} s",
+                    wait.max(ANSWER_WAIT).as_secs()
+                ))
+            }
+        };
         match reply {
             Ok(msg) => break msg,
             Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {

@@ -512,3 +512,17 @@ fn runs_lists_history_after_every_coordinator_restarted_with_filters() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a run status"));
 }
+
+#[test]
+fn a_coordinator_with_a_local_journal_refuses_to_join_others() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let h = Ha::start(1, 0, 1);
+    let out = h
+        .cmd()
+        .args(["coordinator", "--journal", "local"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("must be alone"), "{err}");
+}

@@ -767,6 +767,13 @@ impl Coordinator {
             Err(e) => return Resume::Failed(e.to_string()),
         };
         let Some(replay) = Replay::from_entries(&entries) else {
+            // claimed, never journaled (its owner died in between): nothing to resume;
+            // the record goes (the client submits the run again)
+            if let Some(leases) = &self.shared.config.ownership.0 {
+                if leases.claim(run).await == Ok(crate::ha::Owned::Mine) {
+                    leases.release(run).await;
+                }
+            }
             return Resume::Skipped;
         };
         if !replay.unfinished {
@@ -820,19 +827,41 @@ impl Coordinator {
             return;
         };
         let hosted: Vec<FlowRunId> = self.shared.runs.iter().map(|e| *e.key()).collect();
+        let mut lost = Vec::new();
         for run in hosted {
             match leases.owner(run).await {
                 Ok((Some(o), _)) if o.coordinator != leases.me() => {
                     tracing::warn!(flow_run_id = %run, owner = %o.coordinator, "this coordinator's lease lapsed and another took the run over");
-                    if let Some(r) = self.shared.runs.get(&run) {
+                    let runner = self.shared.runs.get(&run).map(|r| r.value().clone());
+                    if let Some(r) = runner {
                         let _ = r.send_message(FlowRunnerMsg::LetGo);
                     }
+                    lost.push(run);
                 }
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(flow_run_id = %run, error = %e, "cannot check who owns the run")
                 }
             }
+        }
+        // nothing of a lost run may be dispatched once the lease is trusted again: its
+        // runners have stopped (no retry of an attempt taken for lost) and the
+        // scheduler has dropped what it queued for it, before this returns
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while lost.iter().any(|r| self.shared.runs.contains_key(r))
+            && std::time::Instant::now() < until
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        for run in &lost {
+            let _ = self
+                .shared
+                .scheduler
+                .send_message(SchedulerMsg::ForgetRun(*run));
+        }
+        if !lost.is_empty() {
+            // (a round trip: the scheduler has handled the messages sent before it)
+            let _ = ractor::call!(self.shared.scheduler, SchedulerMsg::Agents);
         }
     }
 

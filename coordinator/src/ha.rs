@@ -168,6 +168,11 @@ impl Leases {
 
     /// Publishes this coordinator's lease (stored before it returns).
     pub async fn renew(&self) -> Result<(), String> {
+        self.renew_with(&self.js).await
+    }
+
+    /// `renew` through a given JetStream context (the lease thread's own connection).
+    pub async fn renew_with(&self, js: &jetstream::Context) -> Result<(), String> {
         if self.resigned.load(Relaxed) {
             return Ok(());
         }
@@ -176,8 +181,7 @@ impl Leases {
         let sent = self.now_ms();
         let body = encode_envelope(&self.me).map_err(|e| e.to_string())?;
         let stored = async {
-            self.js
-                .publish(self.coord_subject(&self.me.coordinator), Bytes::from(body))
+            js.publish(self.coord_subject(&self.me.coordinator), Bytes::from(body))
                 .await
                 .map_err(|e| e.to_string())?
                 .await
@@ -201,30 +205,58 @@ impl Leases {
         }
     }
 
-    /// Renews the lease every second from now on (started as soon as the lease is
-    /// taken: a coordinator still resuming its runs must not look dead).
-    pub fn keep_renewing(self: &std::sync::Arc<Self>) -> tokio::task::JoinHandle<()> {
+    /// Renews the lease every second from now on, on a thread of its own with its own
+    /// NATS connection (`connect`): a coordinator whose runtime is busy for a few
+    /// seconds (taking over a large run) must not look dead; one that is stopped, or
+    /// cut off from NATS, does. Started as soon as the lease is taken.
+    pub fn keep_renewing<F, Fut>(self: &std::sync::Arc<Self>, connect: F)
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Option<async_nats::Client>>,
+    {
         let leases = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(RENEW_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut failing = false;
-            loop {
-                tick.tick().await;
-                match leases.renew().await {
-                    Ok(()) if failing => {
-                        failing = false;
-                        tracing::info!("coordinator lease renewed again");
+        let spawned = std::thread::Builder::new()
+            .name("pinazu-lease".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot start the lease thread");
+                        return;
                     }
-                    Ok(()) => {}
-                    Err(e) if !failing => {
-                        failing = true;
-                        tracing::warn!(error = %e, "cannot renew this coordinator's lease; after 3 s other coordinators take its runs over");
+                };
+                rt.block_on(async move {
+                    let Some(client) = connect().await else {
+                        tracing::error!("the lease thread cannot reach NATS; the lease is not renewed");
+                        return;
+                    };
+                    let js = jetstream::new(client);
+                    let mut tick = tokio::time::interval(RENEW_EVERY);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    let mut failing = false;
+                    loop {
+                        tick.tick().await;
+                        match leases.renew_with(&js).await {
+                            Ok(()) if failing => {
+                                failing = false;
+                                tracing::info!("coordinator lease renewed again");
+                            }
+                            Ok(()) => {}
+                            Err(e) if !failing => {
+                                failing = true;
+                                tracing::warn!(error = %e, "cannot renew this coordinator's lease; after 3 s other coordinators take its runs over");
+                            }
+                            Err(_) => {}
+                        }
                     }
-                    Err(_) => {}
-                }
-            }
-        })
+                });
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the lease thread");
+        }
     }
 
     /// Gives the lease up (a clean stop): the other coordinators take this one's runs
@@ -486,6 +518,29 @@ impl Leases {
             .map(|m| m.keys().copied().collect())
             .unwrap_or_default()
     }
+}
+
+/// The coordinators with a live lease on this prefix, read without creating anything
+/// (empty when there is no lease stream, or no JetStream).
+pub async fn live_coordinators(client: async_nats::Client, prefix: &str) -> Vec<String> {
+    let js = jetstream::new(client);
+    let name = crate::journal_js::stream_name(prefix, "COORDS");
+    let Ok(stream) = js.get_stream(&name).await else {
+        return Vec::new();
+    };
+    let Ok(mut info) = stream
+        .info_with_subjects(format!("{prefix}.lease.coord.*"))
+        .await
+    else {
+        return Vec::new();
+    };
+    let mut live = Vec::new();
+    while let Ok(Some((subject, _))) = info.try_next().await {
+        if let Some(id) = subject.rsplit('.').next() {
+            live.push(id.to_string());
+        }
+    }
+    live
 }
 
 /// A claim made by a start that may not get as far as a runner: given back (released,

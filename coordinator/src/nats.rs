@@ -886,9 +886,9 @@ const API_CONCURRENCY: usize = 64;
 /// The queue group of the coordinators' API subscriptions.
 const API_QUEUE: &str = "pinazu-coordinators";
 
-/// How long a request passed on to another coordinator may take (a `cancel` waits up to
-/// 10 s for its run to end).
-const PASS_ON_WAIT: Duration = Duration::from_secs(12);
+/// How long a request passed on to another coordinator may take (a `cancel` is given
+/// longer: it waits up to 10 s for its run to end).
+const PASS_ON_WAIT: Duration = Duration::from_secs(4);
 
 /// The API verb of a request (its subject's last token).
 fn verb_of(req: &ApiRequest) -> &'static str {
@@ -940,7 +940,12 @@ impl ApiCtx {
             Ok(b) => Bytes::from(b),
             Err(e) => return ApiReply::Error(e.to_string()),
         };
-        match tokio::time::timeout(PASS_ON_WAIT, self.client.request(subject, body)).await {
+        let wait = if matches!(req, ApiRequest::Cancel { .. }) {
+            PASS_ON_WAIT * 3
+        } else {
+            PASS_ON_WAIT
+        };
+        match tokio::time::timeout(wait, self.client.request(subject, body)).await {
             Ok(Ok(msg)) => decode_envelope::<ApiReply>(&msg.payload).unwrap_or_else(|e| {
                 ApiReply::Error(format!("coordinator {coordinator} answered garbage: {e}"))
             }),
@@ -949,9 +954,32 @@ impl ApiCtx {
             )),
             Err(_) => ApiReply::Error(format!(
                 "coordinator {coordinator}, which hosts the run, did not answer within {} s",
-                PASS_ON_WAIT.as_secs()
+                wait.as_secs()
             )),
         }
+    }
+
+    /// A cancel whose run's owner did not answer: asked again of whoever owns the run
+    /// once it was taken over (here, or elsewhere), for up to 10 s.
+    async fn cancel_after_takeover(
+        &self,
+        run: FlowRunId,
+        silent: &str,
+        req: &ApiRequest,
+        first: ApiReply,
+    ) -> ApiReply {
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if self.c.hosts(run) {
+                return Box::pin(self.handle(req.clone(), true)).await;
+            }
+            match self.owner_elsewhere(run).await {
+                Some(owner) if owner != silent => return self.pass_on(&owner, req).await,
+                _ => {}
+            }
+        }
+        first
     }
 
     /// The live coordinator other than this one that owns the run, if any.
@@ -1040,7 +1068,19 @@ impl ApiCtx {
             };
             if let Some(run) = run {
                 if let Some(owner) = self.owner_elsewhere(run).await {
-                    return self.pass_on(&owner, &req).await;
+                    let reply = self.pass_on(&owner, &req).await;
+                    if !matches!(reply, ApiReply::Error(_)) {
+                        return reply;
+                    }
+                    // its owner does not answer (it just died, or is stopped): a status
+                    // says the run is being taken over; a cancel waits for the new owner
+                    return match req {
+                        ApiRequest::Status { .. } => match self.c.unhosted_run(run).await {
+                            Some(info) => ApiReply::Run(info),
+                            None => reply,
+                        },
+                        _ => self.cancel_after_takeover(run, &owner, &req, reply).await,
+                    };
                 }
             }
             if let ApiRequest::History(q) = &req {
