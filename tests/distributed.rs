@@ -323,6 +323,34 @@ fn the_run_completes_across_a_nats_server_restart() {
 }
 
 #[test]
+fn a_nats_outage_longer_than_the_agents_dead_after_runs_nothing_twice() {
+    let mut c = Cluster::start(APP, 2, 4);
+    let id = "9e0f5d1c-2b3a-4c5d-8e9f-0a1b2c3d4e60";
+    let n = 600u64;
+    let run = c.spawn_run(&[&format!("--n={n}"), "--work-ms=50", "--flow-run-id", id]);
+    wait_progress(&c, id, 100);
+    // down for longer than --dead-after (2 s): the coordinator, cut off too, does not
+    // take the silent agents for dead
+    c.nats.kill();
+    std::thread::sleep(Duration::from_secs(4));
+    c.nats.restart();
+    let out = finish(run, Duration::from_secs(120), &c);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        c.logs()
+    );
+    assert_eq!(last_json_line(&out)["result"], sum_squares(n));
+    let lines = c.attempt_lines() as u64;
+    assert!(
+        lines <= n + 2,
+        "{lines} attempt starts for {n} calls\n{}",
+        c.logs()
+    );
+}
+
+#[test]
 fn cancel_stops_the_running_attempts_and_fails_the_run() {
     let c = Cluster::start(APP, 2, 4);
     let events = EventRecorder::start(&c.nats.url());

@@ -441,6 +441,7 @@ impl Coordinator {
                 timing: config.timing.clone(),
                 epoch,
                 shared: config.ownership.0.is_some(),
+                lease: config.ownership.0.clone(),
             },
             core.get_cell(),
         )

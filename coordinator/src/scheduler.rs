@@ -128,6 +128,9 @@ pub struct SchedulerArgs {
     /// Other coordinators share the agents: attempts of runs not hosted here may be
     /// theirs, and are not cancelled.
     pub shared: bool,
+    /// This coordinator's lease (several coordinators): agents are not judged while it
+    /// is unhealthy (NATS unreachable from here).
+    pub lease: Option<Arc<crate::ha::Leases>>,
 }
 
 /// Its state.
@@ -150,6 +153,9 @@ pub struct SchedulerState {
     warned: HashSet<(FlowRunId, String)>,
     epoch: u32,
     shared: bool,
+    lease: Option<Arc<crate::ha::Leases>>,
+    /// Agents are judged (dead or alive) again from then on.
+    judge_after: Option<Instant>,
 }
 
 impl SchedulerState {
@@ -410,6 +416,16 @@ impl SchedulerState {
 
     fn tick(&mut self) {
         let now = Instant::now();
+        // while this coordinator cannot reach NATS (its lease is not healthy), silent
+        // agents say nothing about the agents: none is declared dead until it had a
+        // full `dead_after` to be heard again
+        if self.lease.as_ref().is_some_and(|l| !l.healthy()) {
+            self.judge_after = Some(now + self.timing.dead_after);
+        }
+        if self.judge_after.is_some_and(|t| now < t) {
+            self.expire_unservable(now);
+            return;
+        }
         for i in 0..self.agents.len() {
             let silent = match (self.agents[i].alive, self.agents[i].last_seen) {
                 (true, Some(seen)) => now.duration_since(seen),
@@ -630,6 +646,8 @@ impl Actor for Scheduler {
             warned: HashSet::new(),
             epoch: args.epoch,
             shared: args.shared,
+            lease: args.lease,
+            judge_after: None,
         })
     }
 
