@@ -572,6 +572,7 @@ pub async fn serve_agent(
     id_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let reports_subject = subjects.reports_of(&agent_id);
     let mut failure: Option<String> = None;
+    let mut was_connected = true;
     loop {
         let all = tokio::select! {
             _ = &mut shutdown => break,
@@ -650,6 +651,12 @@ pub async fn serve_agent(
             &heartbeat(&cfg, &tracker, false, false),
         )
         .await;
+        // back from a NATS outage: what was sent meanwhile may be lost; sent again now,
+        // before the coordinator misses those attempts in the heartbeats and runs them
+        // again
+        let now_connected = connected(&client);
+        let all = all || (now_connected && !was_connected);
+        was_connected = now_connected;
         resend(&client, &reports_subject, &outbox, all).await;
     }
 

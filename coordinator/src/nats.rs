@@ -509,6 +509,8 @@ async fn keep_leases(
     // runs orphaned while this coordinator was starting, or whose takeover failed, are
     // looked for again now and then
     let mut last_scan: Option<Instant> = None;
+    let mut unhealthy = false;
+    let started = Instant::now();
     loop {
         poll.tick().await;
         if leases.suspect() {
@@ -536,7 +538,13 @@ async fn keep_leases(
             .collect();
         known = live;
         if !leases.healthy() {
+            unhealthy = true;
             continue;
+        }
+        if std::mem::take(&mut unhealthy) && started.elapsed() > crate::ha::LEASE_TTL * 2 {
+            // NATS was out of reach: agents send again what may have been lost meanwhile
+            // (before this coordinator misses those attempts) and heartbeat now
+            publisher.publish(subjects.hello(), Bytes::new());
         }
         let scan_due = last_scan.is_none_or(|t| now.duration_since(t) >= ORPHAN_SCAN_EVERY);
         if !dead.is_empty() || scan_due {

@@ -375,8 +375,11 @@ impl SchedulerState {
             .saturating_sub(unknown);
         // an attempt dispatched long enough ago that two heartbeats in a row do not list
         // is lost (its spawn or its report went missing); one miss is not enough, since
-        // the attempt may have just finished with its report still on the way
+        // the attempt may have just finished with its report still on the way. Not
+        // while NATS was just out of reach here: the reports sent meanwhile come again
         let grace = self.timing.lost_grace;
+        let judging = self.judge_after.is_none_or(|t| now >= t)
+            && !self.lease.as_ref().is_some_and(|l| !l.healthy());
         let mut missing = Vec::new();
         for k in ours {
             let Some(d) = self.running.get_mut(&k) else {
@@ -385,7 +388,7 @@ impl SchedulerState {
             if listed.contains(&k) {
                 d.missed = 0;
                 d.seen = true;
-            } else if now.duration_since(d.at) > grace {
+            } else if judging && now.duration_since(d.at) > grace {
                 d.missed += 1;
                 if d.missed >= 2 {
                     missing.push(k);
