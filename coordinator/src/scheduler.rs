@@ -379,7 +379,7 @@ impl SchedulerState {
         // while NATS was just out of reach here: the reports sent meanwhile come again
         let grace = self.timing.lost_grace;
         let judging = self.judge_after.is_none_or(|t| now >= t)
-            && !self.lease.as_ref().is_some_and(|l| !l.healthy());
+            && self.lease.as_ref().is_none_or(|l| l.healthy());
         let mut missing = Vec::new();
         for k in ours {
             let Some(d) = self.running.get_mut(&k) else {
