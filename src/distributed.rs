@@ -31,17 +31,45 @@ use crate::cli::{
 use crate::runtime::{env_flag, RuntimeConfig};
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
+    if s.trim_start().starts_with('-') {
+        return Err(format!(
+            "{s:?} is negative: a duration is 0 or more (e.g. 500ms, 3s, 1m)"
+        ));
+    }
     humantime::parse_duration(s).map_err(|e| format!("{e} (e.g. 500ms, 3s, 1m)"))
+}
+
+/// A duration an agent's silence is judged by: heartbeats come every second, so less
+/// than 2 s would declare live agents dead.
+fn parse_dead_after(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_secs(2) {
+        return Err(format!(
+            "{s:?} is too short: agents heartbeat every second; use 2s or more"
+        ));
+    }
+    Ok(d)
+}
+
+/// A wait that must not be zero.
+fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!(
+            "{s:?} is zero: give a positive duration (e.g. 60s)"
+        ));
+    }
+    Ok(d)
 }
 
 /// `coordinator` settings.
 #[derive(Args, Debug, Clone)]
 pub struct CoordinatorArgs {
     /// How long an attempt may wait for a live agent that can run its task.
-    #[arg(long, env = "PINAZU_SCHEDULE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "PINAZU_SCHEDULE_TIMEOUT", default_value = "60s", value_parser = parse_nonzero_duration, allow_hyphen_values = true)]
     pub schedule_timeout: Duration,
     /// An agent silent this long is declared dead and its attempts run elsewhere.
-    #[arg(long, env = "PINAZU_DEAD_AFTER", default_value = "3s", value_parser = parse_duration)]
+    #[arg(long, env = "PINAZU_DEAD_AFTER", default_value = "3s", value_parser = parse_dead_after, allow_hyphen_values = true)]
     pub dead_after: Duration,
     /// Where runs are journaled: JetStream (file storage; any coordinator on this NATS can
     /// resume them) or the local --journal-dir.
@@ -71,7 +99,7 @@ pub struct AgentArgs {
     #[arg(long, env = "PINAZU_AGENT_ID")]
     pub agent_id: Option<String>,
     /// On SIGTERM, how long running attempts may take to finish.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub drain_timeout: Duration,
 }
 

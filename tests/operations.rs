@@ -485,6 +485,20 @@ fn bad_numbers_are_refused_in_words() {
         "{}",
         stderr(&out)
     );
+    // durations too
+    for (args, says) in [
+        (["coordinator", "--dead-after", "0"], "too short"),
+        (["coordinator", "--schedule-timeout", "0s"], "is zero"),
+        (["agent", "--drain-timeout", "-1s"], "is negative"),
+    ] {
+        let out = app(APP)
+            .args(args)
+            .args(["--nats-url", "nats://127.0.0.1:1"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
 }
 
 #[test]
