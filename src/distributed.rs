@@ -729,7 +729,6 @@ async fn coordinator(
             return ExitCode::from(70);
         }
     }
-    arm_stop(COORDINATOR_STOP_BOUND, "coordinator");
     if let Some(l) = &leases {
         // the others take this one's runs over now, not in 3 s
         let _ = tokio::time::timeout(Duration::from_secs(1), l.resign()).await;
@@ -955,12 +954,11 @@ async fn agent(cli: &Cli, a: &AgentArgs, url: &str, registry: &'static Registry)
         heartbeat: AGENT_HEARTBEAT,
         drain_timeout: a.drain_timeout,
     };
-    // the signal is taken by a task of its own: the stop is armed (a second signal, and
-    // the bound on draining) even if the agent's loop is stuck
+    // the signal is watched from now on by a task of its own (a second signal, and the
+    // bound on draining, are `stop_guard`'s, armed above)
     let (stopped_tx, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         shutdown_signal().await;
-        arm_stop(bound, "agent");
         let _ = stopped_tx.send(());
     });
     let stop = async move {

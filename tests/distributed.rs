@@ -186,24 +186,7 @@ fn base(app: &str, url: &str, cache: &std::path::Path) -> Command {
 }
 
 fn finish(child: std::process::Child, timeout: Duration, cluster: &Cluster) -> Output {
-    let deadline = Instant::now() + timeout;
-    let mut child = child;
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            return child.wait_with_output().expect("output");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "run did not finish within {timeout:?}\nstdout:\n{}\nstderr:\n{}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr),
-                cluster.logs()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    finish_within(child, timeout, || cluster.logs())
 }
 
 /// Waits until the run `id` has completed at least `n` calls.

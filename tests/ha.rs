@@ -349,24 +349,7 @@ impl Ha {
 }
 
 fn finish(child: std::process::Child, timeout: Duration, h: &Ha) -> Output {
-    let deadline = Instant::now() + timeout;
-    let mut child = child;
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            return child.wait_with_output().expect("output");
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "run did not finish within {timeout:?}\nstdout:\n{}\nstderr:\n{}\n{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr),
-                h.logs()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    finish_within(child, timeout, || h.logs())
 }
 
 #[test]

@@ -754,13 +754,8 @@ impl Coordinator {
     ) -> Resume {
         if let Some(leases) = &self.shared.config.ownership.0 {
             // another live coordinator hosts it: not even read
-            if let Ok((Some(o), _)) = leases.owner(run).await {
-                if !o.coordinator.is_empty()
-                    && o.coordinator != leases.me()
-                    && leases.is_live(&o.coordinator)
-                {
-                    return Resume::Skipped;
-                }
+            if leases.live_owner_elsewhere(run).await.is_some() {
+                return Resume::Skipped;
             }
         }
         let entries = match self.shared.journal.read(run).await {

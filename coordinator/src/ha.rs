@@ -318,22 +318,7 @@ impl Leases {
 
     /// The coordinators whose lease is alive now (this one included).
     pub async fn poll_live(&self) -> Result<HashSet<String>, String> {
-        let filter = format!("{}.lease.coord.*", self.prefix);
-        let mut info = self
-            .coords
-            .info_with_subjects(&filter)
-            .await
-            .map_err(|e| err("cannot list the coordinators' leases", e))?;
-        let mut live = HashSet::new();
-        while let Some((subject, _)) = info
-            .try_next()
-            .await
-            .map_err(|e| err("cannot list the coordinators' leases", e))?
-        {
-            if let Some(id) = subject.rsplit('.').next() {
-                live.insert(id.to_string());
-            }
-        }
+        let live = lease_holders(&self.coords, &self.prefix).await?;
         if let Ok(mut l) = self.live.lock() {
             l.clone_from(&live);
         }
@@ -379,6 +364,20 @@ impl Leases {
             Ok(msg) => Ok((decode_envelope::<RunOwner>(&msg.payload).ok(), msg.sequence)),
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok((None, 0)),
             Err(e) => Err(err("cannot read the run's owner", e)),
+        }
+    }
+
+    /// The live coordinator other than this one that owns the run (at the last poll).
+    pub async fn live_owner_elsewhere(&self, run: FlowRunId) -> Option<String> {
+        match self.owner(run).await {
+            Ok((Some(o), _))
+                if !o.coordinator.is_empty()
+                    && o.coordinator != self.me()
+                    && self.is_live(&o.coordinator) =>
+            {
+                Some(o.coordinator)
+            }
+            _ => None,
         }
     }
 
@@ -528,19 +527,32 @@ pub async fn live_coordinators(client: async_nats::Client, prefix: &str) -> Vec<
     let Ok(stream) = js.get_stream(&name).await else {
         return Vec::new();
     };
-    let Ok(mut info) = stream
+    let mut live: Vec<String> = lease_holders(&stream, prefix)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    live.sort();
+    live
+}
+
+/// The coordinators whose lease message is in the leases stream now.
+async fn lease_holders(coords: &stream::Stream, prefix: &str) -> Result<HashSet<String>, String> {
+    let mut info = coords
         .info_with_subjects(format!("{prefix}.lease.coord.*"))
         .await
-    else {
-        return Vec::new();
-    };
-    let mut live = Vec::new();
-    while let Ok(Some((subject, _))) = info.try_next().await {
+        .map_err(|e| err("cannot list the coordinators' leases", e))?;
+    let mut live = HashSet::new();
+    while let Some((subject, _)) = info
+        .try_next()
+        .await
+        .map_err(|e| err("cannot list the coordinators' leases", e))?
+    {
         if let Some(id) = subject.rsplit('.').next() {
-            live.push(id.to_string());
+            live.insert(id.to_string());
         }
     }
-    live
+    Ok(live)
 }
 
 /// A claim made by a start that may not get as far as a runner: given back (released,

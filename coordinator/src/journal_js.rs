@@ -258,6 +258,27 @@ impl Writer {
         }
     }
 
+    /// The subject's next queued message is stored at `seq`: off the queue, and `seq`
+    /// is what the next one expects (forgotten once the run ended here).
+    fn stored(&mut self, subject: String, seq: u64) {
+        let ends = match self.queues.get_mut(&subject) {
+            Some(q) => {
+                let ends = q.pop_front().is_some_and(|m| m.ends);
+                if q.is_empty() {
+                    self.queues.remove(&subject);
+                }
+                ends
+            }
+            None => false,
+        };
+        if ends {
+            // the run is over: nothing more is appended to it here
+            self.last.remove(&subject);
+        } else {
+            self.last.insert(subject, seq);
+        }
+    }
+
     /// The sequence of the subject's last message when it is the next queued one of
     /// this writer (same `Nats-Msg-Id`).
     async fn stored_as(&self, subject: &str) -> Option<u64> {
@@ -321,47 +342,14 @@ impl Writer {
             }
             for (subject, ack) in acks {
                 match ack.await {
-                    Ok(a) => {
-                        let ends = match self.queues.get_mut(&subject) {
-                            Some(q) => {
-                                let ends = q.pop_front().is_some_and(|m| m.ends);
-                                if q.is_empty() {
-                                    self.queues.remove(&subject);
-                                }
-                                ends
-                            }
-                            None => false,
-                        };
-                        if ends {
-                            // the run is over: nothing more is appended to it here
-                            self.last.remove(&subject);
-                        } else {
-                            self.last.insert(subject, a.sequence);
-                        }
-                    }
+                    Ok(a) => self.stored(subject, a.sequence),
                     Err(e)
                         if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence =>
                     {
                         // ours after all? (stored, its ack lost, and retried after the
                         // server's duplicate window): then it is not a fence
                         match self.stored_as(&subject).await {
-                            Some(seq) => {
-                                let ends = match self.queues.get_mut(&subject) {
-                                    Some(q) => {
-                                        let ends = q.pop_front().is_some_and(|m| m.ends);
-                                        if q.is_empty() {
-                                            self.queues.remove(&subject);
-                                        }
-                                        ends
-                                    }
-                                    None => false,
-                                };
-                                if ends {
-                                    self.last.remove(&subject);
-                                } else {
-                                    self.last.insert(subject, seq);
-                                }
-                            }
+                            Some(seq) => self.stored(subject, seq),
                             None => self.fence(&subject),
                         }
                     }

@@ -996,16 +996,7 @@ impl ApiCtx {
         if self.c.hosts(run) {
             return None;
         }
-        match leases.owner(run).await {
-            Ok((Some(o), _))
-                if !o.coordinator.is_empty()
-                    && o.coordinator != leases.me()
-                    && leases.is_live(&o.coordinator) =>
-            {
-                Some(o.coordinator)
-            }
-            _ => None,
-        }
+        leases.live_owner_elsewhere(run).await
     }
 
     /// Every live coordinator's runs (this one's alone when it is alone).

@@ -531,3 +531,30 @@ impl EventRecorder {
         )
     }
 }
+
+/// Waits for a child (a `run` client) to exit and returns its output; past `timeout` it
+/// is killed and the test fails with its output and `logs()` (the cluster's logs).
+pub fn finish_within(
+    child: std::process::Child,
+    timeout: Duration,
+    logs: impl Fn() -> String,
+) -> Output {
+    let deadline = Instant::now() + timeout;
+    let mut child = child;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!(
+                "run did not finish within {timeout:?}\nstdout:\n{}\nstderr:\n{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                logs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
