@@ -551,6 +551,17 @@ impl Coordinator {
             .send_message(SchedulerMsg::Heartbeat(hb));
     }
 
+    /// From now on the scheduler records which agent each attempt goes to; reports
+    /// are checked against it (distributed mode).
+    pub fn track_origins(&self) -> Arc<crate::scheduler::Origins> {
+        let origins = Arc::new(crate::scheduler::Origins::new(self.shared.epoch));
+        let _ = self
+            .shared
+            .scheduler
+            .send_message(SchedulerMsg::TrackOrigins(origins.clone()));
+        origins
+    }
+
     /// The live agents as the scheduler sees them.
     pub async fn agents(&self) -> Vec<AgentSummary> {
         ractor::call!(self.shared.scheduler, SchedulerMsg::Agents).unwrap_or_default()

@@ -26,6 +26,7 @@ use pinazu_shared::BoxFuture;
 
 use crate::coordinator::{Coordinator, RunOptions, StartError};
 use crate::flow_runner::Seeds;
+use crate::scheduler::Origin;
 use crate::status::EventSink;
 
 /// Publishes attempts and cancellations to agents' subjects. Arguments larger than the
@@ -232,6 +233,8 @@ pub async fn serve(
     payloads: Payloads,
 ) -> Result<Arc<ServiceCounters>, async_nats::SubscribeError> {
     let counters = Arc::new(ServiceCounters::default());
+    // before any heartbeat can register an agent: every dispatch is recorded
+    let origins = coordinator.track_origins();
     // an object every agent must be able to read: then it shares this store
     let probe = StoreProbe::start(payloads.store.clone());
     let mut heartbeats = client.subscribe(subjects.heartbeats()).await?;
@@ -337,7 +340,22 @@ pub async fn serve(
             let mut runs = Vec::new();
             let mut fetching = 0;
             let mut inline = Vec::with_capacity(batch.reports.len());
+            let mut refused: Option<(usize, Arc<str>)> = None;
             for report in batch.reports {
+                let (run, attempt) = match &report {
+                    Report::Started(s) => (s.flow_run_id, s.attempt_id),
+                    Report::Finished(f) => (f.flow_run_id, f.attempt_id),
+                };
+                // an agent reports only what was dispatched to it
+                match origins.of(run, attempt, &agent.0) {
+                    Origin::Its | Origin::Unknown => {}
+                    Origin::Ended => continue,
+                    Origin::Elsewhere(to) => {
+                        let n = refused.as_ref().map_or(0, |(n, _)| *n);
+                        refused = Some((n + 1, to));
+                        continue;
+                    }
+                }
                 match report {
                     Report::Started(s) => inline.push(Report::Started(s)),
                     Report::Finished(f) if f.result_ref.is_some() => {
@@ -360,6 +378,15 @@ pub async fn serve(
                         inline.push(Report::Finished(f));
                     }
                 }
+            }
+            if let Some((n, to)) = refused {
+                k.drops.record(
+                    &msg.subject,
+                    &format!(
+                        "{n} report(s) of agent {:?} for attempts dispatched to another agent (e.g. {to:?}): refused",
+                        agent.0
+                    ),
+                );
             }
             sink.report(inline);
             if let Ok(mut a) = acks.lock() {
@@ -442,6 +469,19 @@ pub async fn serve(
                     continue;
                 }
             };
+            // each verb has a subject of its own, so NATS permissions can grant some
+            // verbs only (agents may ask `store_probe` and nothing else)
+            if msg.subject.rsplit('.').next() != Some(verb_of(&req)) {
+                let why = format!(
+                    "a {:?} request on {}: refused (send it on {})",
+                    verb_of(&req),
+                    msg.subject,
+                    api_ctx.subjects.api(verb_of(&req))
+                );
+                k.drops.record(&msg.subject, &why);
+                api_ctx.respond(msg.reply, &ApiReply::Error(why)).await;
+                continue;
+            }
             match req {
                 ApiRequest::StoreProbe => {
                     let reply = ApiReply::StoreProbe {

@@ -66,10 +66,58 @@ pub enum SchedulerMsg {
     ForgetRun(FlowRunId),
     /// A view of the agents.
     Agents(RpcReplyPort<Vec<AgentSummary>>),
+    /// From now on, record where each attempt goes (distributed mode).
+    TrackOrigins(Arc<Origins>),
+}
+
+/// Which agent each attempt in flight went to: a report is taken only from the agent
+/// its attempt was dispatched to (distributed mode). The scheduler writes it as it
+/// dispatches, adopts and frees; the report loop reads it.
+pub struct Origins {
+    sent: DashMap<(FlowRunId, AttemptId), Arc<str>>,
+    epoch: u32,
+}
+
+/// Where a reported attempt went.
+#[derive(Debug, PartialEq)]
+pub enum Origin {
+    /// To the agent that reports it.
+    Its,
+    /// To another agent: the report is refused.
+    Elsewhere(Arc<str>),
+    /// This coordinator process issued it and it has ended (or was lost, or was never
+    /// dispatched): a report sent again, or a forgery; either way nothing to take.
+    Ended,
+    /// An earlier coordinator process issued it (before a restart or a failover): where
+    /// it went is not known here; its runner takes it only as the answer to a call not
+    /// yet answered.
+    Unknown,
+}
+
+impl Origins {
+    /// For the coordinator process of this epoch.
+    pub fn new(epoch: u32) -> Origins {
+        Origins {
+            sent: DashMap::new(),
+            epoch,
+        }
+    }
+
+    /// Where this attempt of this run went, as seen by `agent` reporting it.
+    pub fn of(&self, run: FlowRunId, attempt: AttemptId, agent: &str) -> Origin {
+        match self.sent.get(&(run, attempt)) {
+            Some(a) if &**a == agent => Origin::Its,
+            Some(a) => Origin::Elsewhere(a.clone()),
+            None if attempt.epoch() == self.epoch => Origin::Ended,
+            None => Origin::Unknown,
+        }
+    }
 }
 
 struct AgentSlot {
     info: AgentInfo,
+    /// Its id, shared by the origins of the attempts dispatched to it.
+    name: Arc<str>,
     tasks: HashSet<String>,
     free: u32,
     /// `None` for in-process agents.
@@ -156,9 +204,26 @@ pub struct SchedulerState {
     lease: Option<Arc<crate::ha::Leases>>,
     /// Agents are judged (dead or alive) again from then on.
     judge_after: Option<Instant>,
+    origins: Option<Arc<Origins>>,
 }
 
 impl SchedulerState {
+    /// An attempt is running on agent `d.agent`.
+    fn track(&mut self, key: (FlowRunId, AttemptId), d: Dispatched) {
+        if let Some(o) = &self.origins {
+            o.sent.insert(key, self.agents[d.agent].name.clone());
+        }
+        self.running.insert(key, d);
+    }
+
+    /// An attempt ended or was lost.
+    fn untrack(&mut self, key: &(FlowRunId, AttemptId)) -> Option<Dispatched> {
+        if let Some(o) = &self.origins {
+            o.sent.remove(key);
+        }
+        self.running.remove(key)
+    }
+
     /// Drops what a run has queued here.
     fn forget_queued(&mut self, run: FlowRunId) {
         self.queues.remove(&run);
@@ -224,8 +289,12 @@ impl SchedulerState {
                     self.agents[i].free -= 1;
                     free -= 1;
                     self.cursor = (i + 1) % self.agents.len();
+                    let key = (task.flow_run_id, task.attempt_id);
+                    if let Some(o) = &self.origins {
+                        o.sent.insert(key, self.agents[i].name.clone());
+                    }
                     self.running.insert(
-                        (task.flow_run_id, task.attempt_id),
+                        key,
                         Dispatched {
                             agent: i,
                             call_id: task.call_id,
@@ -259,7 +328,7 @@ impl SchedulerState {
     /// It counts as an execution only if its agent listed it running (an attempt whose
     /// spawn never arrived did not run, even if the agent died since).
     fn lose(&mut self, key: (FlowRunId, AttemptId), reason: String) {
-        if let Some(d) = self.running.remove(&key) {
+        if let Some(d) = self.untrack(&key) {
             tracing::warn!(flow_run_id = %key.0, call_id = %d.call_id, attempt_id = %key.1, %reason, "attempt lost; dispatching it again");
             self.tell_runner(
                 key.0,
@@ -304,6 +373,7 @@ impl SchedulerState {
             Some(i) => i,
             None => {
                 self.agents.push(AgentSlot {
+                    name: Arc::from(id.0.as_str()),
                     tasks: HashSet::new(),
                     free: 0,
                     last_seen: None,
@@ -325,8 +395,8 @@ impl SchedulerState {
             if r.attempt_id.epoch() == self.epoch || self.running.contains_key(&key) {
                 continue;
             }
-            if let Some(runner) = self.runs.get(&r.flow_run_id) {
-                self.running.insert(
+            if let Some(runner) = self.runs.get(&r.flow_run_id).map(|r| r.clone()) {
+                self.track(
                     key,
                     Dispatched {
                         agent: i,
@@ -651,6 +721,7 @@ impl Actor for Scheduler {
             shared: args.shared,
             lease: args.lease,
             judge_after: None,
+            origins: None,
         })
     }
 
@@ -676,6 +747,7 @@ impl Actor for Scheduler {
                     None => {
                         tracing::debug!(agent = %info.agent_id, slots = info.slots, "agent registered");
                         state.agents.push(AgentSlot {
+                            name: Arc::from(info.agent_id.0.as_str()),
                             free: info.slots,
                             tasks,
                             info,
@@ -711,7 +783,7 @@ impl Actor for Scheduler {
                 // idempotent: only an attempt we dispatched frees a slot, once
                 let mut freed = false;
                 for key in attempts {
-                    if let Some(d) = state.running.remove(&key) {
+                    if let Some(d) = state.untrack(&key) {
                         let a = &mut state.agents[d.agent];
                         if a.alive {
                             a.free = (a.free + 1).min(a.info.slots);
@@ -724,6 +796,7 @@ impl Actor for Scheduler {
                 }
             }
             SchedulerMsg::ForgetRun(run) => state.forget_queued(run),
+            SchedulerMsg::TrackOrigins(o) => state.origins = Some(o),
             SchedulerMsg::CancelRun(run) => {
                 state.forget_queued(run);
                 let mut per_agent: HashMap<usize, Vec<(FlowRunId, AttemptId)>> = HashMap::new();

@@ -114,6 +114,7 @@ impl NatsConfig {
                     async_nats::Event::Disconnected => tracing::warn!("NATS connection lost; reconnecting"),
                     async_nats::Event::SlowConsumer(sid) => tracing::error!(sid, "NATS slow consumer: messages were dropped; lost attempts are recovered by heartbeat reconciliation"),
                     async_nats::Event::Closed => tracing::debug!("NATS connection closed"),
+                    async_nats::Event::ServerError(e) if e.to_string().contains("Permissions Violation") => tracing::error!(error = %crate::redact::redact(&e.to_string()), "NATS refused a subject to this user: its permissions do not allow it (scripts/nats-auth.conf lists what each party needs; an agent's --agent-id must be the id its user's permissions name)"),
                     async_nats::Event::ServerError(e) => tracing::warn!(error = %crate::redact::redact(&e.to_string()), "NATS server error"),
                     async_nats::Event::LameDuckMode => tracing::info!("NATS server entering lame duck mode; moving to another"),
                     other => tracing::debug!(event = %other, "NATS event"),
@@ -168,6 +169,11 @@ impl NatsConfig {
         }
         if self.token.is_some() {
             token = self.token.clone();
+        }
+        // replies come to an inbox named after the user (`_INBOX.<user>.…`), so NATS
+        // permissions can let each user read its own replies only (scripts/nats-auth.conf)
+        if let Some(u) = user.as_deref().filter(|u| crate::subjects::valid_token(u)) {
+            opts = opts.custom_inbox_prefix(format!("_INBOX.{u}"));
         }
         match (user, password) {
             (Some(u), Some(p)) => opts = opts.user_and_password(u, p),

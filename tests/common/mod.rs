@@ -78,7 +78,18 @@ pub struct NatsServer {
     child: Option<Child>,
     store: tempfile::TempDir,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
+
+/// The users of `scripts/nats-auth.conf`, each with its password in tests.
+pub const AUTH_USERS: [(&str, &str); 6] = [
+    ("coordinator", "PINAZU_COORDINATOR_PASSWORD"),
+    ("client", "PINAZU_CLIENT_PASSWORD"),
+    ("observer", "PINAZU_OBSERVER_PASSWORD"),
+    ("agent-1", "PINAZU_AGENT_1_PASSWORD"),
+    ("agent-2", "PINAZU_AGENT_2_PASSWORD"),
+    ("agent-3", "PINAZU_AGENT_3_PASSWORD"),
+];
 
 impl NatsServer {
     pub fn start() -> Self {
@@ -93,9 +104,33 @@ impl NatsServer {
             child: None,
             store: tempfile::tempdir().expect("temp dir"),
             extra: Vec::new(),
+            env: Vec::new(),
         };
         s.spawn();
         s
+    }
+
+    /// With the shipped `scripts/nats-auth.conf` (users with least privilege); each
+    /// user's password is `pw-<user>`.
+    pub fn start_with_auth() -> Self {
+        let conf = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/nats-auth.conf");
+        let mut s = NatsServer {
+            port: free_port(),
+            child: None,
+            store: tempfile::tempdir().expect("temp dir"),
+            extra: vec!["-c".into(), conf.display().to_string()],
+            env: AUTH_USERS
+                .iter()
+                .map(|(user, var)| (var.to_string(), format!("pw-{user}")))
+                .collect(),
+        };
+        s.spawn();
+        s
+    }
+
+    /// The URL with one user of `scripts/nats-auth.conf` (see `start_with_auth`).
+    pub fn url_as(&self, user: &str) -> String {
+        format!("nats://{user}:pw-{user}@127.0.0.1:{}", self.port)
     }
 
     pub fn start_with(extra: &[&str]) -> Self {
@@ -104,6 +139,7 @@ impl NatsServer {
             child: None,
             store: tempfile::tempdir().expect("temp dir"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
         };
         s.spawn();
         s
@@ -120,7 +156,8 @@ impl NatsServer {
             "-sd",
         ])
         .arg(self.store.path())
-        .args(&self.extra);
+        .args(&self.extra)
+        .envs(self.env.iter().map(|(k, v)| (k, v)));
         self.child = Some(spawn_server(cmd, "nats-server", self.port));
     }
 
@@ -441,6 +478,22 @@ impl Drop for S3Server {
     }
 }
 
+/// Connects to `nats://[user:password@]host:port`, the user's replies on
+/// `_INBOX.<user>` (as Pinazu's own clients name them: scripts/nats-auth.conf).
+pub async fn nats_connect(url: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+    let rest = url.strip_prefix("nats://").unwrap_or(url);
+    match rest.rsplit_once('@') {
+        Some((creds, host)) => {
+            let (user, password) = creds.split_once(':').unwrap_or((creds, ""));
+            async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+                .custom_inbox_prefix(format!("_INBOX.{user}"))
+                .connect(format!("nats://{host}"))
+                .await
+        }
+        None => async_nats::connect(url).await,
+    }
+}
+
 /// An independent NATS client recording every Pinazu Core status event
 /// (`v1.svc.worker.>`), as Pinazu Core would see them, on a thread of its own.
 pub struct EventRecorder {
@@ -461,9 +514,7 @@ impl EventRecorder {
         let sink = events.clone();
         let url = url.to_string();
         runtime.block_on(async move {
-            let client = async_nats::connect(&url)
-                .await
-                .expect("the recorder connects");
+            let client = nats_connect(&url).await.expect("the recorder connects");
             let mut sub = client
                 .subscribe("v1.svc.worker.>")
                 .await
