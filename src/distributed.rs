@@ -75,6 +75,11 @@ pub struct CoordinatorArgs {
     /// resume them) or the local --journal-dir.
     #[arg(long, env = "PINAZU_JOURNAL", value_enum, default_value = "jetstream")]
     pub journal: JournalBackend,
+    /// Copies of each JetStream stream (journal, runs history, leases), one per server
+    /// of a NATS cluster: 3 on a 3-node cluster survives the loss of one node. Streams
+    /// found with fewer are raised to it.
+    #[arg(long, env = "PINAZU_JS_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub js_replicas: u8,
 }
 
 /// Journal backends of the coordinator.
@@ -612,7 +617,10 @@ async fn coordinator(
                 Err(code) => return code,
             }
         } else {
-            match open_js_journal(cli, &client, subjects.prefix()).await {
+            if client.server_info().cluster.is_some() && a.js_replicas == 1 {
+                tracing::warn!("NATS is a cluster but the journal's streams keep one copy (--js-replicas 1): losing the server that holds them stops every run until it is back; give --js-replicas 3");
+            }
+            match open_js_journal(cli, &client, subjects.prefix(), a.js_replicas.into()).await {
                 Ok(j) => pinazu_coordinator::JournalHandle(Arc::new(j)),
                 Err(e) => return usage_error(e),
             }
@@ -634,7 +642,14 @@ async fn coordinator(
             pid: std::process::id(),
             since: pinazu_shared::events::now_timestamp(),
         };
-        match pinazu_coordinator::ha::Leases::open(client.clone(), subjects.prefix(), me).await {
+        match pinazu_coordinator::ha::Leases::open(
+            client.clone(),
+            subjects.prefix(),
+            me,
+            a.js_replicas.into(),
+        )
+        .await
+        {
             Ok(l) => {
                 let l = Arc::new(l);
                 // renewed from now on (resuming runs may take a while), on a thread and
@@ -757,6 +772,7 @@ async fn open_js_journal(
     cli: &Cli,
     client: &async_nats::Client,
     prefix: &str,
+    replicas: usize,
 ) -> Result<pinazu_coordinator::journal_js::JetStreamJournal, String> {
     use pinazu_coordinator::journal_js::JetStreamJournal;
     let deadline = match cli.nats.connect_timeout {
@@ -767,7 +783,7 @@ async fn open_js_journal(
     let mut logged: Option<tokio::time::Instant> = None;
     let mut wait = Duration::from_millis(500);
     loop {
-        match JetStreamJournal::open(client.clone(), prefix).await {
+        match JetStreamJournal::open(client.clone(), prefix, replicas).await {
             Ok(j) => {
                 if logged.is_some() {
                     tracing::info!(waited_s = started.elapsed().as_secs(), "JetStream is ready");

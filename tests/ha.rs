@@ -45,7 +45,7 @@ fn ordinals(entries: &[JournalEntry]) -> Vec<u64> {
 
 async fn journal(nats: &NatsServer) -> JetStreamJournal {
     let client = async_nats::connect(nats.url()).await.expect("connect");
-    JetStreamJournal::open(client, "pinazu")
+    JetStreamJournal::open(client, "pinazu", 1)
         .await
         .expect("journal")
 }
@@ -141,7 +141,7 @@ fn lease(id: &str) -> pinazu_coordinator::ha::CoordLease {
 
 async fn leases(nats: &NatsServer, id: &str) -> pinazu_coordinator::ha::Leases {
     let client = async_nats::connect(nats.url()).await.expect("connect");
-    pinazu_coordinator::ha::Leases::open(client, "pinazu", lease(id))
+    pinazu_coordinator::ha::Leases::open(client, "pinazu", lease(id), 1)
         .await
         .expect("leases")
 }

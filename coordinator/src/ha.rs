@@ -105,31 +105,38 @@ impl Leases {
         client: async_nats::Client,
         prefix: &str,
         me: CoordLease,
+        replicas: usize,
     ) -> Result<Leases, String> {
         let js = jetstream::new(client);
         let name = |suffix: &str| crate::journal_js::stream_name(prefix, suffix);
-        let coords = js
-            .get_or_create_stream(stream::Config {
+        let coords = crate::journal_js::ensure_stream(
+            &js,
+            stream::Config {
                 name: name("COORDS"),
                 subjects: vec![format!("{prefix}.lease.coord.*")],
                 storage: stream::StorageType::File,
                 max_messages_per_subject: 1,
                 max_age: LEASE_TTL,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| err("cannot create the coordinators' lease stream", e))?;
-        let owners = js
-            .get_or_create_stream(stream::Config {
+            },
+            replicas,
+        )
+        .await
+        .map_err(|e| format!("cannot create the coordinators' lease stream: {e}"))?;
+        let owners = crate::journal_js::ensure_stream(
+            &js,
+            stream::Config {
                 name: name("OWNERS"),
                 subjects: vec![format!("{prefix}.lease.run.*")],
                 storage: stream::StorageType::File,
                 max_messages_per_subject: 1,
                 max_age: crate::journal::RETENTION,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| err("cannot create the run owners' stream", e))?;
+            },
+            replicas,
+        )
+        .await
+        .map_err(|e| format!("cannot create the run owners' stream: {e}"))?;
         let leases = Leases {
             me,
             prefix: prefix.to_string(),

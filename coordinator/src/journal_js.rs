@@ -70,37 +70,80 @@ pub(crate) fn stream_name(prefix: &str, suffix: &str) -> String {
     format!("{base}_{suffix}")
 }
 
+/// Finds or creates a stream with `replicas` copies (one per server of a NATS cluster,
+/// up to 5): an existing stream with fewer is raised to `replicas`, so a coordinator
+/// started with `--js-replicas 3` on a cluster makes what it finds survive a lost node.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    mut config: stream::Config,
+    replicas: usize,
+) -> Result<stream::Stream, String> {
+    config.num_replicas = replicas.max(1);
+    let mut stream = js
+        .get_or_create_stream(config.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let have = stream.cached_info().config.num_replicas;
+    if have < config.num_replicas {
+        let mut raised = stream.cached_info().config.clone();
+        raised.num_replicas = config.num_replicas;
+        js.update_stream(raised).await.map_err(|e| {
+            format!(
+                "stream {} has {have} replica(s) and could not be given {}: {e}",
+                config.name, config.num_replicas
+            )
+        })?;
+        tracing::info!(stream = %config.name, from = have, to = config.num_replicas, "stream replicas raised");
+        stream = js
+            .get_stream(&config.name)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(stream)
+}
+
 impl JetStreamJournal {
-    /// Creates (or finds) the streams and starts the writer.
-    pub async fn open(client: async_nats::Client, prefix: &str) -> Result<Self, JournalError> {
+    /// Creates (or finds) the streams, each with `replicas` copies, and starts the
+    /// writer.
+    pub async fn open(
+        client: async_nats::Client,
+        prefix: &str,
+        replicas: usize,
+    ) -> Result<Self, JournalError> {
         let client_max_payload = client.server_info().max_payload;
         let js = jetstream::new(client);
-        let journal = js
-            .get_or_create_stream(stream::Config {
+        let journal = ensure_stream(
+            &js,
+            stream::Config {
                 name: stream_name(prefix, "JOURNAL"),
                 subjects: vec![format!("{prefix}.journal.>")],
                 storage: stream::StorageType::File,
                 max_age: Duration::from_secs(7 * 24 * 3600),
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| {
-                err(
-                    "cannot create the journal stream (is JetStream enabled: nats-server -js?)",
-                    e,
-                )
-            })?;
-        let runs = js
-            .get_or_create_stream(stream::Config {
+            },
+            replicas,
+        )
+        .await
+        .map_err(|e| {
+            err(
+                "cannot create the journal stream (is JetStream enabled: nats-server -js?)",
+                e,
+            )
+        })?;
+        let runs = ensure_stream(
+            &js,
+            stream::Config {
                 name: stream_name(prefix, "RUNS"),
                 subjects: vec![format!("{prefix}.runs.>")],
                 storage: stream::StorageType::File,
                 max_messages_per_subject: 1,
                 max_age: Duration::from_secs(7 * 24 * 3600),
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| err("cannot create the runs stream", e))?;
+            },
+            replicas,
+        )
+        .await
+        .map_err(|e| err("cannot create the runs stream", e))?;
         Ok(Self::start(js, client_max_payload, prefix, journal, runs))
     }
 

@@ -40,7 +40,7 @@ fn which(program: &str) -> Option<PathBuf> {
 }
 
 /// Starts a server quietly and waits until it listens on `port` (or fails loudly).
-fn spawn_server(mut cmd: Command, what: &str, port: u16) -> Child {
+pub fn spawn_server(mut cmd: Command, what: &str, port: u16) -> Child {
     let child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
