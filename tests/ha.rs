@@ -509,3 +509,65 @@ fn a_coordinator_with_a_local_journal_refuses_to_join_others() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("must be alone"), "{err}");
 }
+
+/// The soak at CI scale (scripts/ha_faults.sh runs it at any scale): 3
+/// coordinators, 3 agents, 20,000 calls of 5 ms; the owning coordinator is SIGKILLed
+/// twice (each replaced by a new one) and SIGSTOPped past its lease once. The client
+/// never fails, the result is exact, and each call ran once (a handful more allowed).
+#[test]
+fn twenty_thousand_calls_survive_two_owner_kills_and_a_stopped_owner() {
+    let _one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+    let mut h = Ha::start(3, 3, 16);
+    let id = "e5e5e5e5-1111-4222-8333-444455556666";
+    let n = 20_000u64;
+    let run = h.spawn_run(&[&format!("--n={n}"), "--work-ms=5", "--flow-run-id", id]);
+    let mut failovers = Vec::new();
+    for (i, at) in [3_000u64, 8_000, 13_000].into_iter().enumerate() {
+        wait_until(
+            Duration::from_secs(120),
+            &format!("{at} calls done"),
+            || (h.completed(id)? >= at).then_some(()),
+        );
+        let owner = h.owner(id).expect("the run has an owner");
+        let faulted = Instant::now();
+        let stop = i == 2;
+        if stop {
+            h.coordinators[owner].signal("STOP");
+        } else {
+            h.coordinators[owner].kill9();
+            let name = format!("coordinator-{}", h.coordinators.len());
+            h.add_coordinator(&name);
+        }
+        wait_until(Duration::from_secs(30), "the run owned again", || {
+            h.owner(id).filter(|o| *o != owner).map(|_| ())
+        });
+        failovers.push(faulted.elapsed());
+        if stop {
+            std::thread::sleep(Duration::from_secs(1));
+            h.coordinators[owner].signal("CONT");
+        }
+    }
+    eprintln!("failover times: {failovers:?}");
+    let out = finish(run, Duration::from_secs(300), &h);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        h.logs()
+    );
+    let line = last_json_line(&out);
+    assert_eq!(line["result"], sum_squares(n), "{line}");
+    let executions = line["stats"]["executions"].as_u64().unwrap();
+    let lines = h.attempt_lines();
+    assert!(
+        (n..=n + 16).contains(&lines),
+        "{lines} attempt starts for {n} calls\n{line}"
+    );
+    assert!(
+        (n..=n + 16).contains(&executions),
+        "{executions} executions for {n} calls\n{line}"
+    );
+    for t in &failovers {
+        assert!(*t < Duration::from_secs(15), "failover took {t:?}");
+    }
+}

@@ -315,8 +315,8 @@ pub struct CoordShared {
     keys: DashMap<String, (FlowRunId, std::time::Instant)>,
     /// Runs being started now (see `start_run_with`).
     starting: DashMap<FlowRunId, Arc<tokio::sync::Mutex<()>>>,
-    /// Ended runs still in `table`, oldest first: beyond `KEEP_ENDED` (and a minute
-    /// old) they leave memory and are answered from the journal.
+    /// Ended runs still in `table`, oldest first: beyond `KEEP_ENDED` (and
+    /// `KEEP_ENDED_FOR` old) they leave memory and are answered from the journal.
     ended: std::sync::Mutex<std::collections::VecDeque<(FlowRunId, tokio::time::Instant)>>,
     pub(crate) events_enabled: bool,
     /// Reports for runs that are not (or no longer) here.
@@ -330,8 +330,13 @@ pub struct CoordShared {
 
 /// Ended runs kept in memory at most (older ones are answered from the journal).
 pub const KEEP_ENDED: usize = 1000;
-/// An ended run stays in memory at least this long (its watchers read its end there).
-const KEEP_ENDED_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+/// However fast runs end, no more ended runs than this are kept.
+const KEEP_ENDED_AT_MOST: usize = 4 * KEEP_ENDED;
+/// An ended run stays in memory at least this long, within `KEEP_ENDED_AT_MOST` (a
+/// `status` right after its end is answered here; later ones from the journal). Short:
+/// at hundreds of runs a second a minute would hold tens of thousands
+/// (scripts/runs_soak.sh).
+const KEEP_ENDED_FOR: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl CoordShared {
     /// A run has ended: the oldest ended runs beyond [`KEEP_ENDED`] leave memory, so a
@@ -343,9 +348,10 @@ impl CoordShared {
         };
         ended.push_back((id, now));
         while ended.len() > KEEP_ENDED
-            && ended
-                .front()
-                .is_some_and(|(_, at)| now.duration_since(*at) >= KEEP_ENDED_FOR)
+            && (ended.len() > KEEP_ENDED_AT_MOST
+                || ended
+                    .front()
+                    .is_some_and(|(_, at)| now.duration_since(*at) >= KEEP_ENDED_FOR))
         {
             if let Some((old, _)) = ended.pop_front() {
                 // unless it started again meanwhile (a failed run's id given again)

@@ -479,10 +479,12 @@ impl RunnerState {
     }
 
     fn started(&mut self, s: AttemptStarted) {
+        // (a start reported again, by a batch sent again after a failover, or of an
+        // attempt adopted as running, is counted once)
         let current = self
             .calls
             .get_mut(&s.call_id)
-            .filter(|c| c.current == Some(s.attempt_id));
+            .filter(|c| c.current == Some(s.attempt_id) && !c.started);
         if let Some(call) = current {
             call.executions += 1;
             call.started = true;

@@ -670,6 +670,16 @@ impl Journal for JetStreamJournal {
     fn read(&self, run: FlowRunId) -> BoxFuture<'_, Result<Vec<JournalEntry>, JournalError>> {
         Box::pin(async move {
             let subject = self.journal_subject(run);
+            // a run never journaled (every new run) is known by one direct get, without
+            // a consumer: creating one per start cost the server a consumer per run
+            // (scripts/runs_soak.sh) and the start most of its time
+            match self.journal.get_last_raw_message_by_subject(&subject).await {
+                Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {
+                    let _ = self.tx.send(Cmd::Known(subject, 0));
+                    return Ok(Vec::new());
+                }
+                _ => {}
+            }
             let msgs =
                 read_all(&self.journal, subject.clone(), consumer::DeliverPolicy::All).await?;
             // appends that follow this read (a resume) expect what it found last

@@ -1318,7 +1318,7 @@ pub fn watch_run(
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         let ended = loop {
             tokio::select! {
-                o = &mut wait => break o.is_some(),
+                o = &mut wait => break o,
                 _ = tick.tick() => {
                     if let Some(info) = c.run_info(id) {
                         publish_info(&publisher, progress.clone(), &info);
@@ -1326,13 +1326,19 @@ pub fn watch_run(
                 }
             }
         };
-        if !ended {
+        let Some(outcome) = ended else {
             // let go (another coordinator hosts it now): its payloads are that one's
             return;
-        }
-        if let Some(info) = c.run_info(id) {
-            publish_info(&publisher, subjects.run_done(id), &info);
-        }
+        };
+        // (the run may have left memory already if thousands ended meanwhile)
+        let info = c.run_info(id).unwrap_or_else(|| RunInfo {
+            result: outcome.result.clone(),
+            error: outcome.error.clone(),
+            ..outcome
+                .stats
+                .run_info(id, &outcome.flow, outcome.status, outcome.stats.completed)
+        });
+        publish_info(&publisher, subjects.run_done(id), &info);
         match store.delete_prefix(&payload_prefix(id)).await {
             Ok(0) => {}
             Ok(n) => {

@@ -288,17 +288,32 @@ impl Publisher {
     pub fn start(client: async_nats::Client) -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
-            while let Some(cmd) = rx.recv().await {
-                match cmd {
-                    Cmd::Publish(subject, payload) => {
-                        if let Err(e) = client.publish(subject.clone(), payload).await {
-                            tracing::warn!(subject, error = %e, "NATS publish failed");
+            let mut flushes = Vec::new();
+            while let Some(first) = rx.recv().await {
+                // everything queued meanwhile is published, then one flush answers every
+                // flush asked for: a flush per request (each run's end asks one) would
+                // make the queue wait a round trip each and grow under load
+                let (mut next, mut taken) = (Some(first), 0);
+                while let Some(cmd) = next.take() {
+                    taken += 1;
+                    match cmd {
+                        Cmd::Publish(subject, payload) => {
+                            if let Err(e) = client.publish(subject.clone(), payload).await {
+                                tracing::warn!(subject, error = %e, "NATS publish failed");
+                            }
                         }
+                        Cmd::Flush(done) => flushes.push(done),
                     }
-                    Cmd::Flush(done) => {
-                        if let Err(e) = client.flush().await {
-                            tracing::warn!(error = %e, "NATS flush failed");
-                        }
+                    // (bounded, so a busy queue cannot hold a flush off for long)
+                    if taken < 4096 {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                if !flushes.is_empty() {
+                    if let Err(e) = client.flush().await {
+                        tracing::warn!(error = %e, "NATS flush failed");
+                    }
+                    for done in flushes.drain(..) {
                         let _ = done.send(());
                     }
                 }
