@@ -642,14 +642,27 @@ async fn coordinator(
             pid: std::process::id(),
             since: pinazu_shared::events::now_timestamp(),
         };
-        match pinazu_coordinator::ha::Leases::open(
-            client.clone(),
-            subjects.prefix(),
-            me,
-            a.js_replicas.into(),
-        )
-        .await
-        {
+        // (tried again for a while: JetStream may be electing a leader, e.g. after a
+        // cluster node was lost)
+        let mut tries = 0;
+        let opened = loop {
+            tries += 1;
+            match pinazu_coordinator::ha::Leases::open(
+                client.clone(),
+                subjects.prefix(),
+                me.clone(),
+                a.js_replicas.into(),
+            )
+            .await
+            {
+                Err(e) if tries < 15 => {
+                    tracing::warn!(error = %e, "the coordinators' lease streams are not usable yet; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                r => break r,
+            }
+        };
+        match opened {
             Ok(l) => {
                 let l = Arc::new(l);
                 // renewed from now on (resuming runs may take a while), on a thread and

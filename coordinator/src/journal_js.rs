@@ -79,10 +79,15 @@ pub async fn ensure_stream(
     replicas: usize,
 ) -> Result<stream::Stream, String> {
     config.num_replicas = replicas.max(1);
-    let mut stream = js
-        .get_or_create_stream(config.clone())
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut stream = match js.get_or_create_stream(config.clone()).await {
+        Ok(s) => s,
+        // created meanwhile by another coordinator with other settings (replicas):
+        // take it as it is, raised below
+        Err(e) => js
+            .get_stream(&config.name)
+            .await
+            .map_err(|_| e.to_string())?,
+    };
     let have = stream.cached_info().config.num_replicas;
     if have < config.num_replicas {
         let mut raised = stream.cached_info().config.clone();
@@ -670,8 +675,8 @@ impl Journal for JetStreamJournal {
     fn read(&self, run: FlowRunId) -> BoxFuture<'_, Result<Vec<JournalEntry>, JournalError>> {
         Box::pin(async move {
             let subject = self.journal_subject(run);
-            // a run never journaled (every new run) is known by one direct get, without
-            // a consumer: creating one per start cost the server a consumer per run
+            // a run never journaled (every new run) is known by one message get (from the
+            // stream's leader), without a consumer: creating one per start cost the server a consumer per run
             // (scripts/runs_soak.sh) and the start most of its time
             match self.journal.get_last_raw_message_by_subject(&subject).await {
                 Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => {

@@ -72,7 +72,7 @@ pub enum SchedulerMsg {
 
 /// Which agent each attempt in flight went to: a report is taken only from the agent
 /// its attempt was dispatched to (distributed mode). The scheduler writes it as it
-/// dispatches, adopts and frees; the report loop reads it.
+/// dispatches and forgets it as it frees or loses; the report loop reads it.
 pub struct Origins {
     sent: DashMap<(FlowRunId, AttemptId), Arc<str>>,
     epoch: u32,
@@ -208,14 +208,6 @@ pub struct SchedulerState {
 }
 
 impl SchedulerState {
-    /// An attempt is running on agent `d.agent`.
-    fn track(&mut self, key: (FlowRunId, AttemptId), d: Dispatched) {
-        if let Some(o) = &self.origins {
-            o.sent.insert(key, self.agents[d.agent].name.clone());
-        }
-        self.running.insert(key, d);
-    }
-
     /// An attempt ended or was lost.
     fn untrack(&mut self, key: &(FlowRunId, AttemptId)) -> Option<Dispatched> {
         if let Some(o) = &self.origins {
@@ -395,8 +387,11 @@ impl SchedulerState {
             if r.attempt_id.epoch() == self.epoch || self.running.contains_key(&key) {
                 continue;
             }
-            if let Some(runner) = self.runs.get(&r.flow_run_id).map(|r| r.clone()) {
-                self.track(
+            if let Some(runner) = self.runs.get(&r.flow_run_id) {
+                // (no origin recorded: that the agent listing it was given it cannot be
+                // checked here, and another agent listing it first must not make the
+                // real one's report refused; its report goes to the runner as `Unknown`)
+                self.running.insert(
                     key,
                     Dispatched {
                         agent: i,
