@@ -271,13 +271,29 @@ async fn journals(
     {
         let client = connect(cli, url, "pinazu-cli").await?;
         let subjects = nats_subjects(cli);
-        // the coordinator's streams if there are any: an operator command creates none
-        match pinazu_coordinator::journal_js::JetStreamJournal::open_existing(
+        // the coordinator's streams if there are any: an operator command creates none.
+        // A user NATS does not let use JetStream (the `client` user of
+        // scripts/nats-auth.conf) is told so at once, not after a timeout
+        let opened = pinazu_coordinator::journal_js::JetStreamJournal::open_existing(
             client,
             subjects.prefix(),
-        )
-        .await
-        {
+        );
+        let refused = async {
+            loop {
+                if let Some(r) = pinazu_shared::nats::refusals()
+                    .into_iter()
+                    .find(|r| r.contains("$JS.API"))
+                {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let opened = tokio::select! {
+            o = opened => o.map_err(|e| e.to_string()),
+            r = refused => Err(format!("NATS does not let this user use JetStream ({r}): the journal commands need the coordinator's user (scripts/nats-auth.conf)")),
+        };
+        match opened {
             Ok(Some(js)) => found.push((
                 format!("JetStream ({} streams)", subjects.prefix()),
                 Arc::new(js),
@@ -618,7 +634,7 @@ async fn coordinator(
             }
         } else {
             if client.server_info().cluster.is_some() && a.js_replicas == 1 {
-                tracing::warn!("NATS is a cluster but the journal's streams keep one copy (--js-replicas 1): losing the server that holds them stops every run until it is back; give --js-replicas 3");
+                tracing::warn!("NATS is a cluster but --js-replicas is 1: streams this coordinator creates keep one copy (those found keep theirs), and losing the server that holds a one-copy stream stops every run until it is back; give --js-replicas 3");
             }
             match open_js_journal(cli, &client, subjects.prefix(), a.js_replicas.into()).await {
                 Ok(j) => pinazu_coordinator::JournalHandle(Arc::new(j)),

@@ -114,7 +114,11 @@ impl NatsConfig {
                     async_nats::Event::Disconnected => tracing::warn!("NATS connection lost; reconnecting"),
                     async_nats::Event::SlowConsumer(sid) => tracing::error!(sid, "NATS slow consumer: messages were dropped; lost attempts are recovered by heartbeat reconciliation"),
                     async_nats::Event::Closed => tracing::debug!("NATS connection closed"),
-                    async_nats::Event::ServerError(e) if e.to_string().contains("Permissions Violation") => tracing::error!(error = %crate::redact::redact(&e.to_string()), "NATS refused a subject to this user: its permissions do not allow it (scripts/nats-auth.conf lists what each party needs; an agent's --agent-id must be the id its user's permissions name)"),
+                    async_nats::Event::ServerError(e) if e.to_string().contains("Permissions Violation") => {
+                        let e = crate::redact::redact(&e.to_string()).into_owned();
+                        tracing::error!(error = %e, "NATS refused a subject to this user: its permissions do not allow it (scripts/nats-auth.conf lists what each party may use)");
+                        note_refusal(e);
+                    }
                     async_nats::Event::ServerError(e) => tracing::warn!(error = %crate::redact::redact(&e.to_string()), "NATS server error"),
                     async_nats::Event::LameDuckMode => tracing::info!("NATS server entering lame duck mode; moving to another"),
                     other => tracing::debug!(event = %other, "NATS event"),
@@ -266,6 +270,25 @@ impl NatsConfig {
 enum Cmd {
     Publish(String, Bytes),
     Flush(oneshot::Sender<()>),
+}
+
+/// The last permission violations NATS reported to this process (newest last).
+static REFUSALS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+fn note_refusal(e: String) {
+    if let Ok(mut r) = REFUSALS.lock() {
+        if r.len() >= 16 {
+            r.remove(0);
+        }
+        r.push(e);
+    }
+}
+
+/// The permission violations NATS reported to this process so far (at most the last
+/// 16), e.g. `Permissions Violation for Subscription to "pinazu.agent.x.ack"`: flush the
+/// connection first to have those of everything sent before.
+pub fn refusals() -> Vec<String> {
+    REFUSALS.lock().map(|r| r.clone()).unwrap_or_default()
 }
 
 /// Publishes from synchronous code, in order, through one background task.
