@@ -568,6 +568,18 @@ impl Coordinator {
         origins
     }
 
+    /// Where each call of an active run stands (its call table; empty once the run
+    /// left this coordinator).
+    pub async fn call_phases(
+        &self,
+        id: FlowRunId,
+    ) -> Vec<(pinazu_shared::ids::CallId, crate::flow_runner::CallPhase)> {
+        let Some(runner) = self.shared.runs.get(&id).map(|r| r.clone()) else {
+            return Vec::new();
+        };
+        ractor::call!(runner, FlowRunnerMsg::Phases).unwrap_or_default()
+    }
+
     /// The live agents as the scheduler sees them.
     pub async fn agents(&self) -> Vec<AgentSummary> {
         ractor::call!(self.shared.scheduler, SchedulerMsg::Agents).unwrap_or_default()

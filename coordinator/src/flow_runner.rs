@@ -100,6 +100,8 @@ pub enum FlowRunnerMsg {
     /// Answered once every message sent to this runner before it is handled (the
     /// report acknowledgement waits for it before flushing the journal).
     Barrier(oneshot::Sender<()>),
+    /// Where each call in the table stands (tests and diagnostics).
+    Phases(ractor::RpcReplyPort<Vec<(CallId, CallPhase)>>),
 }
 
 /// What a flow runner starts with.
@@ -137,11 +139,47 @@ struct CallState {
     executions: u32,
     /// Failed attempts (lost ones are not failures and use no retry).
     failures: u32,
-    /// The attempt whose result is accepted; `None` while waiting for a retry.
-    current: Option<AttemptId>,
-    /// Its start was reported (counted in `executions`).
-    started: bool,
+    /// Where the call stands.
+    phase: CallPhase,
     reply: Option<CallReply>,
+}
+
+/// Where a call stands. Each step is one runner message: the flow body's `Call`
+/// (`New`, then `WaitingForCache` or `Dispatched`), `CacheChecked` (a miss:
+/// `Dispatched`), `Started` (`started`), `Finished` (a retryable failure: `RetryDue`;
+/// an outcome: done), `RetryDue` (`Dispatched` again), `AttemptLost` (`Dispatched` again).
+/// A call that is done (answered from its result, the cache, the journal, a result
+/// passed in, or failed for good) leaves the table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallPhase {
+    /// Made by the flow body; nothing asked yet.
+    New,
+    /// Its cache entry is being read.
+    WaitingForCache,
+    /// An attempt is out (or, re-attached, running since before a restart): only its
+    /// result is taken. `started` once its start was reported (counted an execution).
+    Dispatched {
+        /// The attempt.
+        attempt: AttemptId,
+        /// Its agent reported it running.
+        started: bool,
+    },
+    /// Its last attempt failed and the retry's delay runs.
+    RetryDue,
+}
+
+impl CallPhase {
+    /// The attempt whose result the call takes, if one is out.
+    fn current(self) -> Option<AttemptId> {
+        match self {
+            CallPhase::Dispatched { attempt, .. } => Some(attempt),
+            _ => None,
+        }
+    }
+
+    fn started(self) -> bool {
+        matches!(self, CallPhase::Dispatched { started: true, .. })
+    }
 }
 
 /// The flow runner actor.
@@ -355,8 +393,7 @@ impl RunnerState {
                 ordinal,
                 executions: 0,
                 failures: 0,
-                current: None,
-                started: false,
+                phase: CallPhase::New,
                 reply: Some(reply),
             },
         );
@@ -387,8 +424,10 @@ impl RunnerState {
             let call = self.calls.get_mut(&call_id).expect("call present");
             call.attempt = 1;
             call.executions = 1;
-            call.started = true;
-            call.current = Some(f.attempt_id);
+            call.phase = CallPhase::Dispatched {
+                attempt: f.attempt_id,
+                started: true,
+            };
             RunStats::bump(&self.stats.executions);
             self.finished(myself, f);
             return;
@@ -398,8 +437,10 @@ impl RunnerState {
             let call = self.calls.get_mut(&call_id).expect("call present");
             call.attempt = 1;
             call.executions = 1;
-            call.started = true;
-            call.current = Some(attempt_id);
+            call.phase = CallPhase::Dispatched {
+                attempt: attempt_id,
+                started: true,
+            };
             RunStats::bump(&self.stats.executions);
             tracing::debug!(flow_run_id = %self.flow_run_id, %call_id, %attempt_id, "re-attached to an attempt started before the coordinator restarted");
             self.task_event(task.name, FlowStatus::Running, None, None, None);
@@ -407,6 +448,9 @@ impl RunnerState {
         }
         match lookup {
             Some(key) => {
+                if let Some(call) = self.calls.get_mut(&call_id) {
+                    call.phase = CallPhase::WaitingForCache;
+                }
                 let me = myself.clone();
                 let asked = self.shared.cache.send_message(CacheMsg::Get {
                     key,
@@ -436,8 +480,10 @@ impl RunnerState {
         };
         call.attempt += 1;
         let attempt_id = self.shared.next_attempt_id();
-        call.current = Some(attempt_id);
-        call.started = false;
+        call.phase = CallPhase::Dispatched {
+            attempt: attempt_id,
+            started: false,
+        };
         let spawn = SpawnTask {
             flow_run_id: self.flow_run_id,
             call_id,
@@ -484,10 +530,13 @@ impl RunnerState {
         let current = self
             .calls
             .get_mut(&s.call_id)
-            .filter(|c| c.current == Some(s.attempt_id) && !c.started);
+            .filter(|c| c.phase.current() == Some(s.attempt_id) && !c.phase.started());
         if let Some(call) = current {
             call.executions += 1;
-            call.started = true;
+            call.phase = CallPhase::Dispatched {
+                attempt: s.attempt_id,
+                started: true,
+            };
             let (task, attempt) = (call.task.name, call.attempt);
             RunStats::bump(&self.stats.executions);
             if attempt > 1 {
@@ -528,7 +577,7 @@ impl RunnerState {
     }
 
     fn finished(&mut self, myself: &ActorRef<FlowRunnerMsg>, f: AttemptFinished) {
-        let current = self.calls.get(&f.call_id).and_then(|c| c.current);
+        let current = self.calls.get(&f.call_id).and_then(|c| c.phase.current());
         if current != Some(f.attempt_id) && f.attempt_id.epoch() != self.shared.epoch {
             // an attempt an earlier coordinator process dispatched
             self.foreign_result(myself, f);
@@ -586,7 +635,7 @@ impl RunnerState {
                 let attempt = call.attempt;
                 call.failures += 1;
                 if info.kind.retryable() && call.failures <= policy.retries && !self.finished {
-                    call.current = None;
+                    call.phase = CallPhase::RetryDue;
                     RunStats::bump(&self.stats.retries);
                     let delay = policy.delay_with_jitter(attempt, fastrand::f64());
                     tracing::info!(flow_run_id = %self.flow_run_id, task = task.name, call_id = %f.call_id, attempt, error = %info, delay_ms = delay.as_millis() as u64, "attempt failed; retrying");
@@ -622,6 +671,11 @@ impl RunnerState {
 }
 
 impl RunnerState {
+    /// Where a call stands (`None`: not in the table: done, or never made).
+    fn phase(&self, call_id: CallId) -> Option<CallPhase> {
+        self.calls.get(&call_id).map(|c| c.phase)
+    }
+
     /// A result of an attempt dispatched by an earlier coordinator process (it ran, or
     /// its report waited at the agent, while the coordinator was down). A success
     /// answers its call, now or when the flow body makes the call again; a failure is
@@ -641,7 +695,10 @@ impl RunnerState {
                 // the call was dispatched again meanwhile: the earlier result wins, and
                 // the new attempt's result will be ignored as superseded
                 tracing::info!(flow_run_id = %self.flow_run_id, call_id = %f.call_id, attempt_id = %f.attempt_id, "a result from before the coordinator restarted answers the call");
-                call.current = Some(f.attempt_id);
+                call.phase = CallPhase::Dispatched {
+                    attempt: f.attempt_id,
+                    started: true,
+                };
                 call.executions += 1;
                 RunStats::bump(&self.stats.executions);
                 self.finished(myself, f);
@@ -704,10 +761,10 @@ impl RunnerState {
         let Some(call) = self.calls.get_mut(&call_id) else {
             return;
         };
-        if call.current != Some(attempt_id) || self.finished {
+        if call.phase.current() != Some(attempt_id) || self.finished {
             return;
         }
-        if ran && !call.started {
+        if ran && !call.phase.started() {
             // it ran on the agent, whose report of its start never arrived
             call.executions += 1;
             RunStats::bump(&self.stats.executions);
@@ -1206,10 +1263,16 @@ impl Actor for FlowRunner {
                 args_json,
                 reply,
             } => state.new_call(&myself, task, args, args_json, reply),
-            FlowRunnerMsg::CacheChecked { call_id, hit } => match hit {
-                Some(record) => state.cache_hit(call_id, record),
-                None => state.dispatch(call_id),
-            },
+            // (each step only from the phase it leaves: a duplicate or late message
+            // finds the call elsewhere and changes nothing)
+            FlowRunnerMsg::CacheChecked { call_id, hit } => {
+                if state.phase(call_id) == Some(CallPhase::WaitingForCache) {
+                    match hit {
+                        Some(record) => state.cache_hit(call_id, record),
+                        None => state.dispatch(call_id),
+                    }
+                }
+            }
             FlowRunnerMsg::Started(s) => state.started(s),
             FlowRunnerMsg::Finished(f) => state.finished(&myself, f),
             FlowRunnerMsg::Reports(reports) => {
@@ -1221,7 +1284,17 @@ impl Actor for FlowRunner {
                 }
             }
             FlowRunnerMsg::FlushDispatch => state.flush_dispatch(),
-            FlowRunnerMsg::RetryDue(call_id) => state.dispatch(call_id),
+            FlowRunnerMsg::RetryDue(call_id) => {
+                if state.phase(call_id) == Some(CallPhase::RetryDue) {
+                    state.dispatch(call_id);
+                }
+            }
+            FlowRunnerMsg::Phases(reply) => {
+                let mut phases: Vec<(CallId, CallPhase)> =
+                    state.calls.iter().map(|(id, c)| (*id, c.phase)).collect();
+                phases.sort_by_key(|(id, _)| (id.key, id.seq));
+                let _ = reply.send(phases);
+            }
             FlowRunnerMsg::AttemptLost {
                 call_id,
                 attempt_id,

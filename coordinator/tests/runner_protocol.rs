@@ -763,3 +763,171 @@ async fn a_failed_core_actor_fails_the_coordinator_loudly_and_no_run_waits_forev
     assert!(why.contains("status publisher"), "{why}");
     assert!(c.failed().is_some());
 }
+
+static PATIENT_PROBE: TaskDef = TaskDef {
+    name: "probe",
+    version: "",
+    options: TaskOptions {
+        retry: RetryPolicy {
+            retries: 2,
+            delay: Duration::from_secs(30),
+            backoff: 1.0,
+            max_delay: Duration::from_secs(30),
+            jitter: 0.0,
+        },
+        ..TaskOptions::DEFAULT
+    },
+    invoke: never_invoked,
+    check: pinazu_shared::registry::check_result::<u64>,
+    source: SOURCE,
+};
+
+fn patient_probe(_: Map<String, Value>) -> Result<FlowStart, ParamError> {
+    start(Box::pin(async {
+        let v: u64 = call_task(&PATIENT_PROBE, (7u64,))
+            .await
+            .map_err(|e| ErrorInfo::new(FailureKind::Error, e.to_string()))?;
+        Ok(json!(v))
+    }))
+}
+
+static PATIENT: FlowDef = FlowDef {
+    name: "patient",
+    params: &[],
+    doc: "",
+    parse_text: no_text,
+    same_params: same,
+    invoke: patient_probe,
+    source: SOURCE,
+};
+
+/// The call table's one call, once it is in the given phase.
+async fn phase_of(
+    c: &Coordinator,
+    run: FlowRunId,
+) -> Option<pinazu_coordinator::flow_runner::CallPhase> {
+    c.call_phases(run).await.first().map(|(_, p)| *p)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_steps_through_its_phases_and_a_retry_waits_its_delay() {
+    use pinazu_coordinator::flow_runner::CallPhase;
+    let (c, mut rx, _dir) = coordinator(4).await;
+    let sink = c.result_sink();
+    let id = FlowRunId::new();
+    let run = c.start_run(&PATIENT, Map::new(), id).await.unwrap();
+
+    let first = next(&mut rx).await;
+    assert_eq!(
+        phase_of(&c, id).await,
+        Some(CallPhase::Dispatched {
+            attempt: first.attempt_id,
+            started: false
+        })
+    );
+    sink.started(started(&first));
+    // a start reported twice counts once
+    sink.started(started(&first));
+    tokio::task::yield_now().await;
+    assert_eq!(
+        phase_of(&c, id).await,
+        Some(CallPhase::Dispatched {
+            attempt: first.attempt_id,
+            started: true
+        })
+    );
+    let failed_at = tokio::time::Instant::now();
+    sink.finished(finished(
+        &first,
+        Err(ErrorInfo::new(FailureKind::Error, "flaky")),
+    ));
+    assert_eq!(phase_of(&c, id).await, Some(CallPhase::RetryDue));
+    // nothing is dispatched before the retry's delay (paused time: the 29 s pass at once)
+    assert!(
+        tokio::time::timeout(Duration::from_secs(29), rx.recv())
+            .await
+            .is_err(),
+        "dispatched again before its delay"
+    );
+    assert_eq!(phase_of(&c, id).await, Some(CallPhase::RetryDue));
+    // a late result of the failed attempt changes nothing while the retry is due
+    sink.finished(finished(&first, ok(111)));
+    assert_eq!(phase_of(&c, id).await, Some(CallPhase::RetryDue));
+    let second = next(&mut rx).await;
+    let waited = failed_at.elapsed();
+    assert!(
+        (Duration::from_secs(30)..Duration::from_secs(31)).contains(&waited),
+        "{waited:?}"
+    );
+    assert_eq!(second.attempt, 2);
+    assert_eq!(
+        phase_of(&c, id).await,
+        Some(CallPhase::Dispatched {
+            attempt: second.attempt_id,
+            started: false
+        })
+    );
+    sink.started(started(&second));
+    sink.finished(finished(&second, ok(222)));
+    let out = run.wait().await;
+    assert_eq!(out.result, Some(json!(222)));
+    assert_eq!(out.stats.executions, 2);
+    assert_eq!(out.stats.retries, 1);
+    // done: the call left the table (and the run this coordinator's runners)
+    assert!(c.call_phases(id).await.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_attempt_is_dispatched_again_at_once_without_using_a_retry() {
+    use pinazu_coordinator::flow_runner::CallPhase;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let dir = tempfile::tempdir().unwrap();
+    let c = Coordinator::start(
+        CoordinatorConfig::default(),
+        Arc::new(ScriptedLink(tx)),
+        Arc::new(LocalDirStore::new(dir.path())),
+        CollectingSink::new(),
+    )
+    .await
+    .unwrap();
+    // a remote agent (heartbeats): one that stops listing an attempt loses it
+    c.heartbeat(heartbeat(vec![]));
+    let id = FlowRunId::new();
+    let run = c.start_run(&PATIENT, Map::new(), id).await.unwrap();
+    let first = next(&mut rx).await;
+    let running = |s: &SpawnTask| RunningAttempt {
+        flow_run_id: s.flow_run_id,
+        call_id: s.call_id,
+        attempt_id: s.attempt_id,
+    };
+    c.heartbeat(heartbeat(vec![running(&first)]));
+    // from now on its heartbeats no longer list it: after the loss grace (3 s) and two
+    // heartbeats, it is lost, and the call goes out again at once (no retry delay)
+    let lost_from = tokio::time::Instant::now();
+    let second = loop {
+        c.heartbeat(heartbeat(vec![]));
+        match tokio::time::timeout(Duration::from_secs(1), rx.recv()).await {
+            Ok(Some(s)) => break s,
+            _ => assert!(
+                lost_from.elapsed() < Duration::from_secs(10),
+                "not lost within 10 s"
+            ),
+        }
+    };
+    assert!(lost_from.elapsed() < Duration::from_secs(6));
+    assert_eq!(second.call_id, first.call_id);
+    assert_eq!(
+        phase_of(&c, id).await,
+        Some(CallPhase::Dispatched {
+            attempt: second.attempt_id,
+            started: false
+        })
+    );
+    c.heartbeat(heartbeat(vec![running(&second)]));
+    let sink = c.result_sink();
+    sink.started(started(&second));
+    sink.finished(finished(&second, ok(5)));
+    let out = run.wait().await;
+    assert_eq!(out.result, Some(json!(5)));
+    assert_eq!(out.stats.retries, 0, "a loss is not a failure");
+}
