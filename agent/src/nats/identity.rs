@@ -14,18 +14,22 @@ use pinazu_shared::wire::AgentIdentity;
 pub(super) const ID_CHECK_EVERY: Duration = Duration::from_secs(10);
 
 /// Why this agent cannot work under its id, when NATS refused one of the id's subjects
-/// to this process's user (per-agent users, scripts/nats-auth.conf).
+/// to this process's user (per-agent users, scripts/nats-auth.conf); `reporting`: only
+/// a refusal of its heartbeats or reports (without those it cannot work at all).
 pub(super) fn refused(
     subjects: &Subjects,
     agent_id: &pinazu_shared::ids::AgentId,
+    reporting: bool,
 ) -> Option<String> {
-    let own = [
-        format!("{}.agent.{agent_id}.", subjects.prefix()),
-        subjects.reports_of(agent_id),
+    let quoted = |s: String| format!("\"{s}\"");
+    let own_prefix = format!("\"{}.agent.{agent_id}.", subjects.prefix());
+    let vital = [
+        quoted(subjects.heartbeat_of(agent_id)),
+        quoted(subjects.reports_of(agent_id)),
     ];
-    let why = pinazu_shared::nats::refusals()
-        .into_iter()
-        .find(|r| own.iter().any(|o| r.contains(o.as_str())))?;
+    let why = pinazu_shared::nats::refusals().into_iter().find(|r| {
+        vital.iter().any(|v| r.contains(v.as_str())) || (!reporting && r.contains(&own_prefix))
+    })?;
     Some(format!(
         "NATS does not let this agent's user use agent id {agent_id}'s subjects ({why}): with one NATS user per agent (scripts/nats-auth.conf) start the agent with the id its user's permissions name (user agent-1: --agent-id agent-1)"
     ))

@@ -81,7 +81,9 @@ pub(super) async fn publish(
     body: &impl serde::Serialize,
 ) {
     match encode_envelope(body) {
-        Ok(b) => publish_bytes(client, subject, Bytes::from(b)).await,
+        Ok(b) => {
+            publish_bytes(client, subject, Bytes::from(b)).await;
+        }
         Err(e) => tracing::error!(error = %e, "could not encode a message"),
     }
 }
@@ -91,11 +93,22 @@ pub(super) async fn publish(
 /// id and stops on a signal whatever the connection does.
 pub(super) const PUBLISH_WAIT: Duration = Duration::from_secs(2);
 
-pub(super) async fn publish_bytes(client: &async_nats::Client, subject: String, body: Bytes) {
+/// Whether it went out (it did not: the connection is down, or the client's queue full).
+pub(super) async fn publish_bytes(
+    client: &async_nats::Client,
+    subject: String,
+    body: Bytes,
+) -> bool {
     match tokio::time::timeout(PUBLISH_WAIT, client.publish(subject, body)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "NATS publish failed"),
-        Err(_) => tracing::debug!("NATS publish timed out (connection down)"),
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "NATS publish failed");
+            false
+        }
+        Err(_) => {
+            tracing::debug!("NATS publish timed out (connection down)");
+            false
+        }
     }
 }
 
@@ -111,27 +124,25 @@ pub async fn serve_agent(
     let agent_id = cfg.agent.id.clone();
     let incarnation = fastrand::u64(..);
     // an id whose subjects this NATS user may not use (per-agent users,
-    // scripts/nats-auth.conf) is refused now, not found out as silence: subscribe to
-    // one of them (its acknowledgements: harmless) and see whether NATS objects
-    {
-        let probe = client
-            .subscribe(subjects.agent_ack(&agent_id))
-            .await
-            .map_err(|e| format!("subscribe: {e}"))?;
-        let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
-        // (NATS's objection arrives before the flush's answer, and reaches the event
-        // handler a moment later)
-        let deadline = Instant::now() + Duration::from_millis(300);
-        while Instant::now() < deadline {
-            if let Some(e) = refused(&subjects, &agent_id) {
-                return Err(e);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        drop(probe);
-    }
+    // scripts/nats-auth.conf) is refused now, not found out as silence: one of them is
+    // subscribed to (its acknowledgements: harmless) before the id is claimed, and
+    // NATS's objection, which it sends before answering what follows, is looked for
+    // once the claim's round trips are done
+    let probe = client
+        .subscribe(subjects.agent_ack(&agent_id))
+        .await
+        .map_err(|e| format!("subscribe: {e}"))?;
     // one process per id: a second one would run every attempt sent to the id twice
     let (whois, me) = claim_id(&client, &subjects, &agent_id, incarnation).await?;
+    // (the objection reaches the event handler a moment after it was read)
+    for _ in 0..5 {
+        if let Some(e) = refused(&subjects, &agent_id, false) {
+            whois.abort();
+            return Err(e);
+        }
+        tokio::task::yield_now().await;
+    }
+    drop(probe);
     tokio::pin!(shutdown);
     // the coordinator's store must be this agent's too (large payloads go through it):
     // no work is taken before a coordinator has answered that question
@@ -257,7 +268,9 @@ pub async fn serve_agent(
                 };
                 match encoded {
                     // kept in the outbox: sent again later if this is lost
-                    Ok(b) => publish_bytes(&client, subject.clone(), Bytes::from(b)).await,
+                    Ok(b) => {
+                        publish_bytes(&client, subject.clone(), Bytes::from(b)).await;
+                    }
                     Err(e) => tracing::error!(error = %e, "could not encode reports"),
                 }
             }
@@ -402,7 +415,7 @@ pub async fn serve_agent(
             _ = &mut shutdown => break,
             _ = tick.tick() => {
                 // (later too: permissions changed under a running agent)
-                if let Some(e) = refused(&subjects, &agent_id) {
+                if let Some(e) = refused(&subjects, &agent_id, true) {
                     let _ = misfit_tx.send((e, true));
                 }
                 false

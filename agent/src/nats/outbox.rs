@@ -198,8 +198,13 @@ pub(super) async fn resend(
             "sending unacknowledged reports again"
         );
     }
+    // (stopping at the first that does not go out: with the connection lost meanwhile
+    // each would wait its publish bound, and tens of thousands would hold up the
+    // heartbeats for hours; the rest go again on the next hello or after RESEND_AFTER)
     for b in batches {
-        publish_bytes(client, subject.to_string(), Bytes::from(b)).await;
+        if !connected(client) || !publish_bytes(client, subject.to_string(), Bytes::from(b)).await {
+            break;
+        }
     }
 }
 
