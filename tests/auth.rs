@@ -158,13 +158,7 @@ fn a_run_works_with_every_party_on_its_own_least_privilege_user() {
         .stderr(Stdio::piped())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        s.logs()
-    );
-    let line = last_json_line(&out);
+    let line = succeeded(&out, || s.logs());
     assert_eq!(line["result"], (0..300u64).map(|i| i * i).sum::<u64>());
     // both agents served (their own subjects), the observer saw the run end
     for a in &s.agents {
@@ -412,14 +406,8 @@ async fn a_report_for_an_attempt_dispatched_to_another_agent_is_refused() {
     let out = tokio::task::spawn_blocking(move || run.wait_with_output().unwrap())
         .await
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        s.logs()
-    );
     // the result is the one agent-1 computed: 0 + 1
-    let line = last_json_line(&out);
+    let line = succeeded(&out, || s.logs());
     assert_eq!(line["result"], 1, "{line}\n{}", s.logs());
     let logs = s.coordinator.logs();
     assert!(

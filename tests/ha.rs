@@ -381,13 +381,7 @@ fn the_owner_of_a_run_is_killed_and_another_coordinator_finishes_it_without_reru
     );
     // the client follows the run across the failover and prints the exact result
     let out = finish(run, Duration::from_secs(120), &h);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        h.logs()
-    );
-    let line = last_json_line(&out);
+    let line = succeeded(&out, || h.logs());
     assert_eq!(line["result"], sum_squares(n), "{line}");
     assert!(line["stats"]["replayed"].as_u64().unwrap() >= 400, "{line}");
     // no journaled call ran again, nor the ones in flight (their agents are alive)
@@ -426,13 +420,7 @@ fn a_coordinator_stopped_past_its_lease_lets_its_run_go_and_the_run_ends_once() 
     std::thread::sleep(Duration::from_secs(1));
     h.coordinators[owner].signal("CONT");
     let out = finish(run, Duration::from_secs(120), &h);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        h.logs()
-    );
-    let line = last_json_line(&out);
+    let line = succeeded(&out, || h.logs());
     assert_eq!(line["result"], sum_squares(n), "{line}");
     wait_until(Duration::from_secs(10), "the old owner to notice", || {
         let logs = h.coordinators[owner].logs();
@@ -549,13 +537,7 @@ fn twenty_thousand_calls_survive_two_owner_kills_and_a_stopped_owner() {
     }
     eprintln!("failover times: {failovers:?}");
     let out = finish(run, Duration::from_secs(300), &h);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        h.logs()
-    );
-    let line = last_json_line(&out);
+    let line = succeeded(&out, || h.logs());
     assert_eq!(line["result"], sum_squares(n), "{line}");
     let executions = line["stats"]["executions"].as_u64().unwrap();
     let lines = h.attempt_lines();

@@ -141,6 +141,20 @@ pub struct FlowRunOutcome {
 }
 
 impl FlowRunOutcome {
+    /// The ended run's view (no note: the run's stats hold it).
+    pub fn info(&self) -> RunInfo {
+        RunInfo {
+            result: self.result.clone(),
+            error: self.error.clone(),
+            ..self.stats.run_info(
+                self.flow_run_id,
+                &self.flow,
+                self.status,
+                self.stats.completed,
+            )
+        }
+    }
+
     /// The outcome an ended run's [`RunInfo`] records.
     pub fn from_info(info: &RunInfo) -> Self {
         FlowRunOutcome {
@@ -398,17 +412,16 @@ struct RunEntry {
 
 impl RunEntry {
     fn info(&self, id: FlowRunId) -> RunInfo {
-        let outcome = self.outcome.borrow().clone();
-        let snap = match &outcome {
-            Some(o) => o.stats.clone(),
-            None => self.stats.snapshot(),
+        let info = match &*self.outcome.borrow() {
+            Some(o) => o.info(),
+            None => {
+                let snap = self.stats.snapshot();
+                snap.run_info(id, self.flow, FlowStatus::Running, snap.completed)
+            }
         };
-        let status = outcome.as_ref().map_or(FlowStatus::Running, |o| o.status);
         RunInfo {
-            result: outcome.as_ref().and_then(|o| o.result.clone()),
-            error: outcome.as_ref().and_then(|o| o.error.clone()),
             note: self.stats.note(),
-            ..snap.run_info(id, self.flow, status, snap.completed)
+            ..info
         }
     }
 }

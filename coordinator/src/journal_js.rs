@@ -622,6 +622,18 @@ pub(crate) async fn read_all(
     Ok(out)
 }
 
+impl JetStreamJournal {
+    /// The last message of every run in the runs stream (its start, or its end).
+    async fn runs_latest(&self) -> Result<Vec<Read>, JournalError> {
+        read_all(
+            &self.runs,
+            format!("{}.runs.>", self.prefix),
+            consumer::DeliverPolicy::LastPerSubject,
+        )
+        .await
+    }
+}
+
 impl Journal for JetStreamJournal {
     fn append(&self, run: FlowRunId, entry: JournalEntry) {
         let also = matches!(
@@ -747,12 +759,7 @@ impl Journal for JetStreamJournal {
 
     fn history(&self) -> BoxFuture<'_, Result<Vec<(RunInfo, u64)>, JournalError>> {
         Box::pin(async move {
-            let msgs = read_all(
-                &self.runs,
-                format!("{}.runs.>", self.prefix),
-                consumer::DeliverPolicy::LastPerSubject,
-            )
-            .await?;
+            let msgs = self.runs_latest().await?;
             let now_ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
@@ -807,12 +814,7 @@ impl Journal for JetStreamJournal {
 
     fn unfinished(&self) -> BoxFuture<'_, Result<Vec<FlowRunId>, JournalError>> {
         Box::pin(async move {
-            let msgs = read_all(
-                &self.runs,
-                format!("{}.runs.>", self.prefix),
-                consumer::DeliverPolicy::LastPerSubject,
-            )
-            .await?;
+            let msgs = self.runs_latest().await?;
             let mut runs = Vec::new();
             for Read {
                 subject, payload, ..

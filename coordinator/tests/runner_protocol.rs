@@ -45,23 +45,28 @@ fn never_invoked(_: Bytes, _: bool) -> BoxFuture<'static, pinazu_shared::registr
     Box::pin(async { unreachable!("the scripted agent never runs task bodies") })
 }
 
-static PROBE: TaskDef = TaskDef {
-    name: "probe",
-    version: "",
-    options: TaskOptions {
-        retry: RetryPolicy {
-            retries: 1,
-            delay: Duration::from_millis(1),
-            backoff: 1.0,
-            max_delay: Duration::from_millis(1),
-            jitter: 0.0,
+/// The scripted agent's task, retried `retries` times `delay` apart.
+const fn probe(retries: u32, delay: Duration) -> TaskDef {
+    TaskDef {
+        name: "probe",
+        version: "",
+        options: TaskOptions {
+            retry: RetryPolicy {
+                retries,
+                delay,
+                backoff: 1.0,
+                max_delay: delay,
+                jitter: 0.0,
+            },
+            ..TaskOptions::DEFAULT
         },
-        ..TaskOptions::DEFAULT
-    },
-    invoke: never_invoked,
-    check: pinazu_shared::registry::check_result::<u64>,
-    source: SOURCE,
-};
+        invoke: never_invoked,
+        check: pinazu_shared::registry::check_result::<u64>,
+        source: SOURCE,
+    }
+}
+
+static PROBE: TaskDef = probe(1, Duration::from_millis(1));
 
 fn one_probe(_: Map<String, Value>) -> Result<FlowStart, ParamError> {
     start(Box::pin(async {
@@ -764,23 +769,7 @@ async fn a_failed_core_actor_fails_the_coordinator_loudly_and_no_run_waits_forev
     assert!(c.failed().is_some());
 }
 
-static PATIENT_PROBE: TaskDef = TaskDef {
-    name: "probe",
-    version: "",
-    options: TaskOptions {
-        retry: RetryPolicy {
-            retries: 2,
-            delay: Duration::from_secs(30),
-            backoff: 1.0,
-            max_delay: Duration::from_secs(30),
-            jitter: 0.0,
-        },
-        ..TaskOptions::DEFAULT
-    },
-    invoke: never_invoked,
-    check: pinazu_shared::registry::check_result::<u64>,
-    source: SOURCE,
-};
+static PATIENT_PROBE: TaskDef = probe(2, Duration::from_secs(30));
 
 fn patient_probe(_: Map<String, Value>) -> Result<FlowStart, ParamError> {
     start(Box::pin(async {

@@ -371,6 +371,18 @@ pub fn last_json_line(out: &Output) -> serde_json::Value {
     })
 }
 
+/// The final JSON line of a command that must have succeeded (else the test fails with
+/// its stderr and `logs`, e.g. the services' logs).
+pub fn succeeded(out: &Output, logs: impl Fn() -> String) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        logs()
+    );
+    last_json_line(out)
+}
+
 /// Reads a child's stdout lines on a thread (for commands that run while the test acts).
 pub fn stdout_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
     let (tx, rx) = std::sync::mpsc::channel();

@@ -16,7 +16,7 @@ use store_check::*;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use ractor::ActorRef;
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
@@ -180,15 +180,7 @@ pub async fn serve_agent(
 
     // reports: one task, so their order is kept; batched under load, numbered, and kept
     // until the coordinator acknowledges them
-    let outbox = Arc::new(Mutex::new(Outbox {
-        incarnation,
-        seq: 0,
-        acked: 0,
-        kept: VecDeque::new(),
-        bytes: 0,
-        dropped: 0,
-        warned: None,
-    }));
+    let outbox = Arc::new(Mutex::new(Outbox::new(incarnation)));
     let mut reporter = {
         let client = client.clone();
         let subject = subjects.reports_of(&agent_id);

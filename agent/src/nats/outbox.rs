@@ -47,6 +47,19 @@ pub(super) struct Kept {
 pub(super) const RESEND_AFTER: Duration = Duration::from_secs(10);
 
 impl Outbox {
+    /// Empty, for this process's incarnation.
+    pub(super) fn new(incarnation: u64) -> Outbox {
+        Outbox {
+            incarnation,
+            seq: 0,
+            acked: 0,
+            kept: VecDeque::new(),
+            bytes: 0,
+            dropped: 0,
+            warned: None,
+        }
+    }
+
     /// Takes an acknowledgement; one addressed to another process that had this id
     /// before (another incarnation; 0 is from a coordinator that does not say) is
     /// ignored, or it would drop batches that coordinator never saw.
@@ -223,15 +236,7 @@ mod tests {
     }
 
     fn outbox_of(incarnation: u64, batches: &[(u64, Vec<FlowRunId>)]) -> Outbox {
-        let mut o = Outbox {
-            incarnation,
-            seq: 0,
-            acked: 0,
-            kept: VecDeque::new(),
-            bytes: 0,
-            dropped: 0,
-            warned: None,
-        };
+        let mut o = Outbox::new(incarnation);
         for (seq, runs) in batches {
             o.seq = *seq;
             o.keep(

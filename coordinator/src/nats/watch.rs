@@ -43,13 +43,7 @@ pub fn watch_run(
             return;
         };
         // (the run may have left memory already if thousands ended meanwhile)
-        let info = c.run_info(id).unwrap_or_else(|| RunInfo {
-            result: outcome.result.clone(),
-            error: outcome.error.clone(),
-            ..outcome
-                .stats
-                .run_info(id, &outcome.flow, outcome.status, outcome.stats.completed)
-        });
+        let info = c.run_info(id).unwrap_or_else(|| outcome.info());
         publish_info(&publisher, subjects.run_done(id), &info);
         match store.delete_prefix(&payload_prefix(id)).await {
             Ok(0) => {}
