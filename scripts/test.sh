@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine with only the Rust toolchain.
 #
-# It installs what the tests need and is missing (nats-server and openssl from Debian's packages,
+# It installs what the tests need and is missing (nats-server, openssl and chromium from Debian's packages,
 # a current nats-server for the cluster test from PyPI, s3s-fs from crates.io); the tests start every server themselves, on free ports, and
 # stop them.
 set -euo pipefail
@@ -10,10 +10,12 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 . scripts/lib.sh
 
-# nats-server, and openssl (the TLS test makes its certificates with it)
+# nats-server, openssl (the TLS test makes its certificates with it) and Chromium (the
+# dashboard's browser test drives it headless)
 missing=()
 find_nats >/dev/null || missing+=(nats-server)
 command -v openssl >/dev/null || missing+=(openssl)
+[ -n "${CHROMIUM_BIN:-}" ] || [ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   step "installing ${missing[*]} (apt-get)"
   if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi

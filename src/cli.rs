@@ -100,6 +100,10 @@ pub struct Cli {
     /// List this program's flows and tasks, then exit.
     #[arg(long)]
     pub list: bool,
+    /// Serve the dashboard (the run's page, its tasks and timeline) and `/metrics` on
+    /// this address while the run runs, e.g. 127.0.0.1:8233 (embedded mode).
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<std::net::SocketAddr>,
 }
 
 /// What a run takes, embedded or submitted.
@@ -258,6 +262,8 @@ pub enum Command {
     Runs(crate::distributed::RunsArgs),
     /// List the live agents.
     Agents(crate::distributed::ListArgs),
+    /// Print the log lines of a run's task attempts (their `tracing` events).
+    Logs(crate::distributed::LogsArgs),
     /// Manage the result cache (no coordinator needed).
     Cache(crate::distributed::CacheArgs),
     /// Show or remove a run's journal (the local one, and JetStream's with NATS_URL).
@@ -999,6 +1005,19 @@ async fn run_embedded(
             return r.reject(e, true).await;
         }
     };
+    if let Some(addr) = cli.http {
+        let backend = crate::dashboard::Backend::Local(runtime.coordinator().clone());
+        match crate::dashboard::serve(addr, backend).await {
+            Ok(bound) => eprintln!("dashboard: http://{bound}/#/run/{flow_run_id}"),
+            Err(e) => {
+                let _ = runtime
+                    .coordinator()
+                    .cancel(flow_run_id, "--http could not be served");
+                runtime.shutdown().await;
+                return usage_error(format!("--http {addr}: {e}"));
+            }
+        }
+    }
     let bar = crate::progress::show(handle.stats.clone(), !cli.run.no_progress);
     // SIGTERM / SIGINT (e.g. the launcher stops the run): cancel it, so its open calls
     // end FAILED "cancelled" and the run FAILED, events delivered; a second signal

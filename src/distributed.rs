@@ -80,7 +80,17 @@ pub struct CoordinatorArgs {
     /// found with fewer are raised to it.
     #[arg(long, env = "PINAZU_JS_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
     pub js_replicas: u8,
+    /// Serve the dashboard, its JSON API and `/metrics` on this address (default
+    /// 127.0.0.1:8233; when that is taken, the coordinator runs without one and says so).
+    #[arg(long, env = "PINAZU_HTTP", value_name = "ADDR")]
+    pub http: Option<std::net::SocketAddr>,
+    /// Serve no dashboard and no `/metrics`.
+    #[arg(long, env = "PINAZU_NO_HTTP", conflicts_with = "http")]
+    pub no_http: bool,
 }
+
+/// The dashboard's address when `--http` is not given.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:8233";
 
 /// Journal backends of the coordinator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -134,6 +144,19 @@ pub struct RunIdArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `logs` settings.
+#[derive(Args, Debug, Clone)]
+pub struct LogsArgs {
+    /// The run id.
+    pub flow_run_id: String,
+    /// Only this task's calls.
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Keep printing the logs of attempts as they end, until the run ends.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
 }
 
 /// A listing command.
@@ -212,10 +235,12 @@ pub(crate) async fn run_command(
                 status: a.status,
                 flow: a.flow.clone(),
                 since_ms,
+                before_ms: None,
             };
             list(cli, a.json, &url, Some(q)).await
         }
         Command::Agents(a) => list(cli, a.json, &url, None).await,
+        Command::Logs(a) => logs(cli, a, &url).await,
         Command::Cache(_) | Command::Journal(_) => unreachable!("handled above"),
     }
 }
@@ -602,6 +627,27 @@ async fn coordinator(
         _ = shutdown_signal() => return ExitCode::SUCCESS,
     };
     let subjects = nats_subjects(cli);
+    // the dashboard's address is taken first: one given that cannot be had stops the
+    // coordinator before it takes any run; the default one taken by another process
+    // (several coordinators on one host) only means no dashboard here
+    let http = match (a.no_http, a.http) {
+        (true, _) => None,
+        (false, Some(addr)) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                return usage_error(format!(
+                    "--http {addr}: {e} (give another address, or --no-http)"
+                ))
+            }
+        },
+        (false, None) => match tokio::net::TcpListener::bind(DEFAULT_HTTP).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(address = DEFAULT_HTTP, error = %e, "no dashboard on the default address (another coordinator on this host?); give --http ADDR for one, or --no-http to say none is wanted");
+                None
+            }
+        },
+    };
     let publisher = Publisher::start(client.clone());
     let default_cache = match RuntimeConfig::from_env() {
         Ok(c) => c.default_cache,
@@ -622,6 +668,7 @@ async fn coordinator(
         }
     }
     let mut config = CoordinatorConfig {
+        keep_call_logs: true,
         default_cache,
         refresh_cache: cli.refresh_cache,
         journal: if cli.no_journal {
@@ -745,6 +792,24 @@ async fn coordinator(
         Err(e) => return usage_error(format!("could not subscribe on NATS: {e}")),
     };
     publisher.publish(subjects.hello(), Bytes::new());
+    coordinator
+        .metrics()
+        .register_collector(pinazu_coordinator::metrics::NatsCollector(
+            client.statistics(),
+        ));
+    if let Some(listener) = http {
+        let backend = crate::dashboard::Backend::Nats {
+            client: client.clone(),
+            subjects: subjects.clone(),
+            coordinator: coordinator.clone(),
+        };
+        match crate::dashboard::serve_on(listener, backend) {
+            Ok(addr) => {
+                tracing::info!(url = %format!("http://{addr}/"), "dashboard and /metrics served")
+            }
+            Err(e) => tracing::warn!(error = %e, "the dashboard could not be served"),
+        }
+    }
     for id in &resumed {
         pinazu_coordinator::nats::watch_run(
             coordinator.clone(),
@@ -1047,7 +1112,7 @@ const CANCEL_WAIT: Duration = Duration::from_secs(15);
 /// waits up to 10 s for its run to end: one try is longer than that).
 const ANSWER_WAIT: Duration = Duration::from_secs(12);
 
-async fn request_waiting(
+pub(crate) async fn request_waiting(
     client: &async_nats::Client,
     subjects: &Subjects,
     verb: &str,
@@ -1344,6 +1409,109 @@ fn print_agent_table(agents: &[AgentSummary]) {
             },
             a.tasks.join(",")
         );
+    }
+}
+
+/// `logs`: the log lines of the run's calls, in call order; with `--follow`, those of
+/// attempts that end later too, until the run has ended.
+async fn logs(cli: &Cli, a: &LogsArgs, url: &str) -> ExitCode {
+    let id = match FlowRunId::parse(&a.flow_run_id, "the RUN argument") {
+        Ok(id) => id,
+        Err(e) => return usage_error(e),
+    };
+    let client = match connect(cli, url, "pinazu-cli").await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let subjects = nats_subjects(cli);
+    // bytes of each call's logs printed so far (a retried call's logs grow)
+    let mut printed: std::collections::HashMap<u64, usize> = Default::default();
+    let mut version = None;
+    loop {
+        let ended = match request(
+            &client,
+            &subjects,
+            "status",
+            &ApiRequest::Status { flow_run_id: id },
+        )
+        .await
+        {
+            Ok(ApiReply::Run(info)) => info.status != pinazu_shared::events::FlowStatus::Running,
+            Ok(ApiReply::Error(e)) | Ok(ApiReply::Unknown(e)) => return usage_error(e),
+            Ok(other) => return usage_error(format!("unexpected reply: {other:?}")),
+            Err(e) => return usage_error(e),
+        };
+        let mut offset = 0;
+        loop {
+            let query = pinazu_shared::api::CallsQuery {
+                offset,
+                limit: 200,
+                task: a.task.clone(),
+                logged: true,
+                with_logs: true,
+                ..Default::default()
+            };
+            let page = match request(
+                &client,
+                &subjects,
+                "calls",
+                &ApiRequest::Calls {
+                    flow_run_id: id,
+                    query,
+                },
+            )
+            .await
+            {
+                Ok(ApiReply::Calls(p)) => p,
+                Ok(ApiReply::Error(e)) | Ok(ApiReply::Unknown(e)) => return usage_error(e),
+                Ok(other) => return usage_error(format!("unexpected reply: {other:?}")),
+                Err(e) => return usage_error(e),
+            };
+            if offset == 0 {
+                if let Some(t) = &a.task {
+                    if !page.by_task.iter().any(|(name, _)| name == t) && (ended || !a.follow) {
+                        let known: Vec<&str> =
+                            page.by_task.iter().map(|(n, _)| n.as_str()).collect();
+                        return usage_error(format!(
+                            "run {id} made no call of task `{t}`; its tasks: {}",
+                            known.join(", ")
+                        ));
+                    }
+                }
+                if version == Some(page.version) {
+                    break;
+                }
+                version = Some(page.version);
+            }
+            let n = page.rows.len() as u64;
+            for row in page.rows {
+                let Some(text) = row.logs else { continue };
+                let done = printed.entry(row.call).or_insert(0);
+                if text.len() > *done {
+                    if *done == 0 {
+                        out!(
+                            "── call #{} {} ({}) ──",
+                            row.call,
+                            row.task,
+                            row.status.as_str()
+                        );
+                    }
+                    crate::cli::write_raw(format_args!("{}", text[*done..].trim_end_matches('\n')));
+                    *done = text.len();
+                }
+            }
+            offset += n;
+            if n == 0 || offset >= page.matching {
+                if offset == 0 && !a.follow && printed.is_empty() {
+                    out!("(no log lines: the run's attempts logged nothing at info or above, or the run kept none)");
+                }
+                break;
+            }
+        }
+        if !a.follow || ended {
+            return ExitCode::SUCCESS;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

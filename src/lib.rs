@@ -40,6 +40,7 @@ macro_rules! out {
 }
 
 pub mod cli;
+pub mod dashboard;
 mod distributed;
 pub mod logging;
 mod progress;

@@ -3,6 +3,9 @@
 //! `LOG_LEVEL` (e.g. `debug`), or a full filter from `RUST_LOG`.
 
 use std::io::IsTerminal;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 /// Log output format.
@@ -73,14 +76,75 @@ pub fn init(level: Option<&str>, format: Option<LogFormat>, attempt_lines: bool)
         _ => LogFormat::Console,
     });
     pinazu_coordinator::status::set_json_logs(format == LogFormat::Json);
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(|| RedactingStderr)
         .with_target(true);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Console => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
+    let fmt = match format {
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+        LogFormat::Console => fmt.with_ansi(std::io::stderr().is_terminal()).boxed(),
     };
+    let _ = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(AttemptLogLayer.with_filter(attempt_log_filter()))
+        .try_init();
+}
+
+/// What an attempt's log keeps: info and above from the task's code and the libraries
+/// it calls, not this engine's own lines, nor the actor runtime's or the NATS client's
+/// (their callsites stay disabled: ractor's per-actor spans at info cost throughput).
+fn attempt_log_filter() -> Targets {
+    Targets::new()
+        .with_default(LevelFilter::INFO)
+        .with_target("ractor", LevelFilter::OFF)
+        .with_target("async_nats", LevelFilter::OFF)
+        .with_target("pinazu", LevelFilter::OFF)
+        .with_target("pinazu_flows", LevelFilter::OFF)
+        .with_target("pinazu_coordinator", LevelFilter::OFF)
+        .with_target("pinazu_agent", LevelFilter::OFF)
+        .with_target("pinazu_shared", LevelFilter::OFF)
+}
+
+/// Keeps each `tracing` event emitted inside a task attempt in the attempt's log
+/// (`pinazu_shared::task_context::ATTEMPT_LOG`), which travels with its report.
+/// Outside an attempt it does nothing.
+struct AttemptLogLayer;
+
+impl<S: tracing::Subscriber> Layer<S> for AttemptLogLayer {
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+        pinazu_shared::task_context::log_to_attempt(|| {
+            let meta = event.metadata();
+            let mut line = format!(
+                "{} {:>5} {}:",
+                humantime::format_rfc3339_millis(std::time::SystemTime::now()),
+                meta.level(),
+                meta.target()
+            );
+            let mut fields = LineFields(&mut line);
+            event.record(&mut fields);
+            pinazu_shared::redact::redact(&line).into_owned()
+        });
+    }
+}
+
+/// Writes an event's message, then its other fields as `name=value`.
+struct LineFields<'a>(&'a mut String);
+
+impl tracing::field::Visit for LineFields<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write;
+        let _ = if field.name() == "message" {
+            write!(self.0, " {value:?}")
+        } else {
+            write!(self.0, " {}={value:?}", field.name())
+        };
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        use std::fmt::Write;
+        let _ = if field.name() == "message" {
+            write!(self.0, " {value}")
+        } else {
+            write!(self.0, " {}={value:?}", field.name())
+        };
+    }
 }

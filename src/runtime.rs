@@ -248,6 +248,8 @@ impl Runtime {
                 ),
                 timing,
                 ownership: Default::default(),
+                // (an embedded run's page lives as long as its process)
+                keep_call_logs: false,
             },
             link.clone(),
             store,

@@ -386,6 +386,7 @@ async fn a_report_for_an_attempt_dispatched_to_another_agent_is_refused() {
                     result_ref: None,
                     elapsed_us: 1,
                     result_cache_key: None,
+                    logs: None,
                 })
             })
             .collect(),

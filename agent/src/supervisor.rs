@@ -101,6 +101,7 @@ impl SupervisorState {
             result_ref: None,
             elapsed_us: 0,
             result_cache_key: None,
+            logs: None,
         }));
     }
 

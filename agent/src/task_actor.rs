@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use pinazu_shared::error::{ErrorInfo, FailureKind};
 use pinazu_shared::ids::AgentId;
 use pinazu_shared::registry::{Invoked, TaskDef};
-use pinazu_shared::task_context::{TaskContext, TASK_CONTEXT};
+use pinazu_shared::task_context::{AttemptLog, TaskContext, ATTEMPT_LOG, TASK_CONTEXT};
 use pinazu_shared::wire::{AttemptFinished, SpawnTask};
 
 /// Messages to a task actor: none; it runs its attempt and stops. The supervisor stops
@@ -44,6 +44,8 @@ pub struct TaskState {
     agent_id: Option<AgentId>,
     /// The body's outcome and, when asked for, the call's MD5 cache key.
     invoked: Option<Invoked>,
+    /// Its log lines.
+    logs: Option<Box<str>>,
 }
 
 impl TaskState {
@@ -59,6 +61,7 @@ impl TaskState {
             result_ref: None,
             elapsed_us: self.started.elapsed().as_micros() as u64,
             result_cache_key: cache_key,
+            logs: self.logs,
         })
     }
 }
@@ -96,6 +99,7 @@ impl Actor for TaskActor {
             started: Instant::now(),
             agent_id: Some(agent_id),
             invoked: None,
+            logs: None,
         })
     }
 
@@ -119,6 +123,10 @@ impl Actor for TaskActor {
         };
         let body = (state.def.invoke)(state.spawn.args.clone(), state.spawn.want_key);
         let fut = AssertUnwindSafe(TASK_CONTEXT.scope(ctx, body)).catch_unwind();
+        // its log lines are kept in a task-local the logging layer writes to, taken
+        // back once the attempt ended (however it ended)
+        let fut = ATTEMPT_LOG.scope(std::cell::RefCell::new(AttemptLog::default()), fut);
+        tokio::pin!(fut);
         let timed_out = |t: Duration| Invoked {
             outcome: Err(ErrorInfo::new(
                 FailureKind::Timeout,
@@ -127,12 +135,16 @@ impl Actor for TaskActor {
             cache_key: None,
         };
         let invoked = match state.spawn.timeout_ms.map(Duration::from_millis) {
-            Some(t) => match tokio::time::timeout(t, fut).await {
+            Some(t) => match tokio::time::timeout(t, fut.as_mut()).await {
                 Ok(r) => r,
                 Err(_) => Ok(timed_out(t)),
             },
-            None => fut.await,
+            None => fut.as_mut().await,
         };
+        state.logs = fut
+            .as_mut()
+            .take_value()
+            .and_then(|log| log.into_inner().into_text());
         state.invoked = Some(invoked.unwrap_or_else(|payload| Invoked {
             outcome: Err(ErrorInfo::from_panic(&*payload)),
             cache_key: None,

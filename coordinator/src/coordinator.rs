@@ -3,6 +3,7 @@
 //! and distributed mode; only the `AgentLink` it is given and where its `ResultSink`
 //! is called from differ.
 
+use bytes::Bytes;
 use dashmap::DashMap;
 use ractor::{Actor, ActorRef, SpawnErr};
 use serde::{Deserialize, Serialize};
@@ -11,7 +12,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use tokio::sync::watch;
 
-use pinazu_shared::api::{AgentSummary, RunInfo};
+use pinazu_shared::api::{AgentSummary, CallsPage, CallsQuery, RunInfo};
 use pinazu_shared::error::ParamError;
 use pinazu_shared::events::{
     now_timestamp, EventContext, EventHeader, FlowStatus, FlowStatusMessage,
@@ -24,6 +25,7 @@ use pinazu_shared::transport::{AgentLink, ResultSink};
 use pinazu_shared::wire::{AgentInfo, AttemptFinished, AttemptStarted, Heartbeat, Report};
 
 use crate::cache::{CacheActor, CacheCounters, CacheMsg};
+use crate::calls::CallLog;
 use crate::flow_runner::{FlowRunner, FlowRunnerArgs, FlowRunnerMsg, Seeds};
 use crate::journal::{Claim, Journal, JournalEntry, NoJournal, Replay};
 use crate::scheduler::{Scheduler, SchedulerArgs, SchedulerMsg, SchedulerTiming};
@@ -47,6 +49,9 @@ pub struct CoordinatorConfig {
     /// Leases and run owners when several coordinators share NATS (default: none, this
     /// coordinator is alone).
     pub ownership: OwnershipHandle,
+    /// Keep each ended run's task table in the object store (`runs/<run>/calls.msgpack`)
+    /// for the dashboard (default: off; the distributed coordinator turns it on).
+    pub keep_call_logs: bool,
 }
 
 /// The coordinators' leases, shared (see `ha.rs`).
@@ -106,6 +111,7 @@ impl Default for CoordinatorConfig {
             timing: SchedulerTiming::default(),
             journal: JournalHandle::default(),
             ownership: OwnershipHandle::default(),
+            keep_call_logs: false,
         }
     }
 }
@@ -340,7 +346,16 @@ pub struct CoordShared {
     attempts: AtomicU32,
     /// The object store (large results the journal points at).
     pub(crate) store: Arc<dyn ObjectStore>,
+    /// Task tables of the runs that ended last (also kept in the store, when
+    /// `keep_call_logs`), newest last.
+    recent_logs: std::sync::Mutex<std::collections::VecDeque<(FlowRunId, Arc<CallLog>)>>,
+    /// Prometheus metrics.
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
+
+/// Task tables of ended runs kept in memory (a page of a run that just ended, or one
+/// being looked at, is not read from the store again and again).
+const RECENT_LOGS: usize = 8;
 
 /// Ended runs kept in memory at most (older ones are answered from the journal).
 pub const KEEP_ENDED: usize = 1000;
@@ -373,6 +388,46 @@ impl CoordShared {
                     .remove_if(&old, |_, e| e.outcome.borrow().is_some());
             }
         }
+    }
+
+    /// An ended run's task table: kept among the recent ones and, when asked, in the
+    /// store (in the background: the run's end waits for nothing).
+    pub(crate) fn keep_log(self: &Arc<Self>, id: FlowRunId, log: CallLog) {
+        let log = Arc::new(log);
+        self.remember_log(id, log.clone());
+        if self.config.keep_call_logs {
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                let bytes = match log.encode() {
+                    Ok(b) => Bytes::from(b),
+                    Err(e) => {
+                        tracing::warn!(flow_run_id = %id, error = %e, "could not encode the run's task table");
+                        return;
+                    }
+                };
+                if let Err(e) = store.put(&crate::calls::store_key(id), bytes).await {
+                    tracing::warn!(flow_run_id = %id, error = %e, "could not keep the run's task table in the store; its page shows no tasks once this coordinator forgets it");
+                }
+            });
+        }
+    }
+
+    fn remember_log(&self, id: FlowRunId, log: Arc<CallLog>) {
+        if let Ok(mut recent) = self.recent_logs.lock() {
+            recent.retain(|(r, _)| *r != id);
+            recent.push_back((id, log));
+            while recent.len() > RECENT_LOGS {
+                recent.pop_front();
+            }
+        }
+    }
+
+    fn recent_log(&self, id: FlowRunId) -> Option<Arc<CallLog>> {
+        let recent = self.recent_logs.lock().ok()?;
+        recent
+            .iter()
+            .find(|(r, _)| *r == id)
+            .map(|(_, l)| l.clone())
     }
 
     /// A run another coordinator took over leaves this one's table (its waiters here
@@ -493,6 +548,12 @@ impl Coordinator {
                 table: DashMap::new(),
                 keys: DashMap::new(),
                 ended: Default::default(),
+                recent_logs: Default::default(),
+                metrics: {
+                    let m = Arc::new(crate::metrics::Metrics::new());
+                    m.register_collector(crate::metrics::CacheCollector(cache_counters.clone()));
+                    m
+                },
                 starting: DashMap::new(),
                 events_enabled,
                 unknown_run_reports: AtomicU64::new(0),
@@ -596,6 +657,51 @@ impl Coordinator {
     /// The live agents as the scheduler sees them.
     pub async fn agents(&self) -> Vec<AgentSummary> {
         ractor::call!(self.shared.scheduler, SchedulerMsg::Agents).unwrap_or_default()
+    }
+
+    /// A page of a run's task table: from its runner when hosted here, else from the
+    /// table kept when it ended (in memory, or the store). `None`: no table is known
+    /// (another coordinator hosts the run, or it ended without keeping one).
+    pub async fn calls(&self, id: FlowRunId, q: &CallsQuery) -> Option<CallsPage> {
+        let runner = self.shared.runs.get(&id).map(|r| r.value().clone());
+        if let Some(runner) = runner {
+            if let Ok(page) = ractor::call!(runner, FlowRunnerMsg::Calls, q.clone()) {
+                return Some(page);
+            }
+        }
+        if let Some(log) = self.shared.recent_log(id) {
+            return Some(log.page(q));
+        }
+        let bytes = self
+            .shared
+            .store
+            .get(&crate::calls::store_key(id))
+            .await
+            .ok()??;
+        match CallLog::decode(&bytes) {
+            Ok(log) => {
+                let log = Arc::new(log);
+                self.shared.remember_log(id, log.clone());
+                Some(log.page(q))
+            }
+            Err(e) => {
+                tracing::warn!(flow_run_id = %id, error = %e, "the run's task table in the store does not decode");
+                None
+            }
+        }
+    }
+
+    /// The coordinator's metrics.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.shared.metrics
+    }
+
+    /// `/metrics`: the coordinator's metrics in Prometheus' text format, as they are now.
+    pub async fn render_metrics(&self) -> String {
+        let agents = self.agents().await;
+        self.shared
+            .metrics
+            .render(&agents, self.shared.journal.backlog())
     }
 
     /// One run's state, if this coordinator started it.

@@ -27,9 +27,11 @@ use pinazu_shared::wire::{AttemptFinished, AttemptStarted, Report, SpawnTask};
 use pinazu_shared::BoxFuture;
 
 use crate::cache::CacheMsg;
+use crate::calls::CallLog;
 use crate::context::{FlowContext, Payload, FLOW_CONTEXT};
 use crate::coordinator::{CoordShared, FlowRunOutcome};
 use crate::journal::{JournalEntry, Replay};
+use crate::metrics::TaskMetrics;
 use crate::scheduler::SchedulerMsg;
 use crate::stats::RunStats;
 use crate::status::{RunHeader, StatusMsg, TaskTransition};
@@ -102,6 +104,11 @@ pub enum FlowRunnerMsg {
     Barrier(oneshot::Sender<()>),
     /// Where each call in the table stands (tests and diagnostics).
     Phases(ractor::RpcReplyPort<Vec<(CallId, CallPhase)>>),
+    /// A page of the run's task table (the dashboard).
+    Calls(
+        pinazu_shared::api::CallsQuery,
+        ractor::RpcReplyPort<pinazu_shared::api::CallsPage>,
+    ),
 }
 
 /// What a flow runner starts with.
@@ -218,6 +225,10 @@ pub struct RunnerState {
     params: serde_json::Map<String, Value>,
     /// The journal's claim on the run (released when the run ends).
     claim: Option<Box<dyn std::any::Any + Send + Sync>>,
+    /// The task table the dashboard shows, one row per call.
+    log: CallLog,
+    /// Each task's metrics handles.
+    metrics: HashMap<&'static str, TaskMetrics>,
     events: bool,
     finished: bool,
 }
@@ -322,6 +333,7 @@ impl RunnerState {
         *seq += 1;
         let ordinal = self.next_ordinal;
         self.next_ordinal += 1;
+        self.log.made(ordinal, task.name);
         self.drop_undecodable_journal_entry(task, call_id);
         if let Some(replay) = &self.replay {
             if let Some(ended) = replay.calls.get(&call_id) {
@@ -336,6 +348,10 @@ impl RunnerState {
                 }
                 RunStats::bump(&self.stats.replayed);
                 RunStats::bump(&self.stats.completed);
+                self.log.replayed(ordinal, ended.outcome.as_ref().err());
+                task_metrics(&mut self.metrics, &self.shared, task.name)
+                    .replayed
+                    .inc();
                 let answer = match &ended.outcome {
                     Ok(bytes) => Ok(Payload::Msgpack(bytes.clone())),
                     Err(info) => Err(TaskError::Failed {
@@ -411,6 +427,10 @@ impl RunnerState {
         if let Some((key, value)) = seeded {
             // a result Pinazu Core passed in (--success-task-results)
             RunStats::bump(&self.stats.replayed);
+            self.log.replayed(ordinal, None);
+            task_metrics(&mut self.metrics, &self.shared, task.name)
+                .replayed
+                .inc();
             self.seeds_used.insert(key);
             if let Some(call) = self.calls.get(&call_id) {
                 self.success_event(call);
@@ -442,6 +462,7 @@ impl RunnerState {
                 started: true,
             };
             RunStats::bump(&self.stats.executions);
+            let _ = self.log.started(ordinal, None, 1);
             tracing::debug!(flow_run_id = %self.flow_run_id, %call_id, %attempt_id, "re-attached to an attempt started before the coordinator restarted");
             self.task_event(task.name, FlowStatus::Running, None, None, None);
             return;
@@ -484,6 +505,7 @@ impl RunnerState {
             attempt: attempt_id,
             started: false,
         };
+        self.log.dispatched(call.ordinal, call.attempt);
         let spawn = SpawnTask {
             flow_run_id: self.flow_run_id,
             call_id,
@@ -538,6 +560,12 @@ impl RunnerState {
                 started: true,
             };
             let (task, attempt) = (call.task.name, call.attempt);
+            let waited = self
+                .log
+                .started(call.ordinal, Some(&s.agent_id.0), call.attempt);
+            task_metrics(&mut self.metrics, &self.shared, task)
+                .queue_wait
+                .observe(waited);
             RunStats::bump(&self.stats.executions);
             if attempt > 1 {
                 tracing::debug!(flow_run_id = %self.flow_run_id, task, attempt, agent = %s.agent_id, "attempt started again");
@@ -571,6 +599,10 @@ impl RunnerState {
             return;
         }
         RunStats::bump(&self.stats.cache_hits);
+        self.log.cache_hit(call.ordinal);
+        task_metrics(&mut self.metrics, &self.shared, call.task.name)
+            .cache_hit
+            .inc();
         self.success_event(call);
         self.journal_end(call_id, Ok(json_to_msgpack(&record.result)), None);
         self.resolve(call_id, Ok(Payload::Json(record.result)));
@@ -592,6 +624,23 @@ impl RunnerState {
             return;
         };
         let task = call.task;
+        let ordinal = call.ordinal;
+        self.log.ran_on(ordinal, &f.agent_id.0, f.elapsed_us);
+        if let Some(text) = &f.logs {
+            self.log.attempt_logs(
+                ordinal,
+                call.attempt,
+                &f.agent_id.0,
+                text,
+                f.outcome.is_err(),
+            );
+        }
+        let metrics = task_metrics(&mut self.metrics, &self.shared, task.name);
+        metrics.duration.observe(f.elapsed_us as f64 / 1e6);
+        match &f.outcome {
+            Ok(_) => metrics.success.inc(),
+            Err(_) => 0,
+        };
         match f.outcome {
             Ok(bytes) => {
                 if let (Some(key), Some(md5)) = (&call.cache, &call.md5) {
@@ -627,6 +676,7 @@ impl RunnerState {
                 if let Some(call) = self.calls.get(&f.call_id) {
                     self.success_event(call);
                 }
+                self.log.succeeded(ordinal);
                 self.journal_end(f.call_id, Ok(bytes.clone()), f.result_ref);
                 self.resolve(f.call_id, Ok(Payload::Msgpack(bytes)));
             }
@@ -637,6 +687,7 @@ impl RunnerState {
                 if info.kind.retryable() && call.failures <= policy.retries && !self.finished {
                     call.phase = CallPhase::RetryDue;
                     RunStats::bump(&self.stats.retries);
+                    self.log.retrying(ordinal, &info);
                     let delay = policy.delay_with_jitter(attempt, fastrand::f64());
                     tracing::info!(flow_run_id = %self.flow_run_id, task = task.name, call_id = %f.call_id, attempt, error = %info, delay_ms = delay.as_millis() as u64, "attempt failed; retrying");
                     let note = format!(
@@ -655,6 +706,10 @@ impl RunnerState {
                         Some(info.to_string()),
                         info.traceback.as_deref().map(String::from),
                     );
+                    self.log.failed(ordinal, &info);
+                    task_metrics(&mut self.metrics, &self.shared, task.name)
+                        .failed
+                        .inc();
                     self.journal_end(f.call_id, Err(info.clone()), None);
                     self.resolve(
                         f.call_id,
@@ -822,6 +877,10 @@ impl RunnerState {
             for id in ids {
                 if let Some(mut call) = self.calls.remove(&id) {
                     RunStats::bump(&self.stats.cancelled);
+                    self.log.cancelled(call.ordinal, unfinished);
+                    task_metrics(&mut self.metrics, &self.shared, call.task.name)
+                        .cancelled
+                        .inc();
                     self.task_event(
                         call.task.name,
                         FlowStatus::Failed,
@@ -913,6 +972,12 @@ impl RunnerState {
             leases.release(self.flow_run_id).await;
         }
         self.flow_event(status, error.as_ref());
+        self.shared
+            .metrics
+            .run_ended(self.flow.name, status.as_str());
+        self.log.close();
+        let log = std::mem::replace(&mut self.log, CallLog::new(serde_json::Map::new()));
+        self.shared.keep_log(self.flow_run_id, log);
         // deliver the run's events and cache writes before anyone sees the outcome
         let _ = ractor::call!(self.shared.status, StatusMsg::Flush);
         let _ = ractor::call!(self.shared.cache, CacheMsg::Flush);
@@ -1150,6 +1215,15 @@ impl RunnerState {
     }
 }
 
+/// A task's metrics handles (looked up once per task and run).
+fn task_metrics<'a>(
+    map: &'a mut HashMap<&'static str, TaskMetrics>,
+    shared: &CoordShared,
+    task: &'static str,
+) -> &'a TaskMetrics {
+    map.entry(task).or_insert_with(|| shared.metrics.task(task))
+}
+
 fn schedule_retry(me: ActorRef<FlowRunnerMsg>, call_id: CallId, delay: Duration) {
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
@@ -1220,6 +1294,8 @@ impl Actor for FlowRunner {
             seeds,
             seeds_used: Default::default(),
             header,
+            log: CallLog::new(params.clone()),
+            metrics: HashMap::new(),
             params,
             claim,
             finished: false,
@@ -1288,6 +1364,9 @@ impl Actor for FlowRunner {
                 if state.phase(call_id) == Some(CallPhase::RetryDue) {
                     state.dispatch(call_id);
                 }
+            }
+            FlowRunnerMsg::Calls(query, reply) => {
+                let _ = reply.send(state.log.page(&query));
             }
             FlowRunnerMsg::Phases(reply) => {
                 let mut phases: Vec<(CallId, CallPhase)> =

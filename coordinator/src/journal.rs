@@ -106,6 +106,10 @@ pub trait Journal: Send + Sync + 'static {
     fn history(&self) -> BoxFuture<'_, Result<Vec<(RunInfo, u64)>, JournalError>> {
         Box::pin(async { Ok(Vec::new()) })
     }
+    /// Journal messages queued and not yet durable (0 when it cannot tell).
+    fn backlog(&self) -> u64 {
+        0
+    }
     /// Whether another writer appended to the run after this one (it took the run
     /// over): this journal no longer appends to it.
     fn fenced(&self, _run: FlowRunId) -> bool {

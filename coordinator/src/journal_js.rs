@@ -49,6 +49,8 @@ pub struct JetStreamJournal {
     fenced: Arc<Mutex<HashSet<FlowRunId>>>,
     /// The runs fenced, as they are (taken once, by the coordinator).
     lost: Mutex<Option<mpsc::UnboundedReceiver<FlowRunId>>>,
+    /// Journal messages queued and not yet stored.
+    backlog: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn err(what: &str, e: impl std::fmt::Display) -> JournalError {
@@ -213,7 +215,9 @@ impl JetStreamJournal {
         let limit = (client_max_payload.saturating_sub(4096)).max(64 * 1024);
         let fenced = Arc::new(Mutex::new(HashSet::new()));
         let (lost_tx, lost) = mpsc::unbounded_channel();
+        let backlog = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let w = Writer {
+            backlog: backlog.clone(),
             js,
             queues: HashMap::new(),
             last: HashMap::new(),
@@ -230,6 +234,7 @@ impl JetStreamJournal {
             tx,
             fenced,
             lost: Mutex::new(Some(lost)),
+            backlog,
         }
     }
 
@@ -266,6 +271,7 @@ struct Writer {
     /// This writer's message id prefix (random) and counter.
     ids: (u64, u64),
     warned: bool,
+    backlog: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Retry period of what is queued while JetStream is unreachable.
@@ -290,6 +296,15 @@ impl Writer {
             .entry(subject)
             .or_default()
             .push_back(Queued { body, id, ends });
+        self.backlog
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The backlog as the queues are now (after messages left them).
+    fn count_backlog(&self) {
+        let n: usize = self.queues.values().map(|q| q.len()).sum();
+        self.backlog
+            .store(n as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn is_fenced(&self, run: FlowRunId) -> bool {
@@ -486,6 +501,7 @@ async fn writer(mut w: Writer, mut rx: mpsc::UnboundedReceiver<Cmd>, limit: usiz
             },
             _ = retry.tick(), if !w.queues.is_empty() => {
                 let _ = w.store().await;
+                w.count_backlog();
                 continue;
             }
         };
@@ -552,6 +568,7 @@ async fn writer(mut w: Writer, mut rx: mpsc::UnboundedReceiver<Cmd>, limit: usiz
             w.queue(subject, Bytes::from(body), ends);
         }
         let r = w.store().await;
+        w.count_backlog();
         for done in flushes {
             let _ = done.send(r.clone());
         }
@@ -660,6 +677,10 @@ impl Journal for JetStreamJournal {
             .lock()
             .map(|f| f.contains(&run))
             .unwrap_or(false)
+    }
+
+    fn backlog(&self) -> u64 {
+        self.backlog.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn unfence(&self, run: FlowRunId) {
@@ -801,6 +822,7 @@ impl Journal for JetStreamJournal {
                                 error: None,
                                 note: Some("no coordinator hosts it now".into()),
                                 owner: None,
+                                at_ms: None,
                             },
                             started,
                         ))

@@ -4,12 +4,14 @@
 //! [`StatusPublisher`](status::StatusPublisher). [`Coordinator`] wires them together.
 
 pub mod cache;
+pub mod calls;
 pub mod context;
 pub mod coordinator;
 pub mod flow_runner;
 pub mod ha;
 pub mod journal;
 pub mod journal_js;
+pub mod metrics;
 pub mod nats;
 pub mod scheduler;
 pub mod stats;

@@ -670,6 +670,7 @@ impl SchedulerState {
                     result_ref: None,
                     elapsed_us: 0,
                     result_cache_key: None,
+                    logs: None,
                 }),
             );
         }

@@ -156,6 +156,7 @@ impl StatsSnapshot {
             error: None,
             note: None,
             owner: None,
+            at_ms: None,
         }
     }
 }

@@ -161,6 +161,7 @@ fn finished(s: &SpawnTask, outcome: Result<Bytes, ErrorInfo>) -> AttemptFinished
         result_ref: None,
         elapsed_us: 1,
         result_cache_key: None,
+        logs: None,
     }
 }
 
@@ -339,6 +340,7 @@ async fn a_task_that_requires_labels_goes_only_to_an_agent_that_has_them() {
         result_ref: None,
         elapsed_us: 1,
         result_cache_key: None,
+        logs: None,
     });
     assert_eq!(run.wait().await.result, Some(json!(49)));
 }
@@ -461,6 +463,7 @@ async fn a_result_an_earlier_coordinator_dispatched_answers_the_call_without_run
         result_ref: None,
         elapsed_us: 1,
         result_cache_key: None,
+        logs: None,
     });
     let out = tokio::time::timeout(Duration::from_secs(10), run.wait())
         .await
@@ -500,6 +503,7 @@ async fn an_attempt_an_earlier_coordinator_dispatched_is_re_attached_and_its_res
         result_ref: None,
         elapsed_us: 1,
         result_cache_key: None,
+        logs: None,
     });
     let out = tokio::time::timeout(Duration::from_secs(10), run.wait())
         .await
@@ -671,6 +675,7 @@ async fn an_attempt_no_agent_can_run_does_not_block_the_ones_behind_it() {
         result_ref: None,
         elapsed_us: 1,
         result_cache_key: None,
+        logs: None,
     });
     assert_eq!(run.wait().await.result, Some(json!([true, 4])));
 }

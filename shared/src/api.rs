@@ -41,6 +41,14 @@ pub enum ApiRequest {
     },
     /// The agents.
     Agents,
+    /// A page of one run's task table (served by the coordinator hosting the run, or
+    /// from the table it kept in the store when the run ended).
+    Calls {
+        /// The run.
+        flow_run_id: FlowRunId,
+        /// Which rows.
+        query: CallsQuery,
+    },
     /// Runs from the history (the journal's runs stream) and the live coordinators,
     /// most recent first: so they survive every coordinator restarting.
     History(RunsQuery),
@@ -60,6 +68,23 @@ pub enum ApiRequest {
     },
 }
 
+impl ApiRequest {
+    /// Its verb: the last token of the subject it is sent on (`<prefix>.api.<verb>`),
+    /// so NATS permissions can grant some verbs only.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            ApiRequest::Start { .. } => "start",
+            ApiRequest::Status { .. } => "status",
+            ApiRequest::Runs | ApiRequest::History(_) => "runs",
+            ApiRequest::Cancel { .. } => "cancel",
+            ApiRequest::Agents => "agents",
+            ApiRequest::Calls { .. } => "calls",
+            ApiRequest::Reject { .. } => "reject",
+            ApiRequest::StoreProbe => "store_probe",
+        }
+    }
+}
+
 /// A reply.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ApiReply {
@@ -76,6 +101,8 @@ pub enum ApiReply {
     Runs(Vec<RunInfo>),
     /// Agents.
     Agents(Vec<AgentSummary>),
+    /// A page of a run's task table.
+    Calls(Box<CallsPage>),
     /// The request could not be served; the message says why.
     Error(String),
     /// No such run is known (not here, not in the journal).
@@ -130,6 +157,10 @@ pub struct RunInfo {
     /// The coordinator that hosts the run (several coordinators); absent when alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// When the run started, or ended once it has (ms since the Unix epoch): the order
+    /// of `runs` (set in its answers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_ms: Option<u64>,
 }
 
 /// Which runs `runs` lists.
@@ -143,6 +174,10 @@ pub struct RunsQuery {
     pub flow: Option<String>,
     /// Only runs started or ended at or after this time (ms since the Unix epoch).
     pub since_ms: Option<u64>,
+    /// Only runs started or ended before this time (ms since the Unix epoch): the
+    /// next page of a list is the runs before the last one shown (its `at_ms`).
+    #[serde(default)]
+    pub before_ms: Option<u64>,
 }
 
 /// What an operator sees of an agent.
@@ -162,4 +197,157 @@ pub struct AgentSummary {
     pub draining: bool,
     /// Milliseconds since its last heartbeat (0 for in-process agents).
     pub last_seen_ms: u64,
+}
+
+/// Which of a run's calls the task table shows (`ApiRequest::Calls`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallsQuery {
+    /// Rows to skip (of the calls that match, in call order).
+    pub offset: u64,
+    /// At most this many rows (capped at [`CALLS_PAGE_MAX`]).
+    pub limit: u32,
+    /// Only calls with this status.
+    #[serde(default)]
+    pub status: Option<CallStatus>,
+    /// Only calls of this task.
+    #[serde(default)]
+    pub task: Option<String>,
+    /// Lanes of the timeline to return this wide (pixels; 0: no timeline).
+    #[serde(default)]
+    pub timeline_width: u32,
+    /// Only calls whose attempts left log lines.
+    #[serde(default)]
+    pub logged: bool,
+    /// The rows carry their attempts' log lines.
+    #[serde(default)]
+    pub with_logs: bool,
+}
+
+/// The most rows one page of the task table returns.
+pub const CALLS_PAGE_MAX: u32 = 1000;
+
+/// Where a call stands, as the task table shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum CallStatus {
+    /// Made, waiting for the cache or for a slot.
+    Pending,
+    /// An attempt runs.
+    Running,
+    /// An attempt failed; the next one waits for its delay.
+    Retrying,
+    /// Ended with a result.
+    Success,
+    /// Ended with an error.
+    Failed,
+    /// Still unfinished when the run ended.
+    Cancelled,
+}
+
+impl CallStatus {
+    /// Every status, in the order the page lists them.
+    pub const ALL: [CallStatus; 6] = [
+        CallStatus::Pending,
+        CallStatus::Running,
+        CallStatus::Retrying,
+        CallStatus::Success,
+        CallStatus::Failed,
+        CallStatus::Cancelled,
+    ];
+
+    /// Parses `PENDING`, `running`, ... (as the page and the CLI write them).
+    pub fn parse(s: &str) -> Option<CallStatus> {
+        CallStatus::ALL
+            .into_iter()
+            .find(|c| c.as_str().eq_ignore_ascii_case(s))
+    }
+
+    /// Its name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallStatus::Pending => "PENDING",
+            CallStatus::Running => "RUNNING",
+            CallStatus::Retrying => "RETRYING",
+            CallStatus::Success => "SUCCESS",
+            CallStatus::Failed => "FAILED",
+            CallStatus::Cancelled => "CANCELLED",
+        }
+    }
+}
+
+/// One row of the task table.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CallView {
+    /// Position among the run's calls (0-based).
+    pub call: u64,
+    /// The task.
+    pub task: String,
+    /// Where it stands.
+    pub status: CallStatus,
+    /// Attempts dispatched (0 when answered without running).
+    pub attempts: u32,
+    /// The agent of its last attempt.
+    pub agent: Option<String>,
+    /// Milliseconds from the run's start: when it was made, when its last attempt
+    /// started, when it ended.
+    pub queued_ms: u64,
+    /// See `queued_ms`.
+    pub started_ms: Option<u64>,
+    /// See `queued_ms`.
+    pub ended_ms: Option<u64>,
+    /// Answered from the cache.
+    pub cache_hit: bool,
+    /// Answered from the run's journal (a resume) or from a result passed in.
+    pub replayed: bool,
+    /// The error of its last failed attempt (also while retrying).
+    pub error: Option<String>,
+    /// The error chain of that failure.
+    pub traceback: Option<String>,
+    /// Its attempts left log lines.
+    #[serde(default)]
+    pub has_logs: bool,
+    /// Those lines (when the query asked `with_logs`), each attempt's after a header.
+    #[serde(default)]
+    pub logs: Option<String>,
+}
+
+/// One page of a run's task table, with what the page header and the timeline need.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CallsPage {
+    /// Calls made so far.
+    pub total: u64,
+    /// Calls that match the query's filters.
+    pub matching: u64,
+    /// The rows asked for.
+    pub rows: Vec<CallView>,
+    /// Calls per status.
+    pub by_status: Vec<(CallStatus, u64)>,
+    /// Calls per task name.
+    pub by_task: Vec<(String, u64)>,
+    /// The run's parameters.
+    pub params: Map<String, Value>,
+    /// Changes with every row that changes: a page polled again with the same value
+    /// has nothing new.
+    pub version: u64,
+    /// Milliseconds the run has been running (or ran).
+    pub span_ms: u64,
+    /// Attempts whose logs were not kept (the run's logs passed their bound).
+    #[serde(default)]
+    pub logs_dropped: u64,
+    /// Attempts over time per agent, `timeline_width` columns wide.
+    pub timeline: Vec<TimelineLane>,
+}
+
+/// One agent's lane of the timeline: per column (`span_ms / width` each), how many of
+/// the calls whose last attempt ran there were running, and how many of those failed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimelineLane {
+    /// The agent.
+    pub agent: String,
+    /// Attempts running, per column.
+    pub running: Vec<u32>,
+    /// Of those, attempts of calls that failed or were retried, per column.
+    pub failed: Vec<u32>,
+    /// Attempts drawn in this lane.
+    pub attempts: u64,
 }

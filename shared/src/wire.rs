@@ -73,6 +73,10 @@ pub struct AttemptFinished {
     /// (`Box<str>`: this struct travels in every attempt report; kept small.)
     #[serde(default)]
     pub result_cache_key: Option<Box<str>>,
+    /// The attempt's own log lines (its `tracing` events), bounded
+    /// (`task_context::LOG_LINES_MAX`, `LOG_BYTES_MAX`), with a mark when cut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<Box<str>>,
 }
 
 /// An agent's advertisement: what it runs and how much at once.

@@ -233,6 +233,7 @@ pub fn app(name: &str) -> Command {
         "PINAZU_STORE",
         "PINAZU_SUBJECT_PREFIX",
         "LOG_FORMAT",
+        "PINAZU_HTTP",
     ] {
         cmd.env_remove(var);
     }
@@ -243,7 +244,9 @@ pub fn app(name: &str) -> Command {
         std::process::id(),
         N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
+    // (a coordinator's dashboard is asked for by the tests that use it, on a free port)
     cmd.env("LOG_LEVEL", "info")
+        .env("PINAZU_NO_HTTP", "1")
         .env("NO_COLOR", "1")
         .env("PINAZU_JOURNAL_DIR", journal);
     cmd

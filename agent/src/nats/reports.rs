@@ -111,6 +111,7 @@ pub(super) async fn fetch_args(
         result_ref: None,
         elapsed_us: 0,
         result_cache_key: None,
+        logs: None,
     });
 }
 
@@ -120,11 +121,12 @@ pub(super) fn report_size(r: &Report, threshold: usize) -> usize {
     match r {
         Report::Started(_) => 128,
         Report::Finished(f) => {
-            160 + match &f.outcome {
-                Ok(b) if b.len() > threshold => 128,
-                Ok(b) => b.len(),
-                Err(e) => e.size(),
-            }
+            160 + f.logs.as_ref().map_or(0, |l| l.len())
+                + match &f.outcome {
+                    Ok(b) if b.len() > threshold => 128,
+                    Ok(b) => b.len(),
+                    Err(e) => e.size(),
+                }
         }
     }
 }

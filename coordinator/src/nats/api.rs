@@ -134,12 +134,12 @@ pub(super) fn serve_api(
             };
             // each verb has a subject of its own, so NATS permissions can grant some
             // verbs only (agents may ask `store_probe` and nothing else)
-            if msg.subject.rsplit('.').next() != Some(verb_of(&req)) {
+            if msg.subject.rsplit('.').next() != Some(req.verb()) {
                 let why = format!(
                     "a {:?} request on {}: refused (send it on {})",
-                    verb_of(&req),
+                    req.verb(),
                     msg.subject,
-                    api_ctx.subjects.api(verb_of(&req))
+                    api_ctx.subjects.api(req.verb())
                 );
                 k.drops.record(&msg.subject, &why);
                 api_ctx.respond(msg.reply, &ApiReply::Error(why)).await;
@@ -185,20 +185,6 @@ pub(super) const API_QUEUE: &str = "pinazu-coordinators";
 /// longer: it waits up to 10 s for its run to end).
 const PASS_ON_WAIT: Duration = Duration::from_secs(4);
 
-/// The API verb of a request (its subject's last token).
-fn verb_of(req: &ApiRequest) -> &'static str {
-    match req {
-        ApiRequest::Start { .. } => "start",
-        ApiRequest::Status { .. } => "status",
-        ApiRequest::Runs => "runs",
-        ApiRequest::Cancel { .. } => "cancel",
-        ApiRequest::Agents => "agents",
-        ApiRequest::History(_) => "runs",
-        ApiRequest::Reject { .. } => "reject",
-        ApiRequest::StoreProbe => "store_probe",
-    }
-}
-
 /// What the API handlers share.
 pub(super) struct ApiCtx {
     pub(super) c: Coordinator,
@@ -229,7 +215,7 @@ impl ApiCtx {
         let subject = format!(
             "{}.coord.{coordinator}.api.{}",
             self.subjects.prefix(),
-            verb_of(req)
+            req.verb()
         );
         let body = match encode_envelope(req) {
             Ok(b) => Bytes::from(b),
@@ -335,11 +321,19 @@ impl ApiCtx {
                 q.status.is_none_or(|s| r.status == s)
                     && q.flow.as_deref().is_none_or(|f| r.flow == f)
                     && q.since_ms.is_none_or(|t| *at >= t)
+                    && q.before_ms.is_none_or(|t| *at < t)
             })
             .collect();
         runs.sort_by_key(|r| std::cmp::Reverse(r.1));
         runs.truncate(q.limit.max(1) as usize);
-        ApiReply::Runs(runs.into_iter().map(|(r, _)| r).collect())
+        ApiReply::Runs(
+            runs.into_iter()
+                .map(|(r, at)| RunInfo {
+                    at_ms: Some(at),
+                    ..r
+                })
+                .collect(),
+        )
     }
 
     /// `passed`: the request was passed on by another coordinator (answered here, never
@@ -347,9 +341,9 @@ impl ApiCtx {
     async fn handle(&self, req: ApiRequest, passed: bool) -> ApiReply {
         if !passed {
             let run = match &req {
-                ApiRequest::Status { flow_run_id } | ApiRequest::Cancel { flow_run_id } => {
-                    Some(*flow_run_id)
-                }
+                ApiRequest::Status { flow_run_id }
+                | ApiRequest::Cancel { flow_run_id }
+                | ApiRequest::Calls { flow_run_id, .. } => Some(*flow_run_id),
                 _ => None,
             };
             if let Some(run) = run {
@@ -361,6 +355,7 @@ impl ApiCtx {
                     // its owner does not answer (it just died, or is stopped): a status
                     // says the run is being taken over; a cancel waits for the new owner
                     return match req {
+                        ApiRequest::Calls { .. } => reply,
                         ApiRequest::Status { .. } => match self.c.unhosted_run(run).await {
                             Some(info) => ApiReply::Run(info),
                             None => reply,
@@ -531,6 +526,19 @@ impl ApiCtx {
                 }
             }
             ApiRequest::Agents => ApiReply::Agents(c.agents().await),
+            ApiRequest::Calls { flow_run_id, query } => match c.calls(flow_run_id, &query).await {
+                Some(page) => ApiReply::Calls(Box::new(page)),
+                None if c.run_info(flow_run_id).is_some()
+                    || c.journaled_run(flow_run_id).await.is_some() =>
+                {
+                    ApiReply::Error(format!(
+                        "flow run {flow_run_id} kept no task table (it ended on a coordinator that did not keep one, or the store could not be read)"
+                    ))
+                }
+                None => ApiReply::Unknown(format!(
+                    "flow run {flow_run_id} is not known to this coordinator"
+                )),
+            },
         }
     }
 }

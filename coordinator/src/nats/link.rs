@@ -127,6 +127,7 @@ impl NatsAgentLink {
                             result_ref: None,
                             elapsed_us: 0,
                             result_cache_key: None,
+                            logs: None,
                         });
                     }
                 }

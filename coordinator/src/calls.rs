@@ -1,0 +1,513 @@
+//! A run's task table (`CallLog`): one compact row per call, owned and written by the
+//! run's `FlowRunner` on the transitions it makes anyway (no lock, no message), read by
+//! the dashboard a page at a time. When the run ends the table is kept in the object
+//! store (`runs/<run>/calls.msgpack`), so an ended run's page works from any
+//! coordinator and after restarts.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::time::Instant;
+
+use pinazu_shared::api::{
+    CallStatus, CallView, CallsPage, CallsQuery, TimelineLane, CALLS_PAGE_MAX,
+};
+use pinazu_shared::error::ErrorInfo;
+use pinazu_shared::ids::FlowRunId;
+
+/// No time recorded (a row's `started_ms`/`ended_ms`).
+const NONE: u32 = u32::MAX;
+/// An error message or chain is kept this long at most.
+const ERROR_MAX: usize = 4096;
+/// The attempts' logs one run keeps in all; beyond, only failed attempts' logs are kept.
+const LOGS_MAX: usize = 64 * 1024 * 1024;
+
+/// Row flags.
+const CACHE_HIT: u8 = 1;
+const REPLAYED: u8 = 2;
+
+/// One call: 32 bytes.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+struct Row {
+    task: u16,
+    status: u8,
+    flags: u8,
+    attempts: u16,
+    agent: u32,
+    queued_ms: u32,
+    started_ms: u32,
+    ended_ms: u32,
+    error: u32,
+    #[serde(default = "none")]
+    logs: u32,
+}
+
+fn none() -> u32 {
+    NONE
+}
+
+fn status_code(s: CallStatus) -> u8 {
+    CallStatus::ALL.iter().position(|c| *c == s).unwrap_or(0) as u8
+}
+
+fn status_of(code: u8) -> CallStatus {
+    CallStatus::ALL
+        .get(code as usize)
+        .copied()
+        .unwrap_or(CallStatus::Pending)
+}
+
+/// The task table of one run.
+#[derive(Serialize, Deserialize)]
+pub struct CallLog {
+    rows: Vec<Row>,
+    tasks: Vec<String>,
+    agents: Vec<String>,
+    /// Error message and chain, by a row's `error` index.
+    errors: Vec<(String, Option<String>)>,
+    /// Attempts' log lines, by a row's `logs` index (a call's attempts one after the
+    /// other).
+    #[serde(default)]
+    logs: Vec<String>,
+    #[serde(default)]
+    log_bytes: usize,
+    /// Attempts' logs not kept (the run's logs passed `LOGS_MAX`).
+    #[serde(default)]
+    logs_dropped: u64,
+    params: Map<String, Value>,
+    version: u64,
+    span_ms: u64,
+    #[serde(skip)]
+    index: Index,
+}
+
+/// Lookups from names to indices (rebuilt, not stored).
+struct Index {
+    started: Instant,
+    tasks: HashMap<&'static str, u16>,
+    agents: HashMap<String, u32>,
+}
+
+impl Default for Index {
+    fn default() -> Self {
+        Index {
+            started: Instant::now(),
+            tasks: HashMap::new(),
+            agents: HashMap::new(),
+        }
+    }
+}
+
+fn clip(s: &str) -> String {
+    if s.len() <= ERROR_MAX {
+        return s.to_string();
+    }
+    let mut end = ERROR_MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… (cut at {ERROR_MAX} bytes)", &s[..end])
+}
+
+impl CallLog {
+    /// An empty table for a run with these parameters, its clock starting now.
+    pub fn new(params: Map<String, Value>) -> Self {
+        CallLog {
+            rows: Vec::new(),
+            tasks: Vec::new(),
+            agents: Vec::new(),
+            errors: Vec::new(),
+            logs: Vec::new(),
+            log_bytes: 0,
+            logs_dropped: 0,
+            params,
+            version: 0,
+            span_ms: 0,
+            index: Index::default(),
+        }
+    }
+
+    fn now_ms(&self) -> u32 {
+        self.index
+            .started
+            .elapsed()
+            .as_millis()
+            .min(NONE as u128 - 1) as u32
+    }
+
+    fn row(&mut self, ordinal: u64) -> Option<&mut Row> {
+        self.version += 1;
+        self.rows.get_mut(ordinal as usize)
+    }
+
+    /// The flow body made a call (its ordinal is the table's length).
+    pub fn made(&mut self, ordinal: u64, task: &'static str) {
+        let tasks = &mut self.tasks;
+        let t = *self.index.tasks.entry(task).or_insert_with(|| {
+            tasks.push(task.to_string());
+            (tasks.len() - 1).min(u16::MAX as usize) as u16
+        });
+        let queued_ms = self.now_ms();
+        if ordinal as usize != self.rows.len() {
+            return;
+        }
+        self.version += 1;
+        self.rows.push(Row {
+            task: t,
+            status: status_code(CallStatus::Pending),
+            flags: 0,
+            attempts: 0,
+            agent: NONE,
+            queued_ms,
+            started_ms: NONE,
+            ended_ms: NONE,
+            error: NONE,
+            logs: NONE,
+        });
+    }
+
+    /// An attempt of the call was dispatched (queued for a slot): `queued_ms` is when
+    /// its last attempt was.
+    pub fn dispatched(&mut self, ordinal: u64, attempt: u32) {
+        let now = self.now_ms();
+        if let Some(r) = self.row(ordinal) {
+            r.status = status_code(CallStatus::Pending);
+            r.attempts = attempt.min(u16::MAX as u32) as u16;
+            r.queued_ms = now;
+            r.started_ms = NONE;
+        }
+    }
+
+    fn agent_index(&mut self, agent: &str) -> u32 {
+        if let Some(i) = self.index.agents.get(agent) {
+            return *i;
+        }
+        self.agents.push(agent.to_string());
+        let i = (self.agents.len() - 1) as u32;
+        self.index.agents.insert(agent.to_string(), i);
+        i
+    }
+
+    /// The call's attempt started on an agent (`None`: adopted, agent unknown).
+    /// Returns how long it waited since it was queued, in seconds.
+    pub fn started(&mut self, ordinal: u64, agent: Option<&str>, attempt: u32) -> f64 {
+        let agent = agent.map_or(NONE, |a| self.agent_index(a));
+        let now = self.now_ms();
+        let Some(r) = self.row(ordinal) else {
+            return 0.0;
+        };
+        r.status = status_code(CallStatus::Running);
+        r.started_ms = now;
+        r.attempts = attempt.min(u16::MAX as u32) as u16;
+        if agent != NONE {
+            r.agent = agent;
+        }
+        now.saturating_sub(r.queued_ms) as f64 / 1000.0
+    }
+
+    /// The call's last attempt ran on this agent for `elapsed_us` (its start may never
+    /// have been reported).
+    pub fn ran_on(&mut self, ordinal: u64, agent: &str, elapsed_us: u64) {
+        let agent = self.agent_index(agent);
+        let now = self.now_ms();
+        // (its start is reported in the same batch as its end, often: the agent's
+        // measure of how long it ran places the start better)
+        let began = now.saturating_sub((elapsed_us / 1000).min(u32::MAX as u64) as u32);
+        if let Some(r) = self.row(ordinal) {
+            r.agent = agent;
+            if r.started_ms == NONE || r.started_ms > began {
+                r.started_ms = began.max(r.queued_ms);
+            }
+        }
+    }
+
+    /// An attempt of the call ended with these log lines.
+    pub fn attempt_logs(
+        &mut self,
+        ordinal: u64,
+        attempt: u32,
+        agent: &str,
+        text: &str,
+        failed: bool,
+    ) {
+        if self.log_bytes + text.len() > LOGS_MAX && !failed {
+            self.logs_dropped += 1;
+            return;
+        }
+        self.log_bytes += text.len();
+        let Some(r) = self.rows.get(ordinal as usize).copied() else {
+            return;
+        };
+        self.version += 1;
+        let header = format!("── attempt {attempt} on {agent} ──\n");
+        match self.logs.get_mut(r.logs as usize) {
+            Some(kept) if r.logs != NONE => {
+                kept.push_str(&header);
+                kept.push_str(text);
+            }
+            _ => {
+                self.logs.push(format!("{header}{text}"));
+                let i = (self.logs.len() - 1) as u32;
+                if let Some(r) = self.rows.get_mut(ordinal as usize) {
+                    r.logs = i;
+                }
+            }
+        }
+    }
+
+    fn error_index(&mut self, e: &ErrorInfo) -> u32 {
+        self.errors
+            .push((clip(&e.to_string()), e.traceback.as_deref().map(clip)));
+        (self.errors.len() - 1) as u32
+    }
+
+    /// An attempt failed and will be retried.
+    pub fn retrying(&mut self, ordinal: u64, e: &ErrorInfo) {
+        let error = self.error_index(e);
+        if let Some(r) = self.row(ordinal) {
+            r.status = status_code(CallStatus::Retrying);
+            r.error = error;
+        }
+    }
+
+    /// The call ended: `error` when it failed; `flags` how it was answered.
+    fn ended(&mut self, ordinal: u64, status: CallStatus, flags: u8, error: Option<&ErrorInfo>) {
+        let error = error.map_or(NONE, |e| self.error_index(e));
+        let now = self.now_ms();
+        if let Some(r) = self.row(ordinal) {
+            r.status = status_code(status);
+            r.flags |= flags;
+            r.ended_ms = now;
+            if error != NONE {
+                r.error = error;
+            }
+        }
+    }
+
+    /// The call ended with a result its attempt returned.
+    pub fn succeeded(&mut self, ordinal: u64) {
+        self.ended(ordinal, CallStatus::Success, 0, None);
+    }
+
+    /// The call was answered from the cache.
+    pub fn cache_hit(&mut self, ordinal: u64) {
+        self.ended(ordinal, CallStatus::Success, CACHE_HIT, None);
+    }
+
+    /// The call was answered from the journal or from a result passed in.
+    pub fn replayed(&mut self, ordinal: u64, failed: Option<&ErrorInfo>) {
+        let status = match failed {
+            Some(_) => CallStatus::Failed,
+            None => CallStatus::Success,
+        };
+        self.ended(ordinal, status, REPLAYED, failed);
+    }
+
+    /// The call failed for good.
+    pub fn failed(&mut self, ordinal: u64, e: &ErrorInfo) {
+        self.ended(ordinal, CallStatus::Failed, 0, Some(e));
+    }
+
+    /// The run ended before the call did.
+    pub fn cancelled(&mut self, ordinal: u64, why: &str) {
+        let e = ErrorInfo::new(
+            pinazu_shared::error::FailureKind::Cancelled,
+            why.to_string(),
+        );
+        self.ended(ordinal, CallStatus::Cancelled, 0, Some(&e));
+    }
+
+    /// The run ended: the table's time span stops growing.
+    pub fn close(&mut self) {
+        self.span_ms = self.index.started.elapsed().as_millis() as u64;
+        self.version += 1;
+    }
+
+    fn span(&self) -> u64 {
+        if self.span_ms > 0 {
+            self.span_ms
+        } else {
+            self.index.started.elapsed().as_millis() as u64
+        }
+    }
+
+    fn view(&self, ordinal: usize, r: &Row, with_logs: bool) -> CallView {
+        let time = |t: u32| (t != NONE).then_some(t as u64);
+        let (error, traceback) = match self.errors.get(r.error as usize) {
+            Some((e, t)) if r.error != NONE => (Some(e.clone()), t.clone()),
+            _ => (None, None),
+        };
+        CallView {
+            call: ordinal as u64,
+            task: self.tasks.get(r.task as usize).cloned().unwrap_or_default(),
+            status: status_of(r.status),
+            attempts: r.attempts as u32,
+            agent: self.agents.get(r.agent as usize).cloned(),
+            queued_ms: r.queued_ms as u64,
+            started_ms: time(r.started_ms),
+            ended_ms: time(r.ended_ms),
+            cache_hit: r.flags & CACHE_HIT != 0,
+            replayed: r.flags & REPLAYED != 0,
+            error,
+            traceback,
+            has_logs: r.logs != NONE,
+            logs: if with_logs && r.logs != NONE {
+                self.logs.get(r.logs as usize).cloned()
+            } else {
+                None
+            },
+        }
+    }
+
+    /// One page of the table, filtered, with the counts and the timeline.
+    pub fn page(&self, q: &CallsQuery) -> CallsPage {
+        let task = q
+            .task
+            .as_deref()
+            .map(|t| self.tasks.iter().position(|n| n == t).map(|i| i as u16));
+        let status = q.status.map(status_code);
+        let limit = q.limit.clamp(1, CALLS_PAGE_MAX) as usize;
+        let mut by_status = [0u64; CallStatus::ALL.len()];
+        let mut by_task = vec![0u64; self.tasks.len()];
+        let mut matching = 0u64;
+        let mut rows = Vec::new();
+        for (i, r) in self.rows.iter().enumerate() {
+            if let Some(n) = by_status.get_mut(r.status as usize) {
+                *n += 1;
+            }
+            if let Some(n) = by_task.get_mut(r.task as usize) {
+                *n += 1;
+            }
+            let wanted = status.is_none_or(|s| r.status == s)
+                && task.is_none_or(|t| t == Some(r.task))
+                && (!q.logged || r.logs != NONE);
+            if wanted {
+                if matching >= q.offset && rows.len() < limit {
+                    rows.push(self.view(i, r, q.with_logs));
+                }
+                matching += 1;
+            }
+        }
+        CallsPage {
+            total: self.rows.len() as u64,
+            matching,
+            rows,
+            by_status: CallStatus::ALL
+                .into_iter()
+                .zip(by_status)
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+            by_task: self.tasks.iter().cloned().zip(by_task).collect(),
+            params: self.params.clone(),
+            version: self.version,
+            span_ms: self.span(),
+            logs_dropped: self.logs_dropped,
+            timeline: self.timeline(q.timeline_width.min(4096) as usize),
+        }
+    }
+
+    /// Per agent, how many attempts ran in each of `width` columns of the run's span.
+    fn timeline(&self, width: usize) -> Vec<TimelineLane> {
+        if width == 0 {
+            return Vec::new();
+        }
+        let span = self.span().max(1) as f64;
+        let now = self.span().min(NONE as u64 - 1) as u32;
+        let col = |ms: u32| ((ms as f64 / span * width as f64) as usize).min(width - 1);
+        let mut lanes: Vec<TimelineLane> = self
+            .agents
+            .iter()
+            .map(|a| TimelineLane {
+                agent: a.clone(),
+                running: vec![0; width],
+                failed: vec![0; width],
+                attempts: 0,
+            })
+            .collect();
+        for r in &self.rows {
+            let (Some(lane), true) = (lanes.get_mut(r.agent as usize), r.started_ms != NONE) else {
+                continue;
+            };
+            let end = if r.ended_ms == NONE { now } else { r.ended_ms };
+            let bad = matches!(
+                status_of(r.status),
+                CallStatus::Failed | CallStatus::Retrying
+            ) || r.attempts > 1;
+            lane.attempts += 1;
+            for c in col(r.started_ms)..=col(end.max(r.started_ms)) {
+                lane.running[c] += 1;
+                if bad {
+                    lane.failed[c] += 1;
+                }
+            }
+        }
+        lanes
+    }
+
+    /// The table as kept in the store.
+    pub fn encode(&self) -> Result<Vec<u8>, String> {
+        rmp_serde::to_vec(self).map_err(|e| e.to_string())
+    }
+
+    /// A table read back from the store.
+    pub fn decode(bytes: &[u8]) -> Result<CallLog, String> {
+        rmp_serde::from_slice(bytes).map_err(|e| e.to_string())
+    }
+}
+
+/// Where an ended run's table is kept in the object store.
+pub fn store_key(run: FlowRunId) -> String {
+    format!("runs/{run}/calls.msgpack")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pinazu_shared::error::FailureKind;
+
+    #[test]
+    fn rows_follow_their_calls_and_pages_filter() {
+        let mut log = CallLog::new(Map::new());
+        for i in 0..10u64 {
+            log.made(i, if i % 2 == 0 { "even" } else { "odd" });
+            log.dispatched(i, 1);
+            log.started(i, Some("agent-a"), 1);
+        }
+        log.succeeded(0);
+        log.cache_hit(2);
+        let boom = ErrorInfo::new(FailureKind::Error, "boom");
+        log.retrying(3, &boom);
+        log.failed(5, &boom);
+        let all = log.page(&CallsQuery {
+            limit: 100,
+            timeline_width: 10,
+            ..Default::default()
+        });
+        assert_eq!((all.total, all.matching, all.rows.len()), (10, 10, 10));
+        assert!(all.rows[2].cache_hit);
+        assert_eq!(all.rows[3].status, CallStatus::Retrying);
+        assert_eq!(all.rows[5].error.as_deref(), Some("boom"));
+        assert_eq!(all.timeline.len(), 1);
+        assert_eq!(all.timeline[0].attempts, 10);
+        let odd_running = log.page(&CallsQuery {
+            limit: 2,
+            offset: 1,
+            task: Some("odd".into()),
+            status: Some(CallStatus::Running),
+            ..Default::default()
+        });
+        // odd calls 1, 3 (retrying), 5 (failed), 7, 9: running ones are 1, 7, 9
+        assert_eq!(odd_running.matching, 3);
+        let calls: Vec<u64> = odd_running.rows.iter().map(|r| r.call).collect();
+        assert_eq!(calls, vec![7, 9]);
+        let back = CallLog::decode(&log.encode().unwrap()).unwrap();
+        assert_eq!(
+            back.page(&CallsQuery {
+                limit: 100,
+                ..Default::default()
+            })
+            .rows,
+            all.rows
+        );
+    }
+}
