@@ -3,10 +3,10 @@
 # (one nats-server, one coordinator, two agents on loopback), journal off and on; prints
 # one JSON line per figure and a Markdown table. Takes under two minutes after the build.
 #
-#   scripts/bench.sh [--port 4444] [--runs 3]
+#   scripts/bench.sh [--port 4444] [--runs 3]   (the dashboard on 127.0.0.1:18299)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-port=4444 runs=3
+port=4444 runs=3 hport=18299
 while [ $# -gt 0 ]; do
   case "$1" in
     --port) port=$2; shift 2 ;;
@@ -53,7 +53,7 @@ start_cluster() { # SLOTS JOURNAL(on|off)
   "$nats" -a 127.0.0.1 -p "$port" -js -sd "$work/js" >/dev/null 2>&1 & nats_pid=$!; pids+=("$nats_pid")
   sleep 0.4
   export NATS_URL="nats://127.0.0.1:$port" PINAZU_CACHE_DIR="$work/cache"
-  "$bin" coordinator $jflag >"$work/coordinator.log" 2>&1 & coord_pid=$!; pids+=("$coord_pid")
+  "$bin" coordinator $jflag --http "127.0.0.1:$hport" >"$work/coordinator.log" 2>&1 & coord_pid=$!; pids+=("$coord_pid")
   "$bin" agent --agent-id bench-1 --slots "$slots" >/dev/null 2>&1 & a1=$!; pids+=("$a1")
   "$bin" agent --agent-id bench-2 --slots "$slots" >/dev/null 2>&1 & a2=$!; pids+=("$a2")
   for _ in $(seq 1 100); do
@@ -85,6 +85,26 @@ echo "distributed, journal on (JetStream)..." >&2
 start_cluster 512 on
 measure distributed-journal W1 w1_fanout --n=10000
 measure distributed-journal W2 w2_chain --n=300
+# the same W1 with the dashboard open on the running run and /metrics scraped: a page
+# polls its run's live state, a screen of its tasks and the timeline once a second;
+# this poller does all of it four times a second (and the runs list and /metrics)
+dash_poll() {
+  local h="http://127.0.0.1:$hport" id
+  while :; do
+    id=$(curl -s "$h/api/runs?status=RUNNING&limit=1" | grep -o '"flow_run_id":"[^"]*"' | head -1 | cut -d'"' -f4)
+    if [ -n "$id" ]; then
+      curl -s "$h/api/runs/$id" >/dev/null
+      curl -s "$h/api/runs/$id/calls?limit=40&width=1000" >/dev/null
+    fi
+    curl -s "$h/metrics" >/dev/null
+    sleep 0.25
+  done
+}
+# (100,000 calls: a 10,000-call W1 ends before a poller sees it)
+measure distributed-journal-100k W1 w1_fanout --n=100000
+dash_poll & poll_pid=$!; pids+=("$poll_pid")
+measure distributed-journal-dashboard W1 w1_fanout --n=100000
+kill "$poll_pid" 2>/dev/null || true
 stop_cluster
 
 # the S3 cache on (s3s-fs on loopback), when s3s-fs is installed: W1 twice under one run id
@@ -129,7 +149,7 @@ if rss:
 print()
 print("| mode | W1 tasks/s | W2 µs median | W3 efficiency | W4 MB/s |")
 print("|---|---|---|---|---|")
-for mode in ["embedded", "distributed", "distributed-journal", "embedded-s3-first", "embedded-s3-second"]:
+for mode in ["embedded", "distributed", "distributed-journal", "distributed-journal-100k", "distributed-journal-dashboard", "embedded-s3-first", "embedded-s3-second"]:
     cells = []
     for w in ["W1", "W2", "W3", "W4"]:
         v = next((v for m, l, v, u in out if m == mode and l == w), None)
@@ -138,6 +158,9 @@ for mode in ["embedded", "distributed", "distributed-journal", "embedded-s3-firs
         cells.append("-" if v is None else (f"{v:,.0f}" if w in ("W1", "W4") else (f"{v:.3f}" if w == "W3" else f"{v:,.0f}")))
     if any(c != "-" for c in cells):
         print(f"| {mode} | " + " | ".join(cells) + " |")
+w1 = {m: v for m, l, v, u in out if l == "W1"}
+if w1.get("distributed-journal-100k") and w1.get("distributed-journal-dashboard"):
+    print(f"\nW1 (100,000 calls) with the dashboard open and /metrics scraped: {w1['distributed-journal-dashboard'] / w1['distributed-journal-100k']:.2f} of W1 without")
 if rss:
     print(f"\nPeak RSS during W1 (distributed, MiB): " + ", ".join(f"{k} {v}" for k, v in rss.items()) + f"; total {sum(rss.values()):.1f}")
 PY

@@ -985,6 +985,18 @@ async fn run_embedded(
         Ok(rt) => rt,
         Err(e) => return r.reject(e, true).await,
     };
+    // the dashboard's address is taken before the run starts: one that cannot be had
+    // is a run that cannot start
+    let http = match cli.http {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                runtime.shutdown().await;
+                return r.reject(format!("--http {addr}: {e}"), true).await;
+            }
+        },
+        None => None,
+    };
     let options = pinazu_coordinator::RunOptions {
         seeds,
         events: Some(r.events.clone()),
@@ -1005,17 +1017,11 @@ async fn run_embedded(
             return r.reject(e, true).await;
         }
     };
-    if let Some(addr) = cli.http {
+    if let Some(listener) = http {
         let backend = crate::dashboard::Backend::Local(runtime.coordinator().clone());
-        match crate::dashboard::serve(addr, backend).await {
+        match crate::dashboard::serve_on(listener, backend) {
             Ok(bound) => eprintln!("dashboard: http://{bound}/#/run/{flow_run_id}"),
-            Err(e) => {
-                let _ = runtime
-                    .coordinator()
-                    .cancel(flow_run_id, "--http could not be served");
-                runtime.shutdown().await;
-                return usage_error(format!("--http {addr}: {e}"));
-            }
+            Err(e) => tracing::warn!(error = %e, "the dashboard could not be served"),
         }
     }
     let bar = crate::progress::show(handle.stats.clone(), !cli.run.no_progress);

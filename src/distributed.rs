@@ -85,7 +85,7 @@ pub struct CoordinatorArgs {
     #[arg(long, env = "PINAZU_HTTP", value_name = "ADDR")]
     pub http: Option<std::net::SocketAddr>,
     /// Serve no dashboard and no `/metrics`.
-    #[arg(long, env = "PINAZU_NO_HTTP", conflicts_with = "http")]
+    #[arg(long, env = "PINAZU_NO_HTTP", conflicts_with = "http", value_parser = clap::builder::FalseyValueParser::new())]
     pub no_http: bool,
 }
 
@@ -1414,6 +1414,9 @@ fn print_agent_table(agents: &[AgentSummary]) {
 
 /// `logs`: the log lines of the run's calls, in call order; with `--follow`, those of
 /// attempts that end later too, until the run has ended.
+/// How long `logs` asks again while no coordinator answers.
+const FOLLOW_WAIT: Duration = Duration::from_secs(30);
+
 async fn logs(cli: &Cli, a: &LogsArgs, url: &str) -> ExitCode {
     let id = match FlowRunId::parse(&a.flow_run_id, "the RUN argument") {
         Ok(id) => id,
@@ -1428,13 +1431,10 @@ async fn logs(cli: &Cli, a: &LogsArgs, url: &str) -> ExitCode {
     let mut printed: std::collections::HashMap<u64, usize> = Default::default();
     let mut version = None;
     loop {
-        let ended = match request(
-            &client,
-            &subjects,
-            "status",
-            &ApiRequest::Status { flow_run_id: id },
-        )
-        .await
+        // (asked again for a while when no coordinator answers: one may be taking the
+        // run over)
+        let status = ApiRequest::Status { flow_run_id: id };
+        let ended = match request_waiting(&client, &subjects, "status", &status, FOLLOW_WAIT).await
         {
             Ok(ApiReply::Run(info)) => info.status != pinazu_shared::events::FlowStatus::Running,
             Ok(ApiReply::Error(e)) | Ok(ApiReply::Unknown(e)) => return usage_error(e),
@@ -1451,16 +1451,11 @@ async fn logs(cli: &Cli, a: &LogsArgs, url: &str) -> ExitCode {
                 with_logs: true,
                 ..Default::default()
             };
-            let page = match request(
-                &client,
-                &subjects,
-                "calls",
-                &ApiRequest::Calls {
-                    flow_run_id: id,
-                    query,
-                },
-            )
-            .await
+            let calls = ApiRequest::Calls {
+                flow_run_id: id,
+                query,
+            };
+            let page = match request_waiting(&client, &subjects, "calls", &calls, FOLLOW_WAIT).await
             {
                 Ok(ApiReply::Calls(p)) => p,
                 Ok(ApiReply::Error(e)) | Ok(ApiReply::Unknown(e)) => return usage_error(e),
@@ -1487,7 +1482,11 @@ async fn logs(cli: &Cli, a: &LogsArgs, url: &str) -> ExitCode {
             for row in page.rows {
                 let Some(text) = row.logs else { continue };
                 let done = printed.entry(row.call).or_insert(0);
-                if text.len() > *done {
+                if text.len() < *done {
+                    // a table rebuilt by a coordinator that took the run over
+                    *done = 0;
+                }
+                if let Some(new) = text.get(*done..).filter(|t| !t.is_empty()) {
                     if *done == 0 {
                         out!(
                             "── call #{} {} ({}) ──",
@@ -1496,7 +1495,7 @@ async fn logs(cli: &Cli, a: &LogsArgs, url: &str) -> ExitCode {
                             row.status.as_str()
                         );
                     }
-                    crate::cli::write_raw(format_args!("{}", text[*done..].trim_end_matches('\n')));
+                    crate::cli::write_raw(format_args!("{}", new.trim_end_matches('\n')));
                     *done = text.len();
                 }
             }

@@ -102,6 +102,19 @@ fn attempt_log_filter() -> Targets {
         .with_target("pinazu_coordinator", LevelFilter::OFF)
         .with_target("pinazu_agent", LevelFilter::OFF)
         .with_target("pinazu_shared", LevelFilter::OFF)
+        // the libraries under the engine (their info callsites stay off when the
+        // process logs at warn)
+        .with_target("aws_smithy_runtime", LevelFilter::OFF)
+        .with_target("aws_smithy_http_client", LevelFilter::OFF)
+        .with_target("aws_sdk_s3", LevelFilter::OFF)
+        .with_target("aws_config", LevelFilter::OFF)
+        .with_target("hyper", LevelFilter::OFF)
+        .with_target("hyper_util", LevelFilter::OFF)
+        .with_target("h2", LevelFilter::OFF)
+        .with_target("tokio", LevelFilter::OFF)
+        .with_target("tower", LevelFilter::OFF)
+        .with_target("axum", LevelFilter::OFF)
+        .with_target("rustls", LevelFilter::OFF)
 }
 
 /// Keeps each `tracing` event emitted inside a task attempt in the attempt's log

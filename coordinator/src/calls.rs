@@ -19,8 +19,19 @@ use pinazu_shared::ids::FlowRunId;
 const NONE: u32 = u32::MAX;
 /// An error message or chain is kept this long at most.
 const ERROR_MAX: usize = 4096;
-/// The attempts' logs one run keeps in all; beyond, only failed attempts' logs are kept.
+/// The attempts' logs one run keeps in all; beyond, only failed attempts' logs are kept,
+/// up to `FAILED_LOGS_MAX`.
 const LOGS_MAX: usize = 64 * 1024 * 1024;
+const FAILED_LOGS_MAX: usize = 2 * LOGS_MAX;
+/// One call's logs (its attempts' one after the other) are kept this long at most: the
+/// latest attempts' lines stay.
+const CALL_LOGS_MAX: usize = 256 * 1024;
+/// A page stops growing past this many bytes (the rest is the next page): an answer
+/// stays well under NATS's max payload.
+const PAGE_BYTES: usize = 512 * 1024;
+/// An error in a page's rows is cut to this (the whole of it, and its chain, come with
+/// `with_logs`).
+const ROW_ERROR_MAX: usize = 300;
 
 /// Row flags.
 const CACHE_HIT: u8 = 1;
@@ -74,6 +85,10 @@ pub struct CallLog {
     /// Attempts' logs not kept (the run's logs passed `LOGS_MAX`).
     #[serde(default)]
     logs_dropped: u64,
+    /// The last cancellation reason and its error index (one for all the calls a run's
+    /// end cancels).
+    #[serde(default)]
+    cancel_reason: Option<(String, u32)>,
     params: Map<String, Value>,
     version: u64,
     span_ms: u64,
@@ -99,14 +114,18 @@ impl Default for Index {
 }
 
 fn clip(s: &str) -> String {
-    if s.len() <= ERROR_MAX {
+    clip_to(s, ERROR_MAX)
+}
+
+fn clip_to(s: &str, max: usize) -> String {
+    if s.len() <= max {
         return s.to_string();
     }
-    let mut end = ERROR_MAX;
+    let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}… (cut at {ERROR_MAX} bytes)", &s[..end])
+    format!("{}… (cut at {max} bytes)", &s[..end])
 }
 
 impl CallLog {
@@ -120,6 +139,7 @@ impl CallLog {
             logs: Vec::new(),
             log_bytes: 0,
             logs_dropped: 0,
+            cancel_reason: None,
             params,
             version: 0,
             span_ms: 0,
@@ -230,7 +250,8 @@ impl CallLog {
         text: &str,
         failed: bool,
     ) {
-        if self.log_bytes + text.len() > LOGS_MAX && !failed {
+        let bound = if failed { FAILED_LOGS_MAX } else { LOGS_MAX };
+        if self.log_bytes + text.len() > bound {
             self.logs_dropped += 1;
             return;
         }
@@ -242,6 +263,12 @@ impl CallLog {
         let header = format!("── attempt {attempt} on {agent} ──\n");
         match self.logs.get_mut(r.logs as usize) {
             Some(kept) if r.logs != NONE => {
+                if kept.len() + header.len() + text.len() > CALL_LOGS_MAX {
+                    // the latest attempts' lines stay
+                    self.log_bytes -= kept.len().min(self.log_bytes);
+                    kept.clear();
+                    kept.push_str("[earlier attempts' log lines dropped]\n");
+                }
                 kept.push_str(&header);
                 kept.push_str(text);
             }
@@ -255,15 +282,42 @@ impl CallLog {
         }
     }
 
-    fn error_index(&mut self, e: &ErrorInfo) -> u32 {
-        self.errors
-            .push((clip(&e.to_string()), e.traceback.as_deref().map(clip)));
+    /// Keeps an error for the row (in the row's own slot when it has one: a retried
+    /// call keeps its last error only).
+    fn error_index(&mut self, ordinal: u64, e: &ErrorInfo) -> u32 {
+        let kept = (clip(&e.to_string()), e.traceback.as_deref().map(clip));
+        let shared = self.cancel_reason.as_ref().map(|(_, i)| *i);
+        match self.rows.get(ordinal as usize).map(|r| r.error) {
+            Some(i) if i != NONE && Some(i) != shared => match self.errors.get_mut(i as usize) {
+                Some(slot) => {
+                    *slot = kept;
+                    i
+                }
+                None => self.push_error(kept),
+            },
+            _ => self.push_error(kept),
+        }
+    }
+
+    fn push_error(&mut self, kept: (String, Option<String>)) -> u32 {
+        self.errors.push(kept);
         (self.errors.len() - 1) as u32
+    }
+
+    /// Bytes this table holds, about.
+    pub fn bytes(&self) -> usize {
+        self.rows.len() * std::mem::size_of::<Row>()
+            + self.log_bytes
+            + self
+                .errors
+                .iter()
+                .map(|(e, t)| e.len() + t.as_ref().map_or(0, |t| t.len()) + 48)
+                .sum::<usize>()
     }
 
     /// An attempt failed and will be retried.
     pub fn retrying(&mut self, ordinal: u64, e: &ErrorInfo) {
-        let error = self.error_index(e);
+        let error = self.error_index(ordinal, e);
         if let Some(r) = self.row(ordinal) {
             r.status = status_code(CallStatus::Retrying);
             r.error = error;
@@ -272,7 +326,7 @@ impl CallLog {
 
     /// The call ended: `error` when it failed; `flags` how it was answered.
     fn ended(&mut self, ordinal: u64, status: CallStatus, flags: u8, error: Option<&ErrorInfo>) {
-        let error = error.map_or(NONE, |e| self.error_index(e));
+        let error = error.map_or(NONE, |e| self.error_index(ordinal, e));
         let now = self.now_ms();
         if let Some(r) = self.row(ordinal) {
             r.status = status_code(status);
@@ -310,11 +364,21 @@ impl CallLog {
 
     /// The run ended before the call did.
     pub fn cancelled(&mut self, ordinal: u64, why: &str) {
-        let e = ErrorInfo::new(
-            pinazu_shared::error::FailureKind::Cancelled,
-            why.to_string(),
-        );
-        self.ended(ordinal, CallStatus::Cancelled, 0, Some(&e));
+        // (one error for every call the run's end cancels)
+        let error = match &self.cancel_reason {
+            Some((reason, i)) if reason == why => *i,
+            _ => {
+                let i = self.push_error((format!("cancelled: {}", clip(why)), None));
+                self.cancel_reason = Some((why.to_string(), i));
+                i
+            }
+        };
+        let now = self.now_ms();
+        if let Some(r) = self.row(ordinal) {
+            r.status = status_code(CallStatus::Cancelled);
+            r.ended_ms = now;
+            r.error = error;
+        }
     }
 
     /// The run ended: the table's time span stops growing.
@@ -334,7 +398,8 @@ impl CallLog {
     fn view(&self, ordinal: usize, r: &Row, with_logs: bool) -> CallView {
         let time = |t: u32| (t != NONE).then_some(t as u64);
         let (error, traceback) = match self.errors.get(r.error as usize) {
-            Some((e, t)) if r.error != NONE => (Some(e.clone()), t.clone()),
+            Some((e, t)) if r.error != NONE && with_logs => (Some(e.clone()), t.clone()),
+            Some((e, _)) if r.error != NONE => (Some(clip_to(e, ROW_ERROR_MAX)), None),
             _ => (None, None),
         };
         CallView {
@@ -371,6 +436,7 @@ impl CallLog {
         let mut by_task = vec![0u64; self.tasks.len()];
         let mut matching = 0u64;
         let mut rows = Vec::new();
+        let mut bytes = 0usize;
         for (i, r) in self.rows.iter().enumerate() {
             if let Some(n) = by_status.get_mut(r.status as usize) {
                 *n += 1;
@@ -382,8 +448,13 @@ impl CallLog {
                 && task.is_none_or(|t| t == Some(r.task))
                 && (!q.logged || r.logs != NONE);
             if wanted {
-                if matching >= q.offset && rows.len() < limit {
-                    rows.push(self.view(i, r, q.with_logs));
+                if matching >= q.offset && rows.len() < limit && bytes < PAGE_BYTES {
+                    let view = self.view(i, r, q.with_logs);
+                    bytes += 160
+                        + view.error.as_ref().map_or(0, |e| e.len())
+                        + view.traceback.as_ref().map_or(0, |t| t.len())
+                        + view.logs.as_ref().map_or(0, |l| l.len());
+                    rows.push(view);
                 }
                 matching += 1;
             }
@@ -433,11 +504,28 @@ impl CallLog {
                 status_of(r.status),
                 CallStatus::Failed | CallStatus::Retrying
             ) || r.attempts > 1;
+            // +1 where the attempt starts, -1 after it ends, summed below: rows + width
+            // steps however long the attempts
             lane.attempts += 1;
-            for c in col(r.started_ms)..=col(end.max(r.started_ms)) {
-                lane.running[c] += 1;
-                if bad {
-                    lane.failed[c] += 1;
+            let (from, to) = (col(r.started_ms), col(end.max(r.started_ms)) + 1);
+            let marks: &mut [&mut Vec<u32>] = if bad {
+                &mut [&mut lane.running, &mut lane.failed]
+            } else {
+                &mut [&mut lane.running]
+            };
+            for v in marks.iter_mut() {
+                v[from] = v[from].wrapping_add(1);
+                if let Some(c) = v.get_mut(to) {
+                    *c = c.wrapping_sub(1);
+                }
+            }
+        }
+        for lane in &mut lanes {
+            for v in [&mut lane.running, &mut lane.failed] {
+                let mut sum = 0u32;
+                for c in v.iter_mut() {
+                    sum = sum.wrapping_add(*c);
+                    *c = sum;
                 }
             }
         }
@@ -446,7 +534,8 @@ impl CallLog {
 
     /// The table as kept in the store.
     pub fn encode(&self) -> Result<Vec<u8>, String> {
-        rmp_serde::to_vec(self).map_err(|e| e.to_string())
+        // (by field name: fields added later read back from older tables by default)
+        rmp_serde::to_vec_named(self).map_err(|e| e.to_string())
     }
 
     /// A table read back from the store.

@@ -356,6 +356,7 @@ pub struct CoordShared {
 /// Task tables of ended runs kept in memory (a page of a run that just ended, or one
 /// being looked at, is not read from the store again and again).
 const RECENT_LOGS: usize = 8;
+const RECENT_LOGS_BYTES: usize = 256 * 1024 * 1024;
 
 /// Ended runs kept in memory at most (older ones are answered from the journal).
 pub const KEEP_ENDED: usize = 1000;
@@ -405,9 +406,19 @@ impl CoordShared {
                         return;
                     }
                 };
-                if let Err(e) = store.put(&crate::calls::store_key(id), bytes).await {
-                    tracing::warn!(flow_run_id = %id, error = %e, "could not keep the run's task table in the store; its page shows no tasks once this coordinator forgets it");
+                // a few tries, each bounded: a store that hangs holds the table no longer
+                let key = crate::calls::store_key(id);
+                let mut last = String::new();
+                for wait in [0u64, 1, 5] {
+                    tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+                    let put = store.put(&key, bytes.clone());
+                    match tokio::time::timeout(std::time::Duration::from_secs(30), put).await {
+                        Ok(Ok(())) => return,
+                        Ok(Err(e)) => last = e.to_string(),
+                        Err(_) => last = "no answer within 30 s".into(),
+                    }
                 }
+                tracing::warn!(flow_run_id = %id, error = %last, "could not keep the run's task table in the store; its page shows no tasks once this coordinator forgets it");
             });
         }
     }
@@ -416,7 +427,12 @@ impl CoordShared {
         if let Ok(mut recent) = self.recent_logs.lock() {
             recent.retain(|(r, _)| *r != id);
             recent.push_back((id, log));
-            while recent.len() > RECENT_LOGS {
+            // at most RECENT_LOGS tables, and RECENT_LOGS_BYTES in all (the newest
+            // always stays)
+            while recent.len() > RECENT_LOGS
+                || (recent.len() > 1
+                    && recent.iter().map(|(_, l)| l.bytes()).sum::<usize>() > RECENT_LOGS_BYTES)
+            {
                 recent.pop_front();
             }
         }
@@ -662,32 +678,42 @@ impl Coordinator {
     /// A page of a run's task table: from its runner when hosted here, else from the
     /// table kept when it ended (in memory, or the store). `None`: no table is known
     /// (another coordinator hosts the run, or it ended without keeping one).
-    pub async fn calls(&self, id: FlowRunId, q: &CallsQuery) -> Option<CallsPage> {
+    pub async fn calls(&self, id: FlowRunId, q: &CallsQuery) -> Result<Option<CallsPage>, String> {
         let runner = self.shared.runs.get(&id).map(|r| r.value().clone());
         if let Some(runner) = runner {
-            if let Ok(page) = ractor::call!(runner, FlowRunnerMsg::Calls, q.clone()) {
-                return Some(page);
+            // (bounded: a runner busy ending its run must not hold the API's permits)
+            match ractor::call_t!(runner, FlowRunnerMsg::Calls, 2000, q.clone()) {
+                Ok(page) => return Ok(Some(page)),
+                Err(ractor::RactorErr::Messaging(ractor::MessagingErr::SendErr(_)))
+                | Err(ractor::RactorErr::Messaging(ractor::MessagingErr::ChannelClosed)) => {}
+                Err(e) => {
+                    return Err(format!(
+                        "flow run {id}'s task table did not answer within 2 s ({e}): its run is busy ending; try again"
+                    ))
+                }
             }
         }
         if let Some(log) = self.shared.recent_log(id) {
-            return Some(log.page(q));
+            return Ok(Some(log.page(q)));
         }
-        let bytes = self
-            .shared
-            .store
-            .get(&crate::calls::store_key(id))
-            .await
-            .ok()??;
+        let bytes = match self.shared.store.get(&crate::calls::store_key(id)).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                return Err(format!(
+                    "flow run {id}'s task table could not be read from the store: {e}"
+                ))
+            }
+        };
         match CallLog::decode(&bytes) {
             Ok(log) => {
                 let log = Arc::new(log);
                 self.shared.remember_log(id, log.clone());
-                Some(log.page(q))
+                Ok(Some(log.page(q)))
             }
-            Err(e) => {
-                tracing::warn!(flow_run_id = %id, error = %e, "the run's task table in the store does not decode");
-                None
-            }
+            Err(e) => Err(format!(
+                "flow run {id}'s task table in the store does not decode: {e}"
+            )),
         }
     }
 

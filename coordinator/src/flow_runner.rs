@@ -625,7 +625,12 @@ impl RunnerState {
         };
         let task = call.task;
         let ordinal = call.ordinal;
-        self.log.ran_on(ordinal, &f.agent_id.0, f.elapsed_us);
+        // (a failure the coordinator or the agent made up for an attempt that never ran,
+        // e.g. no agent serves its task, has no agent and no duration)
+        let ran = call.phase.started() || f.elapsed_us > 0;
+        if ran {
+            self.log.ran_on(ordinal, &f.agent_id.0, f.elapsed_us);
+        }
         if let Some(text) = &f.logs {
             self.log.attempt_logs(
                 ordinal,
@@ -636,7 +641,9 @@ impl RunnerState {
             );
         }
         let metrics = task_metrics(&mut self.metrics, &self.shared, task.name);
-        metrics.duration.observe(f.elapsed_us as f64 / 1e6);
+        if ran {
+            metrics.duration.observe(f.elapsed_us as f64 / 1e6);
+        }
         match &f.outcome {
             Ok(_) => metrics.success.inc(),
             Err(_) => 0,

@@ -50,8 +50,8 @@ pub struct AttemptLog {
 impl AttemptLog {
     /// Keeps a line, dropping the oldest beyond the bounds.
     pub fn push(&mut self, mut line: String) {
-        if line.len() > LOG_BYTES_MAX {
-            let mut end = LOG_BYTES_MAX;
+        if line.len() >= LOG_BYTES_MAX {
+            let mut end = LOG_BYTES_MAX - 64;
             while !line.is_char_boundary(end) {
                 end -= 1;
             }

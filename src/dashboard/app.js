@@ -160,22 +160,17 @@ function agentsPage(main) {
   const info = el('p', { class: 'muted' });
   main.append(el('h1', { text: 'Agents' }), info,
     el('table', { id: 'agents-table' },
-      el('thead', {}, el('tr', {}, ...['Agent', 'Slots used', 'Slots free', 'Attempts/s',
+      el('thead', {}, el('tr', {}, ...['Agent', 'Slots used', 'Slots free',
         'Labels', 'Tasks', 'Last heartbeat', 'State'].map(t => el('th', { text: t })))),
       body));
-  const previous = new Map();   // agent -> [time, running]: attempts/s from slot turnover
   async function load() {
     try {
       const agents = await api('/api/agents');
-      const now = performance.now();
       body.replaceChildren(...agents.map(a => {
-        const prev = previous.get(a.agent_id);
-        previous.set(a.agent_id, [now, a.running]);
         return el('tr', { 'data-agent': a.agent_id },
           el('td', { text: a.agent_id }),
           el('td', { text: fmtNum(a.running) }),
           el('td', { text: fmtNum(Math.max(0, a.slots - a.running)) }),
-          el('td', { text: prev ? '' : '' }),
           el('td', { text: a.labels.map(([k, v]) => k + '=' + v).join(', ') }),
           el('td', { text: a.tasks.length + ' (' + a.tasks.slice(0, 4).join(', ') + (a.tasks.length > 4 ? ', …' : '') + ')' }),
           el('td', { text: a.last_seen_ms + ' ms ago' }),
@@ -293,6 +288,8 @@ function runPage(main, id) {
   function select(r) {
     table.selected = r.call;
     detail.hidden = false;
+    const errorBox = el('div', { id: 'detail-error-box' });
+    const logsBox = el('div', { id: 'detail-logs-box' }, el('p', { class: 'muted', text: 'loading…' }));
     detail.replaceChildren(
       el('h2', { text: 'Call #' + r.call + ' · ' + r.task }),
       el('dl', { class: 'kv' },
@@ -302,19 +299,24 @@ function runPage(main, id) {
         el('dt', { text: 'Queued / started / ended' }),
         el('dd', { text: [r.queued_ms, r.started_ms, r.ended_ms].map(fmtDuration).join(' / ') + ' after the run started' }),
         el('dt', { text: 'Answered from' }), el('dd', { text: r.cache_hit ? 'the cache' : r.replayed ? 'the journal (or a result passed in)' : 'its attempt' })),
-      r.error ? el('div', {}, el('h2', { text: 'Error' }), el('pre', { class: 'error-text', id: 'detail-error', text: r.error })) : null,
-      r.traceback ? el('div', {}, el('h2', { text: 'Error chain' }), el('pre', { id: 'detail-traceback', text: r.traceback })) : null,
-      r.has_logs ? el('div', {}, el('h2', { text: 'Logs' }), el('pre', { id: 'detail-logs', text: 'loading…' })) : el('p', { class: 'muted', text: 'No log lines.' }));
+      errorBox, logsBox);
     draw();
-    if (r.has_logs) {
-      api('/api/runs/' + id + '/calls?' + new URLSearchParams({ offset: r.call, limit: 1, with_logs: true }))
-        .then(p => {
-          const pre = $('#detail-logs');
-          const row = p.rows.find(x => x.call === r.call);
-          if (pre) pre.textContent = (row && row.logs) || '(none kept)';
-        })
-        .catch(e => { const pre = $('#detail-logs'); if (pre) pre.textContent = 'could not load: ' + e.message; });
-    }
+    // the whole error, its chain and the logs come with the one row
+    const q = new URLSearchParams({ offset: r.call, limit: 1, with_logs: true });
+    api('/api/runs/' + id + '/calls?' + q)
+      .then(p => {
+        const full = p.rows.find(x => x.call === r.call) || r;
+        errorBox.replaceChildren(...[
+          full.error ? el('h2', { text: 'Error' }) : null,
+          full.error ? el('pre', { class: 'error-text', id: 'detail-error', text: full.error }) : null,
+          full.traceback ? el('h2', { text: 'Error chain' }) : null,
+          full.traceback ? el('pre', { id: 'detail-traceback', text: full.traceback }) : null,
+        ].filter(Boolean));
+        logsBox.replaceChildren(...(full.logs
+          ? [el('h2', { text: 'Logs' }), el('pre', { id: 'detail-logs', text: full.logs })]
+          : [el('p', { class: 'muted', id: 'detail-logs-none', text: 'No log lines.' })]));
+      })
+      .catch(e => logsBox.replaceChildren(el('p', { class: 'error-text', text: 'could not load the call: ' + e.message })));
   }
 
   function card(label, value, idName) {
@@ -411,7 +413,7 @@ function runPage(main, id) {
     if (!confirm('Cancel run ' + id + '? Its attempts stop and it ends FAILED.')) return;
     cancelBtn.disabled = true;
     try {
-      showRun(await api('/api/runs/' + id + '/cancel', { method: 'POST' }), null);
+      showRun(await api('/api/runs/' + id + '/cancel', { method: 'POST', headers: { 'x-pinazu': 'cancel' } }), null);
     } catch (e) {
       errorBox.replaceChildren(el('pre', { class: 'error-text', text: 'cancel failed: ' + e.message }));
     } finally {
@@ -426,7 +428,8 @@ function runPage(main, id) {
     setLive(m.run && m.run.status === 'RUNNING');
     if (m.run) showRun(m.run, m.table);
     else errorBox.replaceChildren(el('pre', { class: 'error-text', text: m.error || 'unknown run' }));
-    if (!m.run || m.run.status !== 'RUNNING') source.close();
+    // (an error, e.g. during a takeover, is shown and the next event follows it)
+    if (m.run && m.run.status !== 'RUNNING') source.close();
   });
   source.onerror = () => setLive(false);
   onLeave(() => source.close());

@@ -5,7 +5,9 @@
 //! mode (any coordinator answers for every run: a request about a run hosted elsewhere
 //! is passed on to its owner), or from the in-process coordinator of an embedded run.
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -103,8 +105,9 @@ async fn local_answer(c: &Coordinator, req: ApiRequest) -> ApiReply {
         }
         ApiRequest::Agents => ApiReply::Agents(c.agents().await),
         ApiRequest::Calls { flow_run_id, query } => match c.calls(flow_run_id, &query).await {
-            Some(page) => ApiReply::Calls(Box::new(page)),
-            None => unknown(flow_run_id),
+            Ok(Some(page)) => ApiReply::Calls(Box::new(page)),
+            Ok(None) => unknown(flow_run_id),
+            Err(e) => ApiReply::Error(e),
         },
         other => ApiReply::Error(format!(
             "`{}` is not served by an embedded run",
@@ -216,7 +219,11 @@ struct RunsParams {
     limit: Option<u32>,
 }
 
-async fn runs(State(b): Shared, Query(p): Query<RunsParams>) -> Response {
+async fn runs(State(b): Shared, p: Result<Query<RunsParams>, QueryRejection>) -> Response {
+    let p = match p {
+        Ok(Query(p)) => p,
+        Err(e) => return BadRequest(e.body_text()).into_response(),
+    };
     let status = match p.status.as_deref().filter(|s| !s.is_empty()) {
         None => None,
         Some(s) => match s.to_ascii_uppercase().as_str() {
@@ -279,7 +286,15 @@ fn calls_query(p: CallsParams) -> Result<CallsQuery, BadRequest> {
     })
 }
 
-async fn calls(State(b): Shared, Path(id): Path<String>, Query(p): Query<CallsParams>) -> Response {
+async fn calls(
+    State(b): Shared,
+    Path(id): Path<String>,
+    p: Result<Query<CallsParams>, QueryRejection>,
+) -> Response {
+    let p = match p {
+        Ok(Query(p)) => p,
+        Err(e) => return BadRequest(e.body_text()).into_response(),
+    };
     let (flow_run_id, query) = match (run_id(&id), calls_query(p)) {
         (Ok(id), Ok(q)) => (id, q),
         (Err(r), _) | (_, Err(r)) => return r.into_response(),
@@ -287,9 +302,26 @@ async fn calls(State(b): Shared, Path(id): Path<String>, Query(p): Query<CallsPa
     reply_to_response(b.ask(ApiRequest::Calls { flow_run_id, query }).await)
 }
 
-async fn cancel(State(b): Shared, Path(id): Path<String>) -> Response {
+/// `POST /api/runs/RUN/cancel`, with the header `x-pinazu: cancel` (the page sends it;
+/// a form or a link on another site cannot, so no other page can cancel runs through a
+/// browser that has the dashboard open).
+async fn cancel(State(b): Shared, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    if headers.get("x-pinazu").and_then(|v| v.to_str().ok()) != Some("cancel") {
+        return failure(
+            StatusCode::FORBIDDEN,
+            "a cancel needs the header `x-pinazu: cancel` (curl -X POST -H 'x-pinazu: cancel' ...)",
+        );
+    }
     match run_id(&id) {
-        Ok(flow_run_id) => reply_to_response(b.ask(ApiRequest::Cancel { flow_run_id }).await),
+        Ok(flow_run_id) => match b.ask(ApiRequest::Cancel { flow_run_id }).await {
+            ApiReply::Error(e) if e.contains("has already ended") => {
+                failure(StatusCode::CONFLICT, e)
+            }
+            ApiReply::Error(e) if e.contains("not known") || e.contains("unknown") => {
+                failure(StatusCode::NOT_FOUND, e)
+            }
+            reply => reply_to_response(reply),
+        },
         Err(r) => r.into_response(),
     }
 }
@@ -335,7 +367,9 @@ async fn live(
                 },
             })
             .await;
-        let ended = matches!(&info, ApiReply::Run(r) if r.status != FlowStatus::Running);
+        // (ends once the run ended, or is not known at all)
+        let ended = matches!(&info, ApiReply::Run(r) if r.status != FlowStatus::Running)
+            || matches!(&info, ApiReply::Unknown(_));
         let body = serde_json::json!({
             "run": match &info { ApiReply::Run(r) => serde_json::to_value(r).ok(), _ => None },
             "error": match &info { ApiReply::Error(e) | ApiReply::Unknown(e) => Some(e.clone()), _ => None },

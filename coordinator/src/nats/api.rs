@@ -527,15 +527,16 @@ impl ApiCtx {
             }
             ApiRequest::Agents => ApiReply::Agents(c.agents().await),
             ApiRequest::Calls { flow_run_id, query } => match c.calls(flow_run_id, &query).await {
-                Some(page) => ApiReply::Calls(Box::new(page)),
-                None if c.run_info(flow_run_id).is_some()
+                Ok(Some(page)) => ApiReply::Calls(Box::new(page)),
+                Err(e) => ApiReply::Error(e),
+                Ok(None) if c.run_info(flow_run_id).is_some()
                     || c.journaled_run(flow_run_id).await.is_some() =>
                 {
                     ApiReply::Error(format!(
                         "flow run {flow_run_id} kept no task table (it ended on a coordinator that did not keep one, or the store could not be read)"
                     ))
                 }
-                None => ApiReply::Unknown(format!(
+                Ok(None) => ApiReply::Unknown(format!(
                     "flow run {flow_run_id} is not known to this coordinator"
                 )),
             },
