@@ -116,6 +116,9 @@ pub struct AgentArgs {
     /// On SIGTERM, how long running attempts may take to finish.
     #[arg(long, default_value = "30s", value_parser = parse_duration, allow_hyphen_values = true)]
     pub drain_timeout: Duration,
+    /// Serve this agent's Prometheus metrics on this address (`/metrics`).
+    #[arg(long, env = "PINAZU_AGENT_METRICS", value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// `run` settings.
@@ -1051,7 +1054,25 @@ async fn agent(cli: &Cli, a: &AgentArgs, url: &str, registry: &'static Registry)
         Ok(s) => s,
         Err(code) => return code,
     };
+    let metrics = match a.metrics {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                let m = Arc::new(pinazu_agent::metrics::AgentMetrics::new(a.slots));
+                m.watch_nats(client.statistics());
+                match crate::dashboard::serve_metrics(listener, m.clone()) {
+                    Ok(bound) => {
+                        tracing::info!(url = %format!("http://{bound}/metrics"), "agent metrics served")
+                    }
+                    Err(e) => return usage_error(format!("--metrics {addr}: {e}")),
+                }
+                Some(m)
+            }
+            Err(e) => return usage_error(format!("--metrics {addr}: {e} (give another address)")),
+        },
+        None => None,
+    };
     let cfg = AgentServeConfig {
+        metrics,
         store,
         payload_threshold: payload_threshold(cli, &client),
         agent: AgentConfig {

@@ -93,6 +93,8 @@ struct Stack {
     coordinator: Proc,
     http: u16,
     _agents: Vec<Proc>,
+    /// Each agent's `--metrics` port.
+    agent_metrics: Vec<u16>,
 }
 
 fn app_cmd(nats: &NatsServer, store: &Path) -> Command {
@@ -119,6 +121,7 @@ fn stack(agents: usize, slots: u32) -> Stack {
     let nats = NatsServer::start();
     let store = tempfile::tempdir().unwrap();
     let (coordinator, http) = start_coordinator(&nats, store.path());
+    let metrics: Vec<u16> = (0..agents).map(|_| free_port()).collect();
     let agents: Vec<Proc> = (0..agents)
         .map(|i| {
             let mut cmd = app_cmd(&nats, store.path());
@@ -128,6 +131,8 @@ fn stack(agents: usize, slots: u32) -> Stack {
                 &slots.to_string(),
                 "--agent-id",
                 &format!("agent-{i}"),
+                "--metrics",
+                &format!("127.0.0.1:{}", metrics[i]),
             ]);
             Proc::spawn(&format!("agent-{i}"), cmd)
         })
@@ -142,6 +147,7 @@ fn stack(agents: usize, slots: u32) -> Stack {
         coordinator,
         http,
         _agents: agents,
+        agent_metrics: metrics,
     }
 }
 
@@ -315,6 +321,30 @@ fn api_logs_metrics_and_an_ended_runs_table_from_another_coordinator() {
     assert_eq!(sample(&page, r#"pinazu_agent_slots{state="free"}"#), 64.0);
     assert_eq!(sample(&page, "pinazu_journal_backlog"), 0.0);
     assert_eq!(sample(&page, "pinazu_nats_reconnects_total"), 0.0);
+    // the agent's own
+    let (code, page) = http(s.agent_metrics[0], "GET", "/metrics");
+    assert_eq!(code, 200);
+    assert_eq!(
+        sample(&page, r#"pinazu_agent_attempts_total{outcome="success"}"#),
+        1996.0
+    );
+    assert_eq!(
+        sample(&page, r#"pinazu_agent_attempts_total{outcome="failed"}"#),
+        4.0
+    );
+    assert_eq!(
+        sample(&page, "pinazu_agent_attempt_duration_seconds_count"),
+        status["executions"].as_f64().unwrap()
+    );
+    assert_eq!(sample(&page, "pinazu_nats_reconnects_total"), 0.0);
+    wait_until(
+        Duration::from_secs(5),
+        "the agent's slots free again",
+        || {
+            let (_, page) = http(s.agent_metrics[0], "GET", "/metrics");
+            (sample(&page, r#"pinazu_agent_slots{state="free"}"#) == 64.0).then_some(())
+        },
+    );
 
     // bad input: clear errors
     let (code, body) = http(s.http, "GET", "/api/runs/not-a-run/calls");

@@ -3,6 +3,7 @@
 //! [`ResultSink`](pinazu_shared::transport::ResultSink) they are given.
 
 pub mod agent;
+pub mod metrics;
 pub mod nats;
 pub mod supervisor;
 pub mod task_actor;

@@ -164,6 +164,29 @@ pub fn serve_on(
     Ok(bound)
 }
 
+/// Serves an agent's `/metrics` on a socket bound already. Returns its address.
+pub fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<pinazu_agent::metrics::AgentMetrics>,
+) -> std::io::Result<SocketAddr> {
+    let bound = listener.local_addr()?;
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let m = metrics.clone();
+            async move { ([(header::CONTENT_TYPE, OPENMETRICS)], m.render()) }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the agent's metrics stopped being served");
+        }
+    });
+    Ok(bound)
+}
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 fn asset(body: &'static str, kind: &'static str) -> Response {
     (
         [
@@ -332,10 +355,7 @@ async fn agents(State(b): Shared) -> Response {
 
 async fn metrics(State(b): Shared) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, OPENMETRICS)],
         b.coordinator().render_metrics().await,
     )
         .into_response()

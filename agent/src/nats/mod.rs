@@ -50,6 +50,8 @@ pub struct AgentServeConfig {
     pub heartbeat: Duration,
     /// On shutdown, how long running attempts may take to finish.
     pub drain_timeout: Duration,
+    /// Prometheus metrics, when served (`agent --metrics`).
+    pub metrics: Option<Arc<crate::metrics::AgentMetrics>>,
 }
 
 #[derive(Default)]
@@ -63,10 +65,13 @@ pub(super) fn heartbeat(
     draining: bool,
     leaving: bool,
 ) -> Heartbeat {
-    let running = match tracker.lock() {
+    let running: Vec<_> = match tracker.lock() {
         Ok(t) => t.running.iter().copied().collect(),
         Err(_) => Vec::new(),
     };
+    if let Some(m) = &cfg.metrics {
+        m.set_running(running.len());
+    }
     Heartbeat {
         info: cfg.agent.info(),
         running,
@@ -176,6 +181,7 @@ pub async fn serve_agent(
         agent_id: agent_id.clone(),
         tx: Mutex::new(Some(tx)),
         tracker: tracker.clone(),
+        metrics: cfg.metrics.clone(),
     });
 
     // reports: one task, so their order is kept; batched under load, numbered, and kept

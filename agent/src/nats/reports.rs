@@ -22,6 +22,7 @@ pub(super) struct NatsReportSink {
     pub(super) agent_id: pinazu_shared::ids::AgentId,
     pub(super) tx: Mutex<Option<mpsc::UnboundedSender<Report>>>,
     pub(super) tracker: Arc<Mutex<Tracker>>,
+    pub(super) metrics: Option<Arc<crate::metrics::AgentMetrics>>,
 }
 
 impl ResultSink for NatsReportSink {
@@ -37,6 +38,9 @@ impl ResultSink for NatsReportSink {
     }
 
     fn finished(&self, f: AttemptFinished) {
+        if let Some(m) = &self.metrics {
+            m.attempt_ended(f.outcome.is_ok(), f.elapsed_us);
+        }
         // still listed as running until its report is in the outbox (a large result may
         // take seconds to store): the coordinator must not take it for lost meanwhile
         self.send(Report::Finished(f));
