@@ -34,8 +34,10 @@ async fn dashboard_flow(
     #[default(0)] fail_every: u64,
 ) -> anyhow::Result<serde_json::Value> {
     let fail = |i: u64| fail_every > 0 && i % fail_every == fail_every - 1;
+    tracing::info!(n, "dashboard_flow: starting the steps");
     let results = pinazu_flows::map(0..n, 10_000, |i| step(i, work_ms, fail(i))).await;
     let failed = results.iter().filter(|r| r.is_err()).count();
+    tracing::info!(failed, "dashboard_flow: every step ended");
     Ok(serde_json::json!({ "succeeded": results.len() - failed, "failed": failed }))
 }
 

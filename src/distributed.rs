@@ -670,8 +670,14 @@ async fn coordinator(
             ));
         }
     }
+    let flow_log_publisher = publisher.clone();
+    let flow_log_subjects = subjects.clone();
     let mut config = CoordinatorConfig {
         keep_call_logs: true,
+        // a flow body's own log lines go to its run's log subject, which `run` prints
+        flow_logs: pinazu_coordinator::FlowLogHandle(Some(Arc::new(move |run, line: String| {
+            flow_log_publisher.publish(flow_log_subjects.run_log(run), Bytes::from(line));
+        }))),
         default_cache,
         refresh_cache: cli.refresh_cache,
         journal: if cli.no_journal {
@@ -1249,13 +1255,15 @@ async fn submit(
     if let Err(e) = env_flag("ENABLE_S3_CACHING") {
         return r.reject(e, true).await;
     }
-    // subscribe before starting, so the end cannot slip by
-    let (mut done, mut progress) = match (
+    // subscribe before starting, so the end cannot slip by (nor the flow body's first
+    // log lines)
+    let (mut done, mut progress, mut flow_log) = match (
         client.subscribe(subjects.run_done(flow_run_id)).await,
         client.subscribe(subjects.run_progress(flow_run_id)).await,
+        client.subscribe(subjects.run_log(flow_run_id)).await,
     ) {
-        (Ok(d), Ok(p)) => (d, p),
-        (Err(e), _) | (_, Err(e)) => {
+        (Ok(d), Ok(p), Ok(l)) => (d, p, l),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
             return r.reject(format!("could not subscribe: {e}"), true).await
         }
     };
@@ -1333,6 +1341,14 @@ async fn submit(
             Some(msg) = done.next() => {
                 if let Ok(info) = decode_envelope::<RunInfo>(&msg.payload) {
                     break info;
+                }
+            }
+            Some(msg) = flow_log.next() => {
+                // the flow body's own log lines, as the coordinator's log has them
+                let line = String::from_utf8_lossy(&msg.payload);
+                match &bar {
+                    Some(b) => b.println(line.as_ref()),
+                    None => eprintln!("{line}"),
                 }
             }
             Some(msg) = progress.next() => {

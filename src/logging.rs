@@ -118,13 +118,14 @@ fn attempt_log_filter() -> Targets {
 }
 
 /// Keeps each `tracing` event emitted inside a task attempt in the attempt's log
-/// (`pinazu_shared::task_context::ATTEMPT_LOG`), which travels with its report.
-/// Outside an attempt it does nothing.
+/// (`pinazu_shared::task_context::ATTEMPT_LOG`), which travels with its report; one
+/// emitted by a flow body the coordinator publishes (`FLOW_LOG`) goes to the run's log
+/// subject. Elsewhere it does nothing.
 struct AttemptLogLayer;
 
 impl<S: tracing::Subscriber> Layer<S> for AttemptLogLayer {
     fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
-        pinazu_shared::task_context::log_to_attempt(|| {
+        pinazu_shared::task_context::capture_log(|| {
             let meta = event.metadata();
             let mut line = format!(
                 "{} {:>5} {}:",

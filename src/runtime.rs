@@ -250,6 +250,8 @@ impl Runtime {
                 ownership: Default::default(),
                 // (an embedded run's page lives as long as its process)
                 keep_call_logs: false,
+                // (in-process: the body's lines are in this process's log already)
+                flow_logs: Default::default(),
             },
             link.clone(),
             store,

@@ -172,13 +172,18 @@ impl Stack {
     }
 
     fn run_to_end(&self, args: &[&str]) -> Value {
+        self.run_to_end_with_stderr(args).0
+    }
+
+    fn run_to_end_with_stderr(&self, args: &[&str]) -> (Value, String) {
         let out = self
             .cli()
             .args(["run", "--no-progress"])
             .args(args)
             .output()
             .unwrap();
-        succeeded(&out, || self.coordinator.logs())
+        let end = succeeded(&out, || self.coordinator.logs());
+        (end, String::from_utf8_lossy(&out.stderr).to_string())
     }
 }
 
@@ -193,7 +198,12 @@ fn sample(page: &str, name_and_labels: &str) -> f64 {
 #[test]
 fn api_logs_metrics_and_an_ended_runs_table_from_another_coordinator() {
     let mut s = stack(1, 64);
-    let end = s.run_to_end(&["--n=2000", "--work-ms=1", "--fail-every=500"]);
+    let (end, stderr) = s.run_to_end_with_stderr(&["--n=2000", "--work-ms=1", "--fail-every=500"]);
+    // the flow body's own log lines reach the client
+    assert!(
+        stderr.contains("dashboard_flow: every step ended failed=4"),
+        "{stderr}"
+    );
     assert_eq!(
         end["result"],
         json!({"succeeded": 1996, "failed": 4}),

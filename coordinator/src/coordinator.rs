@@ -52,6 +52,18 @@ pub struct CoordinatorConfig {
     /// Keep each ended run's task table in the object store (`runs/<run>/calls.msgpack`)
     /// for the dashboard (default: off; the distributed coordinator turns it on).
     pub keep_call_logs: bool,
+    /// Where flow bodies' own log lines go (default: only the coordinator's log).
+    pub flow_logs: FlowLogHandle,
+}
+
+/// Where flow bodies' own log lines go: called with the run and each line.
+#[derive(Clone, Default)]
+pub struct FlowLogHandle(pub Option<Arc<dyn Fn(FlowRunId, String) + Send + Sync>>);
+
+impl std::fmt::Debug for FlowLogHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "FlowLogs" } else { "None" })
+    }
 }
 
 /// The coordinators' leases, shared (see `ha.rs`).
@@ -112,6 +124,7 @@ impl Default for CoordinatorConfig {
             journal: JournalHandle::default(),
             ownership: OwnershipHandle::default(),
             keep_call_logs: false,
+            flow_logs: FlowLogHandle::default(),
         }
     }
 }

@@ -1312,6 +1312,14 @@ impl Actor for FlowRunner {
         tracing::info!(flow_run_id = %flow_run_id, flow = flow.name, "flow run started");
         state.flow_event(FlowStatus::Running, None);
         let me = myself.clone();
+        // the body's own log lines go where the coordinator publishes them
+        let flow_log = state.shared.config.flow_logs.0.clone().map(|f| {
+            pinazu_shared::task_context::FlowLog(Arc::new(move |line: String| f(flow_run_id, line)))
+        });
+        let body: BoxFuture<'static, Result<Value, ErrorInfo>> = match flow_log {
+            Some(log) => Box::pin(pinazu_shared::task_context::FLOW_LOG.scope(log, body)),
+            None => body,
+        };
         let handle = tokio::spawn(async move {
             if !start_delay.is_zero() {
                 tokio::time::sleep(start_delay).await;

@@ -20,8 +20,8 @@ pub(crate) mod supervisor;
 
 pub use context::{call_task, current_flow_run_id, map, spawn_in_flow, FlowContext, Payload};
 pub use coordinator::{
-    Coordinator, CoordinatorConfig, FlowRunOutcome, JournalHandle, OwnershipHandle, RunHandle,
-    RunOptions, StartError,
+    Coordinator, CoordinatorConfig, FlowLogHandle, FlowRunOutcome, JournalHandle, OwnershipHandle,
+    RunHandle, RunOptions, StartError,
 };
 pub use flow_runner::Seeds;
 pub use scheduler::SchedulerTiming;

@@ -112,6 +112,11 @@ impl Subjects {
     pub fn run_done(&self, run: FlowRunId) -> String {
         format!("{}.run.{}.done", self.prefix, run)
     }
+
+    /// Coordinator -> watchers: a flow body's own log lines.
+    pub fn run_log(&self, run: FlowRunId) -> String {
+        format!("{}.run.{}.log", self.prefix, run)
+    }
 }
 
 #[cfg(test)]

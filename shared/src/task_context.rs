@@ -98,11 +98,33 @@ tokio::task_local! {
     pub static ATTEMPT_LOG: std::cell::RefCell<AttemptLog>;
 }
 
-/// Keeps a log line for the attempt the calling code runs in (nothing outside one).
-pub fn log_to_attempt(line: impl FnOnce() -> String) {
-    let _ = ATTEMPT_LOG.try_with(|log| {
-        if let Ok(mut log) = log.try_borrow_mut() {
-            log.push(line());
-        }
-    });
+/// Where a flow body's own log lines go (distributed mode: the run's log subject,
+/// which `run` prints).
+#[derive(Clone)]
+pub struct FlowLog(pub Arc<dyn Fn(String) + Send + Sync>);
+
+tokio::task_local! {
+    /// Set by the coordinator around a flow body, when its lines are published.
+    pub static FLOW_LOG: FlowLog;
+}
+
+/// Keeps a log line for the attempt the calling code runs in, or sends it where the
+/// flow body's lines go; nothing outside both. `line` is made only when it goes
+/// somewhere.
+pub fn capture_log(line: impl FnOnce() -> String) {
+    let mut line = Some(line);
+    let in_attempt = ATTEMPT_LOG
+        .try_with(|log| {
+            if let (Ok(mut log), Some(make)) = (log.try_borrow_mut(), line.take()) {
+                log.push(make());
+            }
+        })
+        .is_ok();
+    if !in_attempt {
+        let _ = FLOW_LOG.try_with(|sink| {
+            if let Some(make) = line.take() {
+                (sink.0)(make());
+            }
+        });
+    }
 }
