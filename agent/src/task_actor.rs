@@ -61,7 +61,7 @@ impl TaskState {
             result_ref: None,
             elapsed_us: self.started.elapsed().as_micros() as u64,
             result_cache_key: cache_key,
-            logs: self.logs,
+            logs: self.logs.map(|l| Box::new(String::from(l))),
         })
     }
 }

@@ -16,7 +16,7 @@ use pinazu_shared::error::ErrorInfo;
 use pinazu_shared::ids::FlowRunId;
 
 /// No time recorded (a row's `started_ms`/`ended_ms`).
-const NONE: u32 = u32::MAX;
+pub(crate) const NONE: u32 = u32::MAX;
 /// An error message or chain is kept this long at most.
 const ERROR_MAX: usize = 4096;
 /// The attempts' logs one run keeps in all; beyond, only failed attempts' logs are kept,
@@ -99,16 +99,24 @@ pub struct CallLog {
 /// Lookups from names to indices (rebuilt, not stored).
 struct Index {
     started: Instant,
+    /// Milliseconds since `started`, read once per runner message (`tick`): the
+    /// transitions one message makes share it (a clock read per transition was a few
+    /// per cent of embedded fan-out).
+    now: u32,
     tasks: HashMap<&'static str, u16>,
     agents: HashMap<String, u32>,
+    /// The agent looked up last (reports come in batches from one agent).
+    last_agent: u32,
 }
 
 impl Default for Index {
     fn default() -> Self {
         Index {
             started: Instant::now(),
+            now: 0,
             tasks: HashMap::new(),
             agents: HashMap::new(),
+            last_agent: NONE,
         }
     }
 }
@@ -147,12 +155,23 @@ impl CallLog {
         }
     }
 
-    fn now_ms(&self) -> u32 {
-        self.index
+    /// Reads the clock for the transitions of the runner's next message.
+    pub fn tick(&mut self) {
+        self.index.now = self
+            .index
             .started
             .elapsed()
             .as_millis()
-            .min(NONE as u128 - 1) as u32
+            .min(NONE as u128 - 1) as u32;
+    }
+
+    fn now_ms(&self) -> u32 {
+        self.index.now
+    }
+
+    /// Milliseconds since the run started, as of the runner's current message.
+    pub fn now(&self) -> u32 {
+        self.index.now
     }
 
     fn row(&mut self, ordinal: u64) -> Option<&mut Row> {
@@ -198,8 +217,14 @@ impl CallLog {
         }
     }
 
-    fn agent_index(&mut self, agent: &str) -> u32 {
+    /// The agent's index in this table (added when new).
+    pub fn agent_index(&mut self, agent: &str) -> u32 {
+        let last = self.index.last_agent;
+        if self.agents.get(last as usize).is_some_and(|a| a == agent) {
+            return last;
+        }
         if let Some(i) = self.index.agents.get(agent) {
+            self.index.last_agent = *i;
             return *i;
         }
         self.agents.push(agent.to_string());
@@ -208,36 +233,44 @@ impl CallLog {
         i
     }
 
-    /// The call's attempt started on an agent (`None`: adopted, agent unknown).
-    /// Returns how long it waited since it was queued, in seconds.
-    pub fn started(&mut self, ordinal: u64, agent: Option<&str>, attempt: u32) -> f64 {
-        let agent = agent.map_or(NONE, |a| self.agent_index(a));
-        let now = self.now_ms();
-        let Some(r) = self.row(ordinal) else {
-            return 0.0;
+    /// The call's attempt runs: since `started_ms`, on the agent of index `agent`
+    /// (`NONE`: adopted, agent unknown). The runner keeps a running call's start in
+    /// its call table and writes it here when the table is read or the attempt ends:
+    /// one touch of the row per attempt, not one per report (rows of a large run are
+    /// not in the CPU's caches). Changes nothing when the row says so already.
+    pub fn running(&mut self, ordinal: u64, started_ms: u32, agent: u32, attempt: u32) {
+        let attempts = attempt.min(u16::MAX as u32) as u16;
+        let running = status_code(CallStatus::Running);
+        let Some(r) = self.rows.get_mut(ordinal as usize) else {
+            return;
         };
-        r.status = status_code(CallStatus::Running);
-        r.started_ms = now;
-        r.attempts = attempt.min(u16::MAX as u32) as u16;
+        if r.status == running && r.started_ms == started_ms && r.attempts == attempts {
+            return;
+        }
+        r.status = running;
+        r.started_ms = started_ms;
+        r.attempts = attempts;
         if agent != NONE {
             r.agent = agent;
         }
-        now.saturating_sub(r.queued_ms) as f64 / 1000.0
+        self.version += 1;
     }
 
-    /// The call's last attempt ran on this agent for `elapsed_us` (its start may never
-    /// have been reported).
-    pub fn ran_on(&mut self, ordinal: u64, agent: &str, elapsed_us: u64) {
-        let agent = self.agent_index(agent);
+    /// The call's last attempt ran on the agent of index `agent` for `elapsed_us`,
+    /// from `started_ms` as its start report said (`NONE`: never reported).
+    pub fn ran(&mut self, ordinal: u64, agent: u32, started_ms: u32, elapsed_us: u64) {
         let now = self.now_ms();
         // (its start is reported in the same batch as its end, often: the agent's
         // measure of how long it ran places the start better)
         let began = now.saturating_sub((elapsed_us / 1000).min(u32::MAX as u64) as u32);
         if let Some(r) = self.row(ordinal) {
             r.agent = agent;
-            if r.started_ms == NONE || r.started_ms > began {
-                r.started_ms = began.max(r.queued_ms);
-            }
+            let reported = if started_ms == NONE {
+                began
+            } else {
+                started_ms
+            };
+            r.started_ms = reported.min(began).max(r.queued_ms);
         }
     }
 
@@ -560,7 +593,8 @@ mod tests {
         for i in 0..10u64 {
             log.made(i, if i % 2 == 0 { "even" } else { "odd" });
             log.dispatched(i, 1);
-            log.started(i, Some("agent-a"), 1);
+            let a = log.agent_index("agent-a");
+            log.running(i, 5, a, 1);
         }
         log.succeeded(0);
         log.cache_hit(2);

@@ -27,7 +27,7 @@ use pinazu_shared::wire::{AttemptFinished, AttemptStarted, Report, SpawnTask};
 use pinazu_shared::BoxFuture;
 
 use crate::cache::CacheMsg;
-use crate::calls::CallLog;
+use crate::calls::{CallLog, NONE};
 use crate::context::{FlowContext, Payload, FLOW_CONTEXT};
 use crate::coordinator::{CoordShared, FlowRunOutcome};
 use crate::journal::{JournalEntry, Replay};
@@ -149,6 +149,12 @@ struct CallState {
     /// Where the call stands.
     phase: CallPhase,
     reply: Option<CallReply>,
+    /// Its last attempt: when it was queued and started (ms of the run's `CallLog`
+    /// clock) and on which agent (the log's index): kept here while it runs, written
+    /// to its row when the attempt ends or the table is read.
+    queued_ms: u32,
+    started_ms: u32,
+    agent: u32,
 }
 
 /// Where a call stands. Each step is one runner message: the flow body's `Call`
@@ -227,8 +233,9 @@ pub struct RunnerState {
     claim: Option<Box<dyn std::any::Any + Send + Sync>>,
     /// The task table the dashboard shows, one row per call.
     log: CallLog,
-    /// Each task's metrics handles.
-    metrics: HashMap<&'static str, TaskMetrics>,
+    /// Each task's metrics handles (a flow calls a few tasks: a short list, looked up
+    /// by the name's address, costs less than hashing the name per call).
+    metrics: Vec<(&'static str, TaskMetrics)>,
     events: bool,
     finished: bool,
 }
@@ -411,6 +418,9 @@ impl RunnerState {
                 failures: 0,
                 phase: CallPhase::New,
                 reply: Some(reply),
+                queued_ms: 0,
+                started_ms: NONE,
+                agent: NONE,
             },
         );
         let seeded = match seeded {
@@ -462,7 +472,8 @@ impl RunnerState {
                 started: true,
             };
             RunStats::bump(&self.stats.executions);
-            let _ = self.log.started(ordinal, None, 1);
+            call.started_ms = self.log.now();
+            self.log.running(ordinal, call.started_ms, NONE, 1);
             tracing::debug!(flow_run_id = %self.flow_run_id, %call_id, %attempt_id, "re-attached to an attempt started before the coordinator restarted");
             self.task_event(task.name, FlowStatus::Running, None, None, None);
             return;
@@ -506,6 +517,8 @@ impl RunnerState {
             started: false,
         };
         self.log.dispatched(call.ordinal, call.attempt);
+        call.queued_ms = self.log.now();
+        call.started_ms = NONE;
         let spawn = SpawnTask {
             flow_run_id: self.flow_run_id,
             call_id,
@@ -560,9 +573,9 @@ impl RunnerState {
                 started: true,
             };
             let (task, attempt) = (call.task.name, call.attempt);
-            let waited = self
-                .log
-                .started(call.ordinal, Some(&s.agent_id.0), call.attempt);
+            call.started_ms = self.log.now();
+            call.agent = self.log.agent_index(&s.agent_id.0);
+            let waited = call.started_ms.saturating_sub(call.queued_ms) as f64 / 1000.0;
             task_metrics(&mut self.metrics, &self.shared, task)
                 .queue_wait
                 .observe(waited);
@@ -629,7 +642,8 @@ impl RunnerState {
         // e.g. no agent serves its task, has no agent and no duration)
         let ran = call.phase.started() || f.elapsed_us > 0;
         if ran {
-            self.log.ran_on(ordinal, &f.agent_id.0, f.elapsed_us);
+            let agent = self.log.agent_index(&f.agent_id.0);
+            self.log.ran(ordinal, agent, call.started_ms, f.elapsed_us);
         }
         if let Some(text) = &f.logs {
             self.log.attempt_logs(
@@ -1222,13 +1236,23 @@ impl RunnerState {
     }
 }
 
-/// A task's metrics handles (looked up once per task and run).
+/// A task's metrics handles (looked up in the registry once per task and run).
 fn task_metrics<'a>(
-    map: &'a mut HashMap<&'static str, TaskMetrics>,
+    list: &'a mut Vec<(&'static str, TaskMetrics)>,
     shared: &CoordShared,
     task: &'static str,
 ) -> &'a TaskMetrics {
-    map.entry(task).or_insert_with(|| shared.metrics.task(task))
+    let found = list
+        .iter()
+        .position(|(name, _)| std::ptr::eq(*name, task) || *name == task);
+    let i = match found {
+        Some(i) => i,
+        None => {
+            list.push((task, shared.metrics.task(task)));
+            list.len() - 1
+        }
+    };
+    &list[i].1
 }
 
 fn schedule_retry(me: ActorRef<FlowRunnerMsg>, call_id: CallId, delay: Duration) {
@@ -1302,7 +1326,7 @@ impl Actor for FlowRunner {
             seeds_used: Default::default(),
             header,
             log: CallLog::new(params.clone()),
-            metrics: HashMap::new(),
+            metrics: Vec::new(),
             params,
             claim,
             finished: false,
@@ -1347,6 +1371,12 @@ impl Actor for FlowRunner {
         msg: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        if !matches!(
+            msg,
+            FlowRunnerMsg::FlushDispatch | FlowRunnerMsg::Calls(..) | FlowRunnerMsg::Barrier(_)
+        ) {
+            state.log.tick();
+        }
         match msg {
             FlowRunnerMsg::Call {
                 task,
@@ -1381,6 +1411,14 @@ impl Actor for FlowRunner {
                 }
             }
             FlowRunnerMsg::Calls(query, reply) => {
+                // the running calls' starts, kept in the call table, go to their rows
+                for call in state.calls.values() {
+                    if call.phase.started() && call.started_ms != NONE {
+                        state
+                            .log
+                            .running(call.ordinal, call.started_ms, call.agent, call.attempt);
+                    }
+                }
                 let _ = reply.send(state.log.page(&query));
             }
             FlowRunnerMsg::Phases(reply) => {

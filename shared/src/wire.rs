@@ -74,9 +74,10 @@ pub struct AttemptFinished {
     #[serde(default)]
     pub result_cache_key: Option<Box<str>>,
     /// The attempt's own log lines (its `tracing` events), bounded
-    /// (`task_context::LOG_LINES_MAX`, `LOG_BYTES_MAX`), with a mark when cut.
+    /// (`task_context::LOG_LINES_MAX`, `LOG_BYTES_MAX`), with a mark when cut. (A thin
+    /// box: this struct travels in every report and runner message, kept small.)
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub logs: Option<Box<str>>,
+    pub logs: Option<Box<String>>,
 }
 
 /// An agent's advertisement: what it runs and how much at once.

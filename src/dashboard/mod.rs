@@ -81,14 +81,25 @@ async fn local_answer(c: &Coordinator, req: ApiRequest) -> ApiReply {
             .map_or_else(|| unknown(flow_run_id), ApiReply::Run),
         ApiRequest::Runs => ApiReply::Runs(c.runs()),
         ApiRequest::History(q) => {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
             let mut runs: Vec<_> = c
                 .runs()
                 .into_iter()
+                .map(|r| pinazu_shared::api::RunInfo {
+                    at_ms: Some(now_ms.saturating_sub(r.wall_ms)),
+                    ..r
+                })
                 .filter(|r| {
+                    let at = r.at_ms.unwrap_or(0);
                     q.status.is_none_or(|s| r.status == s)
                         && q.flow.as_deref().is_none_or(|f| r.flow == f)
+                        && q.since_ms.is_none_or(|t| at >= t)
+                        && q.before_ms.is_none_or(|t| at < t)
                 })
                 .collect();
+            runs.sort_by_key(|r| std::cmp::Reverse(r.at_ms));
             runs.truncate(q.limit.max(1) as usize);
             ApiReply::Runs(runs)
         }
