@@ -776,10 +776,18 @@ impl Coordinator {
             .collect();
         v.sort_by_key(|(t, _)| *t);
         let me = self.shared.config.ownership.0.as_ref().map(|l| l.me());
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         v.into_iter()
-            .map(|(_, mut i)| {
+            .map(|(started, mut i)| {
+                // when it started, or ended once it has
+                let start_ms = now_ms.saturating_sub(started.elapsed().as_millis() as u64);
                 if i.status == FlowStatus::Running {
                     i.owner = me.map(String::from);
+                    i.at_ms = Some(start_ms);
+                } else {
+                    i.at_ms = Some(start_ms + i.wall_ms);
                 }
                 i
             })

@@ -775,6 +775,9 @@ impl RunnerState {
                     attempt: f.attempt_id,
                     started: true,
                 };
+                // (not the start of the attempt it replaces)
+                call.started_ms = NONE;
+                call.agent = NONE;
                 call.executions += 1;
                 RunStats::bump(&self.stats.executions);
                 self.finished(myself, f);
@@ -898,6 +901,8 @@ impl RunnerState {
             for id in ids {
                 if let Some(mut call) = self.calls.remove(&id) {
                     RunStats::bump(&self.stats.cancelled);
+                    // (a running one keeps its start and agent in its row)
+                    write_start(&mut self.log, &call);
                     self.log.cancelled(call.ordinal, unfinished);
                     task_metrics(&mut self.metrics, &self.shared, call.task.name)
                         .cancelled
@@ -1255,6 +1260,13 @@ fn task_metrics<'a>(
     &list[i].1
 }
 
+/// A running call's start, kept in its `CallState`, written to its row.
+fn write_start(log: &mut CallLog, call: &CallState) {
+    if call.phase.started() && call.started_ms != NONE {
+        log.running(call.ordinal, call.started_ms, call.agent, call.attempt);
+    }
+}
+
 fn schedule_retry(me: ActorRef<FlowRunnerMsg>, call_id: CallId, delay: Duration) {
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
@@ -1413,11 +1425,7 @@ impl Actor for FlowRunner {
             FlowRunnerMsg::Calls(query, reply) => {
                 // the running calls' starts, kept in the call table, go to their rows
                 for call in state.calls.values() {
-                    if call.phase.started() && call.started_ms != NONE {
-                        state
-                            .log
-                            .running(call.ordinal, call.started_ms, call.agent, call.attempt);
-                    }
+                    write_start(&mut state.log, call);
                 }
                 let _ = reply.send(state.log.page(&query));
             }

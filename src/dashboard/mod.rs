@@ -87,8 +87,9 @@ async fn local_answer(c: &Coordinator, req: ApiRequest) -> ApiReply {
             let mut runs: Vec<_> = c
                 .runs()
                 .into_iter()
+                // (when it started; the embedded coordinator keeps no end time)
                 .map(|r| pinazu_shared::api::RunInfo {
-                    at_ms: Some(now_ms.saturating_sub(r.wall_ms)),
+                    at_ms: r.at_ms.or(Some(now_ms.saturating_sub(r.wall_ms))),
                     ..r
                 })
                 .filter(|r| {
