@@ -71,3 +71,10 @@ fi
 
 step "cargo test (unit, integration, examples, doc tests)"
 cargo test --workspace --locked
+
+# OpenTelemetry traces are a cargo feature (off by default): their test needs the
+# example binaries built with it (after the suite above, which uses the lean ones)
+step "cargo clippy and test with --features otel (traces across processes)"
+cargo clippy --workspace --all-targets --locked --features otel -- -D warnings
+cargo build --locked --features otel --examples
+cargo test --locked --features otel --test traces

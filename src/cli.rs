@@ -709,7 +709,13 @@ pub fn main() -> ExitCode {
         pinazu_shared::redact::register(secret);
     }
     let is_agent = matches!(cli.command, Some(Command::Agent(_)));
-    logging::init(cli.log_level.as_deref(), cli.log_format, is_agent);
+    let service = match cli.command {
+        None => "pinazu-embedded",
+        Some(Command::Coordinator(_)) => "pinazu-coordinator",
+        Some(Command::Agent(_)) => "pinazu-agent",
+        Some(_) => "pinazu-client",
+    };
+    logging::init(cli.log_level.as_deref(), cli.log_format, is_agent, service);
 
     let registry = match registry {
         Ok(r) => r,
@@ -732,6 +738,8 @@ pub fn main() -> ExitCode {
     };
     // do not wait for stray tasks (e.g. a NATS reconnect loop) at exit
     rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    #[cfg(feature = "otel")]
+    crate::otel::shutdown();
     code
 }
 

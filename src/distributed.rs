@@ -1267,6 +1267,18 @@ async fn submit(
             return r.reject(format!("could not subscribe: {e}"), true).await
         }
     };
+    // the run's root span (feature `otel`): its trace is the run's (its status events'
+    // `metadata.trace_id`), continued by the coordinator and the agents
+    #[cfg(feature = "otel")]
+    let _run_span = {
+        let span = tracing::trace_span!(target: "pinazu::trace", "run", flow = %flow, flow_run_id = %flow_run_id);
+        pinazu_shared::trace::child_of(&span, r.events.traceparent.as_deref());
+        if let Some(tp) = pinazu_shared::trace::traceparent(&span) {
+            r.events.trace_id = pinazu_shared::events::trace_id_of(&tp);
+            r.events.traceparent = Some(tp);
+        }
+        span
+    };
     let req = ApiRequest::Start {
         flow: flow.clone(),
         params,

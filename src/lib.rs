@@ -43,6 +43,8 @@ pub mod cli;
 pub mod dashboard;
 mod distributed;
 pub mod logging;
+#[cfg(feature = "otel")]
+pub mod otel;
 mod progress;
 pub mod runtime;
 pub mod stores;

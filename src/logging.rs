@@ -36,7 +36,14 @@ impl std::io::Write for RedactingStderr {
 
 /// Installs the global subscriber (once; later calls are ignored). Logs go to stderr so
 /// stdout stays the program's output.
-pub fn init(level: Option<&str>, format: Option<LogFormat>, attempt_lines: bool) {
+/// `service`: the process's role (`coordinator`, `agent`, `client`, `embedded`), the
+/// `service.name` of its exported traces (feature `otel`).
+pub fn init(
+    level: Option<&str>,
+    format: Option<LogFormat>,
+    attempt_lines: bool,
+    service: &'static str,
+) {
     let filter = match std::env::var("RUST_LOG") {
         Ok(f) if !f.trim().is_empty() => EnvFilter::new(f),
         _ => {
@@ -83,9 +90,17 @@ pub fn init(level: Option<&str>, format: Option<LogFormat>, attempt_lines: bool)
         LogFormat::Json => fmt.json().flatten_event(true).boxed(),
         LogFormat::Console => fmt.with_ansi(std::io::stderr().is_terminal()).boxed(),
     };
+    #[cfg(feature = "otel")]
+    let traces = crate::otel::layer(service);
+    #[cfg(not(feature = "otel"))]
+    let traces: Option<tracing_subscriber::layer::Identity> = {
+        let _ = service;
+        None
+    };
     let _ = tracing_subscriber::registry()
         .with(fmt.with_filter(filter))
         .with(AttemptLogLayer.with_filter(attempt_log_filter()))
+        .with(traces)
         .try_init();
 }
 

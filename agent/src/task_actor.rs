@@ -123,6 +123,14 @@ impl Actor for TaskActor {
         };
         let body = (state.def.invoke)(state.spawn.args.clone(), state.spawn.want_key);
         let fut = AssertUnwindSafe(TASK_CONTEXT.scope(ctx, body)).catch_unwind();
+        // the attempt's span (feature `otel`), child of its call's on the coordinator
+        #[cfg(feature = "otel")]
+        let fut = {
+            let s = &state.spawn;
+            let span = tracing::trace_span!(target: "pinazu::trace", "attempt", task = %s.task, attempt = s.attempt, attempt_id = %s.attempt_id);
+            pinazu_shared::trace::child_of(&span, s.trace.as_deref().map(String::as_str));
+            tracing::Instrument::instrument(fut, span)
+        };
         // its log lines are kept in a task-local the logging layer writes to, taken
         // back once the attempt ended (however it ended)
         let fut = ATTEMPT_LOG.scope(std::cell::RefCell::new(AttemptLog::default()), fut);

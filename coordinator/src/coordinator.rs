@@ -881,6 +881,7 @@ impl Coordinator {
         EventContext {
             header: self.shared.config.header.clone(),
             trace_id: None,
+            traceparent: None,
         }
     }
 

@@ -155,6 +155,10 @@ struct CallState {
     queued_ms: u32,
     started_ms: u32,
     agent: u32,
+    /// The call's span (feature `otel`), child of the run's; its attempts' are its
+    /// children, on the agents.
+    #[cfg(feature = "otel")]
+    span: tracing::Span,
 }
 
 /// Where a call stands. Each step is one runner message: the flow body's `Call`
@@ -233,6 +237,9 @@ pub struct RunnerState {
     claim: Option<Box<dyn std::any::Any + Send + Sync>>,
     /// The task table the dashboard shows, one row per call.
     log: CallLog,
+    /// The run's span (feature `otel`), child of the launcher's `traceparent`.
+    #[cfg(feature = "otel")]
+    span: tracing::Span,
     /// Each task's metrics handles (a flow calls a few tasks: a short list, looked up
     /// by the name's address, costs less than hashing the name per call).
     metrics: Vec<(&'static str, TaskMetrics)>,
@@ -421,6 +428,8 @@ impl RunnerState {
                 queued_ms: 0,
                 started_ms: NONE,
                 agent: NONE,
+                #[cfg(feature = "otel")]
+                span: tracing::trace_span!(target: "pinazu::trace", parent: &self.span, "call", task = task.name, call = ordinal),
             },
         );
         let seeded = match seeded {
@@ -484,10 +493,17 @@ impl RunnerState {
                     call.phase = CallPhase::WaitingForCache;
                 }
                 let me = myself.clone();
+                #[cfg(feature = "otel")]
+                let read = self.calls.get(&call_id).map(|c| {
+                    tracing::trace_span!(target: "pinazu::trace", parent: &c.span, "cache.get", key = %key)
+                });
                 let asked = self.shared.cache.send_message(CacheMsg::Get {
                     key,
                     expire: task.options.expire,
                     reply: Box::new(move |hit| {
+                        // (the read's span ends with its answer)
+                        #[cfg(feature = "otel")]
+                        drop(read);
                         // (the runner may have ended meanwhile: nobody to tell)
                         let _ = me.send_message(FlowRunnerMsg::CacheChecked { call_id, hit });
                     }),
@@ -538,6 +554,10 @@ impl RunnerState {
             // the agent computes the MD5 of the SUCCESS event (it has the arguments
             // decoded already), unless it is known here
             want_key: self.events && call.md5.is_none(),
+            #[cfg(feature = "otel")]
+            trace: pinazu_shared::trace::traceparent(&call.span).map(Box::new),
+            #[cfg(not(feature = "otel"))]
+            trace: None,
         };
         self.outbox.push(spawn);
         if self.outbox.len() >= DISPATCH_BATCH {
@@ -971,6 +991,9 @@ impl RunnerState {
         }
         // the end is durable before it is announced: a coordinator killed in between
         // resumes the run instead of having announced an end it forgets
+        #[cfg(feature = "otel")]
+        let flush_span =
+            tracing::trace_span!(target: "pinazu::trace", parent: &self.span, "journal.flush");
         let mut waited = 0u32;
         while let Err(e) = self.shared.journal.flush().await {
             if self.shared.config.ownership.0.is_none() {
@@ -988,6 +1011,8 @@ impl RunnerState {
             waited += 1;
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         }
+        #[cfg(feature = "otel")]
+        drop(flush_span);
         if self.shared.journal.fenced(self.flow_run_id) {
             // another coordinator owns the run now: its end is not this one's to announce
             self.let_go(myself);
@@ -1316,6 +1341,13 @@ impl Actor for FlowRunner {
             // of every task SUCCESS event comes from the agent that ran the call
             always_json: !seeds.is_empty(),
         };
+        // the run's span, child of the launcher's (its `run` client's with `otel`)
+        #[cfg(feature = "otel")]
+        let run_span = {
+            let span = tracing::trace_span!(target: "pinazu::trace", "flow_run", flow = flow.name, flow_run_id = %flow_run_id);
+            pinazu_shared::trace::child_of(&span, header.context.traceparent.as_deref());
+            span
+        };
         let mut state = RunnerState {
             flow_run_id,
             flow,
@@ -1338,6 +1370,8 @@ impl Actor for FlowRunner {
             seeds_used: Default::default(),
             header,
             log: CallLog::new(params.clone()),
+            #[cfg(feature = "otel")]
+            span: run_span,
             metrics: Vec::new(),
             params,
             claim,

@@ -293,6 +293,7 @@ mod tests {
                     connection_id: None,
                 },
                 trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+                traceparent: None,
             },
         ];
         let texts = [

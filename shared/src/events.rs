@@ -91,6 +91,10 @@ pub struct EventContext {
     pub header: EventHeader,
     /// The W3C trace id (32 hex digits) of every event of the run, if any.
     pub trace_id: Option<String>,
+    /// The whole W3C `traceparent` the run's spans are children of (the launcher's
+    /// `TRACEPARENT`, or the `run` client's own span with the `otel` feature).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl EventContext {
@@ -118,13 +122,15 @@ impl EventContext {
                     }),
                 }
             };
-        let trace_id = var("TRACEPARENT").and_then(|tp| {
-            let id = trace_id_of(&tp);
+        let traceparent = var("TRACEPARENT");
+        let trace_id = traceparent.as_ref().and_then(|tp| {
+            let id = trace_id_of(tp);
             if id.is_none() {
                 tracing::warn!(traceparent = %tp, "TRACEPARENT is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>); ignored");
             }
             id
         });
+        let traceparent = traceparent.filter(|_| trace_id.is_some());
         Ok(EventContext {
             header: EventHeader {
                 user_id: uuid("PINAZU_USER_ID")?.unwrap_or_else(Uuid::nil),
@@ -132,6 +138,7 @@ impl EventContext {
                 connection_id: uuid("PINAZU_CONNECTION_ID")?,
             },
             trace_id,
+            traceparent,
         })
     }
 }

@@ -16,6 +16,8 @@ pub mod registry;
 pub mod store;
 pub mod subjects;
 pub mod task_context;
+#[cfg(feature = "otel")]
+pub mod trace;
 pub mod transport;
 pub mod wire;
 

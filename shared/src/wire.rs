@@ -35,6 +35,10 @@ pub struct SpawnTask {
     /// agent has the arguments decoded already, and spares the coordinator the work.
     #[serde(default)]
     pub want_key: bool,
+    /// The W3C `traceparent` of the call's span, whose child the attempt's span is
+    /// (feature `otel`; a thin box: this struct travels in every dispatch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<Box<String>>,
 }
 
 /// Agent -> coordinator: an attempt started executing.
