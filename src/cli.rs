@@ -715,7 +715,7 @@ pub fn main() -> ExitCode {
         Some(Command::Agent(_)) => "pinazu-agent",
         Some(_) => "pinazu-client",
     };
-    logging::init(cli.log_level.as_deref(), cli.log_format, is_agent, service);
+    logging::init_with_service(cli.log_level.as_deref(), cli.log_format, is_agent, service);
 
     let registry = match registry {
         Ok(r) => r,

@@ -36,9 +36,13 @@ impl std::io::Write for RedactingStderr {
 
 /// Installs the global subscriber (once; later calls are ignored). Logs go to stderr so
 /// stdout stays the program's output.
-/// `service`: the process's role (`coordinator`, `agent`, `client`, `embedded`), the
+pub fn init(level: Option<&str>, format: Option<LogFormat>, attempt_lines: bool) {
+    init_with_service(level, format, attempt_lines, "pinazu-flows")
+}
+
+/// As [`init`]; `service` is the process's role (`pinazu-coordinator`, ...), the
 /// `service.name` of its exported traces (feature `otel`).
-pub fn init(
+pub fn init_with_service(
     level: Option<&str>,
     format: Option<LogFormat>,
     attempt_lines: bool,
@@ -90,18 +94,19 @@ pub fn init(
         LogFormat::Json => fmt.json().flatten_event(true).boxed(),
         LogFormat::Console => fmt.with_ansi(std::io::stderr().is_terminal()).boxed(),
     };
-    #[cfg(feature = "otel")]
-    let traces = crate::otel::layer(service);
-    #[cfg(not(feature = "otel"))]
-    let traces: Option<tracing_subscriber::layer::Identity> = {
-        let _ = service;
-        None
-    };
-    let _ = tracing_subscriber::registry()
+    let registry = tracing_subscriber::registry()
         .with(fmt.with_filter(filter))
-        .with(AttemptLogLayer.with_filter(attempt_log_filter()))
-        .with(traces)
-        .try_init();
+        .with(AttemptLogLayer.with_filter(attempt_log_filter()));
+    // (the exporting layer only when there is one: an absent layer in the stack would
+    // answer "always" for every callsite and turn the filters' "never" into checks on
+    // every event, ractor's per-actor spans among them)
+    #[cfg(feature = "otel")]
+    if let Some(traces) = crate::otel::layer(service) {
+        let _ = registry.with(traces).try_init();
+        return;
+    }
+    let _ = service;
+    let _ = registry.try_init();
 }
 
 /// What an attempt's log keeps: info and above from the task's code and the libraries

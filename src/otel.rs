@@ -58,6 +58,7 @@ where
 /// Exports what is still buffered (at the process's end).
 pub fn shutdown() {
     if let Some(p) = PROVIDER.get() {
-        let _ = p.shutdown_with_timeout(std::time::Duration::from_secs(5));
+        // (bounded: a collector that does not answer delays the exit this much at most)
+        let _ = p.shutdown_with_timeout(std::time::Duration::from_secs(2));
     }
 }

@@ -265,6 +265,16 @@ fn api_logs_metrics_and_an_ended_runs_table_from_another_coordinator() {
     );
     assert!(logs.contains("── attempt 1 on agent-0 ──"), "{logs}");
 
+    // a succeeded call's result, in its detail
+    let ok = get_json(
+        s.http,
+        &format!("/api/runs/{id}/calls?offset=7&limit=1&with_logs=true"),
+    );
+    assert_eq!(ok["rows"][0]["result"], "14", "{ok}");
+    // the agents: attempts dispatched to each
+    let agents = get_json(s.http, "/api/agents");
+    assert_eq!(agents[0]["attempts"], 2000, "{agents}");
+
     // `logs RUN --task`
     let out = s
         .cli()

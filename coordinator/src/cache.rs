@@ -34,6 +34,9 @@ pub enum CacheMsg {
         key: String,
         /// The record.
         record: CacheResult,
+        /// The write's span (feature `otel`): it ends when the write does.
+        #[cfg(feature = "otel")]
+        span: tracing::Span,
     },
     /// Remove every object under `prefix`.
     Clear {
@@ -177,9 +180,16 @@ impl Actor for CacheActor {
                     reply(found);
                 });
             }
-            CacheMsg::Put { key, record } => {
+            CacheMsg::Put {
+                key,
+                record,
+                #[cfg(feature = "otel")]
+                span,
+            } => {
                 tokio::spawn(async move {
                     let _guard = guard;
+                    #[cfg(feature = "otel")]
+                    let _span = span;
                     let _permit = permits.acquire_owned().await;
                     let json = match serde_json::to_vec(&record) {
                         Ok(j) => j,

@@ -29,6 +29,10 @@ const CALL_LOGS_MAX: usize = 256 * 1024;
 /// A page stops growing past this many bytes (the rest is the next page): an answer
 /// stays well under NATS's max payload.
 const PAGE_BYTES: usize = 512 * 1024;
+/// A result of at most this many bytes (MessagePack) is kept for the call's detail,
+/// up to `RESULTS_MAX` bytes of them a run.
+const RESULT_MAX: usize = 96;
+const RESULTS_MAX: usize = 16 * 1024 * 1024;
 /// An error in a page's rows is cut to this (the whole of it, and its chain, come with
 /// `with_logs`).
 const ROW_ERROR_MAX: usize = 300;
@@ -51,6 +55,9 @@ struct Row {
     error: u32,
     #[serde(default = "none")]
     logs: u32,
+    /// Where its result's MessagePack is in `results` (a length byte, then the bytes).
+    #[serde(default = "none")]
+    result: u32,
 }
 
 fn none() -> u32 {
@@ -85,6 +92,9 @@ pub struct CallLog {
     /// Attempts' logs not kept (the run's logs passed `LOGS_MAX`).
     #[serde(default)]
     logs_dropped: u64,
+    /// Small results, one after the other (see `Row::result`).
+    #[serde(default)]
+    results: Vec<u8>,
     /// The last cancellation reason and its error index (one for all the calls a run's
     /// end cancels).
     #[serde(default)]
@@ -148,6 +158,7 @@ impl CallLog {
             log_bytes: 0,
             logs_dropped: 0,
             cancel_reason: None,
+            results: Vec::new(),
             params,
             version: 0,
             span_ms: 0,
@@ -202,6 +213,7 @@ impl CallLog {
             ended_ms: NONE,
             error: NONE,
             logs: NONE,
+            result: NONE,
         });
     }
 
@@ -372,8 +384,33 @@ impl CallLog {
     }
 
     /// The call ended with a result its attempt returned.
-    pub fn succeeded(&mut self, ordinal: u64) {
+    pub fn succeeded(&mut self, ordinal: u64, result: &[u8]) {
+        // a small result is kept for the call's detail (copied, not decoded, here)
+        let at = self.results.len();
+        let kept =
+            !result.is_empty() && result.len() <= RESULT_MAX && at + result.len() < RESULTS_MAX;
+        if kept {
+            self.results.push(result.len() as u8);
+            self.results.extend_from_slice(result);
+        }
         self.ended(ordinal, CallStatus::Success, 0, None);
+        if kept {
+            if let Some(r) = self.rows.get_mut(ordinal as usize) {
+                r.result = at as u32;
+            }
+        }
+    }
+
+    /// A call's kept result, as JSON cut to 300 bytes.
+    fn result_preview(&self, r: &Row) -> Option<String> {
+        if r.result == NONE {
+            return None;
+        }
+        let at = r.result as usize;
+        let len = *self.results.get(at)? as usize;
+        let bytes = self.results.get(at + 1..at + 1 + len)?;
+        let value: Value = rmp_serde::from_slice(bytes).ok()?;
+        Some(clip_to(&value.to_string(), ROW_ERROR_MAX))
     }
 
     /// The call was answered from the cache.
@@ -451,6 +488,11 @@ impl CallLog {
             has_logs: r.logs != NONE,
             logs: if with_logs && r.logs != NONE {
                 self.logs.get(r.logs as usize).cloned()
+            } else {
+                None
+            },
+            result: if with_logs {
+                self.result_preview(r)
             } else {
                 None
             },
@@ -596,7 +638,7 @@ mod tests {
             let a = log.agent_index("agent-a");
             log.running(i, 5, a, 1);
         }
-        log.succeeded(0);
+        log.succeeded(0, &rmp_serde::to_vec(&42).unwrap());
         log.cache_hit(2);
         let boom = ErrorInfo::new(FailureKind::Error, "boom");
         log.retrying(3, &boom);
@@ -608,6 +650,12 @@ mod tests {
         });
         assert_eq!((all.total, all.matching, all.rows.len()), (10, 10, 10));
         assert!(all.rows[2].cache_hit);
+        let detail = log.page(&CallsQuery {
+            limit: 1,
+            with_logs: true,
+            ..Default::default()
+        });
+        assert_eq!(detail.rows[0].result.as_deref(), Some("42"));
         assert_eq!(all.rows[3].status, CallStatus::Retrying);
         assert_eq!(all.rows[5].error.as_deref(), Some("boom"));
         assert_eq!(all.timeline.len(), 1);

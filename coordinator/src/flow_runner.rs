@@ -696,6 +696,8 @@ impl RunnerState {
                                     cache_key: md5.clone(),
                                     timestamp: now_timestamp(),
                                 },
+                                #[cfg(feature = "otel")]
+                                span: tracing::trace_span!(target: "pinazu::trace", parent: &call.span, "cache.put", key = %key),
                             });
                             if put.is_err() {
                                 tracing::warn!(
@@ -717,7 +719,7 @@ impl RunnerState {
                 if let Some(call) = self.calls.get(&f.call_id) {
                     self.success_event(call);
                 }
-                self.log.succeeded(ordinal);
+                self.log.succeeded(ordinal, &bytes);
                 self.journal_end(f.call_id, Ok(bytes.clone()), f.result_ref);
                 self.resolve(f.call_id, Ok(Payload::Msgpack(bytes)));
             }
@@ -992,8 +994,11 @@ impl RunnerState {
         // the end is durable before it is announced: a coordinator killed in between
         // resumes the run instead of having announced an end it forgets
         #[cfg(feature = "otel")]
-        let flush_span =
-            tracing::trace_span!(target: "pinazu::trace", parent: &self.span, "journal.flush");
+        let flush_span = if self.shared.journal.enabled() {
+            tracing::trace_span!(target: "pinazu::trace", parent: &self.span, "journal.flush")
+        } else {
+            tracing::Span::none()
+        };
         let mut waited = 0u32;
         while let Err(e) = self.shared.journal.flush().await {
             if self.shared.config.ownership.0.is_none() {

@@ -124,6 +124,8 @@ struct AgentSlot {
     last_seen: Option<Instant>,
     alive: bool,
     draining: bool,
+    /// Attempts this coordinator dispatched to it.
+    sent: u64,
 }
 
 impl AgentSlot {
@@ -279,6 +281,7 @@ impl SchedulerState {
                 Some(i) => {
                     let Queued { task, .. } = queue.pop_front().expect("queue head present");
                     self.agents[i].free -= 1;
+                    self.agents[i].sent += 1;
                     free -= 1;
                     self.cursor = (i + 1) % self.agents.len();
                     let key = (task.flow_run_id, task.attempt_id);
@@ -371,6 +374,7 @@ impl SchedulerState {
                     last_seen: None,
                     alive: false,
                     draining: false,
+                    sent: 0,
                     info: hb.info.clone(),
                 });
                 self.agents.len() - 1
@@ -750,6 +754,7 @@ impl Actor for Scheduler {
                             last_seen: None,
                             alive: true,
                             draining: false,
+                            sent: 0,
                         });
                     }
                 }
@@ -823,6 +828,7 @@ impl Actor for Scheduler {
                         },
                         labels: a.info.labels.clone(),
                         draining: a.draining,
+                        attempts: a.sent,
                         last_seen_ms: a
                             .last_seen
                             .map_or(0, |s| now.duration_since(s).as_millis() as u64),

@@ -197,6 +197,9 @@ pub struct AgentSummary {
     pub draining: bool,
     /// Milliseconds since its last heartbeat (0 for in-process agents).
     pub last_seen_ms: u64,
+    /// Attempts the answering coordinator dispatched to it (since either started).
+    #[serde(default)]
+    pub attempts: u64,
 }
 
 /// Which of a run's calls the task table shows (`ApiRequest::Calls`).
@@ -309,6 +312,10 @@ pub struct CallView {
     /// Those lines (when the query asked `with_logs`), each attempt's after a header.
     #[serde(default)]
     pub logs: Option<String>,
+    /// Its result as JSON, cut to 300 bytes (with `with_logs`; kept for results of up
+    /// to 96 bytes of MessagePack, a run's first 16 MiB of them).
+    #[serde(default)]
+    pub result: Option<String>,
 }
 
 /// One page of a run's task table, with what the page header and the timeline need.

@@ -160,17 +160,24 @@ function agentsPage(main) {
   const info = el('p', { class: 'muted' });
   main.append(el('h1', { text: 'Agents' }), info,
     el('table', { id: 'agents-table' },
-      el('thead', {}, el('tr', {}, ...['Agent', 'Slots used', 'Slots free',
-        'Labels', 'Tasks', 'Last heartbeat', 'State'].map(t => el('th', { text: t })))),
+      el('thead', {}, el('tr', {}, ...['Agent', 'Slots used', 'Slots free', 'Attempts sent',
+        'Attempts/s', 'Labels', 'Tasks', 'Last heartbeat', 'State'].map(t => el('th', { text: t })))),
       body));
+  const before = new Map();   // agent -> [time, attempts sent]: attempts/s between polls
   async function load() {
     try {
       const agents = await api('/api/agents');
+      const now = performance.now();
       body.replaceChildren(...agents.map(a => {
+        const prev = before.get(a.agent_id);
+        before.set(a.agent_id, [now, a.attempts || 0]);
+        const rate = prev && now > prev[0] ? ((a.attempts || 0) - prev[1]) * 1000 / (now - prev[0]) : null;
         return el('tr', { 'data-agent': a.agent_id },
           el('td', { text: a.agent_id }),
           el('td', { text: fmtNum(a.running) }),
           el('td', { text: fmtNum(Math.max(0, a.slots - a.running)) }),
+          el('td', { text: fmtNum(a.attempts || 0) }),
+          el('td', { text: rate === null ? '…' : fmtNum(Math.max(0, Math.round(rate))) }),
           el('td', { text: a.labels.map(([k, v]) => k + '=' + v).join(', ') }),
           el('td', { text: a.tasks.length + ' (' + a.tasks.slice(0, 4).join(', ') + (a.tasks.length > 4 ? ', …' : '') + ')' }),
           el('td', { text: a.last_seen_ms + ' ms ago' }),
@@ -307,6 +314,8 @@ function runPage(main, id) {
       .then(p => {
         const full = p.rows.find(x => x.call === r.call) || r;
         errorBox.replaceChildren(...[
+          full.result ? el('h2', { text: 'Result' }) : null,
+          full.result ? el('pre', { id: 'detail-result', text: full.result }) : null,
           full.error ? el('h2', { text: 'Error' }) : null,
           full.error ? el('pre', { class: 'error-text', id: 'detail-error', text: full.error }) : null,
           full.traceback ? el('h2', { text: 'Error chain' }) : null,
