@@ -16,8 +16,9 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// One exported span: (service, trace id, span id, parent span id, name).
-type Span = (String, String, String, String, String);
+/// One exported span: (service, trace id, span id, parent span id, name, status code
+/// (2: error)).
+type Span = (String, String, String, String, String, i64);
 
 /// An OTLP/HTTP collector on a free port: keeps every span posted to `/v1/traces`.
 struct Collector {
@@ -107,6 +108,7 @@ fn spans_of(v: &Value) -> Vec<Span> {
                     text("spanId"),
                     text("parentSpanId"),
                     text("name"),
+                    s["status"]["code"].as_i64().unwrap_or(0),
                 ));
             }
         }
@@ -144,7 +146,13 @@ fn one_trace_links_the_client_the_coordinator_and_the_agent() {
     let mut run = app("dashboard_flow");
     env(&mut run);
     let out = run
-        .args(["run", "--no-progress", "--n=5", "--work-ms=1"])
+        .args([
+            "run",
+            "--no-progress",
+            "--n=5",
+            "--work-ms=1",
+            "--fail-every=5",
+        ])
         .output()
         .unwrap();
     let end = succeeded(&out, || coordinator.logs());
@@ -194,4 +202,9 @@ fn one_trace_links_the_client_the_coordinator_and_the_agent() {
     assert!(spans
         .iter()
         .any(|s| s.0 == "pinazu-agent" && s.4 == "attempt"));
+    // the failed call (one in five) and its attempt are marked errors, the others not
+    for name in ["call", "attempt"] {
+        let errors = spans.iter().filter(|s| s.4 == name && s.5 == 2).count();
+        assert_eq!(errors, 1, "{name} spans with an error status: {spans:#?}");
+    }
 }

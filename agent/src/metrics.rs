@@ -9,6 +9,8 @@ use prometheus_client::registry::Registry;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, RwLock};
 
+use pinazu_shared::error::{ErrorInfo, FailureKind};
+
 type Labels = Vec<(&'static str, String)>;
 
 /// An agent's metrics.
@@ -16,6 +18,7 @@ pub struct AgentMetrics {
     registry: RwLock<Registry>,
     success: Counter,
     failed: Counter,
+    cancelled: Counter,
     duration: Histogram,
     running: Gauge,
     slots: Family<Labels, Gauge>,
@@ -39,7 +42,7 @@ impl AgentMetrics {
         let slots_family = Family::<Labels, Gauge>::default();
         registry.register(
             "pinazu_agent_attempts",
-            "Attempts this agent ran to an outcome, by outcome (success, failed)",
+            "Attempts this agent ran to an outcome, by outcome (success, failed, cancelled)",
             attempts.clone(),
         );
         registry.register(
@@ -65,6 +68,7 @@ impl AgentMetrics {
         AgentMetrics {
             success: outcome("success"),
             failed: outcome("failed"),
+            cancelled: outcome("cancelled"),
             registry: RwLock::new(registry),
             duration,
             running,
@@ -74,13 +78,14 @@ impl AgentMetrics {
         }
     }
 
-    /// An attempt ended (`ok`: with a result) after running `elapsed_us`.
-    pub fn attempt_ended(&self, ok: bool, elapsed_us: u64) {
-        if ok {
-            self.success.inc();
-        } else {
-            self.failed.inc();
-        }
+    /// An attempt ended after running `elapsed_us`: with a result, failed, or cancelled
+    /// (its run ended, or the coordinator stopped it).
+    pub fn attempt_ended(&self, outcome: &Result<bytes::Bytes, ErrorInfo>, elapsed_us: u64) {
+        match outcome {
+            Ok(_) => self.success.inc(),
+            Err(e) if e.kind == FailureKind::Cancelled => self.cancelled.inc(),
+            Err(_) => self.failed.inc(),
+        };
         self.duration.observe(elapsed_us as f64 / 1e6);
     }
 

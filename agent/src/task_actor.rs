@@ -125,12 +125,14 @@ impl Actor for TaskActor {
         let fut = AssertUnwindSafe(TASK_CONTEXT.scope(ctx, body)).catch_unwind();
         // the attempt's span (feature `otel`), child of its call's on the coordinator
         #[cfg(feature = "otel")]
-        let fut = {
+        let attempt_span = {
             let s = &state.spawn;
-            let span = tracing::trace_span!(target: "pinazu::trace", "attempt", task = %s.task, attempt = s.attempt, attempt_id = %s.attempt_id);
+            let span = tracing::trace_span!(target: "pinazu::trace", "attempt", task = %s.task, attempt = s.attempt, attempt_id = %s.attempt_id, otel.status_code = tracing::field::Empty, otel.status_message = tracing::field::Empty);
             pinazu_shared::trace::child_of(&span, s.trace.as_deref().map(String::as_str));
-            tracing::Instrument::instrument(fut, span)
+            span
         };
+        #[cfg(feature = "otel")]
+        let fut = tracing::Instrument::instrument(fut, attempt_span.clone());
         // its log lines are kept in a task-local the logging layer writes to, taken
         // back once the attempt ended (however it ended)
         let fut = ATTEMPT_LOG.scope(std::cell::RefCell::new(AttemptLog::default()), fut);
@@ -153,6 +155,15 @@ impl Actor for TaskActor {
             .as_mut()
             .take_value()
             .and_then(|log| log.into_inner().into_text());
+        // a failed attempt's span says so (feature `otel`)
+        #[cfg(feature = "otel")]
+        if let Ok(Invoked {
+            outcome: Err(e), ..
+        }) = &invoked
+        {
+            attempt_span.record("otel.status_code", "ERROR");
+            attempt_span.record("otel.status_message", e.to_string().as_str());
+        }
         state.invoked = Some(invoked.unwrap_or_else(|payload| Invoked {
             outcome: Err(ErrorInfo::from_panic(&*payload)),
             cache_key: None,

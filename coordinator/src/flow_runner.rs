@@ -429,7 +429,7 @@ impl RunnerState {
                 started_ms: NONE,
                 agent: NONE,
                 #[cfg(feature = "otel")]
-                span: tracing::trace_span!(target: "pinazu::trace", parent: &self.span, "call", task = task.name, call = ordinal),
+                span: tracing::trace_span!(target: "pinazu::trace", parent: &self.span, "call", task = task.name, call = ordinal, otel.status_code = tracing::field::Empty, otel.status_message = tracing::field::Empty),
             },
         );
         let seeded = match seeded {
@@ -750,6 +750,12 @@ impl RunnerState {
                         info.traceback.as_deref().map(String::from),
                     );
                     self.log.failed(ordinal, &info);
+                    #[cfg(feature = "otel")]
+                    if let Some(call) = self.calls.get(&f.call_id) {
+                        call.span.record("otel.status_code", "ERROR");
+                        call.span
+                            .record("otel.status_message", info.to_string().as_str());
+                    }
                     task_metrics(&mut self.metrics, &self.shared, task.name)
                         .failed
                         .inc();
@@ -1028,6 +1034,12 @@ impl RunnerState {
             leases.release(self.flow_run_id).await;
         }
         self.flow_event(status, error.as_ref());
+        #[cfg(feature = "otel")]
+        if let Some(e) = &error {
+            self.span.record("otel.status_code", "ERROR");
+            self.span
+                .record("otel.status_message", e.to_string().as_str());
+        }
         self.shared
             .metrics
             .run_ended(self.flow.name, status.as_str());
@@ -1349,7 +1361,7 @@ impl Actor for FlowRunner {
         // the run's span, child of the launcher's (its `run` client's with `otel`)
         #[cfg(feature = "otel")]
         let run_span = {
-            let span = tracing::trace_span!(target: "pinazu::trace", "flow_run", flow = flow.name, flow_run_id = %flow_run_id);
+            let span = tracing::trace_span!(target: "pinazu::trace", "flow_run", flow = flow.name, flow_run_id = %flow_run_id, otel.status_code = tracing::field::Empty, otel.status_message = tracing::field::Empty);
             pinazu_shared::trace::child_of(&span, header.context.traceparent.as_deref());
             span
         };

@@ -39,7 +39,7 @@ impl ResultSink for NatsReportSink {
 
     fn finished(&self, f: AttemptFinished) {
         if let Some(m) = &self.metrics {
-            m.attempt_ended(f.outcome.is_ok(), f.elapsed_us);
+            m.attempt_ended(&f.outcome, f.elapsed_us);
         }
         // still listed as running until its report is in the outbox (a large result may
         // take seconds to store): the coordinator must not take it for lost meanwhile
