@@ -1461,21 +1461,27 @@ fn print_agent_table(agents: &[AgentSummary]) {
     }
 }
 
-/// `logs`: the log lines of the run's calls, in call order; with `--follow`, those of
-/// attempts that end later too, until the run has ended.
 /// How long `logs` asks again while no coordinator answers.
 const FOLLOW_WAIT: Duration = Duration::from_secs(30);
 
+/// The run a command names (its RUN argument), and a connection to ask about it.
+async fn about_run(
+    cli: &Cli,
+    raw: &str,
+    url: &str,
+) -> Result<(FlowRunId, async_nats::Client, Subjects), ExitCode> {
+    let id = FlowRunId::parse(raw, "the RUN argument").map_err(usage_error)?;
+    let client = connect(cli, url, "pinazu-cli").await?;
+    Ok((id, client, nats_subjects(cli)))
+}
+
+/// `logs`: the log lines of the run's calls, in call order; with `--follow`, those of
+/// attempts that end later too, until the run has ended.
 async fn logs(cli: &Cli, a: &LogsArgs, url: &str) -> ExitCode {
-    let id = match FlowRunId::parse(&a.flow_run_id, "the RUN argument") {
-        Ok(id) => id,
-        Err(e) => return usage_error(e),
-    };
-    let client = match connect(cli, url, "pinazu-cli").await {
-        Ok(c) => c,
+    let (id, client, subjects) = match about_run(cli, &a.flow_run_id, url).await {
+        Ok(r) => r,
         Err(code) => return code,
     };
-    let subjects = nats_subjects(cli);
     // bytes of each call's logs printed so far (a retried call's logs grow)
     let mut printed: std::collections::HashMap<u64, usize> = Default::default();
     let mut version = None;
@@ -1564,15 +1570,10 @@ async fn logs(cli: &Cli, a: &LogsArgs, url: &str) -> ExitCode {
 }
 
 async fn one_run(cli: &Cli, a: &RunIdArgs, url: &str, cancel: bool) -> ExitCode {
-    let id = match FlowRunId::parse(&a.flow_run_id, "the RUN argument") {
-        Ok(id) => id,
-        Err(e) => return usage_error(e),
-    };
-    let client = match connect(cli, url, "pinazu-cli").await {
-        Ok(c) => c,
+    let (id, client, subjects) = match about_run(cli, &a.flow_run_id, url).await {
+        Ok(r) => r,
         Err(code) => return code,
     };
-    let subjects = nats_subjects(cli);
     let (verb, req) = if cancel {
         ("cancel", ApiRequest::Cancel { flow_run_id: id })
     } else {

@@ -776,9 +776,7 @@ impl Coordinator {
             .collect();
         v.sort_by_key(|(t, _)| *t);
         let me = self.shared.config.ownership.0.as_ref().map(|l| l.me());
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now_ms = pinazu_shared::events::now_ms();
         v.into_iter()
             .map(|(started, mut i)| {
                 // when it started, or ended once it has
@@ -1078,9 +1076,7 @@ impl Coordinator {
         else {
             return None;
         };
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now_ms = pinazu_shared::events::now_ms();
         let snap = StatsSnapshot::default();
         let mut info = snap.run_info(id, &flow, FlowStatus::Running, 0);
         info.wall_ms = started_at_ms.map_or(0, |t| now_ms.saturating_sub(t));
@@ -1286,9 +1282,7 @@ impl Coordinator {
             r.load_refs(&*self.shared.store).await;
         }
         // a resume keeps its first start's time, so its wall time goes on
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now_ms = pinazu_shared::events::now_ms();
         let started_at_ms = replay
             .as_ref()
             .filter(|r| r.unfinished)

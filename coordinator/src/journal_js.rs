@@ -781,9 +781,7 @@ impl Journal for JetStreamJournal {
     fn history(&self) -> BoxFuture<'_, Result<Vec<(RunInfo, u64)>, JournalError>> {
         Box::pin(async move {
             let msgs = self.runs_latest().await?;
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
+            let now_ms = pinazu_shared::events::now_ms();
             let mut out = Vec::with_capacity(msgs.len());
             for m in msgs {
                 let Some(run) = m

@@ -180,6 +180,17 @@ pub struct RunsQuery {
     pub before_ms: Option<u64>,
 }
 
+impl RunsQuery {
+    /// Whether a run, with its time (`at_ms`: started, or ended once it has), is one
+    /// the query lists (the limit aside).
+    pub fn admits(&self, r: &RunInfo, at_ms: u64) -> bool {
+        self.status.is_none_or(|s| r.status == s)
+            && self.flow.as_deref().is_none_or(|f| r.flow == f)
+            && self.since_ms.is_none_or(|t| at_ms >= t)
+            && self.before_ms.is_none_or(|t| at_ms < t)
+    }
+}
+
 /// What an operator sees of an agent.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentSummary {

@@ -81,9 +81,7 @@ async fn local_answer(c: &Coordinator, req: ApiRequest) -> ApiReply {
             .map_or_else(|| unknown(flow_run_id), ApiReply::Run),
         ApiRequest::Runs => ApiReply::Runs(c.runs()),
         ApiRequest::History(q) => {
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
+            let now_ms = pinazu_shared::events::now_ms();
             let mut runs: Vec<_> = c
                 .runs()
                 .into_iter()
@@ -92,13 +90,7 @@ async fn local_answer(c: &Coordinator, req: ApiRequest) -> ApiReply {
                     at_ms: r.at_ms.or(Some(now_ms.saturating_sub(r.wall_ms))),
                     ..r
                 })
-                .filter(|r| {
-                    let at = r.at_ms.unwrap_or(0);
-                    q.status.is_none_or(|s| r.status == s)
-                        && q.flow.as_deref().is_none_or(|f| r.flow == f)
-                        && q.since_ms.is_none_or(|t| at >= t)
-                        && q.before_ms.is_none_or(|t| at < t)
-                })
+                .filter(|r| q.admits(r, r.at_ms.unwrap_or(0)))
                 .collect();
             runs.sort_by_key(|r| std::cmp::Reverse(r.at_ms));
             runs.truncate(q.limit.max(1) as usize);

@@ -295,9 +295,7 @@ impl ApiCtx {
     /// `runs`: the journal's history, with the live coordinators' runs over it (their
     /// counters are current), filtered, most recent first.
     async fn history(&self, q: &pinazu_shared::api::RunsQuery) -> ApiReply {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now_ms = pinazu_shared::events::now_ms();
         let mut by_id: HashMap<FlowRunId, (RunInfo, u64)> = match self.c.history().await {
             Ok(h) => h
                 .into_iter()
@@ -317,12 +315,7 @@ impl ApiCtx {
         }
         let mut runs: Vec<(RunInfo, u64)> = by_id
             .into_values()
-            .filter(|(r, at)| {
-                q.status.is_none_or(|s| r.status == s)
-                    && q.flow.as_deref().is_none_or(|f| r.flow == f)
-                    && q.since_ms.is_none_or(|t| *at >= t)
-                    && q.before_ms.is_none_or(|t| *at < t)
-            })
+            .filter(|(r, at)| q.admits(r, *at))
             .collect();
         runs.sort_by_key(|r| std::cmp::Reverse(r.1));
         runs.truncate(q.limit.max(1) as usize);
