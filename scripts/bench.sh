@@ -102,6 +102,8 @@ dash_poll() {
     sleep 1
   done
 }
+# (100,000 calls: a 10,000-call W1 ends before a poller sees it)
+measure distributed-journal-100k W1 w1_fanout --n=100000
 dash_poll & poll_pid=$!; pids+=("$poll_pid")
 measure distributed-journal-dashboard W1 w1_fanout --n=100000
 kill "$poll_pid" 2>/dev/null || true
