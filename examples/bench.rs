@@ -18,6 +18,12 @@ async fn noop(i: u64) -> anyhow::Result<u64> {
     Ok(i)
 }
 
+/// Returns its input; at most 1,000 running at once (W1 with a limit).
+#[task(concurrency = 1000)]
+async fn noop_limited(i: u64) -> anyhow::Result<u64> {
+    Ok(i)
+}
+
 /// Sleeps `ms`, precisely: tokio's timer rounds up to its next millisecond tick, so
 /// `tokio::time::sleep(50 ms)` takes 51.2 ms on average here, which alone would cap W3 at
 /// 0.976 whatever the engine does; a thread sleep on the blocking pool takes ~50.1 ms (as
@@ -39,6 +45,19 @@ async fn blob(i: u64, bytes: u64) -> anyhow::Result<ByteBuf> {
 async fn w1_fanout(#[default(10_000)] n: u64) -> anyhow::Result<Value> {
     let start = Instant::now();
     let results = futures_util::future::try_join_all((0..n).map(noop)).await?;
+    let secs = start.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        results.iter().sum::<u64>() == n * (n.saturating_sub(1)) / 2,
+        "wrong sum"
+    );
+    Ok(json!({ "workload": "W1", "tasks": n, "seconds": secs, "tasks_per_s": n as f64 / secs }))
+}
+
+/// W1 with a concurrency limit of 1,000 on the task.
+#[flow]
+async fn w1_limited(#[default(10_000)] n: u64) -> anyhow::Result<Value> {
+    let start = Instant::now();
+    let results = futures_util::future::try_join_all((0..n).map(noop_limited)).await?;
     let secs = start.elapsed().as_secs_f64();
     anyhow::ensure!(
         results.iter().sum::<u64>() == n * (n.saturating_sub(1)) / 2,

@@ -38,6 +38,7 @@ async fn one_run(client: &async_nats::Client) -> Result<(), String> {
         idempotency_key: None,
         success_task_results: None,
         events: None,
+        priority: 0,
     };
     let body = encode_envelope(&req).map_err(|e| e.to_string())?;
     let reply = tokio::time::timeout(

@@ -36,7 +36,7 @@ measure() {
   [ "$label" = W3 ] && first=1 # 10 s of sleeps: nothing to warm up
   for i in $(seq "$first" "$runs"); do
     local line
-    if [ "$mode" = embedded ]; then
+    if [[ "$mode" == embedded* ]]; then
       line=$(env -u NATS_URL "$bin" --no-journal --no-progress "$@" 2>/dev/null | tail -n1)
     else
       line=$(NATS_URL="nats://127.0.0.1:$port" "$bin" run --no-progress "$@" 2>/dev/null | tail -n1)
@@ -66,6 +66,7 @@ stop_cluster() { kill -9 "$a1" "$a2" "$coord_pid" "$nats_pid" 2>/dev/null || tru
 
 echo "embedded..." >&2
 measure embedded W1 --flow w1_fanout --n=10000 --agents=2 --slots=256
+measure embedded-limit-1000 W1 --flow w1_limited --n=10000 --agents=2 --slots=256
 measure embedded W2 --flow w2_chain --n=300 --agents=2 --slots=4
 measure embedded W3 --flow w3_sleepy --n=400 --ms=50 --total-slots=2 --agents=1 --slots=2
 measure embedded W4 --flow w4_payload --n=50 --bytes=1048576 --agents=2 --slots=16
@@ -73,6 +74,7 @@ measure embedded W4 --flow w4_payload --n=50 --bytes=1048576 --agents=2 --slots=
 echo "distributed, journal off..." >&2
 start_cluster 512 off
 measure distributed W1 w1_fanout --n=10000
+measure distributed-limit-1000 W1 w1_limited --n=10000
 echo "{\"rss\":{\"nats\":$(rss $nats_pid),\"coordinator\":$(rss $coord_pid),\"agent1\":$(rss $a1),\"agent2\":$(rss $a2)}}" >>"$out"
 measure distributed W2 w2_chain --n=300
 measure distributed W4 w4_payload --n=50 --bytes=1048576

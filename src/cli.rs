@@ -104,6 +104,30 @@ pub struct Cli {
     /// this address while the run runs, e.g. 127.0.0.1:8233 (embedded mode).
     #[arg(long, value_name = "ADDR")]
     pub http: Option<std::net::SocketAddr>,
+    /// Size a named limit tasks use (`#[task(limit = "openai")]`): NAME=N (at most N
+    /// attempts at once), NAME=N/s (also /min, /h; `,burst=B`), or NAME=N,M/s. Repeat
+    /// for several (embedded mode).
+    #[arg(long = "limit", value_name = "NAME=SIZE", value_parser = parse_limit_arg)]
+    pub limits: Vec<(String, pinazu_shared::options::NamedLimit)>,
+}
+
+/// `NAME=SIZE` of `--limit`.
+pub(crate) fn parse_limit_arg(
+    text: &str,
+) -> Result<(String, pinazu_shared::options::NamedLimit), String> {
+    let (name, size) = text.split_once('=').ok_or_else(|| {
+        format!("expected NAME=SIZE, e.g. openai=20 or openai=100/s, not {text:?}")
+    })?;
+    let name = name.trim();
+    if !pinazu_coordinator::nats::limits::valid_name(name) {
+        return Err(format!(
+            "invalid limit name {name:?}: use letters, digits, '_' and '-'"
+        ));
+    }
+    Ok((
+        name.to_string(),
+        pinazu_shared::options::NamedLimit::parse(size)?,
+    ))
 }
 
 /// What a run takes, embedded or submitted.
@@ -126,6 +150,10 @@ pub struct RunArgs {
     /// Do not draw a progress bar (none is drawn when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
+    /// The run's priority: when slots are scarce, attempts of higher-priority runs go
+    /// first (runs of equal priority take turns). Default 0; negative is lower.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
 }
 
 /// NATS connection flags (global: every subcommand takes them).
@@ -268,6 +296,8 @@ pub enum Command {
     Cache(crate::distributed::CacheArgs),
     /// Show or remove a run's journal (the local one, and JetStream's with NATS_URL).
     Journal(crate::distributed::JournalArgs),
+    /// Show, size or remove the named limits tasks share (`#[task(limit = "...")]`).
+    Limits(crate::distributed::LimitsArgs),
 }
 
 /// Splits the raw arguments into the ones clap knows and flow parameters (`--key=value`
@@ -981,6 +1011,7 @@ async fn run_embedded(
     }
     config.cache_dir = cli.cache_dir.clone();
     config.refresh_cache = cli.refresh_cache;
+    config.limits = cli.limits.clone();
     match try_open_store(cli).await {
         Ok(store) => config.store = Some(store),
         Err(e) => return r.reject(e, true).await,
@@ -1008,6 +1039,10 @@ async fn run_embedded(
     let options = pinazu_coordinator::RunOptions {
         seeds,
         events: Some(r.events.clone()),
+        meta: pinazu_coordinator::journal::RunMeta {
+            priority: cli.run.priority,
+            parent: None,
+        },
         ..Default::default()
     };
     let handle = match runtime

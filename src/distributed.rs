@@ -87,6 +87,46 @@ pub struct CoordinatorArgs {
     /// Serve no dashboard and no `/metrics`.
     #[arg(long, env = "PINAZU_NO_HTTP", conflicts_with = "http", value_parser = clap::builder::FalseyValueParser::new())]
     pub no_http: bool,
+    /// Size a named limit tasks use (`#[task(limit = "openai")]`): NAME=N (at most N
+    /// attempts at once), NAME=N/s (also /min, /h; `,burst=B`), or NAME=N,M/s. Repeat
+    /// for several. With the JetStream journal it is stored for every coordinator
+    /// (overriding what was stored); change it at run time with `limits set`.
+    #[arg(long = "limit", value_name = "NAME=SIZE", value_parser = crate::cli::parse_limit_arg)]
+    pub limits: Vec<(String, pinazu_shared::options::NamedLimit)>,
+}
+
+/// `limits` settings.
+#[derive(Args, Debug, Clone)]
+pub struct LimitsArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub op: LimitsCmd,
+}
+
+/// `limits` subcommands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum LimitsCmd {
+    /// The named limits, and the limits in use with their running and waiting attempts
+    /// (as the answering coordinator counts them).
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Size a named limit for every coordinator: N (at most N at once), N/s (also /min,
+    /// /h; `,burst=B`), or N,M/s.
+    Set {
+        /// The limit's name.
+        name: String,
+        /// Its size.
+        size: String,
+    },
+    /// Remove a named limit: attempts waiting for it run; tasks that use it fail until it
+    /// is set again.
+    Rm {
+        /// The limit's name.
+        name: String,
+    },
 }
 
 /// The dashboard's address when `--http` is not given.
@@ -244,6 +284,7 @@ pub(crate) async fn run_command(
         }
         Command::Agents(a) => list(cli, a.json, &url, None).await,
         Command::Logs(a) => logs(cli, a, &url).await,
+        Command::Limits(a) => limits(cli, a, &url).await,
         Command::Cache(_) | Command::Journal(_) => unreachable!("handled above"),
     }
 }
@@ -702,6 +743,7 @@ async fn coordinator(
             schedule_timeout: a.schedule_timeout,
             ..SchedulerTiming::default()
         },
+        limits: a.limits.clone(),
         ..CoordinatorConfig::default()
     };
     // with the journal in JetStream any number of coordinators can share NATS: each
@@ -776,6 +818,24 @@ async fn coordinator(
         Err(e) => return usage_error(format!("could not start the coordinator: {e}")),
     };
     link.report_failures_to(coordinator.result_sink());
+    // named limits: stored in JetStream for every coordinator, loaded before any run
+    // resumes (an attempt of a limit not yet known would fail)
+    let limit_store = if js_journal {
+        match pinazu_coordinator::nats::limits::LimitStore::open(
+            client.clone(),
+            subjects.prefix(),
+            a.js_replicas.into(),
+            coordinator.clone(),
+            &a.limits,
+        )
+        .await
+        {
+            Ok(s) => Some(s),
+            Err(e) => return usage_error(e),
+        }
+    } else {
+        None
+    };
     if let Some(l) = &leases {
         link.guard_with(l.clone());
         tracing::info!(coordinator = l.me(), peers = ?l.live(), "coordinator lease taken");
@@ -794,6 +854,7 @@ async fn coordinator(
         registry,
         publisher.clone(),
         payloads,
+        limit_store,
     )
     .await
     {
@@ -1290,6 +1351,7 @@ async fn submit(
         ),
         success_task_results: a.run.success_task_results.clone(),
         events: Some(r.events.clone()),
+        priority: a.run.priority,
     };
     // a coordinator that is restarting serves again once it has resumed its runs
     let started = match request_waiting(&client, &subjects, "start", &req, START_WAIT).await {
@@ -1589,6 +1651,81 @@ async fn one_run(cli: &Cli, a: &RunIdArgs, url: &str, cancel: bool) -> ExitCode 
             ExitCode::SUCCESS
         }
         Ok(ApiReply::Error(e)) | Ok(ApiReply::Unknown(e)) => usage_error(e),
+        Ok(other) => usage_error(format!("unexpected reply: {other:?}")),
+        Err(e) => usage_error(e),
+    }
+}
+
+/// `limits list|set|rm`.
+async fn limits(cli: &Cli, a: &LimitsArgs, url: &str) -> ExitCode {
+    use pinazu_shared::api::LimitsOp;
+    let op = match &a.op {
+        LimitsCmd::List { .. } => LimitsOp::List,
+        LimitsCmd::Set { name, size } => {
+            match crate::cli::parse_limit_arg(&format!("{name}={size}")) {
+                Ok((name, size)) => LimitsOp::Set {
+                    name,
+                    size: Some(size),
+                },
+                Err(e) => return usage_error(e),
+            }
+        }
+        LimitsCmd::Rm { name } => LimitsOp::Set {
+            name: name.clone(),
+            size: None,
+        },
+    };
+    let client = match connect(cli, url, "pinazu-cli").await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let subjects = nats_subjects(cli);
+    match request(&client, &subjects, "limits", &ApiRequest::Limits(op)).await {
+        Ok(ApiReply::Done) => {
+            match &a.op {
+                LimitsCmd::Set { name, size } => out!("limit {name} set to {size}"),
+                LimitsCmd::Rm { name } => out!("limit {name} removed"),
+                LimitsCmd::List { .. } => {}
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(ApiReply::Limits(v)) => {
+            if matches!(a.op, LimitsCmd::List { json: true }) {
+                out!("{}", serde_json::to_string(&v).unwrap_or_default());
+            } else {
+                if v.named.is_empty() {
+                    out!("no named limits");
+                }
+                for (name, size) in &v.named {
+                    out!("limit {name}: {size}");
+                }
+                if !v.gates.is_empty() {
+                    out!("");
+                    out!(
+                        "{:<6} {:<24} {:<16} {:<20} {:>8} {:>8}",
+                        "KIND",
+                        "NAME",
+                        "KEY",
+                        "SIZE",
+                        "RUNNING",
+                        "WAITING"
+                    );
+                    for g in &v.gates {
+                        out!(
+                            "{:<6} {:<24} {:<16} {:<20} {:>8} {:>8}",
+                            g.kind,
+                            g.name,
+                            g.key.as_deref().unwrap_or("-"),
+                            g.size.to_string(),
+                            g.running,
+                            g.waiting
+                        );
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(ApiReply::Error(e)) => usage_error(e),
         Ok(other) => usage_error(format!("unexpected reply: {other:?}")),
         Err(e) => usage_error(e),
     }

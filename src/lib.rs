@@ -81,9 +81,9 @@ pub mod prelude {
 pub mod __private {
     pub use bytes::Bytes;
     pub use inventory;
-    pub use pinazu_coordinator::call_task;
+    pub use pinazu_coordinator::{call_task, call_task_keyed, limit_key};
     pub use pinazu_shared::error::{ErrorInfo, FailureKind, ParamError};
-    pub use pinazu_shared::options::{CachePolicy, RetryPolicy, TaskOptions};
+    pub use pinazu_shared::options::{CachePolicy, RateSpec, RetryPolicy, TaskLimits, TaskOptions};
     pub use pinazu_shared::registry::{
         args_md5, check_result, decode_args, encode_flow_result, encode_ok, encode_result,
         param_from_text, param_value, ErrorValue, FlowDef, FlowEntry, FlowStart, Invoked,

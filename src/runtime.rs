@@ -108,6 +108,8 @@ pub struct RuntimeConfig {
     /// Where runs are journaled so they can be resumed (default: not journaled; the CLI
     /// journals to `.pinazu/journal`).
     pub journal: Option<Arc<dyn Journal>>,
+    /// Named limits' sizes (`--limit openai=20`).
+    pub limits: Vec<(String, pinazu_shared::options::NamedLimit)>,
 }
 
 impl std::fmt::Debug for RuntimeConfig {
@@ -135,6 +137,7 @@ impl Default for RuntimeConfig {
             events: Arc::new(LogSink),
             store: None,
             journal: None,
+            limits: Vec::new(),
         }
     }
 }
@@ -252,6 +255,7 @@ impl Runtime {
                 keep_call_logs: false,
                 // (in-process: the body's lines are in this process's log already)
                 flow_logs: Default::default(),
+                limits: config.limits.clone(),
             },
             link.clone(),
             store,
@@ -394,6 +398,17 @@ pub async fn run_flow<T: DeserializeOwned>(
     def: &'static FlowDef,
     params: Map<String, Value>,
 ) -> Result<T, FlowError> {
+    // in a flow: a child run of the flow that calls it
+    if pinazu_coordinator::context::in_flow() {
+        return match pinazu_coordinator::context::call_flow(def, params).await {
+            Some(Ok(outcome)) => typed_outcome(def, outcome),
+            Some(Err(why)) => Err(FlowError::Runtime(format!(
+                "child flow `{}`: {why}",
+                def.name
+            ))),
+            None => Err(FlowError::Runtime("not in a flow".into())),
+        };
+    }
     let rt = Runtime::current().await?;
     let outcome = rt
         .inner
@@ -406,6 +421,14 @@ pub async fn run_flow<T: DeserializeOwned>(
         .outcome(outcome)
         .await
         .map_err(FlowError::Runtime)?;
+    typed_outcome(def, outcome)
+}
+
+/// A run's outcome as the flow function's typed result.
+fn typed_outcome<T: DeserializeOwned>(
+    def: &'static FlowDef,
+    outcome: pinazu_coordinator::FlowRunOutcome,
+) -> Result<T, FlowError> {
     match outcome.status {
         FlowStatus::Success => T::deserialize(outcome.result.unwrap_or(Value::Null)).map_err(|e| {
             FlowError::InvalidResult {

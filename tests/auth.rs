@@ -209,6 +209,7 @@ async fn each_user_is_refused_what_is_not_its_part() {
         idempotency_key: None,
         success_task_results: None,
         events: None,
+        priority: 0,
     };
     match ask(n, "agent-1", "pinazu.api.store_probe", &start).await {
         Ok(ApiReply::Error(e)) => assert!(e.contains("refused"), "{e}"),

@@ -749,6 +749,7 @@ async fn a_replay_that_diverges_from_its_journal_fails_clearly() {
             idempotency_key: None,
             events: None,
             started_at_ms: None,
+            meta: Default::default(),
         },
     );
     journal.append(
@@ -1068,6 +1069,7 @@ async fn a_journaled_result_that_no_longer_decodes_is_dropped_and_the_call_runs_
             idempotency_key: None,
             events: None,
             started_at_ms: None,
+            meta: Default::default(),
         },
     );
     let call_id = pinazu_shared::ids::CallId {

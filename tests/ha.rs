@@ -16,6 +16,7 @@ fn started() -> JournalEntry {
         idempotency_key: None,
         events: None,
         started_at_ms: None,
+        meta: Default::default(),
     }
 }
 

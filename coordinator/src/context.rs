@@ -79,6 +79,25 @@ pub async fn call_task<R: DeserializeOwned, A: Serialize>(
     def: &'static TaskDef,
     args: A,
 ) -> Result<R, TaskError> {
+    call_task_keyed(def, args, None).await
+}
+
+/// The value of a task's limit key as the scheduler keys it: a string as itself, any
+/// other value as its JSON.
+pub fn limit_key<T: Serialize + ?Sized>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(Value::String(s)) => s,
+        Ok(v) => v.to_string(),
+        Err(e) => format!("<unserialisable key: {e}>"),
+    }
+}
+
+/// `call_task` with the value of the task's limit key (`concurrency_key`).
+pub async fn call_task_keyed<R: DeserializeOwned, A: Serialize>(
+    def: &'static TaskDef,
+    args: A,
+    key: Option<String>,
+) -> Result<R, TaskError> {
     let task = def.name;
     let Some(ctx) = context() else {
         return Err(TaskError::OutsideFlow {
@@ -104,6 +123,7 @@ pub async fn call_task<R: DeserializeOwned, A: Serialize>(
             task: def,
             args: Bytes::from(bytes),
             args_json,
+            key: key.map(std::sync::Arc::from),
             reply,
         })
         .map_err(|_| closed("its flow runner has stopped"))?;
@@ -114,6 +134,37 @@ pub async fn call_task<R: DeserializeOwned, A: Serialize>(
         task: task.to_string(),
         reason,
     })
+}
+
+/// Calls another flow from flow code: a child run (its own run id, events and journal,
+/// linked to this run), followed to its end. `None` outside a flow.
+pub async fn call_flow(
+    def: &'static pinazu_shared::registry::FlowDef,
+    params: serde_json::Map<String, Value>,
+) -> Option<Result<crate::coordinator::FlowRunOutcome, String>> {
+    let ctx = context()?;
+    let (reply, answer) = oneshot::channel();
+    if ctx
+        .runner
+        .send_message(FlowRunnerMsg::Child {
+            flow: def,
+            params,
+            reply,
+        })
+        .is_err()
+    {
+        return Some(Err("the parent's flow runner has stopped".into()));
+    }
+    Some(
+        answer.await.unwrap_or_else(|_| {
+            Err("the parent's flow runner stopped before the child ended".into())
+        }),
+    )
+}
+
+/// Whether this code runs in a flow body.
+pub fn in_flow() -> bool {
+    FLOW_CONTEXT.try_with(|_| ()).is_ok()
 }
 
 /// Runs `f` over `items` with at most `concurrency` calls in flight, keeping input order:

@@ -54,6 +54,8 @@ pub struct CoordinatorConfig {
     pub keep_call_logs: bool,
     /// Where flow bodies' own log lines go (default: only the coordinator's log).
     pub flow_logs: FlowLogHandle,
+    /// Named limits' sizes at start (`--limit openai=20`).
+    pub limits: Vec<(String, pinazu_shared::options::NamedLimit)>,
 }
 
 /// Where flow bodies' own log lines go: called with the run and each line.
@@ -112,6 +114,8 @@ pub struct RunOptions {
     /// Header and trace id of the run's status events (default: the coordinator's
     /// header, no trace id); set by whoever launches the run.
     pub events: Option<EventContext>,
+    /// Its priority and parent run.
+    pub meta: crate::journal::RunMeta,
 }
 
 impl Default for CoordinatorConfig {
@@ -125,6 +129,7 @@ impl Default for CoordinatorConfig {
             ownership: OwnershipHandle::default(),
             keep_call_logs: false,
             flow_logs: FlowLogHandle::default(),
+            limits: Vec::new(),
         }
     }
 }
@@ -492,6 +497,8 @@ struct RunEntry {
     started: std::time::Instant,
     stats: Arc<RunStats>,
     outcome: watch::Receiver<Option<FlowRunOutcome>>,
+    /// The run whose flow started it (a child flow).
+    parent: Option<FlowRunId>,
 }
 
 impl RunEntry {
@@ -505,6 +512,7 @@ impl RunEntry {
         };
         RunInfo {
             note: self.stats.note(),
+            parent_run_id: self.parent,
             ..info
         }
     }
@@ -542,6 +550,7 @@ impl Coordinator {
                 link,
                 runs: runs.clone(),
                 timing: config.timing.clone(),
+                limits: config.limits.clone(),
                 epoch,
                 shared: config.ownership.0.is_some(),
                 lease: config.ownership.0.clone(),
@@ -681,6 +690,76 @@ impl Coordinator {
             return Vec::new();
         };
         ractor::call!(runner, FlowRunnerMsg::Phases).unwrap_or_default()
+    }
+
+    /// A handle on the coordinator for its own actors (a runner starting a child flow):
+    /// the same state, without the start-up's failure watch.
+    pub(crate) fn over(shared: Arc<CoordShared>) -> Coordinator {
+        Coordinator {
+            shared,
+            cache_counters: Arc::default(),
+            failed: watch::channel(None).1,
+        }
+    }
+
+    /// A handle on a run in this coordinator's table.
+    pub fn handle(&self, id: FlowRunId) -> Option<RunHandle> {
+        self.shared.table.get(&id).map(|e| RunHandle {
+            flow_run_id: id,
+            stats: e.stats.clone(),
+            outcome: e.outcome.clone(),
+        })
+    }
+
+    /// Runs a child flow to its end: started here under `id`, or followed where it
+    /// already runs (resumed here, or hosted by another coordinator: then its end is
+    /// read from the journal, which every coordinator shares), or answered from its
+    /// recorded success.
+    pub(crate) async fn run_child(
+        &self,
+        flow: &'static FlowDef,
+        params: Map<String, Value>,
+        id: FlowRunId,
+        options: RunOptions,
+    ) -> Result<FlowRunOutcome, String> {
+        let mut wait = std::time::Duration::from_millis(100);
+        loop {
+            match self
+                .start_run_with(flow, params.clone(), id, options.clone())
+                .await
+            {
+                Ok(handle) => return Ok(handle.wait().await),
+                Err(StartError::AlreadyRunning(_)) => {
+                    if let Some(h) = self.handle(id) {
+                        return Ok(h.wait().await);
+                    }
+                }
+                Err(StartError::OwnedElsewhere { .. } | StartError::RunningElsewhere { .. }) => {
+                    if let Ok(Some(info)) = self.shared.journal.ended(id).await {
+                        return Ok(FlowRunOutcome::from_info(&info));
+                    }
+                }
+                Err(e @ StartError::Journal(_)) => {
+                    tracing::warn!(flow_run_id = %id, error = %e, "could not start a child flow yet; trying again");
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(std::time::Duration::from_secs(1));
+        }
+    }
+
+    /// Sizes a named limit (`None`: removes it) on this coordinator.
+    pub fn set_limit(&self, name: String, size: Option<pinazu_shared::options::NamedLimit>) {
+        let _ = self
+            .shared
+            .scheduler
+            .send_message(SchedulerMsg::SetLimit(name, size));
+    }
+
+    /// The named limits and the gates in use on this coordinator.
+    pub async fn limits(&self) -> pinazu_shared::api::LimitsView {
+        ractor::call!(self.shared.scheduler, SchedulerMsg::Limits).unwrap_or_default()
     }
 
     /// The live agents as the scheduler sees them.
@@ -986,6 +1065,7 @@ impl Coordinator {
             seeds: Seeds::default(),
             start_delay: settle,
             events: replay.events.clone(),
+            meta: replay.meta,
         };
         match self
             .start_run_with(def, replay.params.clone(), run, options)
@@ -1288,6 +1368,11 @@ impl Coordinator {
             .filter(|r| r.unfinished)
             .and_then(|r| r.started_at_ms)
             .unwrap_or(now_ms);
+        // an unfinished run started again without a priority or parent keeps its own
+        let meta = match replay.as_ref().filter(|r| r.unfinished) {
+            Some(r) if options.meta.is_plain() => r.meta,
+            _ => options.meta,
+        };
         // durable before anyone hears of the run (its events, the API's answer): a
         // coordinator killed right after still resumes it
         if self.shared.journal.enabled() {
@@ -1299,6 +1384,7 @@ impl Coordinator {
                     idempotency_key: options.idempotency_key.clone(),
                     events: Some(events.clone()),
                     started_at_ms: Some(started_at_ms),
+                    meta,
                 },
             );
             self.shared
@@ -1328,6 +1414,7 @@ impl Coordinator {
                 started: std::time::Instant::now(),
                 stats: stats.clone(),
                 outcome: rx.clone(),
+                parent: meta.parent,
             },
         );
         let args = FlowRunnerArgs {
@@ -1343,6 +1430,7 @@ impl Coordinator {
             start_delay: options.start_delay,
             header: Arc::new(RunHeader::new(events.clone())),
             claim,
+            meta,
         };
         // the runner registers itself in `runs` before its body starts
         if let Err(e) = Actor::spawn(None, FlowRunner, args).await {
@@ -1414,6 +1502,7 @@ impl Coordinator {
                 started: std::time::Instant::now(),
                 stats: stats.clone(),
                 outcome: rx.clone(),
+                parent: options.meta.parent,
             },
         );
         self.shared.retire(id);

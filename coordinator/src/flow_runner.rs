@@ -23,7 +23,7 @@ use pinazu_shared::events::{now_timestamp, FlowStatus, FlowStatusMessage};
 use pinazu_shared::ids::{AttemptId, CallId, FlowRunId};
 use pinazu_shared::options::CachePolicy;
 use pinazu_shared::registry::{FlowDef, KeptResult, TaskDef};
-use pinazu_shared::wire::{AttemptFinished, AttemptStarted, Report, SpawnTask};
+use pinazu_shared::wire::{AttemptFinished, AttemptStarted, Report, SchedInfo, SpawnTask};
 use pinazu_shared::BoxFuture;
 
 use crate::cache::CacheMsg;
@@ -37,6 +37,23 @@ use crate::stats::RunStats;
 use crate::status::{RunHeader, StatusMsg, TaskTransition};
 
 type CallReply = oneshot::Sender<Result<Payload, TaskError>>;
+/// How a child flow's caller hears of its end.
+pub type ChildReply = oneshot::Sender<Result<FlowRunOutcome, String>>;
+
+/// A child run the flow body waits for.
+struct ChildCall {
+    flow: &'static FlowDef,
+    run: FlowRunId,
+    ordinal: u64,
+    reply: ChildReply,
+    /// The task following it (aborted when the parent stops waiting).
+    follow: tokio::task::AbortHandle,
+}
+
+/// The journal's name for a child flow's call: `flow:<name>`.
+pub fn child_task_name(flow: &str) -> String {
+    format!("flow:{flow}")
+}
 
 /// Messages to a flow runner.
 pub enum FlowRunnerMsg {
@@ -48,6 +65,8 @@ pub enum FlowRunnerMsg {
         args: Bytes,
         /// The same arguments as JSON, when the call is cached.
         args_json: Option<Value>,
+        /// The value of the task's limit key (`concurrency_key`).
+        key: Option<Arc<str>>,
         /// Answered once, with the result or the final error.
         reply: CallReply,
     },
@@ -79,6 +98,22 @@ pub enum FlowRunnerMsg {
         /// It ran (its agent died with it, or a heartbeat listed it): an execution,
         /// whether or not its start was reported.
         ran: bool,
+    },
+    /// The flow body called another flow: a child run.
+    Child {
+        /// The child's flow.
+        flow: &'static FlowDef,
+        /// Its parameters.
+        params: serde_json::Map<String, Value>,
+        /// Answered once the child ended (or could not start).
+        reply: ChildReply,
+    },
+    /// A child run ended (or could not start).
+    ChildEnded {
+        /// The parent's call that started it.
+        call_id: CallId,
+        /// Its outcome.
+        outcome: Result<FlowRunOutcome, String>,
     },
     /// A note for the operator (or `None` to clear it).
     Note(Option<String>),
@@ -129,11 +164,15 @@ pub struct FlowRunnerArgs {
     pub(crate) header: Arc<RunHeader>,
     /// The journal's claim on the run, released when the runner stops.
     pub(crate) claim: Option<Box<dyn std::any::Any + Send + Sync>>,
+    /// Its priority and parent run.
+    pub(crate) meta: crate::journal::RunMeta,
 }
 
 struct CallState {
     task: &'static TaskDef,
     args: Bytes,
+    /// The value of the task's limit key, when it has one.
+    key: Option<Arc<str>>,
     /// The call's MD5 (the original library's cache key): computed here for cached
     /// calls and results passed in, else by the agent that ran it (`want_key`).
     md5: Option<String>,
@@ -235,6 +274,10 @@ pub struct RunnerState {
     params: serde_json::Map<String, Value>,
     /// The journal's claim on the run (released when the run ends).
     claim: Option<Box<dyn std::any::Any + Send + Sync>>,
+    /// Its priority and parent run.
+    meta: crate::journal::RunMeta,
+    /// Child runs the body waits for, by the call that started them.
+    children: CallMap<ChildCall>,
     /// The task table the dashboard shows, one row per call.
     log: CallLog,
     /// The run's span (feature `otel`), child of the launcher's `traceparent`.
@@ -331,6 +374,7 @@ impl RunnerState {
         task: &'static TaskDef,
         args: Bytes,
         args_json: Option<Value>,
+        limit_key: Option<Arc<str>>,
         reply: CallReply,
     ) {
         if self.finished {
@@ -417,6 +461,7 @@ impl RunnerState {
             CallState {
                 task,
                 args,
+                key: limit_key,
                 md5,
                 cache,
                 attempt: 0,
@@ -558,6 +603,13 @@ impl RunnerState {
             trace: pinazu_shared::trace::traceparent(&call.span).map(Box::new),
             #[cfg(not(feature = "otel"))]
             trace: None,
+            sched: (call.task.options.limits.any() || self.meta.priority != 0).then(|| {
+                Box::new(SchedInfo {
+                    limits: call.task.options.limits,
+                    key: call.key.clone(),
+                    priority: self.meta.priority,
+                })
+            }),
         };
         self.outbox.push(spawn);
         if self.outbox.len() >= DISPATCH_BATCH {
@@ -894,6 +946,10 @@ impl RunnerState {
     /// here learns the run moved.
     fn let_go(&mut self, myself: &ActorRef<FlowRunnerMsg>) {
         self.finished = true;
+        // (the children go on: the new owner's resumed body follows them again)
+        for (_, c) in self.children.drain() {
+            c.follow.abort();
+        }
         if let Some(body) = self.body.take() {
             body.abort();
         }
@@ -919,6 +975,7 @@ impl RunnerState {
         unfinished: &str,
     ) {
         self.finished = true;
+        self.end_children(unfinished);
         if !self.calls.is_empty() {
             // calls the flow stopped waiting for (or a cancel): stop their attempts too
             let _ = self
@@ -1095,6 +1152,7 @@ impl RunnerState {
             result,
             error: error.map(|e| e.to_string()),
             note: self.stats.note(),
+            parent_run_id: self.meta.parent,
             ..snap.run_info(self.flow_run_id, self.flow.name, status, snap.completed)
         };
         (info, large)
@@ -1107,6 +1165,164 @@ impl RunnerState {
             .entry(name)
             .or_insert_with(|| Arc::from(name))
             .clone()
+    }
+
+    /// The body called another flow: a call like a task's (numbered by its flow and
+    /// parameters, journaled), answered from the journal when it ended before, else a
+    /// child run under a run id derived from this run's and the call's (so a resumed
+    /// parent finds the same child: resumed if unfinished, answered if it succeeded).
+    fn new_child(
+        &mut self,
+        myself: &ActorRef<FlowRunnerMsg>,
+        flow: &'static FlowDef,
+        params: serde_json::Map<String, Value>,
+        reply: ChildReply,
+    ) {
+        if self.finished {
+            let _ = reply.send(Err("the parent flow has already finished".into()));
+            return;
+        }
+        RunStats::bump(&self.stats.tasks);
+        let task = child_task_name(flow.name);
+        let bytes = serde_json::to_vec(&params).unwrap_or_default();
+        let key = CallId::content_key(&task, &bytes);
+        let seq = self.occurrences.entry(key).or_insert(0);
+        let call_id = CallId { key, seq: *seq };
+        *seq += 1;
+        let ordinal = self.next_ordinal;
+        self.next_ordinal += 1;
+        self.log.made(ordinal, flow.name);
+        let child = FlowRunId::child_of(self.flow_run_id, call_id);
+        if let Some(ended) = self.replay.as_ref().and_then(|r| r.calls.get(&call_id)) {
+            RunStats::bump(&self.stats.replayed);
+            RunStats::bump(&self.stats.completed);
+            self.log.replayed(ordinal, ended.outcome.as_ref().err());
+            let outcome = match &ended.outcome {
+                Ok(json) => FlowRunOutcome {
+                    flow_run_id: child,
+                    flow: flow.name.to_string(),
+                    status: FlowStatus::Success,
+                    result: serde_json::from_slice(json).ok(),
+                    error: None,
+                    traceback: None,
+                    stats: Default::default(),
+                },
+                Err(e) => FlowRunOutcome {
+                    flow_run_id: child,
+                    flow: flow.name.to_string(),
+                    status: FlowStatus::Failed,
+                    result: None,
+                    error: Some(e.message.clone()),
+                    traceback: e.traceback.as_deref().map(str::to_string),
+                    stats: Default::default(),
+                },
+            };
+            let _ = reply.send(Ok(outcome));
+            return;
+        }
+        self.log.dispatched(ordinal, 1);
+        let options = crate::coordinator::RunOptions {
+            events: Some(self.header.context.clone()),
+            meta: crate::journal::RunMeta {
+                priority: self.meta.priority,
+                parent: Some(self.flow_run_id),
+            },
+            ..Default::default()
+        };
+        let coordinator = crate::coordinator::Coordinator::over(self.shared.clone());
+        let me = myself.clone();
+        tracing::info!(flow_run_id = %self.flow_run_id, child = %child, flow = flow.name, "child flow started");
+        let follow = tokio::spawn(async move {
+            let outcome = coordinator.run_child(flow, params, child, options).await;
+            let _ = me.send_message(FlowRunnerMsg::ChildEnded { call_id, outcome });
+        })
+        .abort_handle();
+        self.children.insert(
+            call_id,
+            ChildCall {
+                flow,
+                run: child,
+                ordinal,
+                reply,
+                follow,
+            },
+        );
+    }
+
+    /// A child run ended: journaled as the call's outcome (its JSON result, or its
+    /// error), then answered.
+    fn child_ended(&mut self, call_id: CallId, outcome: Result<FlowRunOutcome, String>) {
+        let Some(c) = self.children.remove(&call_id) else {
+            return;
+        };
+        RunStats::bump(&self.stats.completed);
+        let journaled: Result<Bytes, ErrorInfo> = match &outcome {
+            Ok(o) if o.status == FlowStatus::Success => {
+                let result = o.result.clone().unwrap_or(Value::Null);
+                self.log.succeeded(c.ordinal, &json_to_msgpack(&result));
+                Ok(Bytes::from(serde_json::to_vec(&result).unwrap_or_default()))
+            }
+            Ok(o) => {
+                let mut e = ErrorInfo::new(
+                    FailureKind::Error,
+                    format!(
+                        "child flow `{}` (run {}) failed: {}",
+                        c.flow.name,
+                        o.flow_run_id,
+                        o.error.as_deref().unwrap_or("no error given")
+                    ),
+                );
+                e.traceback = o.traceback.as_deref().map(Box::from);
+                self.log.failed(c.ordinal, &e);
+                Err(e)
+            }
+            Err(why) => {
+                let e = ErrorInfo::new(
+                    FailureKind::Error,
+                    format!(
+                        "child flow `{}` (run {}) could not run: {why}",
+                        c.flow.name, c.run
+                    ),
+                );
+                self.log.failed(c.ordinal, &e);
+                Err(e)
+            }
+        };
+        if self.shared.journal.enabled() {
+            self.shared.journal.append(
+                self.flow_run_id,
+                JournalEntry::CallEnded {
+                    ordinal: c.ordinal,
+                    call_id,
+                    task: child_task_name(c.flow.name),
+                    outcome: journaled,
+                    executions: 0,
+                    outcome_ref: None,
+                },
+            );
+        }
+        let _ = c.reply.send(outcome);
+    }
+
+    /// The run ends with children still running (a cancel, or a body that stopped
+    /// waiting): they are cancelled too, and their callers answered.
+    fn end_children(&mut self, why: &str) {
+        if self.children.is_empty() {
+            return;
+        }
+        let coordinator = crate::coordinator::Coordinator::over(self.shared.clone());
+        for (_, c) in self.children.drain() {
+            c.follow.abort();
+            RunStats::bump(&self.stats.cancelled);
+            self.log.cancelled(c.ordinal, why);
+            if let Err(e) = coordinator.cancel(
+                c.run,
+                &format!("its parent run {} ended: {why}", self.flow_run_id),
+            ) {
+                tracing::warn!(flow_run_id = %self.flow_run_id, child = %c.run, error = %e, "could not cancel a child run here (another coordinator hosts it?)");
+            }
+            let _ = c.reply.send(Err(format!("the parent run ended: {why}")));
+        }
     }
 
     /// Journals a call's final outcome (a replayed call is not journaled again).
@@ -1339,6 +1555,7 @@ impl Actor for FlowRunner {
             start_delay,
             header,
             claim,
+            meta,
         } = args;
         if let Some(r) = &replay {
             if r.unfinished {
@@ -1392,6 +1609,8 @@ impl Actor for FlowRunner {
             metrics: Vec::new(),
             params,
             claim,
+            meta,
+            children: Default::default(),
             finished: false,
         };
         // route reports to this runner before the body can make its first call
@@ -1445,8 +1664,9 @@ impl Actor for FlowRunner {
                 task,
                 args,
                 args_json,
+                key,
                 reply,
-            } => state.new_call(&myself, task, args, args_json, reply),
+            } => state.new_call(&myself, task, args, args_json, key, reply),
             // (each step only from the phase it leaves: a duplicate or late message
             // finds the call elsewhere and changes nothing)
             FlowRunnerMsg::CacheChecked { call_id, hit } => {
@@ -1493,6 +1713,12 @@ impl Actor for FlowRunner {
                 ran,
             } => state.lost(call_id, attempt_id, reason, ran),
             FlowRunnerMsg::Note(note) => state.stats.set_note(note),
+            FlowRunnerMsg::Child {
+                flow,
+                params,
+                reply,
+            } => state.new_child(&myself, flow, params, reply),
+            FlowRunnerMsg::ChildEnded { call_id, outcome } => state.child_ended(call_id, outcome),
             FlowRunnerMsg::Cancel(reason) => {
                 if !state.finished {
                     if let Some(body) = state.body.take() {

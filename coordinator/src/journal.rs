@@ -38,6 +38,9 @@ pub enum JournalEntry {
         /// start's, so its wall time does not start again.
         #[serde(default)]
         started_at_ms: Option<u64>,
+        /// Its priority and parent run (default: 0, none).
+        #[serde(default, skip_serializing_if = "RunMeta::is_plain")]
+        meta: RunMeta,
     },
     /// A call's final outcome.
     CallEnded {
@@ -601,6 +604,27 @@ pub struct Replay {
     pub events: Option<EventContext>,
     /// When it (its latest start) started, ms since the Unix epoch.
     pub started_at_ms: Option<u64>,
+    /// Its priority and parent.
+    pub meta: RunMeta,
+}
+
+/// What a run carries besides its flow and parameters: its priority (higher runs first
+/// when slots are scarce) and, for a child flow's run, its parent run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunMeta {
+    /// Higher first when slots are scarce (`run --priority N`).
+    #[serde(default)]
+    pub priority: i32,
+    /// The run whose flow started this one (a child flow).
+    #[serde(default)]
+    pub parent: Option<FlowRunId>,
+}
+
+impl RunMeta {
+    /// Priority 0 and no parent.
+    pub fn is_plain(&self) -> bool {
+        *self == RunMeta::default()
+    }
 }
 
 impl Replay {
@@ -616,9 +640,11 @@ impl Replay {
                     idempotency_key,
                     events,
                     started_at_ms,
+                    meta,
                 } => {
                     let r = r.get_or_insert_with(Replay::default);
                     r.started_at_ms = *started_at_ms;
+                    r.meta = *meta;
                     if r.ended.is_some() {
                         // started again after it ended (a re-run of a failed run): of
                         // the earlier runs only successes are reusable answers, and
@@ -728,6 +754,7 @@ mod tests {
             idempotency_key: None,
             events: None,
             started_at_ms: None,
+            meta: RunMeta::default(),
         }
     }
 

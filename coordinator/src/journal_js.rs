@@ -800,6 +800,7 @@ impl Journal for JetStreamJournal {
                     Ok(JournalEntry::RunStarted {
                         flow,
                         started_at_ms,
+                        meta,
                         ..
                     }) => {
                         let started = started_at_ms.unwrap_or(m.at_ms);
@@ -821,6 +822,7 @@ impl Journal for JetStreamJournal {
                                 note: Some("no coordinator hosts it now".into()),
                                 owner: None,
                                 at_ms: None,
+                                parent_run_id: meta.parent,
                             },
                             started,
                         ))

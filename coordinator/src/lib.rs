@@ -11,6 +11,7 @@ pub mod flow_runner;
 pub mod ha;
 pub mod journal;
 pub mod journal_js;
+pub mod limits;
 pub mod metrics;
 pub mod nats;
 pub mod scheduler;
@@ -18,7 +19,10 @@ pub mod stats;
 pub mod status;
 pub(crate) mod supervisor;
 
-pub use context::{call_task, current_flow_run_id, map, spawn_in_flow, FlowContext, Payload};
+pub use context::{
+    call_task, call_task_keyed, current_flow_run_id, limit_key, map, spawn_in_flow, FlowContext,
+    Payload,
+};
 pub use coordinator::{
     Coordinator, CoordinatorConfig, FlowLogHandle, FlowRunOutcome, JournalHandle, OwnershipHandle,
     RunHandle, RunOptions, StartError,

@@ -6,7 +6,7 @@
 
 use dashmap::DashMap;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -18,6 +18,9 @@ use pinazu_shared::transport::AgentLink;
 use pinazu_shared::wire::{AgentInfo, AttemptFinished, Heartbeat, SpawnTask};
 
 use crate::flow_runner::FlowRunnerMsg;
+use crate::limits::{FairQueue, Gate, GateKey, GateKind, Queued};
+use pinazu_shared::api::{GateView, LimitsView};
+use pinazu_shared::options::NamedLimit;
 
 /// Timing of liveness checks.
 #[derive(Clone, Debug)]
@@ -68,6 +71,12 @@ pub enum SchedulerMsg {
     Agents(RpcReplyPort<Vec<AgentSummary>>),
     /// From now on, record where each attempt goes (distributed mode).
     TrackOrigins(Arc<Origins>),
+    /// Sizes a named limit (`None`: removes it).
+    SetLimit(String, Option<NamedLimit>),
+    /// The named limits and the gates in use.
+    Limits(RpcReplyPort<LimitsView>),
+    /// A rate gate's next token is due.
+    GateDue,
 }
 
 /// Which agent each attempt in flight went to: a report is taken only from the agent
@@ -155,11 +164,18 @@ struct Dispatched {
     missed: u8,
     /// A heartbeat of its agent listed it: it ran there.
     seen: bool,
+    /// The gates it passed (given back when it ends).
+    gates: Option<Box<[GateKey]>>,
 }
 
-struct Queued {
-    since: Instant,
-    task: SpawnTask,
+/// Whether an attempt may pass its gates now.
+enum Admit {
+    /// Yes: the gates it passed (permits taken).
+    Pass(Option<Box<[GateKey]>>),
+    /// Not yet: it waits at this gate.
+    Wait(GateKey),
+    /// Never: the error.
+    Refuse(String),
 }
 
 /// The scheduler actor.
@@ -173,6 +189,8 @@ pub struct SchedulerArgs {
     pub runs: Arc<DashMap<FlowRunId, ActorRef<FlowRunnerMsg>>>,
     /// Liveness timing.
     pub timing: SchedulerTiming,
+    /// Named limits known at start (`coordinator --limit`).
+    pub limits: Vec<(String, NamedLimit)>,
     /// The coordinator process's epoch (the high half of the attempt ids it issues).
     pub epoch: u32,
     /// Other coordinators share the agents: attempts of runs not hosted here may be
@@ -189,9 +207,16 @@ pub struct SchedulerState {
     runs: Arc<DashMap<FlowRunId, ActorRef<FlowRunnerMsg>>>,
     timing: SchedulerTiming,
     agents: Vec<AgentSlot>,
-    queues: HashMap<FlowRunId, VecDeque<Queued>>,
-    round_robin: VecDeque<FlowRunId>,
+    /// Attempts waiting for a slot: by priority, runs taking turns.
+    queue: FairQueue,
     running: HashMap<(FlowRunId, AttemptId), Dispatched>,
+    /// Concurrency and rate limits in use, by limit and key.
+    gates: HashMap<GateKey, Gate>,
+    /// Named limits' sizes.
+    named: HashMap<String, NamedLimit>,
+    /// When the armed `GateDue` fires (one at a time).
+    gate_due: Option<Instant>,
+    myself: ActorRef<SchedulerMsg>,
     /// Attempts no live agent can run (task not served, labels missing), per run, in
     /// the order they were queued: set aside so they do not hold up the run's other
     /// attempts; back in the queue when an agent that serves them joins, failed when
@@ -210,21 +235,243 @@ pub struct SchedulerState {
 }
 
 impl SchedulerState {
-    /// An attempt ended or was lost.
+    /// An attempt ended or was lost: its gates' permits come back.
     fn untrack(&mut self, key: &(FlowRunId, AttemptId)) -> Option<Dispatched> {
         if let Some(o) = &self.origins {
             o.sent.remove(key);
         }
-        self.running.remove(key)
+        let mut d = self.running.remove(key)?;
+        if let Some(gates) = d.gates.take() {
+            for g in gates.iter() {
+                self.give_back(g);
+            }
+        }
+        Some(d)
     }
 
-    /// Drops what a run has queued here.
+    /// Drops what a run has queued here (permits its attempts held come back).
     fn forget_queued(&mut self, run: FlowRunId) {
-        self.queues.remove(&run);
-        self.parked.remove(&run);
+        let mut dropped = self.queue.remove_run(run);
+        dropped.extend(self.parked.remove(&run).unwrap_or_default());
+        for gate in self.gates.values_mut() {
+            if !gate.waiters.is_empty() {
+                dropped.extend(gate.waiters.remove_run(run));
+            }
+        }
+        for q in dropped {
+            self.drop_queued(q);
+        }
         self.noted.remove(&run);
         self.warned.retain(|(r, _)| *r != run);
-        self.round_robin.retain(|r| *r != run);
+    }
+
+    /// An attempt leaves without running: the permits it held come back.
+    fn drop_queued(&mut self, q: Queued) {
+        for g in &q.held {
+            self.give_back(g);
+        }
+    }
+
+    /// A permit of this gate comes back: the next waiter gets it.
+    fn give_back(&mut self, key: &GateKey) {
+        if let Some(gate) = self.gates.get_mut(key) {
+            gate.give_back();
+        }
+        self.wake(key);
+    }
+
+    /// Hands the gate's free permits to its waiters, in fair order: each goes back to
+    /// the front of its run's queue holding the permit. A gate holding nothing goes.
+    fn wake(&mut self, key: &GateKey) {
+        let now = Instant::now();
+        let Some(gate) = self.gates.get_mut(key) else {
+            return;
+        };
+        while !gate.waiters.is_empty() && gate.free(now) {
+            let Some(mut q) = gate.waiters.pop_next() else {
+                break;
+            };
+            gate.take(now);
+            q.held.push(key.clone());
+            q.since = now;
+            self.queue.push_front(q);
+        }
+        if let Some(due) = gate.due_in(now) {
+            self.arm(now + due);
+        } else if gate.idle(now) {
+            self.gates.remove(key);
+        }
+    }
+
+    /// Makes sure a `GateDue` comes by `at`.
+    fn arm(&mut self, at: Instant) {
+        if self.gate_due.is_some_and(|t| t <= at) {
+            return;
+        }
+        self.gate_due = Some(at);
+        let wait = at.saturating_duration_since(Instant::now());
+        self.myself.send_after(wait, || SchedulerMsg::GateDue);
+    }
+
+    /// Whether an attempt may pass its gates now; takes the permits when it may.
+    fn admit(&mut self, q: &Queued) -> Admit {
+        let Some(info) = q.task.sched.as_deref() else {
+            return Admit::Pass(None);
+        };
+        let limits = info.limits;
+        if !limits.any() {
+            return Admit::Pass(None);
+        }
+        let now = Instant::now();
+        let mut keys: Vec<(
+            GateKey,
+            Option<u32>,
+            Option<pinazu_shared::options::RateSpec>,
+        )> = Vec::with_capacity(2);
+        if limits.concurrency.is_some() || limits.rate.is_some() {
+            keys.push((
+                GateKey {
+                    kind: GateKind::Task(q.task.task.clone()),
+                    key: info.key.clone(),
+                },
+                limits.concurrency,
+                limits.rate,
+            ));
+        }
+        if let Some(name) = limits.limit {
+            let Some(size) = self.named.get(name) else {
+                return Admit::Refuse(format!(
+                    "task `{}` uses limit `{name}`, which is not defined: size it with `coordinator --limit {name}=N` (or N/s for a rate) or `limits set {name} N` while the coordinator runs",
+                    q.task.task
+                ));
+            };
+            keys.push((
+                GateKey {
+                    kind: GateKind::Named(Arc::from(name)),
+                    key: info.key.clone(),
+                },
+                size.concurrency,
+                size.rate,
+            ));
+        }
+        for (key, cap, rate) in &keys {
+            if q.held.contains(key) {
+                continue;
+            }
+            let gate = self
+                .gates
+                .entry(key.clone())
+                .or_insert_with(|| Gate::new(*cap, *rate, now));
+            // (a new attempt waits behind those already waiting)
+            if !gate.waiters.is_empty() || !gate.free(now) {
+                return Admit::Wait(key.clone());
+            }
+        }
+        for (key, ..) in &keys {
+            if !q.held.contains(key) {
+                if let Some(gate) = self.gates.get_mut(key) {
+                    gate.take(now);
+                }
+            }
+        }
+        Admit::Pass(Some(keys.into_iter().map(|(k, ..)| k).collect()))
+    }
+
+    /// Fails an attempt that can never run (e.g. its limit is not defined).
+    fn refuse(&mut self, q: Queued, kind: FailureKind, message: String) {
+        let task = q.task.clone();
+        self.drop_queued(q);
+        self.tell_runner(
+            task.flow_run_id,
+            FlowRunnerMsg::Finished(AttemptFinished {
+                flow_run_id: task.flow_run_id,
+                call_id: task.call_id,
+                attempt_id: task.attempt_id,
+                agent_id: AgentId("scheduler".into()),
+                outcome: Err(ErrorInfo::new(kind, message)),
+                result_ref: None,
+                elapsed_us: 0,
+                result_cache_key: None,
+                logs: None,
+            }),
+        );
+    }
+
+    /// A named limit was sized (or removed): its gates take the new size, and their
+    /// waiters what it frees. Removed: later attempts of tasks using it fail; those
+    /// waiting are let through.
+    fn set_limit(&mut self, name: String, size: Option<NamedLimit>) {
+        let now = Instant::now();
+        match size {
+            Some(l) => {
+                tracing::info!(limit = %name, size = %l, "limit set");
+                self.named.insert(name.clone(), l);
+            }
+            None => {
+                tracing::info!(limit = %name, "limit removed");
+                self.named.remove(&name);
+            }
+        }
+        let keys: Vec<GateKey> = self
+            .gates
+            .keys()
+            .filter(|k| matches!(&k.kind, GateKind::Named(n) if **n == *name))
+            .cloned()
+            .collect();
+        for key in keys {
+            if let Some(g) = self.gates.get_mut(&key) {
+                g.resize(
+                    size.and_then(|s| s.concurrency),
+                    size.and_then(|s| s.rate),
+                    now,
+                );
+            }
+            self.wake(&key);
+        }
+    }
+
+    /// Rate gates whose next token is due: their waiters get the tokens.
+    fn gates_due(&mut self) {
+        self.gate_due = None;
+        let now = Instant::now();
+        let waiting: Vec<GateKey> = self
+            .gates
+            .iter_mut()
+            .filter(|(_, g)| !g.waiters.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in waiting {
+            self.wake(&key);
+        }
+        // gates left holding nothing go (keys are unbounded)
+        self.gates.retain(|_, g| !g.idle(now));
+    }
+
+    /// The named limits and the gates in use.
+    fn limits_view(&self) -> LimitsView {
+        let mut named: Vec<(String, NamedLimit)> =
+            self.named.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut gates: Vec<GateView> = self
+            .gates
+            .iter()
+            .map(|(k, g)| {
+                let (kind, name) = match &k.kind {
+                    GateKind::Task(t) => ("task", t.to_string()),
+                    GateKind::Named(n) => ("limit", n.to_string()),
+                };
+                GateView {
+                    kind: kind.to_string(),
+                    name,
+                    key: k.key.as_ref().map(|k| k.to_string()),
+                    size: g.size(),
+                    running: g.running,
+                    waiting: g.waiters.len() as u64,
+                }
+            })
+            .collect();
+        gates.sort_by(|a, b| (&a.kind, &a.name, &a.key).cmp(&(&b.kind, &b.name, &b.key)));
+        LimitsView { named, gates }
     }
 
     fn free_slots(&self) -> u32 {
@@ -247,66 +494,78 @@ impl SchedulerState {
         self.agents.iter().any(|a| a.serves(task))
     }
 
-    /// Hands queued attempts to agents with free slots, one per run per round. An
-    /// attempt no live agent can run is parked, so the run's other attempts go on.
+    /// Hands queued attempts to agents with free slots: the highest priority first,
+    /// one attempt per run per turn within a priority. An attempt no live agent can run
+    /// is parked, one held by a limit waits at its gate, so the run's other attempts
+    /// go on.
     fn dispatch(&mut self) {
         let mut free = self.free_slots();
         let mut batches: HashMap<usize, Vec<SpawnTask>> = HashMap::new();
-        let mut misses = 0;
         let now = Instant::now();
-        while free > 0 && misses < self.round_robin.len() {
-            let Some(run) = self.round_robin.pop_front() else {
-                break;
-            };
-            let picked = match self.queues.get(&run).and_then(|q| q.front()) {
-                Some(head) => match self.pick_agent(&head.task) {
-                    Some(i) => Some(i),
-                    None if !self.servable(&head.task) => {
-                        let queue = self.queues.get_mut(&run).expect("queue present");
-                        let head = queue.pop_front().expect("queue head present");
+        for priority in self.queue.priorities() {
+            let mut misses = 0;
+            while free > 0 && misses < self.queue.turns(priority) {
+                let Some(run) = self.queue.next_turn(priority) else {
+                    break;
+                };
+                let Some(head) = self.queue.pop(priority, run) else {
+                    continue;
+                };
+                let Some(i) = self.pick_agent(&head.task) else {
+                    if self.servable(&head.task) {
+                        // no free slot for it now: the next run's turn
+                        self.queue.unpop(priority, run, head);
+                        self.queue.end_turn(priority, run, false);
+                        misses += 1;
+                    } else {
                         self.parked.entry(run).or_default().push(head);
-                        if queue.is_empty() {
-                            self.queues.remove(&run);
-                        } else {
-                            self.round_robin.push_front(run);
+                        self.queue.end_turn(priority, run, true);
+                    }
+                    continue;
+                };
+                let gates = match self.admit(&head) {
+                    Admit::Pass(gates) => gates,
+                    Admit::Wait(key) => {
+                        let gate = self.gates.get_mut(&key).expect("gate made by admit");
+                        gate.waiters.push_back(head);
+                        if let Some(due) = gate.due_in(now) {
+                            self.arm(now + due);
                         }
+                        self.queue.end_turn(priority, run, true);
                         continue;
                     }
-                    None => None,
-                },
-                None => continue,
-            };
-            let queue = self.queues.get_mut(&run).expect("queue present");
-            match picked {
-                Some(i) => {
-                    let Queued { task, .. } = queue.pop_front().expect("queue head present");
-                    self.agents[i].free -= 1;
-                    self.agents[i].sent += 1;
-                    free -= 1;
-                    self.cursor = (i + 1) % self.agents.len();
-                    let key = (task.flow_run_id, task.attempt_id);
-                    if let Some(o) = &self.origins {
-                        o.sent.insert(key, self.agents[i].name.clone());
+                    Admit::Refuse(why) => {
+                        self.refuse(head, FailureKind::Limit, why);
+                        self.queue.end_turn(priority, run, true);
+                        continue;
                     }
-                    self.running.insert(
-                        key,
-                        Dispatched {
-                            agent: i,
-                            call_id: task.call_id,
-                            at: now,
-                            missed: 0,
-                            seen: false,
-                        },
-                    );
-                    batches.entry(i).or_default().push(task);
-                    misses = 0;
+                };
+                let Queued { task, .. } = head;
+                self.agents[i].free -= 1;
+                self.agents[i].sent += 1;
+                free -= 1;
+                self.cursor = (i + 1) % self.agents.len();
+                let key = (task.flow_run_id, task.attempt_id);
+                if let Some(o) = &self.origins {
+                    o.sent.insert(key, self.agents[i].name.clone());
                 }
-                None => misses += 1,
+                self.running.insert(
+                    key,
+                    Dispatched {
+                        agent: i,
+                        call_id: task.call_id,
+                        at: now,
+                        missed: 0,
+                        seen: false,
+                        gates,
+                    },
+                );
+                batches.entry(i).or_default().push(task);
+                misses = 0;
+                self.queue.end_turn(priority, run, false);
             }
-            if queue.is_empty() {
-                self.queues.remove(&run);
-            } else {
-                self.round_robin.push_back(run);
+            if free == 0 {
+                break;
             }
         }
         for (i, batch) in batches {
@@ -403,6 +662,7 @@ impl SchedulerState {
                         at: now,
                         missed: 0,
                         seen: true,
+                        gates: None,
                     },
                 );
                 let _ = runner.send_message(FlowRunnerMsg::Adopt {
@@ -517,41 +777,18 @@ impl SchedulerState {
     /// at the head of a queue; this finds the rest, e.g. when there are no free slots).
     fn park_unservable(&mut self) {
         let mut servable: HashMap<TaskNeeds, bool> = HashMap::new();
-        let runs: Vec<FlowRunId> = self.queues.keys().copied().collect();
-        for run in runs {
-            let Some(queue) = self.queues.get(&run) else {
-                continue;
-            };
-            let mut all_ok = true;
-            for q in queue {
-                let key = (q.task.task.clone(), q.task.requires.clone());
-                let ok = match servable.get(&key) {
-                    Some(ok) => *ok,
-                    None => {
-                        let ok = self.servable(&q.task);
-                        servable.insert(key, ok);
-                        ok
-                    }
-                };
-                all_ok &= ok;
-            }
-            if all_ok {
-                continue;
-            }
-            let queue = self.queues.remove(&run).unwrap_or_default();
-            let mut keep = VecDeque::with_capacity(queue.len());
-            for q in queue {
-                if servable[&(q.task.task.clone(), q.task.requires.clone())] {
-                    keep.push_back(q);
-                } else {
-                    self.parked.entry(run).or_default().push(q);
-                }
-            }
-            if keep.is_empty() {
-                self.round_robin.retain(|r| *r != run);
-            } else {
-                self.queues.insert(run, keep);
-            }
+        let agents = &self.agents;
+        let mut ok = |task: &SpawnTask| {
+            let key = (task.task.clone(), task.requires.clone());
+            *servable
+                .entry(key)
+                .or_insert_with(|| agents.iter().any(|a| a.serves(task)))
+        };
+        if self.queue.iter().all(|q| ok(&q.task)) {
+            return;
+        }
+        for q in self.queue.take_where(|q| !ok(&q.task)) {
+            self.parked.entry(q.task.flow_run_id).or_default().push(q);
         }
     }
 
@@ -582,19 +819,14 @@ impl SchedulerState {
                 if ok {
                     back.push(q);
                 } else if now.duration_since(q.since) >= timeout {
-                    expired.push(q.task);
+                    expired.push(q.task.clone());
+                    self.drop_queued(q);
                 } else {
                     keep.push(q);
                 }
             }
-            if !back.is_empty() {
-                let queue = self.queues.entry(run).or_default();
-                if queue.is_empty() {
-                    self.round_robin.push_back(run);
-                }
-                for q in back.into_iter().rev() {
-                    queue.push_front(q);
-                }
+            for q in back.into_iter().rev() {
+                self.queue.push_front(q);
             }
             if let Some(oldest) = keep.iter().min_by_key(|q| q.since) {
                 let task = oldest.task.task.to_string();
@@ -710,9 +942,12 @@ impl Actor for Scheduler {
             runs: args.runs,
             timing: args.timing,
             agents: Vec::new(),
-            queues: HashMap::new(),
-            round_robin: VecDeque::new(),
+            queue: FairQueue::default(),
             running: HashMap::new(),
+            gates: HashMap::new(),
+            named: args.limits.into_iter().collect(),
+            gate_due: None,
+            myself: myself.clone(),
             parked: HashMap::new(),
             noted: HashSet::new(),
             cursor: 0,
@@ -771,12 +1006,7 @@ impl Actor for Scheduler {
             SchedulerMsg::Submit(tasks) => {
                 let now = Instant::now();
                 for task in tasks {
-                    let run = task.flow_run_id;
-                    let queue = state.queues.entry(run).or_default();
-                    if queue.is_empty() {
-                        state.round_robin.push_back(run);
-                    }
-                    queue.push_back(Queued { since: now, task });
+                    state.queue.push_back(Queued::new(now, task));
                 }
                 state.dispatch();
             }
@@ -798,6 +1028,17 @@ impl Actor for Scheduler {
             }
             SchedulerMsg::ForgetRun(run) => state.forget_queued(run),
             SchedulerMsg::TrackOrigins(o) => state.origins = Some(o),
+            SchedulerMsg::SetLimit(name, size) => {
+                state.set_limit(name, size);
+                state.dispatch();
+            }
+            SchedulerMsg::Limits(reply) => {
+                let _ = reply.send(state.limits_view());
+            }
+            SchedulerMsg::GateDue => {
+                state.gates_due();
+                state.dispatch();
+            }
             SchedulerMsg::CancelRun(run) => {
                 state.forget_queued(run);
                 let mut per_agent: HashMap<usize, Vec<(FlowRunId, AttemptId)>> = HashMap::new();

@@ -157,6 +157,7 @@ impl StatsSnapshot {
             note: None,
             owner: None,
             at_ms: None,
+            parent_run_id: None,
         }
     }
 }

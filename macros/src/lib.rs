@@ -18,7 +18,11 @@ use syn::{
 /// Options: `name = "..."`, `version = "..."`, `retries = N`, `retry_delay = "100ms"`,
 /// `backoff = 2.0`, `max_delay = "60s"`, `jitter = 0.1`, `timeout = "30s"`,
 /// `cache = "none" | "run" | "inputs"`, `expire = "1h"`, `refresh = true`,
-/// `labels = "gpu=true,zone=eu"` (only agents with all these labels run it).
+/// `labels = "gpu=true,zone=eu"` (only agents with all these labels run it),
+/// `concurrency = 10` (at most 10 attempts running at once, over every agent and run),
+/// `rate = "100/s"` (also `/min`, `/h`; with `burst = 5`), `limit = "openai"` (a named
+/// limit the coordinator sizes: `--limit openai=20`), `concurrency_key = "tenant"` (an
+/// argument, or a field path in one such as `"req.tenant"`: the limits apply per value).
 ///
 /// The generated function returns `Result<T, pinazu_flows::TaskError>` and can only be
 /// called within a flow.
@@ -71,6 +75,11 @@ struct TaskOpts {
     expire: Option<u64>,
     refresh: Option<bool>,
     labels: Vec<(String, String)>,
+    concurrency: Option<u32>,
+    rate: Option<LitStr>,
+    burst: Option<u32>,
+    limit: Option<LitStr>,
+    key: Option<LitStr>,
 }
 
 impl TaskOpts {
@@ -115,18 +124,67 @@ impl TaskOpts {
                     }
                 }
             }
+            "concurrency" => {
+                let n = lit_int(&lit)?;
+                if n == 0 {
+                    return Err(Error::new(span, "concurrency = 0 would never run the task; use at least 1"));
+                }
+                self.concurrency = Some(n)
+            }
+            "rate" => {
+                let r = lit_str(&lit)?;
+                if let Err(e) = parse_rate(&r.value()) {
+                    return Err(Error::new(span, e));
+                }
+                self.rate = Some(r)
+            }
+            "burst" => {
+                let n = lit_int(&lit)?;
+                if n == 0 {
+                    return Err(Error::new(span, "burst is at least 1"));
+                }
+                self.burst = Some(n)
+            }
+            "limit" => {
+                let l = lit_str(&lit)?;
+                let v = l.value();
+                if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-')) {
+                    return Err(Error::new(span, "a limit name uses letters, digits, '_' and '-' only"));
+                }
+                self.limit = Some(l)
+            }
+            "concurrency_key" => self.key = Some(lit_str(&lit)?),
             "refresh" => match lit {
                 Lit::Bool(b) => self.refresh = Some(b.value),
                 _ => return Err(Error::new(span, "refresh is true or false")),
             },
             _ => {
                 return Err(meta.error(
-                    "unknown #[task] option; options: name, version, retries, retry_delay, backoff, max_delay, jitter, timeout, cache, expire, refresh, labels",
+                    "unknown #[task] option; options: name, version, retries, retry_delay, backoff, max_delay, jitter, timeout, cache, expire, refresh, labels, concurrency, concurrency_key, rate, burst, limit",
                 ))
             }
         }
         Ok(())
     }
+}
+
+/// `COUNT/PERIOD` with a count above 0 and a period of s, min or h: (count, period in ms).
+fn parse_rate(text: &str) -> Result<(u32, u64), String> {
+    let bad = || {
+        format!("invalid rate {text:?}: expected COUNT/PERIOD with a count above 0 and a period of s, min or h (e.g. \"100/s\")")
+    };
+    let (count, per) = text.trim().split_once('/').ok_or_else(bad)?;
+    let count: u32 = count.trim().parse().map_err(|_| bad())?;
+    let per_ms = match per.trim() {
+        "s" | "sec" | "second" => 1_000,
+        "m" | "min" | "minute" => 60_000,
+        "h" | "hour" => 3_600_000,
+        _ => return Err(bad()),
+    };
+    if count == 0 {
+        return Err(bad());
+    }
+    Ok((count, per_ms))
 }
 
 fn lit_str(lit: &Lit) -> syn::Result<LitStr> {
@@ -410,6 +468,79 @@ fn expand_task(opts: TaskOpts, mut func: ItemFn) -> syn::Result<TokenStream2> {
         _ => quote!(::pinazu_flows::__private::CachePolicy::None),
     };
     let refresh = opts.refresh.unwrap_or(false);
+    if opts.burst.is_some() && opts.rate.is_none() {
+        return Err(Error::new(
+            Span::call_site(),
+            "burst needs a rate (e.g. rate = \"100/s\", burst = 10)",
+        ));
+    }
+    if let Some(k) = &opts.key {
+        if opts.concurrency.is_none() && opts.rate.is_none() && opts.limit.is_none() {
+            return Err(Error::new(
+                k.span(),
+                "concurrency_key splits a limit: add concurrency, rate or limit",
+            ));
+        }
+    }
+    let concurrency = match opts.concurrency {
+        Some(n) => quote!(::core::option::Option::Some(#n)),
+        None => quote!(::core::option::Option::None),
+    };
+    let rate = match &opts.rate {
+        Some(r) => {
+            let (count, per_ms) = parse_rate(&r.value()).map_err(|e| Error::new(r.span(), e))?;
+            let burst = opts.burst.unwrap_or(1);
+            quote!(::core::option::Option::Some(::pinazu_flows::__private::RateSpec { count: #count, per_ms: #per_ms, burst: #burst }))
+        }
+        None => quote!(::core::option::Option::None),
+    };
+    let limit = match &opts.limit {
+        Some(l) => quote!(::core::option::Option::Some(#l)),
+        None => quote!(::core::option::Option::None),
+    };
+    // the key: an argument, or a field path in one, read before the arguments move
+    let (key_opt, key_expr) = match &opts.key {
+        Some(k) => {
+            let text = k.value();
+            let mut parts = text.split('.').map(str::trim);
+            let first = parts.next().unwrap_or_default();
+            let Some(p) = params.iter().find(|p| p.ident == first) else {
+                let names: Vec<String> = params.iter().map(|p| p.ident.to_string()).collect();
+                return Err(Error::new(
+                    k.span(),
+                    format!("concurrency_key {text:?}: `{first}` is not an argument of this task (its arguments: {})", names.join(", ")),
+                ));
+            };
+            let arg = &p.ident;
+            let mut fields = Vec::new();
+            for f in parts {
+                if f.is_empty() || !f.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(Error::new(k.span(), format!("concurrency_key {text:?}: expected an argument or a field path such as \"req.tenant\"")));
+                }
+                fields.push(match f.parse::<u32>() {
+                    Ok(n) => {
+                        let i = syn::Index {
+                            index: n,
+                            span: k.span(),
+                        };
+                        quote!(#i)
+                    }
+                    Err(_) => {
+                        let id = syn::Ident::new(f, k.span());
+                        quote!(#id)
+                    }
+                });
+            }
+            (
+                quote!(::core::option::Option::Some(#k)),
+                quote!(::core::option::Option::Some(::pinazu_flows::__private::limit_key(&#arg #(.#fields)*))),
+            )
+        }
+        None => (
+            quote!(::core::option::Option::None),
+            quote!(::core::option::Option::None),
+        ),
+    };
     let label_keys: Vec<&String> = opts.labels.iter().map(|(k, _)| k).collect();
     let label_values: Vec<&String> = opts.labels.iter().map(|(_, v)| v).collect();
 
@@ -435,7 +566,8 @@ fn expand_task(opts: TaskOpts, mut func: ItemFn) -> syn::Result<TokenStream2> {
         #[doc = ""]
         #[doc = concat!("Task `", #name, "`: runs on an agent; can only be called within a flow.")]
         #vis async fn #fn_ident(#(#idents: #tys),*) -> ::core::result::Result<#ok_ty, ::pinazu_flows::TaskError> {
-            ::pinazu_flows::__private::call_task::<#ok_ty, _>(&#def_ident, (#(#idents,)*)).await
+            let __pinazu_key: ::core::option::Option<::std::string::String> = #key_expr;
+            ::pinazu_flows::__private::call_task_keyed::<#ok_ty, _>(&#def_ident, (#(#idents,)*), __pinazu_key).await
         }
 
         #[doc(hidden)]
@@ -456,6 +588,12 @@ fn expand_task(opts: TaskOpts, mut func: ItemFn) -> syn::Result<TokenStream2> {
                 expire: #expire,
                 refresh: #refresh,
                 labels: &[#((#label_keys, #label_values)),*],
+                limits: ::pinazu_flows::__private::TaskLimits {
+                    concurrency: #concurrency,
+                    rate: #rate,
+                    limit: #limit,
+                    key: #key_opt,
+                },
             },
             invoke: #invoke_ident,
             check: ::pinazu_flows::__private::check_result::<#ok_ty>,

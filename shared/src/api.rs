@@ -26,6 +26,9 @@ pub enum ApiRequest {
         /// Header and trace id of the run's status events (the launcher's).
         #[serde(default)]
         events: Option<crate::events::EventContext>,
+        /// Higher runs first when slots are scarce (default 0).
+        #[serde(default)]
+        priority: i32,
     },
     /// One run's state.
     Status {
@@ -66,6 +69,48 @@ pub enum ApiRequest {
         #[serde(default)]
         events: Option<crate::events::EventContext>,
     },
+    /// The named limits: list them, or size or remove one.
+    Limits(LimitsOp),
+}
+
+/// What `limits` does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LimitsOp {
+    /// The named limits and the gates in use.
+    List,
+    /// Sizes a named limit (`None`: removes it), for every coordinator.
+    Set {
+        /// Its name.
+        name: String,
+        /// Its size.
+        size: Option<crate::options::NamedLimit>,
+    },
+}
+
+/// The named limits and the gates in use on the answering coordinator.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LimitsView {
+    /// Named limits by name.
+    pub named: Vec<(String, crate::options::NamedLimit)>,
+    /// Gates with attempts running or waiting (or a bucket refilling).
+    pub gates: Vec<GateView>,
+}
+
+/// One gate (a limit, per key when keyed), as `limits list` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct GateView {
+    /// `task` or `limit`.
+    pub kind: String,
+    /// The task's or the limit's name.
+    pub name: String,
+    /// The key's value, when keyed.
+    pub key: Option<String>,
+    /// Its size.
+    pub size: crate::options::NamedLimit,
+    /// Attempts running through it.
+    pub running: u32,
+    /// Attempts waiting to pass.
+    pub waiting: u64,
 }
 
 impl ApiRequest {
@@ -81,6 +126,7 @@ impl ApiRequest {
             ApiRequest::Calls { .. } => "calls",
             ApiRequest::Reject { .. } => "reject",
             ApiRequest::StoreProbe => "store_probe",
+            ApiRequest::Limits(_) => "limits",
         }
     }
 }
@@ -103,6 +149,8 @@ pub enum ApiReply {
     Agents(Vec<AgentSummary>),
     /// A page of a run's task table.
     Calls(Box<CallsPage>),
+    /// The named limits and the gates in use.
+    Limits(LimitsView),
     /// The request could not be served; the message says why.
     Error(String),
     /// No such run is known (not here, not in the journal).
@@ -161,6 +209,9 @@ pub struct RunInfo {
     /// of `runs` (set in its answers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at_ms: Option<u64>,
+    /// The run whose flow started this one (a child flow's run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_run_id: Option<FlowRunId>,
 }
 
 /// Which runs `runs` lists.

@@ -159,6 +159,7 @@ mod fuzz {
                 idempotency_key: Some("k".into()),
                 success_task_results: None,
                 events: None,
+                priority: 0,
             })
             .unwrap(),
             encode_envelope(&vec![(FlowRunId::new(), AttemptId(7))]).unwrap(),

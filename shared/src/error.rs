@@ -25,6 +25,8 @@ pub enum FailureKind {
     Crashed,
     /// No live agent can run the task, and the schedule timeout passed.
     NoAgent,
+    /// The task uses a named limit no coordinator defines.
+    Limit,
 }
 
 impl FailureKind {
@@ -169,6 +171,7 @@ impl fmt::Display for ErrorInfo {
             FailureKind::Cancelled => write!(f, "cancelled: {}", self.message),
             FailureKind::Crashed => write!(f, "crashed: {}", self.message),
             FailureKind::NoAgent => write!(f, "no agent: {}", self.message),
+            FailureKind::Limit => write!(f, "limit: {}", self.message),
         }
     }
 }

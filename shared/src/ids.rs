@@ -28,6 +28,16 @@ impl FlowRunId {
         FlowRunId(Uuid::from_bytes(bytes))
     }
 
+    /// The run id of the child flow a run starts with this call: a UUID (version 3) of
+    /// the parent's id and the call's, the same whenever the parent (resumed, or run
+    /// again) makes that call.
+    pub fn child_of(parent: FlowRunId, call: CallId) -> Self {
+        let mut bytes = md5::compute(format!("pinazu-flows child flow\0{parent}\0{call}")).0;
+        bytes[6] = (bytes[6] & 0x0f) | 0x30; // version 3
+        bytes[8] = (bytes[8] & 0x3f) | 0x80; // RFC 4122 variant
+        FlowRunId(Uuid::from_bytes(bytes))
+    }
+
     /// Parses a run id, with an error that names where the value came from.
     pub fn parse(value: &str, source: &str) -> Result<Self, ConfigError> {
         Uuid::from_str(value.trim())

@@ -39,6 +39,22 @@ pub struct SpawnTask {
     /// (feature `otel`; a thin box: this struct travels in every dispatch).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace: Option<Box<String>>,
+    /// What the scheduler needs and agents do not (never on the wire): the task's
+    /// limits, the value of its limit key, the run's priority.
+    #[serde(skip)]
+    pub sched: Option<Box<SchedInfo>>,
+}
+
+/// A queued attempt's limits and priority, for the scheduler (a thin box on `SpawnTask`:
+/// `None` for the common attempt with no limit and priority 0).
+#[derive(Clone, Debug, Default)]
+pub struct SchedInfo {
+    /// The task's limits.
+    pub limits: crate::options::TaskLimits,
+    /// The value of the task's limit key, when it has one.
+    pub key: Option<Arc<str>>,
+    /// Higher runs first when slots are scarce.
+    pub priority: i32,
 }
 
 /// Agent -> coordinator: an attempt started executing.

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod limits;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

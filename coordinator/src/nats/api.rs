@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pinazu_shared::api::{ApiReply, ApiRequest, RunInfo};
+use pinazu_shared::api::{ApiReply, ApiRequest, LimitsOp, RunInfo};
 use pinazu_shared::codec::{decode_envelope, encode_envelope};
 use pinazu_shared::ids::FlowRunId;
 use pinazu_shared::nats::Publisher;
@@ -193,6 +193,8 @@ pub(super) struct ApiCtx {
     pub(super) publisher: Publisher,
     pub(super) payloads: Payloads,
     pub(super) client: async_nats::Client,
+    /// Where named limits are kept (JetStream); `None`: in this process only.
+    pub(super) limits: Option<Arc<super::limits::LimitStore>>,
 }
 
 impl ApiCtx {
@@ -384,6 +386,7 @@ impl ApiCtx {
                 idempotency_key,
                 success_task_results,
                 events,
+                priority,
             } => {
                 let id = flow_run_id.unwrap_or_default();
                 let Some(def) = registry.flow(&flow) else {
@@ -435,6 +438,10 @@ impl ApiCtx {
                     idempotency_key,
                     seeds,
                     events,
+                    meta: crate::journal::RunMeta {
+                        priority,
+                        parent: None,
+                    },
                     ..RunOptions::default()
                 };
                 // (a failure here is published by `start_run_with`, unless the id is taken)
@@ -519,6 +526,28 @@ impl ApiCtx {
                 }
             }
             ApiRequest::Agents => ApiReply::Agents(c.agents().await),
+            ApiRequest::Limits(LimitsOp::List) => ApiReply::Limits(c.limits().await),
+            ApiRequest::Limits(LimitsOp::Set { name, size }) => {
+                if !super::limits::valid_name(&name) {
+                    return ApiReply::Error(format!(
+                        "invalid limit name {name:?}: use letters, digits, '_' and '-'"
+                    ));
+                }
+                match &self.limits {
+                    // stored: every coordinator (this one too) applies it from the stream
+                    Some(store) => match store.set(&name, size).await {
+                        Ok(()) => {
+                            c.set_limit(name, size);
+                            ApiReply::Done
+                        }
+                        Err(e) => ApiReply::Error(e),
+                    },
+                    None => {
+                        c.set_limit(name, size);
+                        ApiReply::Done
+                    }
+                }
+            }
             ApiRequest::Calls { flow_run_id, query } => match c.calls(flow_run_id, &query).await {
                 Ok(Some(page)) => ApiReply::Calls(Box::new(page)),
                 Err(e) => ApiReply::Error(e),

@@ -4,6 +4,7 @@
 
 mod api;
 mod leases;
+pub mod limits;
 mod link;
 mod reports;
 mod watch;
@@ -36,6 +37,7 @@ pub async fn serve(
     registry: &'static Registry,
     publisher: Publisher,
     payloads: Payloads,
+    limits: Option<Arc<limits::LimitStore>>,
 ) -> Result<Arc<ServiceCounters>, async_nats::SubscribeError> {
     let counters = Arc::new(ServiceCounters::default());
     // before any heartbeat can register an agent: every dispatch is recorded
@@ -88,6 +90,7 @@ pub async fn serve(
         publisher: publisher.clone(),
         payloads: payloads.clone(),
         client,
+        limits,
     });
     api::serve_api(api_ctx, Box::pin(api), probe, counters.clone());
     if let Some(leases) = coordinator.leases().cloned() {

@@ -1,0 +1,135 @@
+//! Named limits kept in JetStream: stream `<P>_LIMITS`, subject `<prefix>.limits.<name>`,
+//! one message per name (the last one wins; an empty body removes the limit). Every
+//! coordinator loads the stream at start and follows the subject (a message stored in a
+//! stream is also delivered to core subscribers), so a `limits set` reaches all of them
+//! and outlives restarts.
+
+use async_nats::jetstream::{self, stream};
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use std::sync::Arc;
+
+use pinazu_shared::codec::{decode_envelope, encode_envelope};
+use pinazu_shared::options::NamedLimit;
+
+use crate::coordinator::Coordinator;
+
+/// A limit's name: what a subject token may hold.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+}
+
+/// The named limits' stream.
+pub struct LimitStore {
+    js: jetstream::Context,
+    prefix: String,
+}
+
+impl LimitStore {
+    /// Creates (or finds) the stream, writes the limits given at start, then loads
+    /// every limit into the coordinator's scheduler and follows changes.
+    pub async fn open(
+        client: async_nats::Client,
+        prefix: &str,
+        replicas: usize,
+        coordinator: Coordinator,
+        initial: &[(String, NamedLimit)],
+    ) -> Result<Arc<LimitStore>, String> {
+        let js = jetstream::new(client.clone());
+        let limits = crate::journal_js::ensure_stream(
+            &js,
+            stream::Config {
+                name: crate::journal_js::stream_name(prefix, "LIMITS"),
+                subjects: vec![format!("{prefix}.limits.*")],
+                storage: stream::StorageType::File,
+                max_messages_per_subject: 1,
+                ..Default::default()
+            },
+            replicas,
+        )
+        .await
+        .map_err(|e| format!("cannot open the limits stream: {e}"))?;
+        let store = Arc::new(LimitStore {
+            js,
+            prefix: prefix.to_string(),
+        });
+        for (name, size) in initial {
+            if !valid_name(name) {
+                return Err(format!(
+                    "invalid limit name {name:?}: use letters, digits, '_' and '-'"
+                ));
+            }
+            store.set(name, Some(*size)).await?;
+        }
+        // follow first, then load: a change stored meanwhile is seen by one or both
+        let mut changes = client
+            .subscribe(format!("{prefix}.limits.*"))
+            .await
+            .map_err(|e| format!("cannot follow the limits: {e}"))?;
+        let mut info = limits
+            .info_with_subjects(format!("{prefix}.limits.*"))
+            .await
+            .map_err(|e| format!("cannot list the limits: {e}"))?;
+        let mut subjects = Vec::new();
+        while let Some((subject, _)) = info
+            .try_next()
+            .await
+            .map_err(|e| format!("cannot list the limits: {e}"))?
+        {
+            subjects.push(subject);
+        }
+        for subject in subjects {
+            let msg = limits
+                .get_last_raw_message_by_subject(&subject)
+                .await
+                .map_err(|e| format!("cannot read limit {subject}: {e}"))?;
+            store.apply(&coordinator, &subject, &msg.payload);
+        }
+        let s = store.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = changes.next().await {
+                s.apply(&coordinator, &msg.subject, &msg.payload);
+            }
+        });
+        Ok(store)
+    }
+
+    fn apply(&self, coordinator: &Coordinator, subject: &str, body: &[u8]) {
+        let Some(name) = subject
+            .strip_prefix(&self.prefix)
+            .and_then(|s| s.strip_prefix(".limits."))
+        else {
+            return;
+        };
+        if body.is_empty() {
+            coordinator.set_limit(name.to_string(), None);
+            return;
+        }
+        match decode_envelope::<NamedLimit>(body) {
+            Ok(size) => coordinator.set_limit(name.to_string(), Some(size)),
+            Err(e) => {
+                tracing::warn!(limit = name, error = %e, "ignoring an undecodable limit message")
+            }
+        }
+    }
+
+    /// Stores a limit's size (`None`: removes it), acknowledged by JetStream.
+    pub async fn set(&self, name: &str, size: Option<NamedLimit>) -> Result<(), String> {
+        let body = match size {
+            Some(l) => Bytes::from(encode_envelope(&l).map_err(|e| e.to_string())?),
+            None => Bytes::new(),
+        };
+        let what = || format!("cannot store limit `{name}`");
+        self.js
+            .publish(format!("{}.limits.{name}", self.prefix), body)
+            .await
+            .map_err(|e| format!("{}: {e}", what()))?
+            .await
+            .map_err(|e| format!("{}: {e}", what()))?;
+        Ok(())
+    }
+}
