@@ -298,6 +298,8 @@ pub enum Command {
     Journal(crate::distributed::JournalArgs),
     /// Show, size or remove the named limits tasks share (`#[task(limit = "...")]`).
     Limits(crate::distributed::LimitsArgs),
+    /// Run flows on a schedule (cron or interval), kept in JetStream by the coordinators.
+    Schedule(crate::distributed::ScheduleArgs),
 }
 
 /// Splits the raw arguments into the ones clap knows and flow parameters (`--key=value`

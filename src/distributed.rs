@@ -95,6 +95,115 @@ pub struct CoordinatorArgs {
     pub limits: Vec<(String, pinazu_shared::options::NamedLimit)>,
 }
 
+/// `schedule` settings.
+#[derive(Args, Debug, Clone)]
+pub struct ScheduleArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub op: ScheduleCmd,
+}
+
+/// `schedule` subcommands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum ScheduleCmd {
+    /// Define a schedule: its flow runs at every fire (each fire's run id is derived
+    /// from the schedule and the fire time, so a fire is one run whatever fails).
+    Add {
+        /// Its name (letters, digits, `_`, `-`).
+        name: String,
+        /// The flow it runs.
+        #[arg(long)]
+        flow: String,
+        /// When: a cron expression (5 fields, or 6 with seconds first; `@hourly`, ...).
+        #[arg(long, conflicts_with = "every", required_unless_present = "every")]
+        cron: Option<String>,
+        /// Or every so often (fires at multiples of it since the Unix epoch), e.g. 5m.
+        #[arg(long, value_parser = parse_nonzero_duration)]
+        every: Option<Duration>,
+        /// The flow's parameters, as a JSON object.
+        #[arg(long)]
+        input: Option<String>,
+        /// When a fire comes while the previous run still runs: skip (default),
+        /// buffer-one, buffer-all, cancel-other, allow-all.
+        #[arg(long, default_value = "skip", value_parser = pinazu_shared::schedule::Overlap::parse)]
+        overlap: pinazu_shared::schedule::Overlap,
+        /// Fires missed while no coordinator ran, at most this long ago, still start
+        /// (under the overlap policy); older ones are skipped.
+        #[arg(long, default_value = "365d", value_parser = parse_nonzero_duration)]
+        catchup: Duration,
+        /// Each fire starts up to this much later (the same delay on every
+        /// coordinator).
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        jitter: Duration,
+        /// The cron's time zone (IANA name, e.g. Europe/Paris; default UTC).
+        #[arg(long)]
+        timezone: Option<String>,
+        /// Replace a schedule of that name.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// The schedules: when they fire next, their last fires.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause a schedule: no fire until resumed.
+    Pause {
+        /// The schedule.
+        name: String,
+    },
+    /// Resume a schedule (fires due while it was paused are not caught up).
+    Resume {
+        /// The schedule.
+        name: String,
+    },
+    /// Delete a schedule (its runs go on).
+    Delete {
+        /// The schedule.
+        name: String,
+    },
+    /// Start the runs of every fire time between two times, as if it had fired then
+    /// (a fire backfilled twice is one run).
+    Backfill {
+        /// The schedule.
+        name: String,
+        /// From: RFC 3339 (2026-11-30T10:00:00Z), ms since the Unix epoch, or a
+        /// duration ago (-1h).
+        #[arg(long, allow_hyphen_values = true, value_parser = parse_time)]
+        from: u64,
+        /// To (inclusive), as --from; `now` too.
+        #[arg(long, allow_hyphen_values = true, value_parser = parse_time)]
+        to: u64,
+    },
+}
+
+/// A point in time for `schedule backfill`: RFC 3339, ms since the Unix epoch, `now`,
+/// or a duration ago (`-1h`).
+fn parse_time(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let now = pinazu_shared::events::now_ms();
+    if s == "now" {
+        return Ok(now);
+    }
+    if let Some(ago) = s.strip_prefix('-') {
+        let d = humantime::parse_duration(ago).map_err(|e| format!("{s:?}: {e}"))?;
+        return Ok(now.saturating_sub(d.as_millis() as u64));
+    }
+    if let Ok(ms) = s.parse::<u64>() {
+        return Ok(ms);
+    }
+    humantime::parse_rfc3339_weak(s)
+        .map_err(|e| {
+            format!("{s:?} is not a time ({e}): use RFC 3339 (2026-11-30T10:00:00Z), ms since the epoch, now, or -1h")
+        })
+        .and_then(|t| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .map_err(|_| format!("{s:?} is before 1970"))
+        })
+}
+
 /// `limits` settings.
 #[derive(Args, Debug, Clone)]
 pub struct LimitsArgs {
@@ -285,6 +394,7 @@ pub(crate) async fn run_command(
         Command::Agents(a) => list(cli, a.json, &url, None).await,
         Command::Logs(a) => logs(cli, a, &url).await,
         Command::Limits(a) => limits(cli, a, &url).await,
+        Command::Schedule(a) => schedule(cli, a, &url).await,
         Command::Cache(_) | Command::Journal(_) => unreachable!("handled above"),
     }
 }
@@ -836,6 +946,20 @@ async fn coordinator(
     } else {
         None
     };
+    let schedule_store = if js_journal {
+        match pinazu_coordinator::nats::schedules::ScheduleStore::open(
+            client.clone(),
+            subjects.prefix(),
+            a.js_replicas.into(),
+        )
+        .await
+        {
+            Ok(s) => Some(s),
+            Err(e) => return usage_error(e),
+        }
+    } else {
+        None
+    };
     if let Some(l) = &leases {
         link.guard_with(l.clone());
         tracing::info!(coordinator = l.me(), peers = ?l.live(), "coordinator lease taken");
@@ -854,7 +978,10 @@ async fn coordinator(
         registry,
         publisher.clone(),
         payloads,
-        limit_store,
+        pinazu_coordinator::nats::Kept {
+            limits: limit_store,
+            schedules: schedule_store,
+        },
     )
     .await
     {
@@ -1654,6 +1781,143 @@ async fn one_run(cli: &Cli, a: &RunIdArgs, url: &str, cancel: bool) -> ExitCode 
         Ok(other) => usage_error(format!("unexpected reply: {other:?}")),
         Err(e) => usage_error(e),
     }
+}
+
+/// `schedule add|list|pause|resume|delete|backfill`.
+async fn schedule(cli: &Cli, a: &ScheduleArgs, url: &str) -> ExitCode {
+    use pinazu_shared::schedule::{ScheduleOp, ScheduleSpec};
+    let op = match &a.op {
+        ScheduleCmd::Add {
+            name,
+            flow,
+            cron,
+            every,
+            input,
+            overlap,
+            catchup,
+            jitter,
+            timezone,
+            replace,
+        } => {
+            let params = match input.as_deref().map(serde_json::from_str::<Value>) {
+                None => serde_json::Map::new(),
+                Some(Ok(Value::Object(m))) => m,
+                Some(Ok(_)) => return usage_error("--input must be a JSON object"),
+                Some(Err(e)) => return usage_error(format!("--input is not JSON: {e}")),
+            };
+            ScheduleOp::Add {
+                spec: ScheduleSpec {
+                    name: name.clone(),
+                    flow: flow.clone(),
+                    params,
+                    cron: cron.clone(),
+                    every_ms: every.map(|d| d.as_millis() as u64),
+                    timezone: timezone.clone(),
+                    overlap: *overlap,
+                    catchup_ms: catchup.as_millis() as u64,
+                    jitter_ms: jitter.as_millis() as u64,
+                },
+                replace: *replace,
+            }
+        }
+        ScheduleCmd::List { .. } => ScheduleOp::List,
+        ScheduleCmd::Pause { name } => ScheduleOp::Pause { name: name.clone() },
+        ScheduleCmd::Resume { name } => ScheduleOp::Resume { name: name.clone() },
+        ScheduleCmd::Delete { name } => ScheduleOp::Delete { name: name.clone() },
+        ScheduleCmd::Backfill { name, from, to } => ScheduleOp::Backfill {
+            name: name.clone(),
+            from_ms: *from,
+            to_ms: *to,
+        },
+    };
+    let client = match connect(cli, url, "pinazu-cli").await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let subjects = nats_subjects(cli);
+    let views = match request(&client, &subjects, "schedule", &ApiRequest::Schedule(op)).await {
+        Ok(ApiReply::Schedules(v)) => v,
+        Ok(ApiReply::Error(e)) => return usage_error(e),
+        Ok(other) => return usage_error(format!("unexpected reply: {other:?}")),
+        Err(e) => return usage_error(e),
+    };
+    let when = |ms: Option<u64>| match ms {
+        Some(ms) => {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+                .to_string()
+        }
+        None => "-".into(),
+    };
+    match &a.op {
+        ScheduleCmd::List { json: true } => {
+            out!("{}", serde_json::to_string(&views).unwrap_or_default());
+        }
+        ScheduleCmd::List { json: false } => {
+            if views.is_empty() {
+                out!("no schedules");
+            } else {
+                out!(
+                    "{:<20} {:<20} {:<22} {:<12} {:<21} {:>8} {:>8}  STATE",
+                    "NAME",
+                    "FLOW",
+                    "WHEN",
+                    "OVERLAP",
+                    "NEXT",
+                    "STARTED",
+                    "SKIPPED"
+                );
+            }
+            for v in &views {
+                let (spec, st) = (&v.record.spec, &v.record.state);
+                let at = match (&spec.cron, spec.every_ms) {
+                    (Some(c), _) => match &spec.timezone {
+                        Some(tz) => format!("{c} {tz}"),
+                        None => c.clone(),
+                    },
+                    (None, Some(ms)) => format!(
+                        "every {}",
+                        humantime::format_duration(Duration::from_millis(ms))
+                    ),
+                    _ => "-".into(),
+                };
+                let state = match (&st.error, st.paused) {
+                    (_, true) => "paused".to_string(),
+                    (Some(e), _) => format!("error: {e}"),
+                    (None, false) => "active".to_string(),
+                };
+                out!(
+                    "{:<20} {:<20} {:<22} {:<12} {:<21} {:>8} {:>8}  {state}",
+                    spec.name,
+                    spec.flow,
+                    at,
+                    spec.overlap.as_str(),
+                    when(v.next_ms),
+                    st.started,
+                    st.skipped
+                );
+            }
+        }
+        ScheduleCmd::Add { name, .. } => {
+            out!(
+                "schedule {name} added; next fire {}",
+                when(views.first().and_then(|v| v.next_ms))
+            );
+        }
+        ScheduleCmd::Pause { name } => out!("schedule {name} paused"),
+        ScheduleCmd::Resume { name } => out!(
+            "schedule {name} resumed; next fire {}",
+            when(views.first().and_then(|v| v.next_ms))
+        ),
+        ScheduleCmd::Delete { name } => out!("schedule {name} deleted"),
+        ScheduleCmd::Backfill { name, .. } => {
+            let n = views
+                .first()
+                .map(|v| v.record.state.pending.len())
+                .unwrap_or(0);
+            out!("schedule {name}: {n} backfilled runs starting");
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// `limits list|set|rm`.

@@ -702,6 +702,18 @@ impl Coordinator {
         }
     }
 
+    /// Whether a run runs now: hosted here and not ended, or started and not ended per
+    /// the journal (hosted by another coordinator, or being taken over).
+    pub async fn run_running(&self, id: FlowRunId) -> bool {
+        if let Some(e) = self.shared.table.get(&id) {
+            return e.outcome.borrow().is_none();
+        }
+        matches!(
+            self.shared.journal.latest(id).await,
+            Ok(Some(JournalEntry::RunStarted { .. }))
+        )
+    }
+
     /// A handle on a run in this coordinator's table.
     pub fn handle(&self, id: FlowRunId) -> Option<RunHandle> {
         self.shared.table.get(&id).map(|e| RunHandle {

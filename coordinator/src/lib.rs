@@ -15,6 +15,7 @@ pub mod limits;
 pub mod metrics;
 pub mod nats;
 pub mod scheduler;
+pub mod schedules;
 pub mod stats;
 pub mod status;
 pub(crate) mod supervisor;

@@ -71,6 +71,8 @@ pub enum ApiRequest {
     },
     /// The named limits: list them, or size or remove one.
     Limits(LimitsOp),
+    /// Schedules: add, list, pause, resume, delete, backfill.
+    Schedule(crate::schedule::ScheduleOp),
 }
 
 /// What `limits` does.
@@ -127,6 +129,7 @@ impl ApiRequest {
             ApiRequest::Reject { .. } => "reject",
             ApiRequest::StoreProbe => "store_probe",
             ApiRequest::Limits(_) => "limits",
+            ApiRequest::Schedule(_) => "schedule",
         }
     }
 }
@@ -151,6 +154,8 @@ pub enum ApiReply {
     Calls(Box<CallsPage>),
     /// The named limits and the gates in use.
     Limits(LimitsView),
+    /// Schedules.
+    Schedules(Vec<crate::schedule::ScheduleView>),
     /// The request could not be served; the message says why.
     Error(String),
     /// No such run is known (not here, not in the journal).

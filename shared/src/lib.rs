@@ -13,6 +13,7 @@ pub mod nats;
 pub mod options;
 pub mod redact;
 pub mod registry;
+pub mod schedule;
 pub mod store;
 pub mod subjects;
 pub mod task_context;

@@ -195,6 +195,8 @@ pub(super) struct ApiCtx {
     pub(super) client: async_nats::Client,
     /// Where named limits are kept (JetStream); `None`: in this process only.
     pub(super) limits: Option<Arc<super::limits::LimitStore>>,
+    /// Schedules (JetStream); `None`: this coordinator has none.
+    pub(super) schedules: Option<Arc<super::schedules::ScheduleCtx>>,
 }
 
 impl ApiCtx {
@@ -527,6 +529,13 @@ impl ApiCtx {
             }
             ApiRequest::Agents => ApiReply::Agents(c.agents().await),
             ApiRequest::Limits(LimitsOp::List) => ApiReply::Limits(c.limits().await),
+            ApiRequest::Schedule(op) => match &self.schedules {
+                Some(s) => s.handle(op).await,
+                None => ApiReply::Error(
+                    "schedules are kept in JetStream: this coordinator runs with --journal local and has none"
+                        .into(),
+                ),
+            },
             ApiRequest::Limits(LimitsOp::Set { name, size }) => {
                 if !super::limits::valid_name(&name) {
                     return ApiReply::Error(format!(

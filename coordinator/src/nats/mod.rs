@@ -7,6 +7,7 @@ mod leases;
 pub mod limits;
 mod link;
 mod reports;
+pub mod schedules;
 mod watch;
 
 pub use link::{NatsAgentLink, NatsEventSink, Payloads};
@@ -28,6 +29,16 @@ pub struct ServiceCounters {
     pub drops: Drops,
 }
 
+/// What the coordinators keep in JetStream besides the journal (none with a local
+/// journal).
+#[derive(Default)]
+pub struct Kept {
+    /// Named limits.
+    pub limits: Option<Arc<limits::LimitStore>>,
+    /// Schedules.
+    pub schedules: Option<Arc<schedules::ScheduleStore>>,
+}
+
 /// Serves the coordinator on NATS until the client closes: heartbeats, reports and the
 /// API. Returns once every subscription is in place.
 pub async fn serve(
@@ -37,8 +48,9 @@ pub async fn serve(
     registry: &'static Registry,
     publisher: Publisher,
     payloads: Payloads,
-    limits: Option<Arc<limits::LimitStore>>,
+    kept: Kept,
 ) -> Result<Arc<ServiceCounters>, async_nats::SubscribeError> {
+    let Kept { limits, schedules } = kept;
     let counters = Arc::new(ServiceCounters::default());
     // before any heartbeat can register an agent: every dispatch is recorded
     let origins = coordinator.track_origins();
@@ -83,6 +95,20 @@ pub async fn serve(
         publisher.clone(),
         payloads.store.clone(),
     );
+    let schedules = schedules.map(|store| {
+        let ctx = Arc::new(schedules::ScheduleCtx {
+            store,
+            c: coordinator.clone(),
+            registry,
+            subjects: subjects.clone(),
+            publisher: publisher.clone(),
+            objects: payloads.store.clone(),
+            client: client.clone(),
+            changed: tokio::sync::Notify::new(),
+        });
+        schedules::serve_schedules(ctx.clone());
+        ctx
+    });
     let api_ctx = Arc::new(api::ApiCtx {
         c: coordinator.clone(),
         registry,
@@ -91,6 +117,7 @@ pub async fn serve(
         payloads: payloads.clone(),
         client,
         limits,
+        schedules,
     });
     api::serve_api(api_ctx, Box::pin(api), probe, counters.clone());
     if let Some(leases) = coordinator.leases().cloned() {
