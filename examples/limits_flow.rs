@@ -80,6 +80,33 @@ async fn paced(i: u64) -> anyhow::Result<u64> {
     Ok(i)
 }
 
+/// At most 1 at once, and shares the named limit `pair` with `paired`.
+#[task(concurrency = 1, limit = "pair")]
+async fn guarded(i: u64, work_ms: u64) -> anyhow::Result<u64> {
+    work("guarded", "-", work_ms).await?;
+    Ok(i)
+}
+
+/// Shares the named limit `pair` with `guarded`.
+#[task(limit = "pair")]
+async fn paired(i: u64, work_ms: u64) -> anyhow::Result<u64> {
+    work("paired", "-", work_ms).await?;
+    Ok(i)
+}
+
+/// `n` calls alternating `guarded` and `paired`: two gates on one task, one shared.
+#[flow]
+async fn mixed_fanout(n: u64, #[default(2)] work_ms: u64) -> anyhow::Result<u64> {
+    sum(pinazu_flows::map(0..n, 100_000, |i| async move {
+        if i % 2 == 0 {
+            guarded(i, work_ms).await
+        } else {
+            paired(i, work_ms).await
+        }
+    })
+    .await)
+}
+
 /// No limit (priorities and fairness).
 #[task]
 async fn plain(i: u64, work_ms: u64) -> anyhow::Result<u64> {

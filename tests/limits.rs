@@ -125,6 +125,45 @@ fn concurrency_limits_hold_over_fifty_agents() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid rate"));
 }
 
+/// Two gates on one task (its own concurrency of 1 and the named limit `pair`, which
+/// another task shares): attempts never hold one gate while waiting at the other, so
+/// the fan-out ends (it deadlocked when they did), within both limits. Embedded mode:
+/// the same scheduler, no servers.
+#[test]
+fn two_gates_on_one_task_never_deadlock() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("record.txt");
+    for (limit, max) in [("pair=1", 1), ("pair=3", 3)] {
+        let _ = std::fs::remove_file(&record);
+        let child = common::app(APP)
+            .args([
+                "--flow",
+                "mixed_fanout",
+                "--n=300",
+                "--agents=4",
+                "--slots=8",
+            ])
+            .args(["--limit", limit, "--no-progress", "--no-journal"])
+            .env("PINAZU_RECORD", &record)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = finish_within(child, Duration::from_secs(60), String::new);
+        let v = succeeded(&out, String::new);
+        assert_eq!(v["result"], (0..300u64).sum::<u64>());
+        let recs = records(&record);
+        assert_eq!(recs.len(), 300);
+        assert_eq!(max_running(&recs), max, "limit {limit}");
+        let guarded: Vec<Rec> = recs
+            .iter()
+            .filter(|r| r.task == "guarded")
+            .cloned()
+            .collect();
+        assert_eq!(max_running(&guarded), 1);
+    }
+}
+
 /// When slots are scarce: a 10-call run next to a big run of equal priority gets a turn
 /// per call (it does not wait behind the big run's queue), and a higher-priority run
 /// takes every slot that frees until it is done.

@@ -316,6 +316,16 @@ impl RunHandle {
         self.outcome.borrow().is_some()
     }
 
+    /// Waits for the run to end here: `None` when its runner stopped without an
+    /// outcome (it let the run go to another coordinator).
+    pub async fn wait_here(mut self) -> Option<FlowRunOutcome> {
+        self.outcome
+            .wait_for(Option::is_some)
+            .await
+            .ok()
+            .and_then(|o| o.clone())
+    }
+
     /// Waits for the run to end.
     pub async fn wait(mut self) -> FlowRunOutcome {
         let id = self.flow_run_id;
@@ -375,6 +385,10 @@ pub struct CoordShared {
 /// being looked at, is not read from the store again and again).
 const RECENT_LOGS: usize = 8;
 const RECENT_LOGS_BYTES: usize = 256 * 1024 * 1024;
+
+/// How long a child run resumed by its parent (its coordinator died) waits before its
+/// body runs again, as a resumed run does: agents hand back what they ran for it.
+const CHILD_RESUME_SETTLE: std::time::Duration = std::time::Duration::from_millis(1500);
 
 /// Ended runs kept in memory at most (older ones are answered from the journal).
 pub const KEEP_ENDED: usize = 1000;
@@ -714,6 +728,19 @@ impl Coordinator {
         )
     }
 
+    /// Whether the journal (or this coordinator's table) says the run has ended.
+    pub async fn run_ended(&self, id: FlowRunId) -> bool {
+        if let Some(e) = self.shared.table.get(&id) {
+            if e.outcome.borrow().is_some() {
+                return true;
+            }
+        }
+        matches!(
+            self.shared.journal.latest(id).await,
+            Ok(Some(JournalEntry::RunEnded { .. }))
+        )
+    }
+
     /// A handle on a run in this coordinator's table.
     pub fn handle(&self, id: FlowRunId) -> Option<RunHandle> {
         self.shared.table.get(&id).map(|e| RunHandle {
@@ -726,35 +753,54 @@ impl Coordinator {
     /// Runs a child flow to its end: started here under `id`, or followed where it
     /// already runs (resumed here, or hosted by another coordinator: then its end is
     /// read from the journal, which every coordinator shares), or answered from its
-    /// recorded success.
+    /// recorded end (a failed one runs again when `rerun_failed`: its parent, which
+    /// failed, is run again).
     pub(crate) async fn run_child(
         &self,
         flow: &'static FlowDef,
         params: Map<String, Value>,
         id: FlowRunId,
         options: RunOptions,
+        rerun_failed: bool,
     ) -> Result<FlowRunOutcome, String> {
         let mut wait = std::time::Duration::from_millis(100);
         loop {
-            match self
-                .start_run_with(flow, params.clone(), id, options.clone())
-                .await
-            {
-                Ok(handle) => return Ok(handle.wait().await),
-                Err(StartError::AlreadyRunning(_)) => {
-                    if let Some(h) = self.handle(id) {
-                        return Ok(h.wait().await);
-                    }
+            let mut options = options.clone();
+            // an ended child (whatever its status) answers from its journal: it does
+            // not run again; an unfinished one hosted nowhere resumes after the settle
+            // a takeover gives agents to hand back what it ran
+            match self.shared.journal.latest(id).await {
+                Ok(Some(JournalEntry::RunEnded {
+                    status,
+                    summary: Some(summary),
+                    result_ref,
+                    ..
+                })) if status == FlowStatus::Success || !rerun_failed => {
+                    return Ok(self.recorded_outcome(&summary, result_ref).await)
                 }
+                Ok(Some(JournalEntry::RunStarted { .. })) if self.handle(id).is_none() => {
+                    options.start_delay = CHILD_RESUME_SETTLE;
+                }
+                _ => {}
+            }
+            let here = match self.start_run_with(flow, params.clone(), id, options).await {
+                Ok(handle) => Some(handle),
+                Err(StartError::AlreadyRunning(_)) => self.handle(id),
+                // hosted elsewhere: its end is read from the journal on the next round
                 Err(StartError::OwnedElsewhere { .. } | StartError::RunningElsewhere { .. }) => {
-                    if let Ok(Some(info)) = self.shared.journal.ended(id).await {
-                        return Ok(FlowRunOutcome::from_info(&info));
-                    }
+                    None
                 }
                 Err(e @ StartError::Journal(_)) => {
                     tracing::warn!(flow_run_id = %id, error = %e, "could not start a child flow yet; trying again");
+                    None
                 }
                 Err(e) => return Err(e.to_string()),
+            };
+            if let Some(h) = here {
+                // (none: let go to another coordinator, followed through the journal)
+                if let Some(outcome) = h.wait_here().await {
+                    return Ok(outcome);
+                }
             }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(std::time::Duration::from_secs(1));

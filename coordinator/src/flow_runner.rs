@@ -1193,16 +1193,33 @@ impl RunnerState {
         self.next_ordinal += 1;
         self.log.made(ordinal, flow.name);
         let child = FlowRunId::child_of(self.flow_run_id, call_id);
+        // a resumed run whose call at this position was another one: its code changed
+        if let Some(replay) = self.replay.as_ref().filter(|r| r.unfinished) {
+            let other = replay
+                .by_ordinal
+                .get(&ordinal)
+                .filter(|c| **c != call_id)
+                .and_then(|c| replay.calls.get(c));
+            if let Some(other) = other {
+                let msg = format!(
+                    "the flow no longer matches its journal: call #{ordinal} was `{}` when the run started and is now `{task}` (with other arguments or in another order); the flow's code changed while the run was unfinished, so it cannot be resumed: start it under a new FLOW_RUN_ID",
+                    other.task
+                );
+                let _ = reply.send(Err(msg.clone()));
+                let _ = myself.send_message(FlowRunnerMsg::Diverged(msg));
+                return;
+            }
+        }
         if let Some(ended) = self.replay.as_ref().and_then(|r| r.calls.get(&call_id)) {
             RunStats::bump(&self.stats.replayed);
             RunStats::bump(&self.stats.completed);
             self.log.replayed(ordinal, ended.outcome.as_ref().err());
             let outcome = match &ended.outcome {
-                Ok(json) => FlowRunOutcome {
+                Ok(bytes) => FlowRunOutcome {
                     flow_run_id: child,
                     flow: flow.name.to_string(),
                     status: FlowStatus::Success,
-                    result: serde_json::from_slice(json).ok(),
+                    result: rmp_serde::from_slice(bytes).ok(),
                     error: None,
                     traceback: None,
                     stats: Default::default(),
@@ -1231,9 +1248,14 @@ impl RunnerState {
         };
         let coordinator = crate::coordinator::Coordinator::over(self.shared.clone());
         let me = myself.clone();
+        // a failed parent run again runs its failed children again (a resumed one
+        // does not)
+        let rerun_failed = self.replay.as_ref().is_some_and(|r| !r.unfinished);
         tracing::info!(flow_run_id = %self.flow_run_id, child = %child, flow = flow.name, "child flow started");
         let follow = tokio::spawn(async move {
-            let outcome = coordinator.run_child(flow, params, child, options).await;
+            let outcome = coordinator
+                .run_child(flow, params, child, options, rerun_failed)
+                .await;
             let _ = me.send_message(FlowRunnerMsg::ChildEnded { call_id, outcome });
         })
         .abort_handle();
@@ -1259,8 +1281,9 @@ impl RunnerState {
         let journaled: Result<Bytes, ErrorInfo> = match &outcome {
             Ok(o) if o.status == FlowStatus::Success => {
                 let result = o.result.clone().unwrap_or(Value::Null);
-                self.log.succeeded(c.ordinal, &json_to_msgpack(&result));
-                Ok(Bytes::from(serde_json::to_vec(&result).unwrap_or_default()))
+                let bytes = json_to_msgpack(&result);
+                self.log.succeeded(c.ordinal, &bytes);
+                Ok(bytes)
             }
             Ok(o) => {
                 let mut e = ErrorInfo::new(
@@ -1315,12 +1338,20 @@ impl RunnerState {
             c.follow.abort();
             RunStats::bump(&self.stats.cancelled);
             self.log.cancelled(c.ordinal, why);
-            if let Err(e) = coordinator.cancel(
-                c.run,
-                &format!("its parent run {} ended: {why}", self.flow_run_id),
-            ) {
-                tracing::warn!(flow_run_id = %self.flow_run_id, child = %c.run, error = %e, "could not cancel a child run here (another coordinator hosts it?)");
-            }
+            // (a child still starting is not in the table yet: asked again a while)
+            let (coordinator, child, parent) = (coordinator.clone(), c.run, self.flow_run_id);
+            let reason = format!("its parent run {parent} ended: {why}");
+            tokio::spawn(async move {
+                for _ in 0..50 {
+                    if coordinator.cancel(child, &reason).is_ok()
+                        || coordinator.run_ended(child).await
+                    {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                tracing::warn!(flow_run_id = %parent, child = %child, "could not cancel a child run: another coordinator hosts it; cancel it there (`cancel {child}`)");
+            });
             let _ = c.reply.send(Err(format!("the parent run ended: {why}")));
         }
     }

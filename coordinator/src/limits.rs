@@ -17,9 +17,10 @@ pub struct Queued {
     pub since: Instant,
     /// The attempt.
     pub task: SpawnTask,
-    /// Gates that reserved a permit for it while it waited (it passes them without
-    /// asking again; the permits are given back if it is dropped).
-    pub held: Vec<GateKey>,
+    /// Gates that let it go ahead of their other waiters (it was their next): counted
+    /// in each gate's `released` until it passes or waits again. It holds no permit:
+    /// permits (and rate tokens) are taken only when it passes every gate at once.
+    pub released: Vec<GateKey>,
 }
 
 impl Queued {
@@ -28,7 +29,7 @@ impl Queued {
         Queued {
             since,
             task,
-            held: Vec::new(),
+            released: Vec::new(),
         }
     }
 
@@ -47,6 +48,8 @@ struct Level {
     lanes: HashMap<FlowRunId, VecDeque<Queued>>,
     /// Runs with a non-empty lane, in turn order (a run taking its turn is out of it).
     turn: VecDeque<FlowRunId>,
+    /// The run taking its turn (out of `turn` until `end_turn`).
+    taking: Option<FlowRunId>,
 }
 
 /// Attempts by priority (highest first) and, within a priority, one FIFO per run served
@@ -82,6 +85,7 @@ impl FairQueue {
                 priority,
                 lanes: HashMap::new(),
                 turn: VecDeque::new(),
+                taking: None,
             },
         );
         &mut self.levels[at]
@@ -92,7 +96,8 @@ impl FairQueue {
     }
 
     fn tidy(&mut self) {
-        self.levels.retain(|l| !l.lanes.is_empty());
+        self.levels
+            .retain(|l| !l.lanes.is_empty() || l.taking.is_some());
     }
 
     /// Queues at the back of its run's lane.
@@ -100,7 +105,7 @@ impl FairQueue {
         let run = q.run();
         let level = self.level(q.priority());
         let lane = level.lanes.entry(run).or_default();
-        if lane.is_empty() {
+        if lane.is_empty() && level.taking != Some(run) {
             level.turn.push_back(run);
         }
         lane.push_back(q);
@@ -113,7 +118,7 @@ impl FairQueue {
         let run = q.run();
         let level = self.level(q.priority());
         let lane = level.lanes.entry(run).or_default();
-        if lane.is_empty() {
+        if lane.is_empty() && level.taking != Some(run) {
             level.turn.push_back(run);
         }
         lane.push_front(q);
@@ -136,7 +141,10 @@ impl FairQueue {
     /// The next run to take its turn at this priority (out of the turn order until
     /// `end_turn`).
     pub fn next_turn(&mut self, priority: i32) -> Option<FlowRunId> {
-        self.level_at(priority)?.turn.pop_front()
+        let level = self.level_at(priority)?;
+        let run = level.turn.pop_front()?;
+        level.taking = Some(run);
+        Some(run)
     }
 
     /// Takes the head of a run's lane (during its turn).
@@ -167,6 +175,9 @@ impl FairQueue {
     /// go on) if it still has attempts at this priority.
     pub fn end_turn(&mut self, priority: i32, run: FlowRunId, first: bool) {
         if let Some(level) = self.level_at(priority) {
+            if level.taking == Some(run) {
+                level.taking = None;
+            }
             if level.lanes.contains_key(&run) {
                 if first {
                     level.turn.push_front(run);
@@ -288,9 +299,20 @@ struct Bucket {
 
 impl Bucket {
     fn new(rate: RateSpec, now: Instant) -> Bucket {
+        // (sizes are checked where they come in; a zero here must not panic the
+        // scheduler: one start per hour at most)
+        let per_second = rate.per_second();
+        let interval = if per_second > 0.0 && per_second.is_finite() {
+            Duration::from_secs_f64(1.0 / per_second)
+        } else {
+            Duration::from_secs(3600)
+        };
         Bucket {
-            rate,
-            interval: Duration::from_secs_f64(1.0 / rate.per_second()),
+            rate: RateSpec {
+                burst: rate.burst.max(1),
+                ..rate
+            },
+            interval,
             tat: now,
         }
     }
@@ -302,6 +324,17 @@ impl Bucket {
 
     fn has(&self, now: Instant) -> bool {
         now + self.tolerance() >= self.tat
+    }
+
+    /// Starts allowed now (the burst, less what the schedule is ahead).
+    fn available(&self, now: Instant) -> u32 {
+        let horizon = now + self.tolerance();
+        if horizon < self.tat {
+            return 0;
+        }
+        let ahead = horizon.duration_since(self.tat).as_secs_f64();
+        ((ahead / self.interval.as_secs_f64()).floor() as u64 + 1).min(self.rate.burst as u64)
+            as u32
     }
 
     fn take(&mut self, now: Instant) {
@@ -325,9 +358,10 @@ impl Bucket {
 
 /// One gate's state.
 pub struct Gate {
-    /// Attempts that passed and have not ended (or hold a permit while waiting
-    /// elsewhere).
+    /// Attempts that passed and have not ended.
     pub running: u32,
+    /// Waiters let go ahead (`Queued::released`) that have not passed or waited again.
+    pub released: u32,
     cap: Option<u32>,
     bucket: Option<Bucket>,
     /// Attempts waiting to pass.
@@ -339,6 +373,7 @@ impl Gate {
     pub fn new(cap: Option<u32>, rate: Option<RateSpec>, now: Instant) -> Gate {
         Gate {
             running: 0,
+            released: 0,
             cap,
             bucket: rate.map(|r| Bucket::new(r, now)),
             waiters: FairQueue::default(),
@@ -352,6 +387,16 @@ impl Gate {
             (Some(b), Some(r)) if b.rate == r => {}
             (b, r) => *b = r.map(|r| Bucket::new(r, now)),
         }
+    }
+
+    /// How many more waiters to let go ahead now: permits free and tokens due, less
+    /// those let go already.
+    pub fn room(&self, now: Instant) -> u32 {
+        let slots = self
+            .cap
+            .map_or(u32::MAX, |c| c.saturating_sub(self.running));
+        let tokens = self.bucket.as_ref().map_or(u32::MAX, |b| b.available(now));
+        slots.min(tokens).saturating_sub(self.released)
     }
 
     /// A permit is free now (a slot under the cap and a token).
@@ -374,7 +419,10 @@ impl Gate {
 
     /// When a rate gate with waiters gets its next token (none: not waiting on a rate).
     pub fn due_in(&mut self, now: Instant) -> Option<Duration> {
-        if self.waiters.is_empty() || self.cap.is_some_and(|c| self.running >= c) {
+        if self.waiters.is_empty()
+            || self.released > 0
+            || self.cap.is_some_and(|c| self.running >= c)
+        {
             return None;
         }
         let b = self.bucket.as_ref()?;
@@ -388,6 +436,7 @@ impl Gate {
     /// go (it would be made again the same).
     pub fn idle(&mut self, now: Instant) -> bool {
         self.running == 0
+            && self.released == 0
             && self.waiters.is_empty()
             && self.bucket.as_ref().is_none_or(|b| b.full(now))
     }

@@ -265,14 +265,23 @@ impl SchedulerState {
         self.warned.retain(|(r, _)| *r != run);
     }
 
-    /// An attempt leaves without running: the permits it held come back.
-    fn drop_queued(&mut self, q: Queued) {
-        for g in &q.held {
-            self.give_back(g);
+    /// An attempt leaves the line without passing (dropped, refused, parked, or waiting
+    /// at another gate): the gates that let it go ahead let their next waiter go.
+    fn unrelease(&mut self, q: &mut Queued) {
+        for key in std::mem::take(&mut q.released) {
+            if let Some(g) = self.gates.get_mut(&key) {
+                g.released = g.released.saturating_sub(1);
+            }
+            self.wake(&key);
         }
     }
 
-    /// A permit of this gate comes back: the next waiter gets it.
+    /// An attempt leaves without running.
+    fn drop_queued(&mut self, mut q: Queued) {
+        self.unrelease(&mut q);
+    }
+
+    /// A permit of this gate comes back: the next waiter may go.
     fn give_back(&mut self, key: &GateKey) {
         if let Some(gate) = self.gates.get_mut(key) {
             gate.give_back();
@@ -280,19 +289,23 @@ impl SchedulerState {
         self.wake(key);
     }
 
-    /// Hands the gate's free permits to its waiters, in fair order: each goes back to
-    /// the front of its run's queue holding the permit. A gate holding nothing goes.
+    /// Lets the gate's next waiters (in fair order) go ahead, as many as it has room
+    /// for now: each goes back to the front of its run's queue, holding no permit; it
+    /// takes its permits when it passes every gate it needs. A gate holding nothing
+    /// goes.
     fn wake(&mut self, key: &GateKey) {
         let now = Instant::now();
         let Some(gate) = self.gates.get_mut(key) else {
             return;
         };
-        while !gate.waiters.is_empty() && gate.free(now) {
+        let mut room = gate.room(now);
+        while room > 0 {
             let Some(mut q) = gate.waiters.pop_next() else {
                 break;
             };
-            gate.take(now);
-            q.held.push(key.clone());
+            gate.released += 1;
+            room -= 1;
+            q.released.push(key.clone());
             q.since = now;
             self.queue.push_front(q);
         }
@@ -313,21 +326,27 @@ impl SchedulerState {
         self.myself.send_after(wait, || SchedulerMsg::GateDue);
     }
 
-    /// Whether an attempt may pass its gates now; takes the permits when it may.
-    fn admit(&mut self, q: &Queued) -> Admit {
-        let Some(info) = q.task.sched.as_deref() else {
-            return Admit::Pass(None);
-        };
-        let limits = info.limits;
-        if !limits.any() {
-            return Admit::Pass(None);
-        }
-        let now = Instant::now();
-        let mut keys: Vec<(
+    /// The gates an attempt must pass, with their sizes: its task's own (keyed by the
+    /// task's key) and its named limit's (shared by every task and key that uses it).
+    /// `Err`: its named limit is not defined (and it was not let through it before the
+    /// limit was removed).
+    #[allow(clippy::type_complexity)]
+    fn gates_of(
+        &self,
+        q: &Queued,
+    ) -> Result<
+        Vec<(
             GateKey,
             Option<u32>,
             Option<pinazu_shared::options::RateSpec>,
-        )> = Vec::with_capacity(2);
+        )>,
+        String,
+    > {
+        let Some(info) = q.task.sched.as_deref() else {
+            return Ok(Vec::new());
+        };
+        let limits = info.limits;
+        let mut keys = Vec::with_capacity(2);
         if limits.concurrency.is_some() || limits.rate.is_some() {
             keys.push((
                 GateKey {
@@ -339,39 +358,55 @@ impl SchedulerState {
             ));
         }
         if let Some(name) = limits.limit {
-            let Some(size) = self.named.get(name) else {
-                return Admit::Refuse(format!(
-                    "task `{}` uses limit `{name}`, which is not defined: size it with `coordinator --limit {name}=N` (or N/s for a rate) or `limits set {name} N` while the coordinator runs",
-                    q.task.task
-                ));
+            let key = GateKey {
+                kind: GateKind::Named(Arc::from(name)),
+                key: None,
             };
-            keys.push((
-                GateKey {
-                    kind: GateKind::Named(Arc::from(name)),
-                    key: info.key.clone(),
-                },
-                size.concurrency,
-                size.rate,
-            ));
-        }
-        for (key, cap, rate) in &keys {
-            if q.held.contains(key) {
-                continue;
+            match self.named.get(name) {
+                Some(size) => keys.push((key, size.concurrency, size.rate)),
+                // removed while it waited: it goes through
+                None if q.released.contains(&key) => {}
+                None => return Err(undefined_limit(&q.task.task, name)),
             }
+        }
+        Ok(keys)
+    }
+
+    /// Whether an attempt may pass its gates now; takes every permit (and rate token)
+    /// at once when it may, so it never holds one gate's permit while it waits at
+    /// another's.
+    fn admit(&mut self, q: &mut Queued) -> Admit {
+        if q.task.sched.as_ref().is_none_or(|s| !s.limits.any()) {
+            return Admit::Pass(None);
+        }
+        let keys = match self.gates_of(q) {
+            Ok(k) => k,
+            Err(why) => return Admit::Refuse(why),
+        };
+        let now = Instant::now();
+        for (key, cap, rate) in &keys {
             let gate = self
                 .gates
                 .entry(key.clone())
                 .or_insert_with(|| Gate::new(*cap, *rate, now));
-            // (a new attempt waits behind those already waiting)
-            if !gate.waiters.is_empty() || !gate.free(now) {
+            let open = if q.released.contains(key) {
+                gate.free(now)
+            } else {
+                // (a new attempt waits behind those waiting or let go ahead)
+                gate.waiters.is_empty() && gate.room(now) > 0
+            };
+            if !open {
                 return Admit::Wait(key.clone());
             }
         }
         for (key, ..) in &keys {
-            if !q.held.contains(key) {
-                if let Some(gate) = self.gates.get_mut(key) {
-                    gate.take(now);
-                }
+            if let Some(gate) = self.gates.get_mut(key) {
+                gate.take(now);
+            }
+        }
+        for key in std::mem::take(&mut q.released) {
+            if let Some(g) = self.gates.get_mut(&key) {
+                g.released = g.released.saturating_sub(1);
             }
         }
         Admit::Pass(Some(keys.into_iter().map(|(k, ..)| k).collect()))
@@ -402,6 +437,13 @@ impl SchedulerState {
     /// waiting are let through.
     fn set_limit(&mut self, name: String, size: Option<NamedLimit>) {
         let now = Instant::now();
+        if let Some(Err(e)) = size.map(|s| s.check()) {
+            tracing::warn!(limit = %name, error = %e, "ignoring an invalid limit size");
+            return;
+        }
+        if self.named.get(&name) == size.as_ref() {
+            return;
+        }
         match size {
             Some(l) => {
                 tracing::info!(limit = %name, size = %l, "limit set");
@@ -508,7 +550,7 @@ impl SchedulerState {
                 let Some(run) = self.queue.next_turn(priority) else {
                     break;
                 };
-                let Some(head) = self.queue.pop(priority, run) else {
+                let Some(mut head) = self.queue.pop(priority, run) else {
                     continue;
                 };
                 let Some(i) = self.pick_agent(&head.task) else {
@@ -518,18 +560,29 @@ impl SchedulerState {
                         self.queue.end_turn(priority, run, false);
                         misses += 1;
                     } else {
+                        // (parked: it holds no gate's turn meanwhile)
+                        self.unrelease(&mut head);
                         self.parked.entry(run).or_default().push(head);
                         self.queue.end_turn(priority, run, true);
                     }
                     continue;
                 };
-                let gates = match self.admit(&head) {
+                let gates = match self.admit(&mut head) {
                     Admit::Pass(gates) => gates,
                     Admit::Wait(key) => {
+                        let ahead = std::mem::take(&mut head.released);
                         let gate = self.gates.get_mut(&key).expect("gate made by admit");
                         gate.waiters.push_back(head);
-                        if let Some(due) = gate.due_in(now) {
+                        let due = gate.due_in(now);
+                        if let Some(due) = due {
                             self.arm(now + due);
+                        }
+                        // the gates that let it go ahead let their next go
+                        for k in ahead {
+                            if let Some(g) = self.gates.get_mut(&k) {
+                                g.released = g.released.saturating_sub(1);
+                            }
+                            self.wake(&k);
                         }
                         self.queue.end_turn(priority, run, true);
                         continue;
@@ -748,6 +801,9 @@ impl SchedulerState {
 
     fn tick(&mut self) {
         let now = Instant::now();
+        // gates holding nothing go (keys are unbounded: a gate made for an attempt
+        // that then waited elsewhere, a bucket that has refilled)
+        self.gates.retain(|_, g| !g.idle(now));
         // while this coordinator cannot reach NATS (its lease is not healthy), silent
         // agents say nothing about the agents: none is declared dead until it had a
         // full `dead_after` to be heard again
@@ -787,7 +843,8 @@ impl SchedulerState {
         if self.queue.iter().all(|q| ok(&q.task)) {
             return;
         }
-        for q in self.queue.take_where(|q| !ok(&q.task)) {
+        for mut q in self.queue.take_where(|q| !ok(&q.task)) {
+            self.unrelease(&mut q);
             self.parked.entry(q.task.flow_run_id).or_default().push(q);
         }
     }
@@ -913,6 +970,13 @@ impl SchedulerState {
     }
 }
 
+/// The error of a call whose named limit no coordinator defines.
+fn undefined_limit(task: &str, name: &str) -> String {
+    format!(
+        "task `{task}` uses limit `{name}`, which is not defined: size it with `coordinator --limit {name}=N` (or N/s for a rate) or `limits set {name} N` while the coordinator runs"
+    )
+}
+
 /// " with labels k=v,..." for an attempt that requires labels.
 fn labels_of(task: &SpawnTask) -> String {
     if task.requires.is_empty() {
@@ -1006,7 +1070,20 @@ impl Actor for Scheduler {
             SchedulerMsg::Submit(tasks) => {
                 let now = Instant::now();
                 for task in tasks {
-                    state.queue.push_back(Queued::new(now, task));
+                    // a named limit nobody defined fails the call now, not when a slot
+                    // frees up
+                    let undefined = task
+                        .sched
+                        .as_deref()
+                        .and_then(|s| s.limits.limit)
+                        .filter(|name| !state.named.contains_key(*name));
+                    match undefined {
+                        Some(name) => {
+                            let why = undefined_limit(&task.task, name);
+                            state.refuse(Queued::new(now, task), FailureKind::Limit, why);
+                        }
+                        None => state.queue.push_back(Queued::new(now, task)),
+                    }
                 }
                 state.dispatch();
             }
@@ -1026,7 +1103,10 @@ impl Actor for Scheduler {
                     state.dispatch();
                 }
             }
-            SchedulerMsg::ForgetRun(run) => state.forget_queued(run),
+            SchedulerMsg::ForgetRun(run) => {
+                state.forget_queued(run);
+                state.dispatch();
+            }
             SchedulerMsg::TrackOrigins(o) => state.origins = Some(o),
             SchedulerMsg::SetLimit(name, size) => {
                 state.set_limit(name, size);
@@ -1041,6 +1121,7 @@ impl Actor for Scheduler {
             }
             SchedulerMsg::CancelRun(run) => {
                 state.forget_queued(run);
+                state.dispatch();
                 let mut per_agent: HashMap<usize, Vec<(FlowRunId, AttemptId)>> = HashMap::new();
                 for (&(r, attempt), d) in &state.running {
                     if r == run {

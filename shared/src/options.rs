@@ -248,6 +248,29 @@ impl NamedLimit {
     }
 }
 
+impl NamedLimit {
+    /// Whether the size can be enforced: a concurrency of at least 1, a rate of at
+    /// least 1 per period of at least 1 ms with a burst of at least 1, one of them at
+    /// least (sizes that come over the API or the stream are checked again here).
+    pub fn check(&self) -> Result<(), String> {
+        if self.concurrency == Some(0) {
+            return Err("a concurrency of 0 would never run anything; use at least 1".into());
+        }
+        if let Some(r) = self.rate {
+            if r.count == 0 || r.per_ms == 0 || r.burst == 0 {
+                return Err(format!(
+                    "invalid rate {}/{} ms (burst {}): count, period and burst are at least 1",
+                    r.count, r.per_ms, r.burst
+                ));
+            }
+        }
+        if self.concurrency.is_none() && self.rate.is_none() {
+            return Err("a limit needs a concurrency, a rate or both".into());
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Display for NamedLimit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match (self.concurrency, self.rate) {

@@ -542,6 +542,9 @@ impl ApiCtx {
                         "invalid limit name {name:?}: use letters, digits, '_' and '-'"
                     ));
                 }
+                if let Some(Err(e)) = size.map(|s| s.check()) {
+                    return ApiReply::Error(format!("invalid size for limit {name}: {e}"));
+                }
                 match &self.limits {
                     // stored: every coordinator (this one too) applies it from the stream
                     Some(store) => match store.set(&name, size).await {

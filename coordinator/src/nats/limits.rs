@@ -57,13 +57,26 @@ impl LimitStore {
             js,
             prefix: prefix.to_string(),
         });
+        // `--limit` sizes a limit not stored yet; one stored (set at run time, or by an
+        // earlier start) keeps its size: a restart must not undo an operator's change
         for (name, size) in initial {
             if !valid_name(name) {
                 return Err(format!(
                     "invalid limit name {name:?}: use letters, digits, '_' and '-'"
                 ));
             }
-            store.set(name, Some(*size)).await?;
+            let subject = format!("{prefix}.limits.{name}");
+            let stored = match limits.get_last_raw_message_by_subject(&subject).await {
+                Ok(m) if !m.payload.is_empty() => decode_envelope::<NamedLimit>(&m.payload).ok(),
+                _ => None,
+            };
+            match stored {
+                Some(s) if s != *size => {
+                    tracing::warn!(limit = %name, stored = %s, flag = %size, "--limit: this limit is stored with another size (set at run time); it keeps it. Change it with `limits set`")
+                }
+                Some(_) => {}
+                None => store.set(name, Some(*size)).await?,
+            }
         }
         // follow first, then load: a change stored meanwhile is seen by one or both
         let mut changes = client
@@ -91,11 +104,37 @@ impl LimitStore {
         }
         let s = store.clone();
         tokio::spawn(async move {
-            while let Some(msg) = changes.next().await {
-                s.apply(&coordinator, &msg.subject, &msg.payload);
+            // the stream read again now and then: a change published while this
+            // coordinator was cut off from NATS is not delivered to it
+            let mut reload = tokio::time::interval(std::time::Duration::from_secs(30));
+            reload.tick().await;
+            loop {
+                tokio::select! {
+                    msg = changes.next() => match msg {
+                        Some(msg) => s.apply(&coordinator, &msg.subject, &msg.payload),
+                        None => break,
+                    },
+                    _ = reload.tick() => s.reload(&limits, &coordinator).await,
+                }
             }
         });
         Ok(store)
+    }
+
+    async fn reload(&self, limits: &stream::Stream, coordinator: &Coordinator) {
+        let filter = format!("{}.limits.*", self.prefix);
+        let Ok(mut info) = limits.info_with_subjects(filter).await else {
+            return;
+        };
+        let mut subjects = Vec::new();
+        while let Ok(Some((subject, _))) = info.try_next().await {
+            subjects.push(subject);
+        }
+        for subject in subjects {
+            if let Ok(msg) = limits.get_last_raw_message_by_subject(&subject).await {
+                self.apply(coordinator, &subject, &msg.payload);
+            }
+        }
     }
 
     fn apply(&self, coordinator: &Coordinator, subject: &str, body: &[u8]) {
@@ -110,7 +149,14 @@ impl LimitStore {
             return;
         }
         match decode_envelope::<NamedLimit>(body) {
-            Ok(size) => coordinator.set_limit(name.to_string(), Some(size)),
+            Ok(size) if size.check().is_ok() => coordinator.set_limit(name.to_string(), Some(size)),
+            Ok(size) => {
+                tracing::warn!(
+                    limit = name,
+                    ?size,
+                    "ignoring an invalid limit size on the limits subject"
+                )
+            }
             Err(e) => {
                 tracing::warn!(limit = name, error = %e, "ignoring an undecodable limit message")
             }
