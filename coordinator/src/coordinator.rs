@@ -386,6 +386,17 @@ pub struct CoordShared {
 const RECENT_LOGS: usize = 8;
 const RECENT_LOGS_BYTES: usize = 256 * 1024 * 1024;
 
+/// What a child's follower is told by its parent's runner.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ChildStop {
+    /// Follow it to its end.
+    Go,
+    /// The parent ended: cancel the child, with this reason.
+    Cancel(String),
+    /// The parent was let go to another coordinator: stop following, touch nothing.
+    LetGo,
+}
+
 /// How long a child run resumed by its parent (its coordinator died) waits before its
 /// body runs again, as a resumed run does: agents hand back what they ran for it.
 const CHILD_RESUME_SETTLE: std::time::Duration = std::time::Duration::from_millis(1500);
@@ -718,14 +729,26 @@ impl Coordinator {
 
     /// Whether a run runs now: hosted here and not ended, or started and not ended per
     /// the journal (hosted by another coordinator, or being taken over).
-    pub async fn run_running(&self, id: FlowRunId) -> bool {
+    pub async fn run_running(&self, id: FlowRunId) -> Result<bool, String> {
         if let Some(e) = self.shared.table.get(&id) {
-            return e.outcome.borrow().is_none();
+            return Ok(e.outcome.borrow().is_none());
         }
-        matches!(
-            self.shared.journal.latest(id).await,
-            Ok(Some(JournalEntry::RunStarted { .. }))
-        )
+        match self.shared.journal.latest(id).await {
+            Ok(latest) => Ok(matches!(latest, Some(JournalEntry::RunStarted { .. }))),
+            Err(e) => Err(format!("cannot read run {id}'s journal: {e}")),
+        }
+    }
+
+    /// Whether the journal knows the run (started, ended or not), or this process
+    /// hosts it.
+    pub async fn journaled(&self, id: FlowRunId) -> Result<bool, String> {
+        if self.shared.table.contains_key(&id) {
+            return Ok(true);
+        }
+        match self.shared.journal.latest(id).await {
+            Ok(latest) => Ok(latest.is_some()),
+            Err(e) => Err(format!("cannot read run {id}'s journal: {e}")),
+        }
     }
 
     /// Whether the journal (or this coordinator's table) says the run has ended.
@@ -762,20 +785,23 @@ impl Coordinator {
         id: FlowRunId,
         options: RunOptions,
         rerun_failed: bool,
+        mut stop: watch::Receiver<ChildStop>,
     ) -> Result<FlowRunOutcome, String> {
         let mut wait = std::time::Duration::from_millis(100);
+        let mut first = true;
         loop {
             let mut options = options.clone();
             // an ended child (whatever its status) answers from its journal: it does
-            // not run again; an unfinished one hosted nowhere resumes after the settle
-            // a takeover gives agents to hand back what it ran
+            // not run again (a failed one does, once, when its failed parent is run
+            // again); an unfinished one hosted nowhere resumes after the settle a
+            // takeover gives agents to hand back what it ran
             match self.shared.journal.latest(id).await {
                 Ok(Some(JournalEntry::RunEnded {
                     status,
                     summary: Some(summary),
                     result_ref,
                     ..
-                })) if status == FlowStatus::Success || !rerun_failed => {
+                })) if status == FlowStatus::Success || !(rerun_failed && first) => {
                     return Ok(self.recorded_outcome(&summary, result_ref).await)
                 }
                 Ok(Some(JournalEntry::RunStarted { .. })) if self.handle(id).is_none() => {
@@ -783,6 +809,9 @@ impl Coordinator {
                 }
                 _ => {}
             }
+            first = false;
+            // (the start is never aborted halfway: a child journaled and hosted by
+            // nobody would be resumed long after its parent ended)
             let here = match self.start_run_with(flow, params.clone(), id, options).await {
                 Ok(handle) => Some(handle),
                 Err(StartError::AlreadyRunning(_)) => self.handle(id),
@@ -796,15 +825,51 @@ impl Coordinator {
                 }
                 Err(e) => return Err(e.to_string()),
             };
-            if let Some(h) = here {
-                // (none: let go to another coordinator, followed through the journal)
-                if let Some(outcome) = h.wait_here().await {
-                    return Ok(outcome);
-                }
+            if let Some(why) = self.child_stopped(&stop, id).await {
+                return Err(why);
             }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(std::time::Duration::from_secs(1));
+            if let Some(h) = here {
+                tokio::select! {
+                    // (none: let go to another coordinator, followed through the journal)
+                    outcome = h.wait_here() => if let Some(outcome) = outcome {
+                        return Ok(outcome);
+                    },
+                    _ = stop.changed() => {}
+                }
+            } else {
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => {}
+                }
+                wait = (wait * 2).min(std::time::Duration::from_secs(1));
+            }
+            if let Some(why) = self.child_stopped(&stop, id).await {
+                return Err(why);
+            }
         }
+    }
+
+    /// The parent stopped waiting for a child: cancelled (here, retried a while for
+    /// one not in the table yet; one another coordinator hosts is not reached) or let
+    /// go (the parent's new owner follows it). `None`: go on.
+    async fn child_stopped(
+        &self,
+        stop: &watch::Receiver<ChildStop>,
+        id: FlowRunId,
+    ) -> Option<String> {
+        let reason = match &*stop.borrow() {
+            ChildStop::Go => return None,
+            ChildStop::LetGo => return Some("the parent was let go".into()),
+            ChildStop::Cancel(reason) => reason.clone(),
+        };
+        for _ in 0..50 {
+            if self.cancel(id, &reason).is_ok() || self.run_ended(id).await {
+                return Some(reason);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        tracing::warn!(child = %id, "could not cancel a child run: another coordinator hosts it; cancel it there (`cancel {id}`)");
+        Some(reason)
     }
 
     /// Sizes a named limit (`None`: removes it) on this coordinator.

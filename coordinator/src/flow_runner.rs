@@ -46,8 +46,8 @@ struct ChildCall {
     run: FlowRunId,
     ordinal: u64,
     reply: ChildReply,
-    /// The task following it (aborted when the parent stops waiting).
-    follow: tokio::task::AbortHandle,
+    /// Tells the task following it that the parent stopped waiting.
+    stop: watch::Sender<crate::coordinator::ChildStop>,
 }
 
 /// The journal's name for a child flow's call: `flow:<name>`.
@@ -948,7 +948,7 @@ impl RunnerState {
         self.finished = true;
         // (the children go on: the new owner's resumed body follows them again)
         for (_, c) in self.children.drain() {
-            c.follow.abort();
+            let _ = c.stop.send(crate::coordinator::ChildStop::LetGo);
         }
         if let Some(body) = self.body.take() {
             body.abort();
@@ -1252,13 +1252,13 @@ impl RunnerState {
         // does not)
         let rerun_failed = self.replay.as_ref().is_some_and(|r| !r.unfinished);
         tracing::info!(flow_run_id = %self.flow_run_id, child = %child, flow = flow.name, "child flow started");
-        let follow = tokio::spawn(async move {
+        let (stop, stopped) = watch::channel(crate::coordinator::ChildStop::Go);
+        tokio::spawn(async move {
             let outcome = coordinator
-                .run_child(flow, params, child, options, rerun_failed)
+                .run_child(flow, params, child, options, rerun_failed, stopped)
                 .await;
             let _ = me.send_message(FlowRunnerMsg::ChildEnded { call_id, outcome });
-        })
-        .abort_handle();
+        });
         self.children.insert(
             call_id,
             ChildCall {
@@ -1266,7 +1266,7 @@ impl RunnerState {
                 run: child,
                 ordinal,
                 reply,
-                follow,
+                stop,
             },
         );
     }
@@ -1330,28 +1330,12 @@ impl RunnerState {
     /// The run ends with children still running (a cancel, or a body that stopped
     /// waiting): they are cancelled too, and their callers answered.
     fn end_children(&mut self, why: &str) {
-        if self.children.is_empty() {
-            return;
-        }
-        let coordinator = crate::coordinator::Coordinator::over(self.shared.clone());
         for (_, c) in self.children.drain() {
-            c.follow.abort();
             RunStats::bump(&self.stats.cancelled);
             self.log.cancelled(c.ordinal, why);
-            // (a child still starting is not in the table yet: asked again a while)
-            let (coordinator, child, parent) = (coordinator.clone(), c.run, self.flow_run_id);
-            let reason = format!("its parent run {parent} ended: {why}");
-            tokio::spawn(async move {
-                for _ in 0..50 {
-                    if coordinator.cancel(child, &reason).is_ok()
-                        || coordinator.run_ended(child).await
-                    {
-                        return;
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                }
-                tracing::warn!(flow_run_id = %parent, child = %child, "could not cancel a child run: another coordinator hosts it; cancel it there (`cancel {child}`)");
-            });
+            // its follower cancels it (once its start, if under way, is done)
+            let reason = format!("its parent run {} ended: {why}", self.flow_run_id);
+            let _ = c.stop.send(crate::coordinator::ChildStop::Cancel(reason));
             let _ = c.reply.send(Err(format!("the parent run ended: {why}")));
         }
     }

@@ -328,8 +328,7 @@ impl SchedulerState {
 
     /// The gates an attempt must pass, with their sizes: its task's own (keyed by the
     /// task's key) and its named limit's (shared by every task and key that uses it).
-    /// `Err`: its named limit is not defined (and it was not let through it before the
-    /// limit was removed).
+    /// A named limit removed since the attempt was submitted no longer applies.
     #[allow(clippy::type_complexity)]
     fn gates_of(
         &self,
@@ -362,11 +361,9 @@ impl SchedulerState {
                 kind: GateKind::Named(Arc::from(name)),
                 key: None,
             };
-            match self.named.get(name) {
-                Some(size) => keys.push((key, size.concurrency, size.rate)),
-                // removed while it waited: it goes through
-                None if q.released.contains(&key) => {}
-                None => return Err(undefined_limit(&q.task.task, name)),
+            // (undefined at submit: refused there; removed since: no limit any more)
+            if let Some(size) = self.named.get(name) {
+                keys.push((key, size.concurrency, size.rate));
             }
         }
         Ok(keys)
@@ -551,6 +548,7 @@ impl SchedulerState {
                     break;
                 };
                 let Some(mut head) = self.queue.pop(priority, run) else {
+                    self.queue.end_turn(priority, run, false);
                     continue;
                 };
                 let Some(i) = self.pick_agent(&head.task) else {
@@ -572,11 +570,16 @@ impl SchedulerState {
                     Admit::Wait(key) => {
                         let ahead = std::mem::take(&mut head.released);
                         let gate = self.gates.get_mut(&key).expect("gate made by admit");
-                        gate.waiters.push_back(head);
-                        let due = gate.due_in(now);
-                        if let Some(due) = due {
-                            self.arm(now + due);
+                        // one let go by another gate waits first here: under steady
+                        // traffic through this gate alone it would never get through
+                        if ahead.is_empty() {
+                            gate.waiters.push_back(head);
+                        } else {
+                            gate.waiters.push_front(head);
                         }
+                        // (lets it, or the waiter before it, go when there is room,
+                        // else arms the timer for the next token)
+                        self.wake(&key);
                         // the gates that let it go ahead let their next go
                         for k in ahead {
                             if let Some(g) = self.gates.get_mut(&k) {
@@ -593,6 +596,15 @@ impl SchedulerState {
                         continue;
                     }
                 };
+                // the gates it passed let their next waiters go (room left, or the
+                // timer armed for the next token)
+                if let Some(keys) = &gates {
+                    for k in keys.iter() {
+                        if self.gates.get(k).is_some_and(|g| !g.waiters.is_empty()) {
+                            self.wake(k);
+                        }
+                    }
+                }
                 let Queued { task, .. } = head;
                 self.agents[i].free -= 1;
                 self.agents[i].sent += 1;
@@ -802,8 +814,18 @@ impl SchedulerState {
     fn tick(&mut self) {
         let now = Instant::now();
         // gates holding nothing go (keys are unbounded: a gate made for an attempt
-        // that then waited elsewhere, a bucket that has refilled)
+        // that then waited elsewhere, a bucket that has refilled); gates with waiters
+        // are woken (a safety net: every path that frees room wakes its gate)
         self.gates.retain(|_, g| !g.idle(now));
+        let waiting: Vec<GateKey> = self
+            .gates
+            .iter()
+            .filter(|(_, g)| !g.waiters.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in waiting {
+            self.wake(&k);
+        }
         // while this coordinator cannot reach NATS (its lease is not healthy), silent
         // agents say nothing about the agents: none is declared dead until it had a
         // full `dead_after` to be heard again

@@ -16,7 +16,14 @@ use pinazu_shared::schedule::{
 /// counts the rest as missed without listing them).
 const MAX_FIRES_PER_PASS: usize = 10_000;
 /// Fires one backfill may start at most.
-pub const MAX_BACKFILL: usize = 10_000;
+pub const MAX_BACKFILL: usize = 1_000;
+/// Fires buffered at most (buffer-all; Temporal's default); beyond, fires are skipped.
+pub const MAX_BUFFERED: usize = 1_000;
+/// Runs decided and not yet started at most (the state is one JetStream message);
+/// beyond, fires are missed and the schedule says why.
+pub const MAX_PENDING: usize = 2_000;
+/// The shortest catch-up window (Temporal's).
+pub const MIN_CATCHUP_MS: u64 = 10_000;
 
 /// When a schedule fires.
 pub enum Timing {
@@ -29,6 +36,17 @@ pub enum Timing {
 impl Timing {
     /// The schedule's timing, or why it has none (a clear error for `schedule add`).
     pub fn of(spec: &ScheduleSpec) -> Result<Timing, String> {
+        let t = Timing::parse(spec)?;
+        // an expression that never matches (e.g. 30 February) is refused when added
+        // (one with a year field may end later: it then just stops firing)
+        if let (Some(expr), None) = (&spec.cron, t.next_after(now_ms())) {
+            return Err(format!("cron expression {expr:?} never fires"));
+        }
+        Ok(t)
+    }
+
+    /// The timing of a stored schedule (checked when it was added).
+    pub fn parse(spec: &ScheduleSpec) -> Result<Timing, String> {
         let tz = match spec.timezone.as_deref() {
             None | Some("") => chrono_tz::UTC,
             Some(name) => chrono_tz::Tz::from_str(name).map_err(|_| {
@@ -42,12 +60,7 @@ impl Timing {
                 let cron = Cron::from_str(expr).map_err(|e| {
                     format!("invalid cron expression {expr:?}: {e} (5 fields: minute hour day-of-month month day-of-week, or 6 with seconds first; or @hourly, @daily, ...)")
                 })?;
-                // an expression that never matches (e.g. 30 February) is refused now
-                let t = Timing::Cron(Box::new(cron), tz);
-                if t.next_after(now_ms()).is_none() {
-                    return Err(format!("cron expression {expr:?} never fires"));
-                }
-                Ok(t)
+                Ok(Timing::Cron(Box::new(cron), tz))
             }
             (None, Some(ms)) => {
                 if ms < 1000 {
@@ -84,8 +97,19 @@ pub fn validate(spec: &ScheduleSpec) -> Result<Timing, String> {
             spec.name
         ));
     }
-    if spec.catchup_ms == 0 {
-        return Err("--catchup must be above 0".into());
+    if spec.catchup_ms < MIN_CATCHUP_MS {
+        return Err(format!(
+            "--catchup must be at least {} s: a pass a little late would miss fires",
+            MIN_CATCHUP_MS / 1000
+        ));
+    }
+    if spec.jitter_ms >= spec.catchup_ms {
+        return Err("--jitter must be shorter than --catchup".into());
+    }
+    if let Some(every) = spec.every_ms {
+        if spec.jitter_ms >= every {
+            return Err("--jitter must be shorter than --every".into());
+        }
     }
     Timing::of(spec)
 }
@@ -166,6 +190,16 @@ pub fn plan(
     if state.paused {
         return plan;
     }
+    // buffered fires go first, in order, before any new one
+    if !running {
+        if let Some(at) = state.buffered.pop_front() {
+            plan.changed = true;
+            state.current = Some(start(spec, state, &mut plan, at, now, "started"));
+            running = true;
+        }
+    }
+    // cancel-other cancels the run that runs now, once (not a run this pass started)
+    let running_before = running.then_some(state.current).flatten();
     let oldest = now.saturating_sub(spec.catchup_ms);
     let mut seen = 0;
     while let Some((at, due)) = next_due(spec, timing, state) {
@@ -175,7 +209,12 @@ pub fn plan(
         seen += 1;
         plan.changed = true;
         state.last_ms = at;
-        if at < oldest {
+        if due < oldest || state.pending.len() >= MAX_PENDING {
+            if state.pending.len() >= MAX_PENDING {
+                state.error = Some(format!(
+                    "{MAX_PENDING} runs decided and not started: fires are missed until they start"
+                ));
+            }
             state.missed += 1;
             if state.recent.back().is_none_or(|f| f.action != "missed") {
                 remember(
@@ -194,12 +233,15 @@ pub fn plan(
             (Overlap::AllowAll, _) | (_, false) => None,
             (Overlap::Skip, true) => Some("skipped"),
             (Overlap::BufferOne, true) if !state.buffered.is_empty() => Some("skipped"),
+            (Overlap::BufferAll, true) if state.buffered.len() >= MAX_BUFFERED => Some("skipped"),
             (Overlap::BufferOne | Overlap::BufferAll, true) => {
                 state.buffered.push_back(at);
                 Some("buffered")
             }
             (Overlap::CancelOther, true) => {
-                plan.cancel = state.current;
+                if plan.cancel.is_none() {
+                    plan.cancel = running_before;
+                }
                 None
             }
         };
@@ -224,12 +266,6 @@ pub fn plan(
             }
         }
     }
-    if !running {
-        if let Some(at) = state.buffered.pop_front() {
-            plan.changed = true;
-            state.current = Some(start(spec, state, &mut plan, at, now, "started"));
-        }
-    }
     plan
 }
 
@@ -243,8 +279,10 @@ pub fn plan_backfill(
     to: u64,
     now: u64,
 ) -> Result<Plan, String> {
+    // (fires to come are the schedule's, not a backfill's)
+    let to = to.min(now);
     if from > to {
-        return Err("--from is after --to".into());
+        return Err("--from is after --to (or in the future)".into());
     }
     let mut times = Vec::new();
     let mut t = timing.next_after(from.saturating_sub(1));
@@ -252,6 +290,12 @@ pub fn plan_backfill(
         if times.len() >= MAX_BACKFILL {
             return Err(format!(
                 "the range holds more than {MAX_BACKFILL} fires: backfill a shorter one"
+            ));
+        }
+        if state.pending.len() + times.len() >= MAX_PENDING {
+            return Err(format!(
+                "{} runs are still starting: backfill again once they have",
+                state.pending.len()
             ));
         }
         times.push(at);
@@ -302,6 +346,12 @@ mod tests {
         assert!(validate(&s).err().unwrap().contains("unknown time zone"));
         s.timezone = Some("Europe/Paris".into());
         assert!(validate(&s).is_ok());
+        let mut c = spec(Overlap::Skip);
+        c.catchup_ms = 1;
+        assert!(validate(&c).err().unwrap().contains("--catchup"));
+        c.catchup_ms = 60_000;
+        c.jitter_ms = 5_000;
+        assert!(validate(&c).err().unwrap().contains("shorter than --every"));
         let mut e = spec(Overlap::Skip);
         e.every_ms = Some(10);
         assert!(validate(&e).err().unwrap().contains("too short"));
@@ -356,23 +406,58 @@ mod tests {
     #[test]
     fn fires_missed_beyond_the_catch_up_window_are_not_started() {
         let mut s = spec(Overlap::AllowAll);
-        s.catchup_ms = 5_000;
+        s.catchup_ms = 10_000;
         let t = validate(&s).unwrap();
         let mut st = ScheduleState {
             last_ms: 0,
             ..Default::default()
         };
-        let p = plan(&s, &t, &mut st, 20_000, false);
-        assert_eq!(st.missed, 14);
+        let p = plan(&s, &t, &mut st, 30_000, false);
+        assert_eq!(st.missed, 19);
         assert_eq!(
             p.start.iter().map(|f| f.0).collect::<Vec<_>>(),
-            (15..=20).map(|s| s * 1000).collect::<Vec<_>>()
+            (20..=30).map(|s| s * 1000).collect::<Vec<_>>()
         );
         // the same fire is the same run
-        assert_eq!(p.start[0].1, fire_run_id("s", 15_000));
-        let b = plan_backfill(&s, &t, &mut st, 1_000, 3_500, 20_000).unwrap();
+        assert_eq!(p.start[0].1, fire_run_id("s", 20_000));
+        let b = plan_backfill(&s, &t, &mut st, 1_000, 3_500, 30_000).unwrap();
         assert_eq!(b.start.len(), 3);
-        assert!(plan_backfill(&s, &t, &mut st, 0, 1_000_000_000, 0).is_err());
+        assert!(plan_backfill(&s, &t, &mut st, 0, 1_000_000_000, 2_000_000_000).is_err());
+        // a backfill stops at now
+        let mut fresh = ScheduleState::default();
+        let b = plan_backfill(&s, &t, &mut fresh, 1_000, 1_000_000, 5_500).unwrap();
+        assert_eq!(b.start.len(), 5);
+    }
+
+    #[test]
+    fn buffered_fires_run_in_order_and_cancel_other_cancels_once() {
+        let s = spec(Overlap::BufferAll);
+        let t = validate(&s).unwrap();
+        let mut st = ScheduleState {
+            last_ms: 10_000,
+            current: Some(FlowRunId::new()),
+            ..Default::default()
+        };
+        plan(&s, &t, &mut st, 12_000, true);
+        assert_eq!(st.buffered, [11_000, 12_000]);
+        // the run ended, a new fire is due: the oldest buffered starts, the rest wait
+        let p = plan(&s, &t, &mut st, 13_000, false);
+        assert_eq!(p.start.iter().map(|f| f.0).collect::<Vec<_>>(), [11_000]);
+        assert_eq!(st.buffered, [12_000, 13_000]);
+        let c = spec(Overlap::CancelOther);
+        let old = FlowRunId::new();
+        let mut st = ScheduleState {
+            last_ms: 10_000,
+            current: Some(old),
+            ..Default::default()
+        };
+        let p = plan(&c, &t, &mut st, 13_000, true);
+        assert_eq!(
+            p.cancel,
+            Some(old),
+            "the run that ran, not one this pass started"
+        );
+        assert_eq!(p.start.len(), 3);
     }
 
     #[test]

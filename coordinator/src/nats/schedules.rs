@@ -70,21 +70,32 @@ impl ScheduleStore {
         format!("{}.schedule.{name}", self.prefix)
     }
 
-    /// A schedule and its message's sequence (`None` and the sequence of its deletion,
-    /// or 0: no such schedule).
-    pub async fn read(&self, name: &str) -> Result<(Option<ScheduleRecord>, u64), String> {
+    /// A schedule's message as stored and its sequence (`None`: no message; an empty
+    /// one is a deleted schedule).
+    async fn read_raw(&self, name: &str) -> Result<(Option<Bytes>, u64), String> {
         match self
             .stream
             .get_last_raw_message_by_subject(&self.subject(name))
             .await
         {
-            Ok(msg) if msg.payload.is_empty() => Ok((None, msg.sequence)),
-            Ok(msg) => match decode_envelope::<ScheduleRecord>(&msg.payload) {
-                Ok(r) => Ok((Some(r), msg.sequence)),
-                Err(e) => Err(format!("schedule {name}'s message does not decode: {e}")),
-            },
+            Ok(msg) => Ok((Some(msg.payload), msg.sequence)),
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok((None, 0)),
             Err(e) => Err(err(&format!("cannot read schedule {name}"), e)),
+        }
+    }
+
+    /// A schedule and its message's sequence (`None` and the sequence of its deletion,
+    /// or 0: no such schedule). A message that does not decode (garbage published on
+    /// the subject, a newer version's) is an error naming it.
+    pub async fn read(&self, name: &str) -> Result<(Option<ScheduleRecord>, u64), String> {
+        match self.read_raw(name).await? {
+            (Some(body), seq) if !body.is_empty() => match decode_envelope::<ScheduleRecord>(&body) {
+                Ok(r) => Ok((Some(r), seq)),
+                Err(e) => Err(format!(
+                    "schedule {name}'s stored message does not decode ({e}); `schedule delete {name}` removes it"
+                )),
+            },
+            (_, seq) => Ok((None, seq)),
         }
     }
 
@@ -220,7 +231,7 @@ impl ScheduleCtx {
                 let r = self
                     .store
                     .update(&name, |r| {
-                        let timing = validate(&r.spec)?;
+                        let timing = crate::schedules::Timing::parse(&r.spec)?;
                         let plan = plan_backfill(
                             &r.spec,
                             &timing,
@@ -263,17 +274,29 @@ impl ScheduleCtx {
         spec.params = (def.invoke)(spec.params.clone())
             .map_err(|e| format!("--input: {e}"))?
             .params;
-        let (existing, seq) = self.store.read(&spec.name).await?;
-        if existing.is_some() && !replace {
+        let (raw, seq) = self.store.read_raw(&spec.name).await?;
+        let exists = raw.as_ref().is_some_and(|b| !b.is_empty());
+        if exists && !replace {
             return Err(format!(
                 "a schedule named {:?} exists; delete it first, or add it with --replace",
                 spec.name
             ));
         }
+        // replaced: what was decided, runs and waits carries over (a run decided is
+        // started; under skip, the run that runs is still the one to wait for)
+        let old = raw
+            .filter(|b| !b.is_empty())
+            .and_then(|b| decode_envelope::<ScheduleRecord>(&b).ok())
+            .map(|r| r.state)
+            .unwrap_or_default();
         let rec = ScheduleRecord {
             spec,
             state: ScheduleState {
                 last_ms: now_ms(),
+                current: old.current,
+                buffered: old.buffered,
+                pending: old.pending,
+                paused: old.paused,
                 ..Default::default()
             },
         };
@@ -290,8 +313,11 @@ impl ScheduleCtx {
     async fn list(&self) -> Result<Vec<ScheduleView>, String> {
         let mut out = Vec::new();
         for name in self.store.names().await? {
-            if let (Some(r), _) = self.store.read(&name).await? {
-                out.push(view(r));
+            match self.store.read(&name).await {
+                Ok((Some(r), _)) => out.push(view(r)),
+                Ok((None, _)) => {}
+                // (one bad message must not hide the others)
+                Err(e) => tracing::warn!(schedule = %name, error = %e, "a schedule cannot be read"),
             }
         }
         Ok(out)
@@ -299,9 +325,11 @@ impl ScheduleCtx {
 
     async fn delete(&self, name: &str) -> Result<(), String> {
         for _ in 0..20 {
-            let (Some(_), seq) = self.store.read(name).await? else {
+            // (raw: a message that does not decode can be deleted too)
+            let (raw, seq) = self.store.read_raw(name).await?;
+            if raw.is_none_or(|b| b.is_empty()) {
                 return Err(format!("no schedule named {name:?}"));
-            };
+            }
             if self.store.write(name, None, seq).await? {
                 tracing::info!(schedule = %name, "schedule deleted");
                 return Ok(());
@@ -313,21 +341,36 @@ impl ScheduleCtx {
     }
 
     /// Whether a run still runs (here, or per the journal every coordinator shares).
-    async fn running(&self, run: FlowRunId) -> bool {
+    async fn running(&self, run: FlowRunId) -> Result<bool, String> {
         self.c.run_running(run).await
     }
 
-    /// Starts the decided runs (idempotent); keeps those that could not start yet.
+    /// Starts the decided runs; keeps those not started yet. A run the journal knows
+    /// (started here or elsewhere, ended or not) counts as started and is not started
+    /// again (a failed one would run again); one claimed by another coordinator but not
+    /// journaled yet stays until it is (its claimer may die before journaling it).
     async fn start_pending(&self, rec: &ScheduleRecord, state: &mut ScheduleState) {
-        let Some(def) = self.registry.flow(&rec.spec.flow) else {
-            state.error = Some(format!(
-                "flow `{}` is not defined on this coordinator",
-                rec.spec.flow
-            ));
-            return;
-        };
+        let def = self.registry.flow(&rec.spec.flow);
         let mut keep = Vec::new();
         for (at, run) in std::mem::take(&mut state.pending) {
+            match self.c.journaled(run).await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(schedule = %rec.spec.name, flow_run_id = %run, error = %e, "cannot read a fire's journal yet; trying again");
+                    keep.push((at, run));
+                    continue;
+                }
+            }
+            let Some(def) = def else {
+                // (another coordinator may define it: kept, and said)
+                state.error = Some(format!(
+                    "flow `{}` is not defined on this coordinator",
+                    rec.spec.flow
+                ));
+                keep.push((at, run));
+                continue;
+            };
             match self
                 .c
                 .start_run_with(def, rec.spec.params.clone(), run, RunOptions::default())
@@ -346,19 +389,18 @@ impl ScheduleCtx {
                     tracing::info!(schedule = %rec.spec.name, flow_run_id = %run, fire_ms = at, late_ms = now_ms().saturating_sub(at), "schedule fired");
                     state.error = None;
                 }
-                // started already (by this coordinator or another)
-                Err(
-                    StartError::AlreadyRunning(_)
-                    | StartError::OwnedElsewhere { .. }
-                    | StartError::RunningElsewhere { .. },
-                ) => {}
-                Err(e @ StartError::Journal(_)) => {
-                    tracing::warn!(schedule = %rec.spec.name, flow_run_id = %run, error = %e, "a fire could not start yet; trying again");
-                    keep.push((at, run));
-                }
-                Err(e) => {
+                // hosted here already
+                Err(StartError::AlreadyRunning(_)) => {}
+                // parameters that no longer fit the flow: said, not retried
+                Err(e @ (StartError::Params(_) | StartError::OtherRun { .. })) => {
                     tracing::error!(schedule = %rec.spec.name, flow_run_id = %run, error = %e, "a fire could not start");
                     state.error = Some(e.to_string());
+                }
+                // claimed elsewhere and not journaled yet, a journal or spawn error:
+                // the next pass looks again
+                Err(e) => {
+                    tracing::warn!(schedule = %rec.spec.name, flow_run_id = %run, error = %e, "a fire did not start yet; trying again");
+                    keep.push((at, run));
                 }
             }
         }
@@ -400,10 +442,10 @@ impl ScheduleCtx {
             if !state.pending.is_empty() {
                 self.start_pending(&rec, &mut state).await;
             }
-            let timing = validate(&rec.spec)?;
+            let timing = crate::schedules::Timing::parse(&rec.spec)?;
             let running = match state.current {
                 Some(r) if state.pending.iter().any(|p| p.1 == r) => true,
-                Some(r) => self.running(r).await,
+                Some(r) => self.running(r).await?,
                 None => false,
             };
             let decided = plan(&rec.spec, &timing, &mut state, now_ms(), running);
@@ -429,20 +471,44 @@ impl ScheduleCtx {
     }
 }
 
+/// A schedule as read after a pass.
+type Read = Result<(Option<ScheduleRecord>, u64), String>;
+
 /// Runs the schedules: wakes when the next fire is due (or a schedule changed, or every
-/// second to look at buffered fires and undone starts), and acts on the schedules due.
+/// second to look at buffered fires and undone starts), and acts on the schedules due,
+/// several at once. Changes (this coordinator's writes and others') arrive on
+/// `<prefix>.schedule.*` with the schedule's message: applied to the cached copy as
+/// they come; the whole list is read again every 30 s (a change missed while cut off).
 pub(super) fn serve_schedules(ctx: Arc<ScheduleCtx>) {
     tokio::spawn(async move {
-        // a change anywhere (another coordinator's API) wakes this loop too
+        let updates: Arc<std::sync::Mutex<HashMap<String, Option<ScheduleRecord>>>> =
+            Arc::default();
         match ctx
             .client
             .subscribe(format!("{}.schedule.*", ctx.store.prefix))
             .await
         {
             Ok(mut changes) => {
-                let c = ctx.clone();
+                let (c, updates) = (ctx.clone(), updates.clone());
                 tokio::spawn(async move {
-                    while changes.next().await.is_some() {
+                    while let Some(msg) = changes.next().await {
+                        let Some(name) = msg.subject.rsplit('.').next() else {
+                            continue;
+                        };
+                        let rec = if msg.payload.is_empty() {
+                            None
+                        } else {
+                            match decode_envelope::<ScheduleRecord>(&msg.payload) {
+                                Ok(r) => Some(r),
+                                Err(e) => {
+                                    tracing::warn!(schedule = name, error = %e, "ignoring an undecodable schedule message");
+                                    continue;
+                                }
+                            }
+                        };
+                        if let Ok(mut u) = updates.lock() {
+                            u.insert(name.to_string(), rec);
+                        }
                         c.changed.notify_one();
                     }
                 });
@@ -455,14 +521,19 @@ pub(super) fn serve_schedules(ctx: Arc<ScheduleCtx>) {
         let mut refreshed = 0u64;
         loop {
             let now = now_ms();
-            // the whole list now and then, and after a change; else the cached records
-            if known.is_empty() || now.saturating_sub(refreshed) >= 5_000 {
+            if now.saturating_sub(refreshed) >= 30_000 {
                 match ctx.store.names().await {
                     Ok(names) => {
                         let mut fresh = HashMap::new();
                         for n in names {
-                            if let Ok((Some(r), _)) = ctx.store.read(&n).await {
-                                fresh.insert(n, r);
+                            match ctx.store.read(&n).await {
+                                Ok((Some(r), _)) => {
+                                    fresh.insert(n, r);
+                                }
+                                Ok((None, _)) => {}
+                                Err(e) => {
+                                    tracing::warn!(schedule = %n, error = %e, "a schedule cannot be read; it does not fire")
+                                }
                             }
                         }
                         known = fresh;
@@ -471,28 +542,52 @@ pub(super) fn serve_schedules(ctx: Arc<ScheduleCtx>) {
                     Err(e) => tracing::warn!(error = %e, "cannot list the schedules"),
                 }
             }
+            let changed: Vec<(String, Option<ScheduleRecord>)> = match updates.lock() {
+                Ok(mut u) => u.drain().collect(),
+                Err(_) => Vec::new(),
+            };
+            for (name, rec) in changed {
+                match rec {
+                    Some(r) => known.insert(name, r),
+                    None => known.remove(&name),
+                };
+            }
             let mut wake = now + 1_000;
             let mut due = Vec::new();
             for (name, rec) in &known {
-                if rec.state.paused {
+                let undone = !rec.state.pending.is_empty();
+                if rec.state.paused && !undone {
                     continue;
                 }
-                let next = validate(&rec.spec)
+                let next = crate::schedules::Timing::parse(&rec.spec)
                     .ok()
-                    .and_then(|t| next_due(&rec.spec, &t, &rec.state));
-                let waiting = !rec.state.pending.is_empty() || !rec.state.buffered.is_empty();
+                    .and_then(|t| next_due(&rec.spec, &t, &rec.state))
+                    .filter(|_| !rec.state.paused);
                 match next {
                     Some((_, at)) if at <= now => due.push(name.clone()),
-                    _ if waiting => due.push(name.clone()),
+                    _ if undone || !rec.state.buffered.is_empty() => due.push(name.clone()),
                     Some((_, at)) => wake = wake.min(at),
                     None => {}
                 }
             }
-            for name in due {
-                if let Err(e) = ctx.act(&name).await {
-                    tracing::warn!(schedule = %name, error = %e, "schedule pass failed; trying again");
-                }
-                match ctx.store.read(&name).await {
+            // several at once: one schedule's slow start does not make the others late
+            let acted: Vec<(String, Read)> =
+                futures_util::stream::iter(due)
+                    .map(|name| {
+                        let ctx = ctx.clone();
+                        async move {
+                            if let Err(e) = ctx.act(&name).await {
+                                tracing::warn!(schedule = %name, error = %e, "schedule pass failed; trying again");
+                            }
+                            let r = ctx.store.read(&name).await;
+                            (name, r)
+                        }
+                    })
+                    .buffer_unordered(16)
+                    .collect()
+                    .await;
+            for (name, r) in acted {
+                match r {
                     Ok((Some(r), _)) => {
                         known.insert(name, r);
                     }
@@ -505,7 +600,7 @@ pub(super) fn serve_schedules(ctx: Arc<ScheduleCtx>) {
             let sleep = Duration::from_millis(wake.saturating_sub(now_ms()).clamp(1, 1_000));
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {}
-                _ = ctx.changed.notified() => { refreshed = 0; }
+                _ = ctx.changed.notified() => {}
             }
         }
     });
