@@ -823,6 +823,20 @@ async fn coordinator(
     }
     let flow_log_publisher = publisher.clone();
     let flow_log_subjects = subjects.clone();
+    let (cancel_client, cancel_subject) = (client.clone(), subjects.api("cancel"));
+    let remote_cancel = pinazu_coordinator::RemoteCancelHandle(Some(Arc::new(move |run| {
+        let (client, subject) = (cancel_client.clone(), cancel_subject.clone());
+        tokio::spawn(async move {
+            let req = ApiRequest::Cancel { flow_run_id: run };
+            if let Ok(body) = pinazu_shared::codec::encode_envelope(&req) {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(15),
+                    client.request(subject, Bytes::from(body)),
+                )
+                .await;
+            }
+        });
+    })));
     let mut config = CoordinatorConfig {
         keep_call_logs: true,
         // a flow body's own log lines go to its run's log subject, which `run` prints
@@ -854,6 +868,7 @@ async fn coordinator(
             ..SchedulerTiming::default()
         },
         limits: a.limits.clone(),
+        remote_cancel,
         ..CoordinatorConfig::default()
     };
     // with the journal in JetStream any number of coordinators can share NATS: each
@@ -1609,6 +1624,9 @@ fn print_run_table(runs: &[RunInfo]) {
             r.retries,
             r.wall_ms as f64 / 1000.0
         );
+        if let Some(p) = &r.parent_run_id {
+            out!("    child of run {p}");
+        }
         if r.cancelled > 0 {
             out!("    cancelled: {} calls had not ended", r.cancelled);
         }

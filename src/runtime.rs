@@ -256,6 +256,8 @@ impl Runtime {
                 // (in-process: the body's lines are in this process's log already)
                 flow_logs: Default::default(),
                 limits: config.limits.clone(),
+                // (one process: every run is here)
+                remote_cancel: Default::default(),
             },
             link.clone(),
             store,

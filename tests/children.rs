@@ -163,3 +163,72 @@ fn cancelling_the_parent_cancels_its_children() {
         assert!(err.contains(&parent) && err.contains("parent run"), "{err}");
     }
 }
+
+/// With two coordinators, the parent's coordinator is SIGKILLed: the parent and its
+/// children are taken over (maybe by different coordinators). Cancelling the parent
+/// then cancels every child, wherever it runs.
+#[test]
+fn cancelling_a_taken_over_parent_cancels_children_on_any_coordinator() {
+    let mut c = Cluster::start(2, 4, &[]);
+    let mut b = Proc::spawn("coordinator-b", {
+        let mut cmd = c.cmd();
+        cmd.arg("coordinator");
+        cmd
+    });
+    let parent = c.detach("parent_flow", &["--children=4", "--n=3000", "--work-ms=10"]);
+    let kids: Vec<String> = wait_until(Duration::from_secs(30), "four running children", || {
+        let kids = children_of(&c, &parent);
+        (kids.len() == 4 && kids.iter().all(|k| k["status"] == "RUNNING")).then(|| {
+            kids.iter()
+                .map(|k| k["flow_run_id"].as_str().unwrap().to_string())
+                .collect()
+        })
+    });
+    // the parent's coordinator dies (its owner id holds its pid)
+    let owner = c.status(&parent)["owner"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let a_pid = format!("-{}-", c.coordinator.pid());
+    let survivor_is_b = owner.contains(&a_pid);
+    if survivor_is_b {
+        c.coordinator.kill9();
+    } else {
+        b.kill9();
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "the parent and children to be taken over",
+        || {
+            let all: Vec<String> = std::iter::once(parent.clone())
+                .chain(kids.iter().cloned())
+                .collect();
+            all.iter()
+                .all(|id| {
+                    let st = c.status(id);
+                    st["status"] == "RUNNING" && st["owner"].as_str().is_some_and(|o| o != owner)
+                })
+                .then_some(())
+        },
+    );
+    let out = c.output(&["cancel", &parent]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for id in &kids {
+        let st = wait_until(Duration::from_secs(40), "the child to end", || {
+            let st = c.status(id);
+            (st["status"] == "FAILED").then_some(st)
+        });
+        assert!(
+            st["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("parent run"),
+            "{st}"
+        );
+    }
+    drop(b);
+}

@@ -56,6 +56,8 @@ pub struct CoordinatorConfig {
     pub flow_logs: FlowLogHandle,
     /// Named limits' sizes at start (`--limit openai=20`).
     pub limits: Vec<(String, pinazu_shared::options::NamedLimit)>,
+    /// How a run another coordinator hosts is cancelled (default: it is not).
+    pub remote_cancel: RemoteCancelHandle,
 }
 
 /// Where flow bodies' own log lines go: called with the run and each line.
@@ -65,6 +67,22 @@ pub struct FlowLogHandle(pub Option<Arc<dyn Fn(FlowRunId, String) + Send + Sync>
 impl std::fmt::Debug for FlowLogHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(if self.0.is_some() { "FlowLogs" } else { "None" })
+    }
+}
+
+/// Asks whichever coordinator hosts a run to cancel it (distributed mode: the API's
+/// `cancel`, which is passed on to the run's owner); a cancelled parent's child hosted
+/// by another coordinator is reached this way.
+#[derive(Clone, Default)]
+pub struct RemoteCancelHandle(pub Option<Arc<dyn Fn(FlowRunId) + Send + Sync>>);
+
+impl std::fmt::Debug for RemoteCancelHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "RemoteCancel"
+        } else {
+            "None"
+        })
     }
 }
 
@@ -130,6 +148,7 @@ impl Default for CoordinatorConfig {
             keep_call_logs: false,
             flow_logs: FlowLogHandle::default(),
             limits: Vec::new(),
+            remote_cancel: RemoteCancelHandle::default(),
         }
     }
 }
@@ -862,13 +881,19 @@ impl Coordinator {
             ChildStop::LetGo => return Some("the parent was let go".into()),
             ChildStop::Cancel(reason) => reason.clone(),
         };
-        for _ in 0..50 {
+        for i in 0..100 {
             if self.cancel(id, &reason).is_ok() || self.run_ended(id).await {
                 return Some(reason);
             }
+            // not here (yet): asked of whichever coordinator hosts it, now and then
+            if i % 10 == 3 {
+                if let Some(remote) = &self.shared.config.remote_cancel.0 {
+                    remote(id);
+                }
+            }
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
-        tracing::warn!(child = %id, "could not cancel a child run: another coordinator hosts it; cancel it there (`cancel {id}`)");
+        tracing::warn!(child = %id, "could not cancel a child run; cancel it where it runs (`cancel {id}`)");
         Some(reason)
     }
 

@@ -1286,14 +1286,11 @@ impl RunnerState {
                 Ok(bytes)
             }
             Ok(o) => {
+                // (the child's own error, as its caller sees it live: a resumed
+                // parent answered from the journal sees the same text)
                 let mut e = ErrorInfo::new(
                     FailureKind::Error,
-                    format!(
-                        "child flow `{}` (run {}) failed: {}",
-                        c.flow.name,
-                        o.flow_run_id,
-                        o.error.as_deref().unwrap_or("no error given")
-                    ),
+                    o.error.clone().unwrap_or_else(|| "no error given".into()),
                 );
                 e.traceback = o.traceback.as_deref().map(Box::from);
                 self.log.failed(c.ordinal, &e);
@@ -1399,6 +1396,9 @@ type CallMap<V> = HashMap<CallId, V, BuildHasherDefault<IdHasher>>;
 /// Bound on results and attempts held for calls the flow body has not made again yet
 /// (in practice at most the agents' slots).
 const MAX_EARLY: usize = 1 << 20;
+
+/// How often a child run looks whether its parent has ended.
+const PARENT_CHECK: Duration = Duration::from_secs(2);
 
 /// Most attempts handed to the scheduler in one message.
 const DISPATCH_BATCH: usize = 256;
@@ -1659,6 +1659,30 @@ impl Actor for FlowRunner {
             let _ = me.send_message(FlowRunnerMsg::FlowDone(result));
         });
         state.body = Some(handle.abort_handle());
+        // a child run ends when its parent has (cancelled, or taken over and cancelled
+        // before its resumed body followed this child again; or hosted where the
+        // parent's coordinator cannot reach): it looks at the parent's journal
+        if let Some(parent) = state.meta.parent {
+            let (journal, me) = (state.shared.journal.clone(), myself.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(PARENT_CHECK).await;
+                    if matches!(
+                        me.get_status(),
+                        ractor::ActorStatus::Stopped | ractor::ActorStatus::Stopping
+                    ) {
+                        return;
+                    }
+                    if let Ok(Some(JournalEntry::RunEnded { status, .. })) =
+                        journal.latest(parent).await
+                    {
+                        let why = format!("its parent run {parent} ended {status}");
+                        let _ = me.send_message(FlowRunnerMsg::Cancel(why));
+                        return;
+                    }
+                }
+            });
+        }
         Ok(state)
     }
 

@@ -26,7 +26,7 @@ pub use context::{
 };
 pub use coordinator::{
     Coordinator, CoordinatorConfig, FlowLogHandle, FlowRunOutcome, JournalHandle, OwnershipHandle,
-    RunHandle, RunOptions, StartError,
+    RemoteCancelHandle, RunHandle, RunOptions, StartError,
 };
 pub use flow_runner::Seeds;
 pub use scheduler::SchedulerTiming;

@@ -22,6 +22,9 @@ use crate::limits::{FairQueue, Gate, GateKey, GateKind, Queued};
 use pinazu_shared::api::{GateView, LimitsView};
 use pinazu_shared::options::NamedLimit;
 
+/// When an agent's next heartbeat is due after its last (they come every second).
+const HEARTBEAT_DUE: Duration = Duration::from_millis(1500);
+
 /// Timing of liveness checks.
 #[derive(Clone, Debug)]
 pub struct SchedulerTiming {
@@ -841,7 +844,15 @@ impl SchedulerState {
                 (true, Some(seen)) => now.duration_since(seen),
                 _ => continue,
             };
-            if silent > self.timing.dead_after {
+            // silent, and NATS answered this coordinator after the agent's next
+            // heartbeat was due: the agent, not NATS, went quiet (a lease renewed a
+            // while before an outage still looks healthy for 2.5 s; agents that fell
+            // silent with NATS are not judged on that)
+            let nats_answered_since = self
+                .lease
+                .as_ref()
+                .is_none_or(|l| l.since_renewal() + HEARTBEAT_DUE < silent);
+            if silent > self.timing.dead_after && nats_answered_since {
                 self.declare_dead(
                     i,
                     &format!("stopped heartbeating ({} ms)", silent.as_millis()),
@@ -995,7 +1006,7 @@ impl SchedulerState {
 /// The error of a call whose named limit no coordinator defines.
 fn undefined_limit(task: &str, name: &str) -> String {
     format!(
-        "task `{task}` uses limit `{name}`, which is not defined: size it with `coordinator --limit {name}=N` (or N/s for a rate) or `limits set {name} N` while the coordinator runs"
+        "task `{task}` uses limit `{name}`, which is not defined: size it with `--limit {name}=N` (or N/s for a rate) on the coordinator or the embedded run, or `limits set {name} N` while a coordinator runs"
     )
 }
 

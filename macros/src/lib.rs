@@ -475,10 +475,10 @@ fn expand_task(opts: TaskOpts, mut func: ItemFn) -> syn::Result<TokenStream2> {
         ));
     }
     if let Some(k) = &opts.key {
-        if opts.concurrency.is_none() && opts.rate.is_none() && opts.limit.is_none() {
+        if opts.concurrency.is_none() && opts.rate.is_none() {
             return Err(Error::new(
                 k.span(),
-                "concurrency_key splits a limit: add concurrency, rate or limit",
+                "concurrency_key splits the task's own concurrency or rate: add concurrency or rate (a named limit is shared by every key, not split)",
             ));
         }
     }

@@ -296,6 +296,47 @@ impl ApiCtx {
         runs
     }
 
+    /// The limits with every live coordinator's gates summed (each counts what it
+    /// dispatched).
+    async fn all_limits(&self) -> pinazu_shared::api::LimitsView {
+        let mut view = self.c.limits().await;
+        let Some(leases) = self.c.leases() else {
+            return view;
+        };
+        for other in leases.live() {
+            if other == leases.me() {
+                continue;
+            }
+            match self
+                .pass_on(&other, &ApiRequest::Limits(LimitsOp::List))
+                .await
+            {
+                ApiReply::Limits(theirs) => {
+                    for g in theirs.gates {
+                        match view
+                            .gates
+                            .iter_mut()
+                            .find(|m| (&m.kind, &m.name, &m.key) == (&g.kind, &g.name, &g.key))
+                        {
+                            Some(m) => {
+                                m.running += g.running;
+                                m.waiting += g.waiting;
+                            }
+                            None => view.gates.push(g),
+                        }
+                    }
+                }
+                ApiReply::Error(e) => {
+                    tracing::warn!(coordinator = %other, error = %e, "limits: a coordinator did not answer")
+                }
+                _ => {}
+            }
+        }
+        view.gates
+            .sort_by(|a, b| (&a.kind, &a.name, &a.key).cmp(&(&b.kind, &b.name, &b.key)));
+        view
+    }
+
     /// `runs`: the journal's history, with the live coordinators' runs over it (their
     /// counters are current), filtered, most recent first.
     async fn history(&self, q: &pinazu_shared::api::RunsQuery) -> ApiReply {
@@ -528,7 +569,8 @@ impl ApiCtx {
                 }
             }
             ApiRequest::Agents => ApiReply::Agents(c.agents().await),
-            ApiRequest::Limits(LimitsOp::List) => ApiReply::Limits(c.limits().await),
+            ApiRequest::Limits(LimitsOp::List) if passed => ApiReply::Limits(c.limits().await),
+            ApiRequest::Limits(LimitsOp::List) => ApiReply::Limits(self.all_limits().await),
             ApiRequest::Schedule(op) => match &self.schedules {
                 Some(s) => s.handle(op).await,
                 None => ApiReply::Error(
@@ -544,6 +586,9 @@ impl ApiCtx {
                 }
                 if let Some(Err(e)) = size.map(|s| s.check()) {
                     return ApiReply::Error(format!("invalid size for limit {name}: {e}"));
+                }
+                if size.is_none() && !c.limits().await.named.iter().any(|(n, _)| *n == name) {
+                    return ApiReply::Error(format!("no limit named {name:?}"));
                 }
                 match &self.limits {
                     // stored: every coordinator (this one too) applies it from the stream
