@@ -153,7 +153,7 @@ if rss:
 print()
 print("| mode | W1 tasks/s | W2 µs median | W3 efficiency | W4 MB/s |")
 print("|---|---|---|---|---|")
-for mode in ["embedded", "distributed", "distributed-journal", "distributed-journal-100k", "distributed-journal-dashboard", "embedded-s3-first", "embedded-s3-second"]:
+for mode in ["embedded", "embedded-limit-1000", "distributed", "distributed-limit-1000", "distributed-journal", "distributed-journal-100k", "distributed-journal-dashboard", "embedded-s3-first", "embedded-s3-second"]:
     cells = []
     for w in ["W1", "W2", "W3", "W4"]:
         v = next((v for m, l, v, u in out if m == mode and l == w), None)
@@ -165,6 +165,9 @@ for mode in ["embedded", "distributed", "distributed-journal", "distributed-jour
 w1 = {m: v for m, l, v, u in out if l == "W1"}
 if w1.get("distributed-journal-100k") and w1.get("distributed-journal-dashboard"):
     print(f"\nW1 (100,000 calls) with the dashboard open and /metrics scraped: {w1['distributed-journal-dashboard'] / w1['distributed-journal-100k']:.2f} of W1 without")
+for m in ["embedded", "distributed"]:
+    if w1.get(m) and w1.get(m + "-limit-1000"):
+        print(f"\nW1 ({m}) with a concurrency limit of 1,000 on the task: {w1[m + '-limit-1000'] / w1[m]:.2f} of W1 without")
 if rss:
     print(f"\nPeak RSS during W1 (distributed, MiB): " + ", ".join(f"{k} {v}" for k, v in rss.items()) + f"; total {sum(rss.values()):.1f}")
 PY
