@@ -110,7 +110,7 @@ async fn mixed_fanout(n: u64, #[default(2)] work_ms: u64) -> anyhow::Result<u64>
 /// No limit (priorities and fairness).
 #[task]
 async fn plain(i: u64, work_ms: u64) -> anyhow::Result<u64> {
-    work("plain", "-", work_ms).await?;
+    work("plain", &i.to_string(), work_ms).await?;
     Ok(i)
 }
 
@@ -159,6 +159,23 @@ async fn paced_fanout(n: u64) -> anyhow::Result<u64> {
 #[flow]
 async fn plain_fanout(n: u64, #[default(5)] work_ms: u64) -> anyhow::Result<u64> {
     sum(pinazu_flows::map(0..n, 100_000, |i| plain(i, work_ms)).await)
+}
+
+/// `n` calls of `plain` made first, then `urgent` more at priority 10
+/// (`with_priority`): when slots are scarce the urgent ones go first.
+#[flow]
+async fn urgent_calls(
+    n: u64,
+    #[default(5)] urgent: u64,
+    #[default(5)] work_ms: u64,
+) -> anyhow::Result<u64> {
+    let normal = pinazu_flows::map(0..n, 100_000, |i| plain(i, work_ms));
+    let urgent = with_priority(
+        10,
+        pinazu_flows::map(n..n + urgent, 100_000, |i| plain(i, work_ms)),
+    );
+    let (a, b) = futures_util::future::join(normal, urgent).await;
+    sum(a.into_iter().chain(b).collect())
 }
 
 /// A child flow: `n` calls of `plain`; fails at once when `fail`.

@@ -50,8 +50,8 @@ pub mod runtime;
 pub mod stores;
 
 pub use pinazu_coordinator::{
-    current_flow_run_id, map, spawn_in_flow, CollectingSink, EventSink, FlowRunOutcome, LogSink,
-    StatsSnapshot,
+    current_flow_run_id, map, spawn_in_flow, with_priority, CollectingSink, EventSink,
+    FlowRunOutcome, LogSink, StatsSnapshot,
 };
 pub use pinazu_macros::{flow, task};
 pub use pinazu_shared::error::{ConfigError, ErrorInfo, FailureKind, ParamError, TaskError};
@@ -71,8 +71,8 @@ pub fn main() -> std::process::ExitCode {
 /// What flow code needs.
 pub mod prelude {
     pub use crate::{
-        current_flow_run_id, flow, map, spawn_in_flow, task, task_context, FlowError, Runtime,
-        RuntimeConfig, TaskError,
+        current_flow_run_id, flow, map, spawn_in_flow, task, task_context, with_priority,
+        FlowError, Runtime, RuntimeConfig, TaskError,
     };
 }
 

@@ -164,6 +164,44 @@ fn two_gates_on_one_task_never_deadlock() {
     }
 }
 
+/// `with_priority` on calls: one slot, 200 calls made first, then 5 at priority 10;
+/// the 5 start before all but a few of the 200 (those already given the slot).
+#[test]
+fn calls_made_with_a_higher_priority_go_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let record = dir.path().join("record.txt");
+    let child = common::app(APP)
+        .args([
+            "--flow",
+            "urgent_calls",
+            "--n=200",
+            "--urgent=5",
+            "--work-ms=2",
+        ])
+        .args(["--agents=1", "--slots=1", "--no-progress", "--no-journal"])
+        .env("PINAZU_RECORD", &record)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = finish_within(child, Duration::from_secs(60), String::new);
+    succeeded(&out, String::new);
+    let mut recs = records(&record);
+    assert_eq!(recs.len(), 205);
+    // the calls in start order (`plain` records its argument as the key): where did
+    // the urgent ones (200..205) start?
+    recs.sort_by_key(|r| r.start);
+    let positions: Vec<usize> = recs
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.key.parse::<u64>().unwrap() >= 200)
+        .map(|(i, _)| i)
+        .collect();
+    eprintln!("urgent calls started at positions {positions:?} of 205");
+    assert_eq!(positions.len(), 5);
+    assert!(positions.iter().all(|p| *p < 20), "{positions:?}");
+}
+
 /// When slots are scarce: a 10-call run next to a big run of equal priority gets a turn
 /// per call (it does not wait behind the big run's queue), and a higher-priority run
 /// takes every slot that frees until it is done.

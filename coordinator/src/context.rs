@@ -59,6 +59,19 @@ impl FlowContext {
 
 tokio::task_local! {
     pub(crate) static FLOW_CONTEXT: FlowContext;
+    static CALL_PRIORITY: i32;
+}
+
+/// Runs `fut` with its task calls (and child flows) at `priority` instead of the run's:
+/// when slots are scarce, higher goes first (`run --priority` sets the run's). A
+/// future spawned inside does not inherit it (wrap that one too).
+pub async fn with_priority<F: Future>(priority: i32, fut: F) -> F::Output {
+    CALL_PRIORITY.scope(priority, fut).await
+}
+
+/// The priority `with_priority` set around this code, if any.
+pub(crate) fn call_priority() -> Option<i32> {
+    CALL_PRIORITY.try_with(|p| *p).ok()
 }
 
 fn context() -> Option<FlowContext> {
@@ -124,6 +137,7 @@ pub async fn call_task_keyed<R: DeserializeOwned, A: Serialize>(
             args: Bytes::from(bytes),
             args_json,
             key: key.map(std::sync::Arc::from),
+            priority: call_priority(),
             reply,
         })
         .map_err(|_| closed("its flow runner has stopped"))?;
@@ -149,6 +163,7 @@ pub async fn call_flow(
         .send_message(FlowRunnerMsg::Child {
             flow: def,
             params,
+            priority: call_priority(),
             reply,
         })
         .is_err()

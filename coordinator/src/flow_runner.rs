@@ -67,6 +67,8 @@ pub enum FlowRunnerMsg {
         args_json: Option<Value>,
         /// The value of the task's limit key (`concurrency_key`).
         key: Option<Arc<str>>,
+        /// Its priority (`with_priority`), instead of the run's.
+        priority: Option<i32>,
         /// Answered once, with the result or the final error.
         reply: CallReply,
     },
@@ -105,6 +107,8 @@ pub enum FlowRunnerMsg {
         flow: &'static FlowDef,
         /// Its parameters.
         params: serde_json::Map<String, Value>,
+        /// Its run's priority (`with_priority`), instead of the parent's.
+        priority: Option<i32>,
         /// Answered once the child ended (or could not start).
         reply: ChildReply,
     },
@@ -173,6 +177,8 @@ struct CallState {
     args: Bytes,
     /// The value of the task's limit key, when it has one.
     key: Option<Arc<str>>,
+    /// Its priority, when not the run's.
+    priority: Option<i32>,
     /// The call's MD5 (the original library's cache key): computed here for cached
     /// calls and results passed in, else by the agent that ran it (`want_key`).
     md5: Option<String>,
@@ -374,7 +380,7 @@ impl RunnerState {
         task: &'static TaskDef,
         args: Bytes,
         args_json: Option<Value>,
-        limit_key: Option<Arc<str>>,
+        (limit_key, priority): (Option<Arc<str>>, Option<i32>),
         reply: CallReply,
     ) {
         if self.finished {
@@ -462,6 +468,7 @@ impl RunnerState {
                 task,
                 args,
                 key: limit_key,
+                priority,
                 md5,
                 cache,
                 attempt: 0,
@@ -603,13 +610,16 @@ impl RunnerState {
             trace: pinazu_shared::trace::traceparent(&call.span).map(Box::new),
             #[cfg(not(feature = "otel"))]
             trace: None,
-            sched: (call.task.options.limits.any() || self.meta.priority != 0).then(|| {
-                Box::new(SchedInfo {
-                    limits: call.task.options.limits,
-                    key: call.key.clone(),
-                    priority: self.meta.priority,
+            sched: {
+                let priority = call.priority.unwrap_or(self.meta.priority);
+                (call.task.options.limits.any() || priority != 0).then(|| {
+                    Box::new(SchedInfo {
+                        limits: call.task.options.limits,
+                        key: call.key.clone(),
+                        priority,
+                    })
                 })
-            }),
+            },
         };
         self.outbox.push(spawn);
         if self.outbox.len() >= DISPATCH_BATCH {
@@ -1176,6 +1186,7 @@ impl RunnerState {
         myself: &ActorRef<FlowRunnerMsg>,
         flow: &'static FlowDef,
         params: serde_json::Map<String, Value>,
+        priority: Option<i32>,
         reply: ChildReply,
     ) {
         if self.finished {
@@ -1241,7 +1252,7 @@ impl RunnerState {
         let options = crate::coordinator::RunOptions {
             events: Some(self.header.context.clone()),
             meta: crate::journal::RunMeta {
-                priority: self.meta.priority,
+                priority: priority.unwrap_or(self.meta.priority),
                 parent: Some(self.flow_run_id),
             },
             ..Default::default()
@@ -1704,8 +1715,9 @@ impl Actor for FlowRunner {
                 args,
                 args_json,
                 key,
+                priority,
                 reply,
-            } => state.new_call(&myself, task, args, args_json, key, reply),
+            } => state.new_call(&myself, task, args, args_json, (key, priority), reply),
             // (each step only from the phase it leaves: a duplicate or late message
             // finds the call elsewhere and changes nothing)
             FlowRunnerMsg::CacheChecked { call_id, hit } => {
@@ -1755,8 +1767,9 @@ impl Actor for FlowRunner {
             FlowRunnerMsg::Child {
                 flow,
                 params,
+                priority,
                 reply,
-            } => state.new_child(&myself, flow, params, reply),
+            } => state.new_child(&myself, flow, params, priority, reply),
             FlowRunnerMsg::ChildEnded { call_id, outcome } => state.child_ended(call_id, outcome),
             FlowRunnerMsg::Cancel(reason) => {
                 if !state.finished {

@@ -21,8 +21,8 @@ pub mod status;
 pub(crate) mod supervisor;
 
 pub use context::{
-    call_task, call_task_keyed, current_flow_run_id, limit_key, map, spawn_in_flow, FlowContext,
-    Payload,
+    call_task, call_task_keyed, current_flow_run_id, limit_key, map, spawn_in_flow, with_priority,
+    FlowContext, Payload,
 };
 pub use coordinator::{
     Coordinator, CoordinatorConfig, FlowLogHandle, FlowRunOutcome, JournalHandle, OwnershipHandle,
