@@ -396,6 +396,9 @@ pub struct CoordShared {
     /// Task tables of the runs that ended last (also kept in the store, when
     /// `keep_call_logs`), newest last.
     recent_logs: std::sync::Mutex<std::collections::VecDeque<(FlowRunId, Arc<CallLog>)>>,
+    /// Called with each run a flow starts here as its child (distributed mode: its
+    /// progress and end published, its large payloads removed when it ends).
+    run_watcher: std::sync::OnceLock<RunWatcher>,
     /// Prometheus metrics.
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
@@ -404,6 +407,9 @@ pub struct CoordShared {
 /// being looked at, is not read from the store again and again).
 const RECENT_LOGS: usize = 8;
 const RECENT_LOGS_BYTES: usize = 256 * 1024 * 1024;
+
+/// What is done with a run a flow started here as its child.
+pub type RunWatcher = Arc<dyn Fn(FlowRunId) + Send + Sync>;
 
 /// What a child's follower is told by its parent's runner.
 #[derive(Clone, Debug, PartialEq)]
@@ -631,6 +637,7 @@ impl Coordinator {
                 keys: DashMap::new(),
                 ended: Default::default(),
                 recent_logs: Default::default(),
+                run_watcher: std::sync::OnceLock::new(),
                 metrics: {
                     let m = Arc::new(crate::metrics::Metrics::new());
                     m.register_collector(crate::metrics::CacheCollector(cache_counters.clone()));
@@ -746,6 +753,11 @@ impl Coordinator {
         }
     }
 
+    /// Sets what is done with each child run started here (once).
+    pub fn watch_children_with(&self, watcher: RunWatcher) {
+        let _ = self.shared.run_watcher.set(watcher);
+    }
+
     /// Whether a run runs now: hosted here and not ended, or started and not ended per
     /// the journal (hosted by another coordinator, or being taken over).
     pub async fn run_running(&self, id: FlowRunId) -> Result<bool, String> {
@@ -832,7 +844,12 @@ impl Coordinator {
             // (the start is never aborted halfway: a child journaled and hosted by
             // nobody would be resumed long after its parent ended)
             let here = match self.start_run_with(flow, params.clone(), id, options).await {
-                Ok(handle) => Some(handle),
+                Ok(handle) => {
+                    if let (false, Some(watch)) = (handle.ended(), self.shared.run_watcher.get()) {
+                        watch(id);
+                    }
+                    Some(handle)
+                }
                 Err(StartError::AlreadyRunning(_)) => self.handle(id),
                 // hosted elsewhere: its end is read from the journal on the next round
                 Err(StartError::OwnedElsewhere { .. } | StartError::RunningElsewhere { .. }) => {

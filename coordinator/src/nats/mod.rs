@@ -54,6 +54,25 @@ pub async fn serve(
     let counters = Arc::new(ServiceCounters::default());
     // before any heartbeat can register an agent: every dispatch is recorded
     let origins = coordinator.track_origins();
+    // child runs are watched like runs started through the API (the closure holds
+    // the coordinator for the process's life)
+    {
+        let (c, subjects, publisher, store) = (
+            coordinator.clone(),
+            subjects.clone(),
+            publisher.clone(),
+            payloads.store.clone(),
+        );
+        coordinator.watch_children_with(Arc::new(move |id| {
+            watch_run(
+                c.clone(),
+                id,
+                subjects.clone(),
+                publisher.clone(),
+                store.clone(),
+            )
+        }));
+    }
     // an object every agent must be able to read: then it shares this store
     let probe = api::StoreProbe::start(payloads.store.clone());
     let heartbeats = client.subscribe(subjects.heartbeats()).await?;
