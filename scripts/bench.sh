@@ -37,7 +37,9 @@ measure() {
   for i in $(seq "$first" "$runs"); do
     local line
     if [[ "$mode" == embedded* ]]; then
-      line=$(env -u NATS_URL "$bin" --no-journal --no-progress "$@" 2>/dev/null | tail -n1)
+      # (default settings keep the local journal, in the work directory)
+      local jn=(--no-journal); [ "$mode" = embedded-default ] && jn=()
+      line=$(env -u NATS_URL PINAZU_JOURNAL_DIR="$work/journal" "$bin" "${jn[@]}" --no-progress "$@" 2>/dev/null | tail -n1)
     else
       line=$(NATS_URL="nats://127.0.0.1:$port" "$bin" run --no-progress "$@" 2>/dev/null | tail -n1)
     fi
@@ -46,16 +48,17 @@ measure() {
   return 0
 }
 
-start_cluster() { # SLOTS JOURNAL(on|off)
-  local slots=$1 journal=$2 jflag=""
+start_cluster() { # SLOTS(N|default) JOURNAL(on|off)
+  local slots=$1 journal=$2 jflag="" sflag=()
+  [ "$slots" != default ] && sflag=(--slots "$slots")
   [ "$journal" = off ] && jflag="--no-journal"
   rm -rf "$work/js"
   "$nats" -a 127.0.0.1 -p "$port" -js -sd "$work/js" >/dev/null 2>&1 & nats_pid=$!; pids+=("$nats_pid")
   sleep 0.4
   export NATS_URL="nats://127.0.0.1:$port" PINAZU_CACHE_DIR="$work/cache"
   "$bin" coordinator $jflag --http "127.0.0.1:$hport" >"$work/coordinator.log" 2>&1 & coord_pid=$!; pids+=("$coord_pid")
-  "$bin" agent --agent-id bench-1 --slots "$slots" >/dev/null 2>&1 & a1=$!; pids+=("$a1")
-  "$bin" agent --agent-id bench-2 --slots "$slots" >/dev/null 2>&1 & a2=$!; pids+=("$a2")
+  "$bin" agent --agent-id bench-1 "${sflag[@]}" >/dev/null 2>&1 & a1=$!; pids+=("$a1")
+  "$bin" agent --agent-id bench-2 "${sflag[@]}" >/dev/null 2>&1 & a2=$!; pids+=("$a2")
   for _ in $(seq 1 100); do
     [ "$("$bin" agents --json 2>/dev/null | grep -o agent_id | wc -l)" -ge 2 ] && break
     sleep 0.05
@@ -111,6 +114,16 @@ measure distributed-journal-dashboard W1 w1_fanout --n=100000
 kill "$poll_pid" 2>/dev/null || true
 stop_cluster
 
+# default settings: what a user gets with no flags (embedded: an agent per core, 4 slots
+# each; distributed: the JetStream journal, two agents of 4 slots) -- issue 13's rows
+echo "default settings..." >&2
+measure embedded-default W1 --flow w1_fanout --n=10000
+measure embedded-default W2 --flow w2_chain --n=300
+start_cluster default on
+measure distributed-default W1 w1_fanout --n=10000
+measure distributed-default W2 w2_chain --n=300
+stop_cluster
+
 # the S3 cache on (s3s-fs on loopback), when s3s-fs is installed: W1 twice under one run id
 # with ENABLE_S3_CACHING=true; the second run is all cache hits
 s3s="${S3S_FS_BIN:-$(command -v s3s-fs || echo "$HOME/.cargo/bin/s3s-fs")}"
@@ -153,7 +166,7 @@ if rss:
 print()
 print("| mode | W1 tasks/s | W2 µs median | W3 efficiency | W4 MB/s |")
 print("|---|---|---|---|---|")
-for mode in ["embedded", "embedded-limit-1000", "distributed", "distributed-limit-1000", "distributed-journal", "distributed-journal-100k", "distributed-journal-dashboard", "embedded-s3-first", "embedded-s3-second"]:
+for mode in ["embedded", "embedded-limit-1000", "distributed", "distributed-limit-1000", "distributed-journal", "distributed-journal-100k", "distributed-journal-dashboard", "embedded-default", "distributed-default", "embedded-s3-first", "embedded-s3-second"]:
     cells = []
     for w in ["W1", "W2", "W3", "W4"]:
         v = next((v for m, l, v, u in out if m == mode and l == w), None)
