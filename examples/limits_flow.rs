@@ -178,6 +178,26 @@ async fn urgent_calls(
     sum(a.into_iter().chain(b).collect())
 }
 
+/// A child flow that fails while the file `$PINAZU_FAIL_MARK` exists (after `n` calls).
+#[flow]
+async fn flaky_child(n: u64) -> anyhow::Result<u64> {
+    let total = sum(pinazu_flows::map(0..n, 100_000, |i| plain(i, 1)).await)?;
+    if let Ok(mark) = std::env::var("PINAZU_FAIL_MARK") {
+        anyhow::ensure!(
+            !std::path::Path::new(&mark).exists(),
+            "the fail mark is there"
+        );
+    }
+    Ok(total)
+}
+
+/// Fails when its child fails (the `?`): run again under its id, it runs that child
+/// again.
+#[flow]
+async fn strict_parent(#[default(3)] n: u64) -> anyhow::Result<u64> {
+    Ok(flaky_child(n).await?)
+}
+
 /// A child flow: `n` calls of `plain`; fails at once when `fail`.
 #[flow]
 async fn child_flow(

@@ -136,6 +136,51 @@ fn a_resumed_parent_does_not_run_a_finished_child_again() {
     assert_eq!(children_of(&c, &parent).len(), 3, "no child started twice");
 }
 
+/// Embedded, with the local journal: a parent that failed because its child failed,
+/// run again under its id, runs that child again (which now succeeds); the run after
+/// that answers from the journal and runs nothing.
+#[test]
+fn a_failed_parent_run_again_runs_its_failed_child_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (record, mark) = (dir.path().join("record.txt"), dir.path().join("fail"));
+    std::fs::write(&mark, "").unwrap();
+    let id = "0c9f0a2e-5d2c-4a8e-9a57-3f1d1e0a7b11";
+    let run = || {
+        let child = common::app("limits_flow")
+            .args(["--flow", "strict_parent", "--n=3", "--no-progress"])
+            .env("FLOW_RUN_ID", id)
+            .env("PINAZU_JOURNAL_DIR", dir.path().join("journal"))
+            .env("PINAZU_RECORD", &record)
+            .env("PINAZU_FAIL_MARK", &mark)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = finish_within(child, Duration::from_secs(60), String::new);
+        last_json_line(&out)
+    };
+    let first = run();
+    assert_eq!(first["status"], "FAILED", "{first}");
+    assert!(
+        first["error"]
+            .as_str()
+            .unwrap()
+            .contains("the fail mark is there"),
+        "{first}"
+    );
+    assert_eq!(records(&record).len(), 3);
+    std::fs::remove_file(&mark).unwrap();
+    let second = run();
+    assert_eq!(second["status"], "SUCCESS", "{second}");
+    assert_eq!(second["result"], 3);
+    // the child ran again (its calls answered from its own journal: none executed)
+    let third = run();
+    assert_eq!(third["status"], "SUCCESS");
+    assert_eq!(third["result"], 3);
+    let recs = records(&record);
+    assert_eq!(recs.len(), 3, "the child's calls ran once: {recs:?}");
+}
+
 #[test]
 fn cancelling_the_parent_cancels_its_children() {
     let c = Cluster::start(1, 2, &[]);
