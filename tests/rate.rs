@@ -6,8 +6,9 @@ mod common;
 
 use common::limits::*;
 
-/// `rate = "100/s"`: 1,001 starts take 10 s; the achieved rate is within 2% of the limit
-/// and never above it (nor above 100 + 2 in any one-second window: the burst of 1, and
+/// `rate = "100/s"`: 1,001 starts take 10 s; the achieved rate (the slope of the start
+/// times, taken on the agents) is within 2% of the limit and not above it (0.05% for
+/// the fit) (nor above 100 + 2 in any one-second window: the burst of 1, and
 /// one start late by up to an interval that the schedule makes up).
 #[test]
 fn a_rate_limit_is_kept_over_ten_seconds() {
@@ -17,11 +18,28 @@ fn a_rate_limit_is_kept_over_ten_seconds() {
     starts.sort();
     assert_eq!(starts.len(), 1001);
     let span = (starts[1000] - starts[0]) as f64 / 1e9;
-    let rate = 1000.0 / span;
-    eprintln!("achieved {rate:.3} starts/s over {span:.3} s (limit 100/s)");
+    // the rate the starts keep: the slope of start time against start number (least
+    // squares), so the agent-side delay of one start (the first attempt's cold path,
+    // a busy agent) does not count as the schedule's: the scheduler's tokens are taken
+    // on a fixed grid, the agents only add their own delay to each start
+    let n = starts.len() as f64;
+    let mean_i = (n - 1.0) / 2.0;
+    let t0 = starts[0];
+    let mean_t = starts.iter().map(|t| (t - t0) as f64).sum::<f64>() / n;
+    let (mut cov, mut var) = (0.0, 0.0);
+    for (i, t) in starts.iter().enumerate() {
+        let (di, dt) = (i as f64 - mean_i, (t - t0) as f64 - mean_t);
+        cov += di * dt;
+        var += di * di;
+    }
+    let rate = 1e9 / (cov / var);
+    eprintln!(
+        "achieved {rate:.3} starts/s (fit over {} starts spanning {span:.3} s, first to last {:.3}/s; limit 100/s)",
+        starts.len(),
+        1000.0 / span
+    );
     assert!(rate >= 98.0, "{rate}");
-    // (start times are taken on the agents: allow their clock reads a millisecond)
-    assert!(rate <= 100.0 * 10.0 / (10.0 - 0.001), "{rate}");
+    assert!(rate <= 100.0 * 1.0005, "{rate}");
     let mut worst = 0;
     for (i, s) in starts.iter().enumerate() {
         let n = starts[i..]
