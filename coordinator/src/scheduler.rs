@@ -416,6 +416,11 @@ impl SchedulerState {
     fn refuse(&mut self, q: Queued, kind: FailureKind, message: String) {
         let task = q.task.clone();
         self.drop_queued(q);
+        self.fail(&task, kind, message);
+    }
+
+    /// Tells an attempt's runner it failed here, without running.
+    fn fail(&self, task: &SpawnTask, kind: FailureKind, message: String) {
         self.tell_runner(
             task.flow_run_id,
             FlowRunnerMsg::Finished(AttemptFinished {
@@ -475,18 +480,24 @@ impl SchedulerState {
     /// Rate gates whose next token is due: their waiters get the tokens.
     fn gates_due(&mut self) {
         self.gate_due = None;
+        self.tend_gates();
+    }
+
+    /// Gates holding nothing go (keys are unbounded: a gate made for an attempt that
+    /// then waited elsewhere, a bucket that has refilled); gates with waiters are woken
+    /// (their due tokens; and a safety net: every path that frees room wakes its gate).
+    fn tend_gates(&mut self) {
         let now = Instant::now();
+        self.gates.retain(|_, g| !g.idle(now));
         let waiting: Vec<GateKey> = self
             .gates
-            .iter_mut()
+            .iter()
             .filter(|(_, g)| !g.waiters.is_empty())
             .map(|(k, _)| k.clone())
             .collect();
         for key in waiting {
             self.wake(&key);
         }
-        // gates left holding nothing go (keys are unbounded)
-        self.gates.retain(|_, g| !g.idle(now));
     }
 
     /// The named limits and the gates in use.
@@ -815,20 +826,8 @@ impl SchedulerState {
     }
 
     fn tick(&mut self) {
+        self.tend_gates();
         let now = Instant::now();
-        // gates holding nothing go (keys are unbounded: a gate made for an attempt
-        // that then waited elsewhere, a bucket that has refilled); gates with waiters
-        // are woken (a safety net: every path that frees room wakes its gate)
-        self.gates.retain(|_, g| !g.idle(now));
-        let waiting: Vec<GateKey> = self
-            .gates
-            .iter()
-            .filter(|(_, g)| !g.waiters.is_empty())
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in waiting {
-            self.wake(&k);
-        }
         // while this coordinator cannot reach NATS (its lease is not healthy), silent
         // agents say nothing about the agents: none is declared dead until it had a
         // full `dead_after` to be heard again
@@ -985,20 +984,7 @@ impl SchedulerState {
                     labels_of(&task),
                 )
             };
-            self.tell_runner(
-                task.flow_run_id,
-                FlowRunnerMsg::Finished(AttemptFinished {
-                    flow_run_id: task.flow_run_id,
-                    call_id: task.call_id,
-                    attempt_id: task.attempt_id,
-                    agent_id: AgentId("scheduler".into()),
-                    outcome: Err(ErrorInfo::new(FailureKind::NoAgent, message)),
-                    result_ref: None,
-                    elapsed_us: 0,
-                    result_cache_key: None,
-                    logs: None,
-                }),
-            );
+            self.fail(&task, FailureKind::NoAgent, message);
         }
     }
 }

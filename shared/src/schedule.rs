@@ -206,11 +206,4 @@ pub fn fire_run_id(schedule: &str, at_ms: u64) -> FlowRunId {
     FlowRunId(uuid::Uuid::from_bytes(bytes))
 }
 
-/// A schedule's name: what a subject token may hold.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
-}
+pub use crate::subjects::valid_name;

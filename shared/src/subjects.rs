@@ -29,6 +29,16 @@ pub fn valid_token(token: &str) -> bool {
             .all(|c| !c.is_whitespace() && !matches!(c, '.' | '*' | '>'))
 }
 
+/// Whether `name` can name a limit or a schedule (one subject token each): letters,
+/// digits, `_` and `-`, at most 128.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+}
+
 impl Subjects {
     /// Subjects under `prefix` (which may itself contain dots, e.g. `team.pinazu`).
     pub fn new(prefix: &str) -> Self {

@@ -14,14 +14,7 @@ use pinazu_shared::options::NamedLimit;
 
 use crate::coordinator::Coordinator;
 
-/// A limit's name: what a subject token may hold.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
-}
+pub use pinazu_shared::subjects::valid_name;
 
 /// The named limits' stream.
 pub struct LimitStore {
@@ -83,8 +76,38 @@ impl LimitStore {
             .subscribe(format!("{prefix}.limits.*"))
             .await
             .map_err(|e| format!("cannot follow the limits: {e}"))?;
+        store.reload(&limits, &coordinator).await?;
+        let s = store.clone();
+        tokio::spawn(async move {
+            // the stream read again now and then: a change published while this
+            // coordinator was cut off from NATS is not delivered to it
+            let mut reload = tokio::time::interval(std::time::Duration::from_secs(30));
+            reload.tick().await;
+            loop {
+                tokio::select! {
+                    msg = changes.next() => match msg {
+                        Some(msg) => s.apply(&coordinator, &msg.subject, &msg.payload),
+                        None => break,
+                    },
+                    _ = reload.tick() => {
+                        if let Err(e) = s.reload(&limits, &coordinator).await {
+                            tracing::warn!(error = %e, "could not read the limits again");
+                        }
+                    }
+                }
+            }
+        });
+        Ok(store)
+    }
+
+    /// Reads every stored limit into the coordinator's scheduler.
+    async fn reload(
+        &self,
+        limits: &stream::Stream,
+        coordinator: &Coordinator,
+    ) -> Result<(), String> {
         let mut info = limits
-            .info_with_subjects(format!("{prefix}.limits.*"))
+            .info_with_subjects(format!("{}.limits.*", self.prefix))
             .await
             .map_err(|e| format!("cannot list the limits: {e}"))?;
         let mut subjects = Vec::new();
@@ -100,41 +123,9 @@ impl LimitStore {
                 .get_last_raw_message_by_subject(&subject)
                 .await
                 .map_err(|e| format!("cannot read limit {subject}: {e}"))?;
-            store.apply(&coordinator, &subject, &msg.payload);
+            self.apply(coordinator, &subject, &msg.payload);
         }
-        let s = store.clone();
-        tokio::spawn(async move {
-            // the stream read again now and then: a change published while this
-            // coordinator was cut off from NATS is not delivered to it
-            let mut reload = tokio::time::interval(std::time::Duration::from_secs(30));
-            reload.tick().await;
-            loop {
-                tokio::select! {
-                    msg = changes.next() => match msg {
-                        Some(msg) => s.apply(&coordinator, &msg.subject, &msg.payload),
-                        None => break,
-                    },
-                    _ = reload.tick() => s.reload(&limits, &coordinator).await,
-                }
-            }
-        });
-        Ok(store)
-    }
-
-    async fn reload(&self, limits: &stream::Stream, coordinator: &Coordinator) {
-        let filter = format!("{}.limits.*", self.prefix);
-        let Ok(mut info) = limits.info_with_subjects(filter).await else {
-            return;
-        };
-        let mut subjects = Vec::new();
-        while let Ok(Some((subject, _))) = info.try_next().await {
-            subjects.push(subject);
-        }
-        for subject in subjects {
-            if let Ok(msg) = limits.get_last_raw_message_by_subject(&subject).await {
-                self.apply(coordinator, &subject, &msg.payload);
-            }
-        }
+        Ok(())
     }
 
     fn apply(&self, coordinator: &Coordinator, subject: &str, body: &[u8]) {
