@@ -6,6 +6,9 @@
 //! - `w2_chain(n)`: n strictly sequential tasks; median round trip in microseconds.
 //! - `w3_sleepy(n, ms, total_slots)`: n tasks of `ms` each; efficiency = ideal / makespan.
 //! - `w4_payload(n, bytes)`: n tasks returning `bytes` each; MB/s gathered.
+//! - `s3_limit(n, concurrency)`: the S3 cache's limit: n bare aws-sdk-s3 PUTs, then n
+//!   GETs of those objects, `concurrency` at once (the cache's own bound), against the
+//!   bucket `$CACHE_BUCKET` (default `flow-cache-bucket`); PUTs and GETs per second.
 
 use pinazu_flows::prelude::*;
 use serde_bytes::ByteBuf;
@@ -112,6 +115,65 @@ async fn w4_payload(
     anyhow::ensure!(total as u64 == n * bytes, "short payloads");
     Ok(
         json!({ "workload": "W4", "tasks": n, "seconds": secs, "mb_per_s": total as f64 / 1e6 / secs }),
+    )
+}
+
+/// The S3 limit loop: what aws-sdk-s3 alone achieves against the same server, with the
+/// same concurrency as the cache (`pinazu_flows::stores::S3Store` is a bare
+/// `put_object`/`get_object` client).
+#[flow]
+async fn s3_limit(
+    #[default(10_000)] n: u64,
+    #[default(64)] concurrency: u64,
+) -> anyhow::Result<Value> {
+    use futures_util::StreamExt;
+    use pinazu_flows::stores::{S3Settings, S3Store};
+    use pinazu_flows::ObjectStore;
+    let bucket = std::env::var("CACHE_BUCKET").unwrap_or_else(|_| "flow-cache-bucket".into());
+    let (store, _) = S3Store::connect(&bucket, "", &S3Settings::from_env()?).await?;
+    let store = &store;
+    let run = uuid_like();
+    let key = |i: u64| format!("bench-limit/{run}/{i}");
+    // a cache entry's size: a small MessagePack result
+    let body =
+        pinazu_flows::__private::Bytes::from_static(&[0x92, 0xcd, 0x01, 0x00, 0xa2, 0x6f, 0x6b]);
+    let start = Instant::now();
+    let puts: Vec<_> = futures_util::stream::iter(0..n)
+        .map(|i| {
+            let (k, b) = (key(i), body.clone());
+            async move { store.put(&k, b).await }
+        })
+        .buffer_unordered(concurrency as usize)
+        .collect()
+        .await;
+    let put_s = start.elapsed().as_secs_f64();
+    anyhow::ensure!(puts.iter().all(|r| r.is_ok()), "a PUT failed");
+    let start = Instant::now();
+    let gets: Vec<_> = futures_util::stream::iter(0..n)
+        .map(|i| {
+            let k = key(i);
+            async move { store.get(&k).await }
+        })
+        .buffer_unordered(concurrency as usize)
+        .collect()
+        .await;
+    let get_s = start.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        gets.iter().all(|r| matches!(r, Ok(Some(_)))),
+        "a GET failed"
+    );
+    Ok(
+        json!({ "workload": "S3", "n": n, "concurrency": concurrency,
+        "put_per_s": n as f64 / put_s, "get_per_s": n as f64 / get_s }),
+    )
+}
+
+fn uuid_like() -> String {
+    format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
     )
 }
 

@@ -122,6 +122,11 @@ measure embedded-default W2 --flow w2_chain --n=300
 start_cluster default on
 measure distributed-default W1 w1_fanout --n=10000
 measure distributed-default W2 w2_chain --n=300
+measure distributed-default W4 w4_payload --n=50 --bytes=1048576
+# the big run: 1,000,000 calls in one flow, once; the coordinator's peak RSS with it
+line=$(NATS_URL="nats://127.0.0.1:$port" "$bin" run --no-progress w1_fanout --n=1000000 2>/dev/null | tail -n1)
+echo "{\"mode\":\"distributed-default-1M\",\"label\":\"W1\",\"run\":1,\"line\":$line}" >>"$out"
+echo "{\"big\":{\"coordinator_rss_mib\":$(rss $coord_pid)}}" >>"$out"
 stop_cluster
 
 # the S3 cache on (s3s-fs on loopback), when s3s-fs is installed: W1 twice under one run id
@@ -141,16 +146,25 @@ if [ -x "$s3s" ]; then
         "$bin" --no-journal --no-progress --flow w1_fanout --n=10000 --agents=2 --slots=256 2>/dev/null | tail -n1)
       echo "{\"mode\":\"embedded-s3-$pass\",\"label\":\"W1\",\"run\":$i,\"line\":$line}" >>"$out"
     done
+    # the limit: bare aws-sdk-s3 PUTs then GETs, as many at once as the cache's bound
+    line=$(env -u NATS_URL AWS_ACCESS_KEY_ID=benchAK AWS_SECRET_ACCESS_KEY=benchSECRETKEY \
+      AWS_ENDPOINT_URL="http://127.0.0.1:$s3port" \
+      "$bin" --no-journal --no-progress --flow s3_limit --n=10000 --concurrency=64 2>/dev/null | tail -n1)
+    echo "{\"s3limit\":$line}" >>"$out"
   done
 fi
 
 python3 - "$out" <<'PY'
 import json, statistics, sys
-rows, rss = {}, None
+rows, rss, big, s3 = {}, None, None, []
 for l in open(sys.argv[1]):
     d = json.loads(l)
     if "rss" in d:
         rss = d["rss"]; continue
+    if "big" in d:
+        big = d["big"]; continue
+    if "s3limit" in d:
+        s3.append((d["s3limit"].get("result") or {})); continue
     r = d["line"].get("result") or {}
     rows.setdefault((d["mode"], d["label"]), []).append(r)
 def med(vals): return statistics.median(vals) if vals else float("nan")
@@ -166,7 +180,7 @@ if rss:
 print()
 print("| mode | W1 tasks/s | W2 µs median | W3 efficiency | W4 MB/s |")
 print("|---|---|---|---|---|")
-for mode in ["embedded", "embedded-limit-1000", "distributed", "distributed-limit-1000", "distributed-journal", "distributed-journal-100k", "distributed-journal-dashboard", "embedded-default", "distributed-default", "embedded-s3-first", "embedded-s3-second"]:
+for mode in ["embedded-default", "distributed-default", "distributed-default-1M", "embedded", "embedded-limit-1000", "distributed", "distributed-limit-1000", "distributed-journal", "distributed-journal-100k", "distributed-journal-dashboard", "embedded-s3-first", "embedded-s3-second"]:
     cells = []
     for w in ["W1", "W2", "W3", "W4"]:
         v = next((v for m, l, v, u in out if m == mode and l == w), None)
@@ -181,6 +195,14 @@ if w1.get("distributed-journal-100k") and w1.get("distributed-journal-dashboard"
 for m in ["embedded", "distributed"]:
     if w1.get(m) and w1.get(m + "-limit-1000"):
         print(f"\nW1 ({m}) with a concurrency limit of 1,000 on the task: {w1[m + '-limit-1000'] / w1[m]:.2f} of W1 without")
+if big is not None and w1.get("distributed-default-1M"):
+    print(f"\nThe big run (1,000,000 calls, default settings): {1e6 / w1['distributed-default-1M']:.1f} s; coordinator peak RSS {big['coordinator_rss_mib']} MiB")
+if s3:
+    put = med([r["put_per_s"] for r in s3 if "put_per_s" in r]); get = med([r["get_per_s"] for r in s3 if "get_per_s" in r])
+    print(f"\nS3 limit (bare aws-sdk-s3, 64 at once): PUT {put:,.0f}/s, GET {get:,.0f}/s")
+    for m, lim, what in [("embedded-s3-first", put, "PUT"), ("embedded-s3-second", get, "GET")]:
+        if w1.get(m):
+            print(f"  {m}: {w1[m]:,.0f} tasks/s = {w1[m] / lim:.2f} of the bare {what} loop")
 if rss:
     print(f"\nPeak RSS during W1 (distributed, MiB): " + ", ".join(f"{k} {v}" for k, v in rss.items()) + f"; total {sum(rss.values()):.1f}")
 PY

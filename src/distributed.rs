@@ -927,6 +927,7 @@ async fn coordinator(
     };
     let link = Arc::new(NatsAgentLink::new(
         publisher.clone(),
+        client.clone(),
         subjects.clone(),
         client.server_info().max_payload,
         payloads.clone(),

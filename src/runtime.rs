@@ -193,6 +193,26 @@ impl AgentLink for EmbeddedLink {
             let _ = a.send_message(AgentMsg::Cancel(attempts));
         }
     }
+
+    fn steal(
+        &self,
+        agent: &AgentId,
+        epoch: u32,
+        max: u32,
+    ) -> pinazu_shared::BoxFuture<'static, Vec<SpawnTask>> {
+        let a = self.agents.get(agent).map(|a| a.clone());
+        Box::pin(async move {
+            let Some(a) = a else {
+                return Vec::new();
+            };
+            let ask = pinazu_agent::agent::StealAsk {
+                epoch,
+                max: max as usize,
+                max_bytes: usize::MAX,
+            };
+            ractor::call!(a, AgentMsg::Steal, ask).unwrap_or_default()
+        })
+    }
 }
 
 struct Inner {

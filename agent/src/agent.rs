@@ -1,7 +1,7 @@
 //! The root actor of an agent: owns its identity and slots, and keeps a `TaskSupervisor`
 //! alive (respawning it if it ever fails).
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, SpawnErr, SupervisionEvent};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr, SupervisionEvent};
 use std::sync::Arc;
 
 use pinazu_shared::ids::{AgentId, AttemptId, FlowRunId};
@@ -9,6 +9,7 @@ use pinazu_shared::registry::Registry;
 use pinazu_shared::transport::ResultSink;
 use pinazu_shared::wire::{AgentInfo, SpawnTask};
 
+pub use crate::supervisor::StealAsk;
 use crate::supervisor::{SupervisorArgs, SupervisorMsg, TaskSupervisor};
 
 /// What an agent is.
@@ -16,7 +17,8 @@ use crate::supervisor::{SupervisorArgs, SupervisorMsg, TaskSupervisor};
 pub struct AgentConfig {
     /// Its id.
     pub id: AgentId,
-    /// Attempts it runs at once.
+    /// Attempts it runs at once (more may wait in its queue: the scheduler keeps a few
+    /// there so a slot never idles for a dispatch round trip).
     pub slots: u32,
     /// Labels tasks may require.
     pub labels: Vec<(String, String)>,
@@ -37,6 +39,7 @@ impl AgentConfig {
                 .map(String::from)
                 .collect(),
             labels: self.labels.clone(),
+            queues: true,
         }
     }
 }
@@ -48,6 +51,8 @@ pub enum AgentMsg {
     Spawn(Vec<SpawnTask>),
     /// Stop these attempts.
     Cancel(Vec<(FlowRunId, AttemptId)>),
+    /// Hand back attempts waiting in the queue, unstarted (for an idle agent).
+    Steal(StealAsk, RpcReplyPort<Vec<SpawnTask>>),
 }
 
 /// The agent root actor.
@@ -70,6 +75,7 @@ async fn start_supervisor(
         agent_id: config.id.clone(),
         registry: config.registry,
         sink: sink.clone(),
+        slots: config.slots.max(1),
     };
     let (sup, _) = Actor::spawn_linked(None, TaskSupervisor, args, myself.get_cell()).await?;
     Ok(sup)
@@ -104,6 +110,7 @@ impl Actor for Agent {
         let forward = match msg {
             AgentMsg::Spawn(tasks) => SupervisorMsg::Spawn(tasks),
             AgentMsg::Cancel(attempts) => SupervisorMsg::Cancel(attempts),
+            AgentMsg::Steal(ask, reply) => SupervisorMsg::Steal(ask, reply),
         };
         if let Err(e) = state.supervisor.send_message(forward) {
             tracing::error!(agent = %state.config.id, error = %e, "task supervisor unreachable");

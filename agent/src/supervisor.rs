@@ -2,9 +2,14 @@
 //! attempt's outcome when its actor terminates: the outcome the actor left in its final
 //! state, a cancellation if it was killed, a crash if it failed. So every attempt is
 //! reported exactly once and no call is left waiting.
+//!
+//! At most `slots` attempts run at once; attempts beyond them wait here, in the order
+//! they came, and start as running ones end (pipelined dispatch: the scheduler keeps a
+//! few more attempts here than slots, so a slot never idles for a dispatch round trip).
+//! A waiting attempt can be handed back unstarted (`Steal`), for an idle agent.
 
-use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
-use std::collections::HashMap;
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -23,6 +28,21 @@ pub enum SupervisorMsg {
     Spawn(Vec<SpawnTask>),
     /// Stop these attempts.
     Cancel(Vec<(FlowRunId, AttemptId)>),
+    /// Hand back attempts that wait here, unstarted: the newest first, only those of the
+    /// coordinator process with this epoch, at most `max` of them and about `max_bytes`
+    /// of arguments.
+    Steal(StealAsk, RpcReplyPort<Vec<SpawnTask>>),
+}
+
+/// Which waiting attempts a coordinator asks back.
+#[derive(Clone, Copy, Debug)]
+pub struct StealAsk {
+    /// The asking coordinator process's epoch (only its own attempts).
+    pub epoch: u32,
+    /// At most this many.
+    pub max: usize,
+    /// At most about this many bytes of arguments in all.
+    pub max_bytes: usize,
 }
 
 /// What the supervisor starts with.
@@ -33,6 +53,8 @@ pub struct SupervisorArgs {
     pub registry: &'static Registry,
     /// Where outcomes go.
     pub sink: Arc<dyn ResultSink>,
+    /// Attempts run at once; the rest wait.
+    pub slots: u32,
 }
 
 struct Running {
@@ -47,6 +69,8 @@ pub struct SupervisorState {
     args: SupervisorArgs,
     running: HashMap<ActorId, Running>,
     by_attempt: HashMap<(FlowRunId, AttemptId), ActorId>,
+    /// Attempts received while every slot was taken, oldest first.
+    waiting: VecDeque<SpawnTask>,
     /// To the reporter task, which hands the sink whatever gathered while it was busy
     /// (one batch per wake-up, so a burst of attempts ending is one `report` call);
     /// `None` once stopping.
@@ -128,6 +152,7 @@ impl Actor for TaskSupervisor {
             args,
             running: HashMap::new(),
             by_attempt: HashMap::new(),
+            waiting: VecDeque::new(),
             reports: Some(tx),
         })
     }
@@ -141,62 +166,52 @@ impl Actor for TaskSupervisor {
         match msg {
             SupervisorMsg::Spawn(tasks) => {
                 for spawn in tasks {
-                    let Some(def) = state.args.registry.task(&spawn.task) else {
-                        let known = state.args.registry.task_names().join(", ");
-                        state.report_failure(
-                            spawn.flow_run_id,
-                            spawn.call_id,
-                            spawn.attempt_id,
-                            ErrorInfo::new(
-                                FailureKind::UnknownTask,
-                                format!(
-                                    "task `{}` is not registered on agent {}; its tasks: {known}",
-                                    spawn.task, state.args.agent_id
-                                ),
-                            ),
-                        );
-                        continue;
-                    };
-                    let (run, call, attempt) = (spawn.flow_run_id, spawn.call_id, spawn.attempt_id);
-                    let args = TaskArgs {
-                        spawn,
-                        def,
-                        agent_id: state.args.agent_id.clone(),
-                    };
-                    match Actor::spawn_linked(None, TaskActor, args, myself.get_cell()).await {
-                        Ok((actor, _)) => {
-                            state.report(Report::Started(AttemptStarted {
-                                flow_run_id: run,
-                                call_id: call,
-                                attempt_id: attempt,
-                                agent_id: state.args.agent_id.clone(),
-                            }));
-                            let id = actor.get_id();
-                            state.by_attempt.insert((run, attempt), id);
-                            state.running.insert(
-                                id,
-                                Running {
-                                    flow_run_id: run,
-                                    call_id: call,
-                                    attempt_id: attempt,
-                                    actor,
-                                },
-                            );
-                        }
-                        Err(e) => state.report_failure(
-                            run,
-                            call,
-                            attempt,
-                            ErrorInfo::new(
-                                FailureKind::Crashed,
-                                format!("could not start the attempt: {e}"),
-                            ),
-                        ),
+                    if state.running.len() < state.args.slots as usize {
+                        start(&myself, state, spawn).await;
+                    } else {
+                        state.waiting.push_back(spawn);
                     }
+                }
+            }
+            SupervisorMsg::Steal(ask, reply) => {
+                let mut given = Vec::new();
+                let mut bytes = 0;
+                let mut i = state.waiting.len();
+                while i > 0 && given.len() < ask.max {
+                    i -= 1;
+                    let t = &state.waiting[i];
+                    if t.attempt_id.epoch() != ask.epoch || bytes + t.args.len() > ask.max_bytes {
+                        continue;
+                    }
+                    bytes += t.args.len();
+                    if let Some(t) = state.waiting.remove(i) {
+                        given.push(t);
+                    }
+                }
+                if let Err(ractor::MessagingErr::SendErr(lost)) = reply.send(given) {
+                    // the asker is gone: they wait here again (at the end, where
+                    // they were taken from)
+                    state.waiting.extend(lost.into_iter().rev());
                 }
             }
             SupervisorMsg::Cancel(attempts) => {
                 for key in attempts {
+                    // one that waits ends here, never started
+                    if let Some(i) = state
+                        .waiting
+                        .iter()
+                        .position(|t| (t.flow_run_id, t.attempt_id) == key)
+                    {
+                        if let Some(t) = state.waiting.remove(i) {
+                            state.report_failure(
+                                t.flow_run_id,
+                                t.call_id,
+                                t.attempt_id,
+                                ErrorInfo::new(FailureKind::Cancelled, "the attempt was cancelled"),
+                            );
+                        }
+                        continue;
+                    }
                     if let Some(r) = state
                         .by_attempt
                         .get(&key)
@@ -223,10 +238,14 @@ impl Actor for TaskSupervisor {
 
     async fn handle_supervisor_evt(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         evt: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let ended = matches!(
+            evt,
+            SupervisionEvent::ActorTerminated(..) | SupervisionEvent::ActorFailed(..)
+        );
         match evt {
             SupervisionEvent::ActorTerminated(cell, final_state, _) => {
                 let Some(r) = state.forget(cell.get_id()) else {
@@ -261,6 +280,70 @@ impl Actor for TaskSupervisor {
             }
             _ => {}
         }
+        // a slot freed: the next waiting attempts start
+        while ended && state.running.len() < state.args.slots as usize {
+            match state.waiting.pop_front() {
+                Some(next) => start(&myself, state, next).await,
+                None => break,
+            }
+        }
         Ok(())
+    }
+}
+
+/// Starts an attempt in its own linked `TaskActor` and reports it started (or failed, if
+/// its task is not registered here or its actor cannot start).
+async fn start(myself: &ActorRef<SupervisorMsg>, state: &mut SupervisorState, spawn: SpawnTask) {
+    let Some(def) = state.args.registry.task(&spawn.task) else {
+        let known = state.args.registry.task_names().join(", ");
+        state.report_failure(
+            spawn.flow_run_id,
+            spawn.call_id,
+            spawn.attempt_id,
+            ErrorInfo::new(
+                FailureKind::UnknownTask,
+                format!(
+                    "task `{}` is not registered on agent {}; its tasks: {known}",
+                    spawn.task, state.args.agent_id
+                ),
+            ),
+        );
+        return;
+    };
+    let (run, call, attempt) = (spawn.flow_run_id, spawn.call_id, spawn.attempt_id);
+    let args = TaskArgs {
+        spawn,
+        def,
+        agent_id: state.args.agent_id.clone(),
+    };
+    match Actor::spawn_linked(None, TaskActor, args, myself.get_cell()).await {
+        Ok((actor, _)) => {
+            state.report(Report::Started(AttemptStarted {
+                flow_run_id: run,
+                call_id: call,
+                attempt_id: attempt,
+                agent_id: state.args.agent_id.clone(),
+            }));
+            let id = actor.get_id();
+            state.by_attempt.insert((run, attempt), id);
+            state.running.insert(
+                id,
+                Running {
+                    flow_run_id: run,
+                    call_id: call,
+                    attempt_id: attempt,
+                    actor,
+                },
+            );
+        }
+        Err(e) => state.report_failure(
+            run,
+            call,
+            attempt,
+            ErrorInfo::new(
+                FailureKind::Crashed,
+                format!("could not start the attempt: {e}"),
+            ),
+        ),
     }
 }

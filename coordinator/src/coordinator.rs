@@ -1740,6 +1740,7 @@ impl ResultSink for Inbound {
             .send_message(SchedulerMsg::SlotsFreed(vec![(
                 finished.flow_run_id,
                 finished.attempt_id,
+                finished.elapsed_us,
             )]));
         self.route(finished.flow_run_id, FlowRunnerMsg::Finished(finished));
     }
@@ -1752,7 +1753,7 @@ impl ResultSink for Inbound {
             let run = match &r {
                 Report::Started(s) => s.flow_run_id,
                 Report::Finished(f) => {
-                    freed.push((f.flow_run_id, f.attempt_id));
+                    freed.push((f.flow_run_id, f.attempt_id, f.elapsed_us));
                     f.flow_run_id
                 }
             };

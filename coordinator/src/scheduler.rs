@@ -1,8 +1,11 @@
-//! The scheduler: the agent registry and dispatch. It never hands an agent more attempts
-//! than its free slots, matches tasks to agents that serve them, serves runs round robin
-//! so concurrent runs progress fairly, and notices lost attempts: an agent that stops
-//! heartbeating is dead, and an attempt its agent no longer lists is lost. Lost attempts
-//! go back to their runner, which dispatches them again.
+//! The scheduler: the agent registry and dispatch. It hands an agent at most its free
+//! slots plus a window of attempts that wait in the agent's own queue (pipelined
+//! dispatch: sized from the agent's attempt durations and the dispatch round trip, so a
+//! slot never idles for a round trip), takes waiting attempts back from a busy agent for
+//! an idle one (stealing), matches tasks to agents that serve them, serves runs round
+//! robin so concurrent runs progress fairly, and notices lost attempts: an agent that
+//! stops heartbeating is dead, and an attempt its agent no longer lists is lost. Lost
+//! attempts go back to their runner, which dispatches them again.
 
 use dashmap::DashMap;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -15,7 +18,7 @@ use pinazu_shared::api::AgentSummary;
 use pinazu_shared::error::{ErrorInfo, FailureKind};
 use pinazu_shared::ids::{AgentId, AttemptId, CallId, FlowRunId};
 use pinazu_shared::transport::AgentLink;
-use pinazu_shared::wire::{AgentInfo, AttemptFinished, Heartbeat, SpawnTask};
+use pinazu_shared::wire::{AgentInfo, AttemptFinished, Heartbeat, SchedInfo, SpawnTask};
 
 use crate::flow_runner::FlowRunnerMsg;
 use crate::limits::{FairQueue, Gate, GateKey, GateKind, Queued};
@@ -24,6 +27,19 @@ use pinazu_shared::options::NamedLimit;
 
 /// When an agent's next heartbeat is due after its last (they come every second).
 const HEARTBEAT_DUE: Duration = Duration::from_millis(1500);
+
+/// Most attempts kept waiting in one agent's queue beyond its slots.
+const MAX_WINDOW: u32 = 512;
+/// The dispatch round trip assumed until one is measured (microseconds).
+const DEFAULT_RTT_US: f64 = 1000.0;
+/// An agent's queue holds about this many round trips of its work.
+const WINDOW_RTTS: f64 = 4.0;
+/// Waiting attempts are taken back for an idle agent when they would wait at least this
+/// many round trips where they are (and 2 ms).
+const STEAL_RTTS: f64 = 4.0;
+/// Steals from one agent at most this often (returned attempts an idle agent cannot run
+/// go back to it).
+const STEAL_COOLDOWN: Duration = Duration::from_millis(20);
 
 /// Timing of liveness checks.
 #[derive(Clone, Debug)]
@@ -63,8 +79,12 @@ pub enum SchedulerMsg {
     Tick,
     /// Attempts (of one run) want slots.
     Submit(Vec<SpawnTask>),
-    /// Attempts ended; their slots are free.
-    SlotsFreed(Vec<(FlowRunId, AttemptId)>),
+    /// Attempts ended; their slots are free (with each attempt's duration, µs).
+    SlotsFreed(Vec<(FlowRunId, AttemptId, u64)>),
+    /// Attempts an agent handed back unstarted, from its queue (a steal's answer).
+    Returned(AgentId, Vec<SpawnTask>),
+    /// Time to look again at agents with idle slots and others with waiting attempts.
+    StealDue,
     /// Drop a run's queued attempts and cancel its running ones.
     CancelRun(FlowRunId),
     /// Drop a run's queued attempts and leave its running ones be: another coordinator
@@ -131,7 +151,16 @@ struct AgentSlot {
     /// Its id, shared by the origins of the attempts dispatched to it.
     name: Arc<str>,
     tasks: HashSet<String>,
-    free: u32,
+    /// Attempts it holds: dispatched here and not ended, plus any it lists that are
+    /// not ours (running or waiting in its queue).
+    busy: u32,
+    /// Its attempts' mean duration (µs, moving average); `None` before the first.
+    avg_us: Option<f64>,
+    /// When one of its attempts last ended (or it joined).
+    last_end: Instant,
+    /// A steal from it is under way, or was just made.
+    stealing: bool,
+    last_steal: Option<Instant>,
     /// `None` for in-process agents.
     last_seen: Option<Instant>,
     alive: bool,
@@ -141,8 +170,61 @@ struct AgentSlot {
 }
 
 impl AgentSlot {
+    fn new(info: AgentInfo, alive: bool, now: Instant) -> AgentSlot {
+        AgentSlot {
+            name: Arc::from(info.agent_id.0.as_str()),
+            tasks: info.tasks.iter().cloned().collect(),
+            busy: 0,
+            avg_us: None,
+            last_end: now,
+            stealing: false,
+            last_steal: None,
+            last_seen: None,
+            alive,
+            draining: false,
+            sent: 0,
+            info,
+        }
+    }
+
     fn accepts(&self) -> bool {
         self.alive && !self.draining
+    }
+
+    /// How many attempts may wait in its queue beyond its slots: enough of its work
+    /// to cover `WINDOW_RTTS` dispatch round trips (at least one, at most
+    /// `MAX_WINDOW`); as many as its slots before an attempt has ended there. None if
+    /// it keeps no queue (an older agent).
+    fn window(&self, rtt_us: f64) -> u32 {
+        if !self.info.queues {
+            return 0;
+        }
+        let slots = self.info.slots.max(1);
+        match self.avg_us {
+            None => slots.min(MAX_WINDOW),
+            Some(avg) => {
+                let w = (f64::from(slots) * WINDOW_RTTS * rtt_us / avg.max(1.0)).ceil();
+                (w as u32).clamp(1, MAX_WINDOW)
+            }
+        }
+    }
+
+    /// How many more attempts it takes now: up to its slots for one that must start at
+    /// once (`direct`), else up to its slots plus its window.
+    fn room(&self, direct: bool, rtt_us: f64) -> u32 {
+        if !self.accepts() {
+            return 0;
+        }
+        let cap = self.info.slots + if direct { 0 } else { self.window(rtt_us) };
+        cap.saturating_sub(self.busy)
+    }
+
+    /// Slots it has idle (nothing waits in its queue then).
+    fn idle(&self) -> u32 {
+        if !self.accepts() {
+            return 0;
+        }
+        self.info.slots.saturating_sub(self.busy)
     }
 
     /// Live, taking work, registers the task and has every label it requires.
@@ -169,6 +251,19 @@ struct Dispatched {
     seen: bool,
     /// The gates it passed (given back when it ends).
     gates: Option<Box<[GateKey]>>,
+    /// Its agent had an idle slot for it: it started on arrival (its end measures the
+    /// round trip).
+    direct: bool,
+    /// Its limits and priority (it goes back to the queue with them if handed back).
+    sched: Option<Box<SchedInfo>>,
+}
+
+/// Whether an attempt must go to an idle slot, not wait in an agent's queue: one under a
+/// limit (a permit or token it takes must not wait behind other work on one agent).
+fn must_start(task: &SpawnTask) -> bool {
+    task.sched.as_deref().is_some_and(|s| {
+        s.limits.concurrency.is_some() || s.limits.rate.is_some() || s.limits.limit.is_some()
+    })
 }
 
 /// Whether an attempt may pass its gates now.
@@ -235,6 +330,11 @@ pub struct SchedulerState {
     /// Agents are judged (dead or alive) again from then on.
     judge_after: Option<Instant>,
     origins: Option<Arc<Origins>>,
+    /// The dispatch round trip (µs, moving average over attempts that started on
+    /// arrival: from dispatch to the scheduler hearing of their end, less their run).
+    rtt_us: f64,
+    /// A `StealDue` is on its way.
+    steal_armed: bool,
 }
 
 impl SchedulerState {
@@ -244,6 +344,8 @@ impl SchedulerState {
             o.sent.remove(key);
         }
         let mut d = self.running.remove(key)?;
+        let a = &mut self.agents[d.agent];
+        a.busy = a.busy.saturating_sub(1);
         if let Some(gates) = d.gates.take() {
             for g in gates.iter() {
                 self.give_back(g);
@@ -528,19 +630,24 @@ impl SchedulerState {
     }
 
     fn free_slots(&self) -> u32 {
-        self.agents
-            .iter()
-            .filter(|a| a.accepts())
-            .map(|a| a.free)
-            .sum()
+        self.agents.iter().map(|a| a.room(false, self.rtt_us)).sum()
     }
 
-    fn pick_agent(&self, task: &SpawnTask) -> Option<usize> {
+    /// An agent for it: one with an idle slot first (it starts at once), else one whose
+    /// queue has room (not for an attempt that must start at once); round robin.
+    fn pick_agent(&self, task: &SpawnTask) -> Option<(usize, bool)> {
         let n = self.agents.len();
-        (0..n).map(|i| (self.cursor + i) % n).find(|&i| {
-            let a = &self.agents[i];
-            a.free > 0 && a.serves(task)
-        })
+        let order = || (0..n).map(|i| (self.cursor + i) % n);
+        if let Some(i) = order().find(|&i| self.agents[i].idle() > 0 && self.agents[i].serves(task))
+        {
+            return Some((i, true));
+        }
+        if must_start(task) {
+            return None;
+        }
+        order()
+            .find(|&i| self.agents[i].room(false, self.rtt_us) > 0 && self.agents[i].serves(task))
+            .map(|i| (i, false))
     }
 
     fn servable(&self, task: &SpawnTask) -> bool {
@@ -565,7 +672,7 @@ impl SchedulerState {
                     self.queue.end_turn(priority, run, false);
                     continue;
                 };
-                let Some(i) = self.pick_agent(&head.task) else {
+                let Some((i, direct)) = self.pick_agent(&head.task) else {
                     if self.servable(&head.task) {
                         // no free slot for it now: the next run's turn
                         self.queue.unpop(priority, run, head);
@@ -619,8 +726,8 @@ impl SchedulerState {
                         }
                     }
                 }
-                let Queued { task, .. } = head;
-                self.agents[i].free -= 1;
+                let Queued { mut task, .. } = head;
+                self.agents[i].busy += 1;
                 self.agents[i].sent += 1;
                 free -= 1;
                 self.cursor = (i + 1) % self.agents.len();
@@ -637,6 +744,8 @@ impl SchedulerState {
                         missed: 0,
                         seen: false,
                         gates,
+                        direct,
+                        sched: task.sched.take(),
                     },
                 );
                 batches.entry(i).or_default().push(task);
@@ -649,6 +758,99 @@ impl SchedulerState {
         }
         for (i, batch) in batches {
             self.link.spawn(&self.agents[i].info.agent_id, batch);
+        }
+        self.steal_for_idle(now);
+    }
+
+    /// An agent has idle slots that nothing queued here could fill, and another holds
+    /// waiting attempts that would wait long where they are (behind long tasks): ask it
+    /// to hand them back (they go to the front of their runs' queues, then to the idle
+    /// agent). Checked again shortly while waiting attempts are not yet worth moving.
+    fn steal_for_idle(&mut self, now: Instant) {
+        let mut idle: u32 = self.agents.iter().map(AgentSlot::idle).sum();
+        if idle == 0 {
+            return;
+        }
+        let threshold_us = (STEAL_RTTS * self.rtt_us).max(2000.0);
+        let mut recheck: Option<f64> = None;
+        for i in 0..self.agents.len() {
+            let a = &self.agents[i];
+            let waiting = a.busy.saturating_sub(a.info.slots);
+            if idle == 0 {
+                break;
+            }
+            if !a.alive || !a.info.queues || waiting == 0 || a.stealing {
+                continue;
+            }
+            if a.last_steal
+                .is_some_and(|t| now.duration_since(t) < STEAL_COOLDOWN)
+            {
+                recheck = Some(recheck.map_or(20_000.0, |r: f64| r.min(20_000.0)));
+                continue;
+            }
+            // how long its last waiting attempt would wait there: its attempts' mean
+            // duration, or the time since one last ended if longer (long tasks that
+            // have not ended yet)
+            let per = a
+                .avg_us
+                .unwrap_or(0.0)
+                .max(now.duration_since(a.last_end).as_micros() as f64);
+            let wait_us = f64::from(waiting) * per / f64::from(a.info.slots.max(1));
+            if wait_us < threshold_us {
+                // not yet: look again when it would be
+                let per_needed = threshold_us * f64::from(a.info.slots.max(1)) / f64::from(waiting);
+                let in_us = (per_needed - per).max(1000.0);
+                recheck = Some(recheck.map_or(in_us, |r: f64| r.min(in_us)));
+                continue;
+            }
+            let max = waiting.min(idle);
+            idle -= max;
+            let a = &mut self.agents[i];
+            a.stealing = true;
+            a.last_steal = Some(now);
+            let agent = a.info.agent_id.clone();
+            let (link, me, epoch) = (self.link.clone(), self.myself.clone(), self.epoch);
+            tracing::debug!(%agent, max, "taking waiting attempts back for an idle agent");
+            tokio::spawn(async move {
+                let tasks = link.steal(&agent, epoch, max).await;
+                let _ = me.send_message(SchedulerMsg::Returned(agent, tasks));
+            });
+        }
+        if let Some(us) = recheck {
+            if !self.steal_armed {
+                self.steal_armed = true;
+                let me = self.myself.clone();
+                let d = Duration::from_micros(us.min(100_000.0) as u64);
+                tokio::spawn(async move {
+                    tokio::time::sleep(d).await;
+                    let _ = me.send_message(SchedulerMsg::StealDue);
+                });
+            }
+        }
+    }
+
+    /// A steal's answer: attempts still ours on that agent go to the front of their
+    /// runs' queues (with their priority and limits); any other (lost meanwhile, and
+    /// already dispatched again) is dropped: it never started.
+    fn returned(&mut self, agent: AgentId, tasks: Vec<SpawnTask>) {
+        let Some(i) = self.agents.iter().position(|a| a.info.agent_id == agent) else {
+            return;
+        };
+        self.agents[i].stealing = false;
+        let now = Instant::now();
+        let n = tasks.len();
+        for mut task in tasks {
+            let key = (task.flow_run_id, task.attempt_id);
+            if self.running.get(&key).is_none_or(|d| d.agent != i) {
+                continue;
+            }
+            if let Some(d) = self.untrack(&key) {
+                task.sched = d.sched;
+                self.queue.push_front(Queued::new(now, task));
+            }
+        }
+        if n > 0 {
+            tracing::debug!(%agent, attempts = n, "waiting attempts handed back");
         }
     }
 
@@ -681,7 +883,6 @@ impl SchedulerState {
             return;
         }
         agent.alive = false;
-        agent.free = 0;
         let id = agent.info.agent_id.clone();
         let lost: Vec<_> = self
             .running
@@ -705,16 +906,8 @@ impl SchedulerState {
         let i = match self.agents.iter().position(|a| a.info.agent_id == id) {
             Some(i) => i,
             None => {
-                self.agents.push(AgentSlot {
-                    name: Arc::from(id.0.as_str()),
-                    tasks: HashSet::new(),
-                    free: 0,
-                    last_seen: None,
-                    alive: false,
-                    draining: false,
-                    sent: 0,
-                    info: hb.info.clone(),
-                });
+                self.agents
+                    .push(AgentSlot::new(hb.info.clone(), false, now));
                 self.agents.len() - 1
             }
         };
@@ -740,20 +933,24 @@ impl SchedulerState {
                         call_id: r.call_id,
                         at: now,
                         missed: 0,
-                        seen: true,
+                        seen: !r.queued,
                         gates: None,
+                        direct: false,
+                        sched: None,
                     },
                 );
+                self.agents[i].busy += 1;
                 let _ = runner.send_message(FlowRunnerMsg::Adopt {
                     call_id: r.call_id,
                     attempt_id: r.attempt_id,
                 });
             }
         }
-        let listed: HashSet<(FlowRunId, AttemptId)> = hb
+        // listed, and whether it waits in the agent's queue (not started)
+        let listed: HashMap<(FlowRunId, AttemptId), bool> = hb
             .running
             .iter()
-            .map(|r| (r.flow_run_id, r.attempt_id))
+            .map(|r| ((r.flow_run_id, r.attempt_id), r.queued))
             .collect();
         let ours: Vec<(FlowRunId, AttemptId)> = self
             .running
@@ -764,23 +961,19 @@ impl SchedulerState {
         let a = &mut self.agents[i];
         if !a.alive {
             tracing::info!(agent = %id, slots = hb.info.slots, tasks = hb.info.tasks.len(), "agent joined");
+            a.last_end = now;
         }
         a.alive = true;
         a.last_seen = Some(now);
         a.draining = hb.draining;
         a.tasks = hb.info.tasks.iter().cloned().collect();
         a.info = hb.info;
-        // free slots = slots minus what it runs: ours plus any it runs that we do not know
+        // what it holds: ours plus any it lists that we do not know
         let unknown = listed
-            .iter()
+            .keys()
             .filter(|k| !self.running.contains_key(k))
             .count() as u32;
-        let a = &mut self.agents[i];
-        a.free = a
-            .info
-            .slots
-            .saturating_sub(ours.len() as u32)
-            .saturating_sub(unknown);
+        self.agents[i].busy = ours.len() as u32 + unknown;
         // an attempt dispatched long enough ago that two heartbeats in a row do not list
         // is lost (its spawn or its report went missing); one miss is not enough, since
         // the attempt may have just finished with its report still on the way. Not
@@ -793,9 +986,9 @@ impl SchedulerState {
             let Some(d) = self.running.get_mut(&k) else {
                 continue;
             };
-            if listed.contains(&k) {
+            if let Some(&queued) = listed.get(&k) {
                 d.missed = 0;
-                d.seen = true;
+                d.seen |= !queued;
             } else if judging && now.duration_since(d.at) > grace {
                 d.missed += 1;
                 if d.missed >= 2 {
@@ -814,15 +1007,13 @@ impl SchedulerState {
             Vec::new()
         } else {
             listed
-                .into_iter()
+                .into_keys()
                 .filter(|k| !self.running.contains_key(k) && !self.runs.contains_key(&k.0))
                 .collect()
         };
         if !orphans.is_empty() {
             self.link.cancel(&id, orphans);
         }
-        let a = &mut self.agents[i];
-        a.free = a.free.min(a.info.slots);
     }
 
     fn tick(&mut self) {
@@ -1040,6 +1231,8 @@ impl Actor for Scheduler {
             lease: args.lease,
             judge_after: None,
             origins: None,
+            rtt_us: DEFAULT_RTT_US,
+            steal_armed: false,
         })
     }
 
@@ -1064,16 +1257,9 @@ impl Actor for Scheduler {
                     }
                     None => {
                         tracing::debug!(agent = %info.agent_id, slots = info.slots, "agent registered");
-                        state.agents.push(AgentSlot {
-                            name: Arc::from(info.agent_id.0.as_str()),
-                            free: info.slots,
-                            tasks,
-                            info,
-                            last_seen: None,
-                            alive: true,
-                            draining: false,
-                            sent: 0,
-                        });
+                        state
+                            .agents
+                            .push(AgentSlot::new(info, true, Instant::now()));
                     }
                 }
                 state.dispatch();
@@ -1109,18 +1295,32 @@ impl Actor for Scheduler {
             SchedulerMsg::SlotsFreed(attempts) => {
                 // idempotent: only an attempt we dispatched frees a slot, once
                 let mut freed = false;
-                for key in attempts {
-                    if let Some(d) = state.untrack(&key) {
-                        let a = &mut state.agents[d.agent];
-                        if a.alive {
-                            a.free = (a.free + 1).min(a.info.slots);
+                let now = Instant::now();
+                for (run, attempt, elapsed_us) in attempts {
+                    if let Some(d) = state.untrack(&(run, attempt)) {
+                        let e = elapsed_us as f64;
+                        if d.direct {
+                            // dispatch to hearing of its end, less its own run
+                            let rtt = (now.duration_since(d.at).as_micros() as f64 - e).max(50.0);
+                            state.rtt_us = 0.8 * state.rtt_us + 0.2 * rtt;
                         }
+                        let a = &mut state.agents[d.agent];
+                        a.avg_us = Some(a.avg_us.map_or(e, |m| 0.9 * m + 0.1 * e));
+                        a.last_end = now;
                         freed = true;
                     }
                 }
                 if freed {
                     state.dispatch();
                 }
+            }
+            SchedulerMsg::Returned(agent, tasks) => {
+                state.returned(agent, tasks);
+                state.dispatch();
+            }
+            SchedulerMsg::StealDue => {
+                state.steal_armed = false;
+                state.steal_for_idle(Instant::now());
             }
             SchedulerMsg::ForgetRun(run) => {
                 state.forget_queued(run);
@@ -1156,12 +1356,11 @@ impl Actor for Scheduler {
                 let view = state
                     .agents
                     .iter()
-                    .enumerate()
-                    .filter(|(_, a)| a.alive)
-                    .map(|(i, a)| AgentSummary {
+                    .filter(|a| a.alive)
+                    .map(|a| AgentSummary {
                         agent_id: a.info.agent_id.clone(),
                         slots: a.info.slots,
-                        running: state.running.values().filter(|d| d.agent == i).count() as u32,
+                        running: a.busy.min(a.info.slots),
                         tasks: {
                             let mut t: Vec<String> = a.tasks.iter().cloned().collect();
                             t.sort();

@@ -140,6 +140,7 @@ async fn coordinator(
         slots,
         tasks: vec!["probe".into()],
         labels: vec![],
+        queues: false,
     });
     (c, rx, dir)
 }
@@ -326,6 +327,7 @@ async fn a_task_that_requires_labels_goes_only_to_an_agent_that_has_them() {
             slots: 4,
             tasks: vec!["probe".into()],
             labels,
+            queues: false,
         });
     }
     let run = c
@@ -359,6 +361,7 @@ fn heartbeat(running: Vec<RunningAttempt>) -> pinazu_shared::wire::Heartbeat {
             slots: 4,
             tasks: vec!["probe".into()],
             labels: vec![],
+            queues: false,
         },
         running,
         draining: false,
@@ -395,6 +398,7 @@ async fn an_attempt_missing_from_two_heartbeats_is_lost_and_dispatched_again_but
         flow_run_id: first.flow_run_id,
         call_id: first.call_id,
         attempt_id: first.attempt_id,
+        queued: false,
     };
     // listed, then missing once (its report may be in flight): not lost
     c.heartbeat(heartbeat(vec![key]));
@@ -493,6 +497,7 @@ async fn an_attempt_an_earlier_coordinator_dispatched_is_re_attached_and_its_res
         flow_run_id: id,
         call_id: probe_call(1),
         attempt_id: AttemptId::new(7, 3),
+        queued: false,
     };
     c.heartbeat(heartbeat(vec![earlier]));
     // the body makes the call after its start delay: it waits for that attempt
@@ -596,6 +601,7 @@ async fn each_call_waits_its_own_schedule_timeout_and_the_note_keeps_counting() 
         slots: 4,
         tasks: vec!["probe".into()],
         labels: vec![],
+        queues: false,
     });
     let id = FlowRunId::new();
     let run = c.start_run(&TWO_GPU_PROBES, Map::new(), id).await.unwrap();
@@ -657,6 +663,7 @@ async fn an_attempt_no_agent_can_run_does_not_block_the_ones_behind_it() {
         slots: 4,
         tasks: vec!["probe".into()],
         labels: vec![],
+        queues: false,
     });
     let run = c
         .start_run(&GPU_THEN_CPU, Map::new(), FlowRunId::new())
@@ -766,6 +773,7 @@ async fn a_failed_core_actor_fails_the_coordinator_loudly_and_no_run_waits_forev
         slots: 4,
         tasks: vec!["probe".into()],
         labels: vec![],
+        queues: false,
     });
     // the run's first event breaks the status publisher; the run's task is never
     // answered (the scripted agent is silent), so only the failure can end the wait
@@ -900,6 +908,7 @@ async fn a_lost_attempt_is_dispatched_again_at_once_without_using_a_retry() {
         flow_run_id: s.flow_run_id,
         call_id: s.call_id,
         attempt_id: s.attempt_id,
+        queued: false,
     };
     c.heartbeat(heartbeat(vec![running(&first)]));
     // from now on its heartbeats no longer list it: after the loss grace (3 s) and two

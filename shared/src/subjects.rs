@@ -68,6 +68,12 @@ impl Subjects {
         format!("{}.agent.{}.whois", self.prefix, agent)
     }
 
+    /// Coordinator -> agent (request/reply): attempts waiting in its queue, handed back
+    /// unstarted for an idle agent ([`crate::wire::StealRequest`]).
+    pub fn agent_steal(&self, agent: &AgentId) -> String {
+        format!("{}.agent.{}.steal", self.prefix, agent)
+    }
+
     /// Coordinator -> agent: report batches handled durably.
     pub fn agent_ack(&self, agent: &AgentId) -> String {
         format!("{}.agent.{}.ack", self.prefix, agent)

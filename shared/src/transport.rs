@@ -4,14 +4,23 @@
 
 use crate::ids::{AgentId, AttemptId, FlowRunId};
 use crate::wire::{AttemptFinished, AttemptStarted, Report, SpawnTask};
+use crate::BoxFuture;
 
 /// How the coordinator reaches an agent.
 pub trait AgentLink: Send + Sync + 'static {
     /// Hands a batch of attempts to `agent`. The scheduler never sends more than the
-    /// agent's free slots.
+    /// agent's free slots plus the few it keeps waiting in the agent's queue.
     fn spawn(&self, agent: &AgentId, tasks: Vec<SpawnTask>);
     /// Asks `agent` to stop these attempts.
     fn cancel(&self, agent: &AgentId, attempts: Vec<(FlowRunId, AttemptId)>);
+    /// Asks `agent` to hand back up to `max` attempts of the coordinator process `epoch`
+    /// that wait in its queue, unstarted; resolves to those it handed back (none if it
+    /// did not answer in time: attempts it gave up all the same are then missing from
+    /// its heartbeats, so the scheduler takes them for lost and they run again).
+    fn steal(&self, agent: &AgentId, epoch: u32, max: u32) -> BoxFuture<'static, Vec<SpawnTask>> {
+        let _ = (agent, epoch, max);
+        Box::pin(async { Vec::new() })
+    }
 }
 
 /// How an agent reports back to the coordinator.

@@ -111,6 +111,11 @@ pub struct AgentInfo {
     pub tasks: Vec<String>,
     /// Labels (`k=v`) tasks may require.
     pub labels: Vec<(String, String)>,
+    /// It keeps attempts beyond its slots waiting in a queue of its own, and hands
+    /// waiting ones back when asked (`P.agent.<id>.steal`): the scheduler may send it
+    /// more than its free slots. (Absent from agents older than that: false.)
+    #[serde(default)]
+    pub queues: bool,
 }
 
 /// Which process holds an agent id (the answer on `P.agent.<id>.whois`).
@@ -150,7 +155,8 @@ impl std::fmt::Display for AgentIdentity {
 pub struct Heartbeat {
     /// The advertisement.
     pub info: AgentInfo,
-    /// Attempts running now (bounded by the agent's slots, so a heartbeat stays small).
+    /// Attempts running now, and those waiting in its queue (`queued`); bounded by its
+    /// slots plus the few the scheduler keeps waiting there, so a heartbeat stays small.
     /// A restarted coordinator re-attaches the ones its resumed runs still need.
     pub running: Vec<RunningAttempt>,
     /// Draining: finish what runs, take nothing new.
@@ -168,6 +174,31 @@ pub struct RunningAttempt {
     pub call_id: CallId,
     /// The attempt.
     pub attempt_id: AttemptId,
+    /// It waits in the agent's queue: not started yet.
+    #[serde(default)]
+    pub queued: bool,
+}
+
+impl RunningAttempt {
+    /// An attempt that runs (not `queued`).
+    pub fn new(flow_run_id: FlowRunId, call_id: CallId, attempt_id: AttemptId) -> Self {
+        RunningAttempt {
+            flow_run_id,
+            call_id,
+            attempt_id,
+            queued: false,
+        }
+    }
+}
+
+/// Coordinator -> agent (`P.agent.<id>.steal`, request/reply): hand back attempts that
+/// wait in your queue, unstarted; the reply is the `Vec<SpawnTask>` handed back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StealRequest {
+    /// Only attempts of the coordinator process with this epoch (the asker's).
+    pub epoch: u32,
+    /// At most this many.
+    pub max: u32,
 }
 
 /// Agent -> coordinator: a batch of reports. Batches holding results are numbered and

@@ -28,9 +28,11 @@ use pinazu_shared::ids::{AttemptId, FlowRunId};
 use pinazu_shared::nats::Drops;
 use pinazu_shared::store::ObjectStore;
 use pinazu_shared::subjects::Subjects;
-use pinazu_shared::wire::{Heartbeat, Report, ReportAck, ReportBatch, RunningAttempt, SpawnTask};
+use pinazu_shared::wire::{
+    Heartbeat, Report, ReportAck, ReportBatch, RunningAttempt, SpawnTask, StealRequest,
+};
 
-use crate::agent::{spawn_agent, AgentConfig, AgentMsg};
+use crate::agent::{spawn_agent, AgentConfig, AgentMsg, StealAsk};
 
 /// Reports per published batch, at most.
 pub(super) const MAX_BATCH: usize = 512;
@@ -56,7 +58,44 @@ pub struct AgentServeConfig {
 
 #[derive(Default)]
 pub(super) struct Tracker {
-    pub(super) running: HashSet<RunningAttempt>,
+    /// Started, until their report is in the outbox.
+    running: HashSet<RunningAttempt>,
+    /// Received and not started yet (in the agent's queue, or their arguments being
+    /// read).
+    waiting: HashSet<RunningAttempt>,
+}
+
+impl Tracker {
+    pub(super) fn wait(&mut self, a: RunningAttempt) {
+        self.waiting.insert(a);
+    }
+
+    pub(super) fn start(&mut self, a: RunningAttempt) {
+        self.waiting.remove(&a);
+        self.running.insert(a);
+    }
+
+    /// Reported ended, or handed back unstarted.
+    pub(super) fn end(&mut self, a: &RunningAttempt) {
+        self.waiting.remove(a);
+        self.running.remove(a);
+    }
+
+    /// Attempts here, running or waiting.
+    pub(super) fn len(&self) -> usize {
+        self.running.len() + self.waiting.len()
+    }
+
+    /// What a heartbeat lists: running ones, then waiting ones (`queued`).
+    fn listed(&self) -> Vec<RunningAttempt> {
+        let mut v: Vec<_> = self.running.iter().copied().collect();
+        v.extend(
+            self.waiting
+                .iter()
+                .map(|a| RunningAttempt { queued: true, ..*a }),
+        );
+        v
+    }
 }
 
 pub(super) fn heartbeat(
@@ -66,11 +105,11 @@ pub(super) fn heartbeat(
     leaving: bool,
 ) -> Heartbeat {
     let running: Vec<_> = match tracker.lock() {
-        Ok(t) => t.running.iter().copied().collect(),
+        Ok(t) => t.listed(),
         Err(_) => Vec::new(),
     };
     if let Some(m) = &cfg.metrics {
-        m.set_running(running.len());
+        m.set_running(running.iter().filter(|a| !a.queued).count());
     }
     Heartbeat {
         info: cfg.agent.info(),
@@ -247,14 +286,14 @@ pub async fn serve_agent(
                         if let Ok(mut t) = tracker.lock() {
                             for r in &batch.reports {
                                 if let Report::Finished(f) = r {
-                                    t.running.remove(&RunningAttempt {
-                                        flow_run_id: f.flow_run_id,
-                                        call_id: f.call_id,
-                                        attempt_id: f.attempt_id,
-                                    });
+                                    t.end(&RunningAttempt::new(
+                                        f.flow_run_id,
+                                        f.call_id,
+                                        f.attempt_id,
+                                    ));
                                 }
                             }
-                            if t.running.is_empty() {
+                            if t.len() == 0 {
                                 idle.notify_waiters();
                             }
                         }
@@ -296,6 +335,10 @@ pub async fn serve_agent(
         .subscribe(subjects.agent_ack(&agent_id))
         .await
         .map_err(|e| format!("subscribe: {e}"))?;
+    let mut steals = client
+        .subscribe(subjects.agent_steal(&agent_id))
+        .await
+        .map_err(|e| format!("subscribe: {e}"))?;
 
     // a process that was frozen (SIGSTOP, a paused VM) finds spawns NATS queued for it
     // meanwhile: the coordinator took it for dead and sent those attempts elsewhere, and
@@ -331,6 +374,16 @@ pub async fn serve_agent(
                 Ok(tasks) => {
                     let (by_ref, inline): (Vec<_>, Vec<_>) =
                         tasks.into_iter().partition(|t| t.args_ref.is_some());
+                    // listed from now (waiting, until they start)
+                    if let Ok(mut t) = s.tracker.lock() {
+                        for task in &inline {
+                            t.wait(RunningAttempt::new(
+                                task.flow_run_id,
+                                task.call_id,
+                                task.attempt_id,
+                            ));
+                        }
+                    }
                     if !inline.is_empty() {
                         let _ = a.send_message(AgentMsg::Spawn(inline));
                     }
@@ -351,6 +404,51 @@ pub async fn serve_agent(
                     let _ = a.send_message(AgentMsg::Cancel(attempts));
                 }
                 Err(e) => d.record(&msg.subject, &e),
+            }
+        }
+    });
+
+    // a coordinator asks back attempts waiting here, for an idle agent: they leave
+    // the heartbeat's list as they leave the queue (a lost reply: the coordinator
+    // takes them for lost and runs them again)
+    let (a, d, tr, c) = (
+        agent.clone(),
+        drops.clone(),
+        tracker.clone(),
+        client.clone(),
+    );
+    let max_bytes = cfg.payload_threshold / 2;
+    let steal_loop = tokio::spawn(async move {
+        while let Some(msg) = steals.next().await {
+            let Some(reply) = msg.reply.clone() else {
+                continue;
+            };
+            let ask = match decode_envelope::<StealRequest>(&msg.payload) {
+                Ok(r) => StealAsk {
+                    epoch: r.epoch,
+                    max: r.max as usize,
+                    max_bytes,
+                },
+                Err(e) => {
+                    d.record(&msg.subject, &e);
+                    continue;
+                }
+            };
+            let given = ractor::call_t!(a, AgentMsg::Steal, 2000, ask).unwrap_or_default();
+            if let Ok(mut t) = tr.lock() {
+                for task in &given {
+                    t.end(&RunningAttempt::new(
+                        task.flow_run_id,
+                        task.call_id,
+                        task.attempt_id,
+                    ));
+                }
+            }
+            match encode_envelope(&given) {
+                Ok(b) => {
+                    let _ = c.publish(reply, Bytes::from(b)).await;
+                }
+                Err(e) => tracing::error!(error = %e, "could not encode attempts handed back"),
             }
         }
     });
@@ -471,6 +569,7 @@ pub async fn serve_agent(
                     // make the coordinator drop the other process's attempts)
                     spawn_loop.abort();
                     cancel_loop.abort();
+                    steal_loop.abort();
                     hello_loop.abort();
                     ack_loop.abort();
                     whois.abort();
@@ -512,7 +611,7 @@ pub async fn serve_agent(
         )
         .await;
         loop {
-            let busy = tracker.lock().map(|t| t.running.len()).unwrap_or(0);
+            let busy = tracker.lock().map(|t| t.len()).unwrap_or(0);
             if busy == 0 {
                 break;
             }
@@ -525,6 +624,7 @@ pub async fn serve_agent(
         }
         spawn_loop.abort();
         cancel_loop.abort();
+        steal_loop.abort();
         agent.stop(None);
         sink.close();
         let _ = (&mut reporter).await;
@@ -547,7 +647,7 @@ pub async fn serve_agent(
     };
     let drained = tokio::time::timeout(cfg.drain_timeout, drain).await.is_ok();
     if !drained {
-        let running = tracker.lock().map(|t| t.running.len()).unwrap_or(0);
+        let running = tracker.lock().map(|t| t.len()).unwrap_or(0);
         let pending = outbox.lock().map(|o| o.kept.len()).unwrap_or(0);
         tracing::warn!(
             agent = %agent_id,
@@ -557,6 +657,7 @@ pub async fn serve_agent(
         );
         spawn_loop.abort();
         cancel_loop.abort();
+        steal_loop.abort();
         agent.stop(None);
         sink.close();
         reporter.abort();

@@ -28,11 +28,7 @@ pub(super) struct NatsReportSink {
 impl ResultSink for NatsReportSink {
     fn started(&self, s: AttemptStarted) {
         if let Ok(mut t) = self.tracker.lock() {
-            t.running.insert(RunningAttempt {
-                flow_run_id: s.flow_run_id,
-                call_id: s.call_id,
-                attempt_id: s.attempt_id,
-            });
+            t.start(RunningAttempt::new(s.flow_run_id, s.call_id, s.attempt_id));
         }
         self.send(Report::Started(s));
     }
@@ -85,14 +81,14 @@ pub(super) async fn fetch_args(
     mut task: SpawnTask,
 ) {
     let key = task.args_ref.take().unwrap_or_default();
-    // listed as running from now: reading may take seconds (retries), and the
-    // coordinator must not take the attempt for lost meanwhile
+    // listed from now: reading may take seconds (retries), and the coordinator must
+    // not take the attempt for lost meanwhile
     if let Ok(mut t) = sink.tracker.lock() {
-        t.running.insert(RunningAttempt {
-            flow_run_id: task.flow_run_id,
-            call_id: task.call_id,
-            attempt_id: task.attempt_id,
-        });
+        t.wait(RunningAttempt::new(
+            task.flow_run_id,
+            task.call_id,
+            task.attempt_id,
+        ));
     }
     let read =
         pinazu_shared::store::get_retrying(store, &key, pinazu_shared::store::PUT_RETRY_DELAYS)

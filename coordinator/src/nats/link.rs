@@ -6,14 +6,14 @@ use bytes::Bytes;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use pinazu_shared::codec::encode_envelope;
+use pinazu_shared::codec::{decode_envelope, encode_envelope};
 use pinazu_shared::error::{ErrorInfo, FailureKind};
 use pinazu_shared::ids::{AgentId, AttemptId, FlowRunId};
 use pinazu_shared::nats::Publisher;
 use pinazu_shared::store::ObjectStore;
 use pinazu_shared::subjects::Subjects;
 use pinazu_shared::transport::{AgentLink, ResultSink};
-use pinazu_shared::wire::{payload_key, AttemptFinished, SpawnTask};
+use pinazu_shared::wire::{payload_key, AttemptFinished, SpawnTask, StealRequest};
 use pinazu_shared::BoxFuture;
 
 use crate::status::EventSink;
@@ -22,6 +22,8 @@ use crate::status::EventSink;
 /// payload threshold go to the object store first and travel by reference.
 pub struct NatsAgentLink {
     publisher: Publisher,
+    /// For steals (request/reply).
+    client: async_nats::Client,
     subjects: Subjects,
     max_payload: usize,
     payloads: Payloads,
@@ -49,12 +51,14 @@ impl NatsAgentLink {
     /// A link publishing through `publisher`; batches above `max_payload` are split.
     pub fn new(
         publisher: Publisher,
+        client: async_nats::Client,
         subjects: Subjects,
         max_payload: usize,
         payloads: Payloads,
     ) -> Self {
         NatsAgentLink {
             publisher,
+            client,
             subjects,
             max_payload,
             payloads,
@@ -181,7 +185,40 @@ impl AgentLink for NatsAgentLink {
             Err(e) => tracing::error!(error = %e, "could not encode a cancellation"),
         }
     }
+
+    fn steal(&self, agent: &AgentId, epoch: u32, max: u32) -> BoxFuture<'static, Vec<SpawnTask>> {
+        let (client, subject) = (self.client.clone(), self.subjects.agent_steal(agent));
+        Box::pin(async move {
+            let Ok(body) = encode_envelope(&StealRequest { epoch, max }) else {
+                return Vec::new();
+            };
+            let asked = tokio::time::timeout(
+                STEAL_WAIT,
+                client.request(subject.clone(), Bytes::from(body)),
+            )
+            .await;
+            match asked {
+                Ok(Ok(msg)) => match decode_envelope::<Vec<SpawnTask>>(&msg.payload) {
+                    Ok(tasks) => tasks,
+                    Err(e) => {
+                        tracing::warn!(subject, error = %e, "undecodable answer to a steal");
+                        Vec::new()
+                    }
+                },
+                // (an older agent does not answer; one that gave attempts back in a
+                // reply lost here no longer lists them: they are taken for lost)
+                Ok(Err(e)) => {
+                    tracing::debug!(subject, error = %e, "steal not answered");
+                    Vec::new()
+                }
+                Err(_) => Vec::new(),
+            }
+        })
+    }
 }
+
+/// How long a steal waits for the agent's answer.
+const STEAL_WAIT: Duration = Duration::from_secs(2);
 
 /// Publishes status events on the Pinazu Core subjects.
 pub struct NatsEventSink {
