@@ -56,6 +56,24 @@ async fn w1_fanout(#[default(10_000)] n: u64) -> anyhow::Result<Value> {
     Ok(json!({ "workload": "W1", "tasks": n, "seconds": secs, "tasks_per_s": n as f64 / secs }))
 }
 
+/// The big run: n no-op calls in one flow, at most 10,000 in flight (`map`), so n can
+/// be in the millions.
+#[flow]
+async fn w1_big(#[default(1_000_000)] n: u64) -> anyhow::Result<Value> {
+    let start = Instant::now();
+    let results = pinazu_flows::map(0..n, 10_000, noop).await;
+    let secs = start.elapsed().as_secs_f64();
+    let mut sum = 0u128;
+    for r in results {
+        sum += u128::from(r?);
+    }
+    anyhow::ensure!(
+        sum == u128::from(n) * u128::from(n.saturating_sub(1)) / 2,
+        "wrong sum"
+    );
+    Ok(json!({ "workload": "W1", "tasks": n, "seconds": secs, "tasks_per_s": n as f64 / secs }))
+}
+
 /// W1 with a concurrency limit of 1,000 on the task.
 #[flow]
 async fn w1_limited(#[default(10_000)] n: u64) -> anyhow::Result<Value> {

@@ -123,8 +123,9 @@ start_cluster default on
 measure distributed-default W1 w1_fanout --n=10000
 measure distributed-default W2 w2_chain --n=300
 measure distributed-default W4 w4_payload --n=50 --bytes=1048576
-# the big run: 1,000,000 calls in one flow, once; the coordinator's peak RSS with it
-line=$(NATS_URL="nats://127.0.0.1:$port" "$bin" run --no-progress w1_fanout --n=1000000 2>/dev/null | tail -n1)
+# the big run: 1,000,000 calls in one flow (10,000 in flight), once; the coordinator's
+# peak RSS with it
+line=$(NATS_URL="nats://127.0.0.1:$port" "$bin" run --no-progress w1_big --n=1000000 2>/dev/null | tail -n1)
 echo "{\"mode\":\"distributed-default-1M\",\"label\":\"W1\",\"run\":1,\"line\":$line}" >>"$out"
 echo "{\"big\":{\"coordinator_rss_mib\":$(rss $coord_pid)}}" >>"$out"
 stop_cluster
