@@ -136,6 +136,27 @@ async fn w4_payload(
     )
 }
 
+/// The floor under W2: `n` NATS request/reply round trips, one after the other, from
+/// the coordinator (where flow bodies run) to an agent (its `whois` subject answers
+/// with its identity); the median in microseconds.
+#[flow]
+async fn nats_floor(
+    #[default(1000)] n: u64,
+    #[default("bench-1".to_string())] agent: String,
+) -> anyhow::Result<Value> {
+    let url = std::env::var("NATS_URL")?;
+    let client = async_nats::connect(url).await?;
+    let subject = format!("pinazu.agent.{agent}.whois");
+    let mut rtts = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        let t = Instant::now();
+        client.request(subject.clone(), Default::default()).await?;
+        rtts.push(t.elapsed().as_micros() as u64);
+    }
+    rtts.sort_unstable();
+    Ok(json!({ "workload": "W2", "tasks": n, "median_us": rtts[rtts.len() / 2] }))
+}
+
 /// The S3 limit loop: what aws-sdk-s3 alone achieves against the same server, with the
 /// same concurrency as the cache (`pinazu_flows::stores::S3Store` is a bare
 /// `put_object`/`get_object` client).

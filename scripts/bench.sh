@@ -122,6 +122,8 @@ measure embedded-default W2 --flow w2_chain --n=300
 start_cluster default on
 measure distributed-default W1 w1_fanout --n=10000
 measure distributed-default W2 w2_chain --n=300
+# the floor under W2: one NATS request/reply round trip, coordinator to agent
+measure nats-floor W2 nats_floor --n=1000 --agent=bench-1
 measure distributed-default W4 w4_payload --n=50 --bytes=1048576
 # the big run: 1,000,000 calls in one flow (10,000 in flight), once; the coordinator's
 # peak RSS with it
@@ -181,7 +183,7 @@ if rss:
 print()
 print("| mode | W1 tasks/s | W2 µs median | W3 efficiency | W4 MB/s |")
 print("|---|---|---|---|---|")
-for mode in ["embedded-default", "distributed-default", "distributed-default-1M", "embedded", "embedded-limit-1000", "distributed", "distributed-limit-1000", "distributed-journal", "distributed-journal-100k", "distributed-journal-dashboard", "embedded-s3-first", "embedded-s3-second"]:
+for mode in ["embedded-default", "distributed-default", "nats-floor", "distributed-default-1M", "embedded", "embedded-limit-1000", "distributed", "distributed-limit-1000", "distributed-journal", "distributed-journal-100k", "distributed-journal-dashboard", "embedded-s3-first", "embedded-s3-second"]:
     cells = []
     for w in ["W1", "W2", "W3", "W4"]:
         v = next((v for m, l, v, u in out if m == mode and l == w), None)

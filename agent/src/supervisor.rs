@@ -100,6 +100,9 @@ pub struct TaskSupervisor;
 
 impl SupervisorState {
     fn report(&mut self, report: Report) {
+        if self.args.sink.batches() {
+            return self.args.sink.report(vec![report]);
+        }
         match &self.reports {
             Some(tx) => {
                 let _ = tx.send(report);

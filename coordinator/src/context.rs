@@ -8,6 +8,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use pinazu_shared::error::TaskError;
@@ -46,6 +48,10 @@ pub struct FlowContext {
     pub(crate) default_cache: CachePolicy,
     /// Send every call's arguments as JSON too (pre-seeded results are keyed by them).
     pub(crate) always_json: bool,
+    /// Calls sent to the runner and not yet handled there: when it handles the last
+    /// one, it dispatches at once instead of waiting for more (a lone call goes out
+    /// without a second message through the runner's mailbox).
+    pub(crate) in_mailbox: Arc<AtomicUsize>,
 }
 
 impl FlowContext {
@@ -131,6 +137,7 @@ pub async fn call_task_keyed<R: DeserializeOwned, A: Serialize>(
         task: task.to_string(),
         reason: reason.to_string(),
     };
+    ctx.in_mailbox.fetch_add(1, Ordering::AcqRel);
     ctx.runner
         .send_message(FlowRunnerMsg::Call {
             task: def,

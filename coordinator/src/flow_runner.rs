@@ -270,6 +270,13 @@ pub struct RunnerState {
     /// one `Submit` (flushed by a `FlushDispatch` this runner sends itself, which it
     /// handles after the messages already in its mailbox, or at `DISPATCH_BATCH`).
     outbox: Vec<SpawnTask>,
+    /// A `FlushDispatch` is in the mailbox.
+    flush_queued: bool,
+    /// Handling a body's call: the outbox is flushed at its end (at once when no other
+    /// call waits in the mailbox).
+    in_call: bool,
+    /// The body's calls sent and not yet handled (shared with its `FlowContext`).
+    in_mailbox: Arc<std::sync::atomic::AtomicUsize>,
     names: HashMap<&'static str, Arc<str>>,
     replay: Option<Replay>,
     seeds: Arc<Seeds>,
@@ -624,8 +631,33 @@ impl RunnerState {
         self.outbox.push(spawn);
         if self.outbox.len() >= DISPATCH_BATCH {
             self.flush_dispatch();
-        } else if self.outbox.len() == 1 {
+        } else if !self.in_call {
+            self.queue_flush();
+        }
+    }
+
+    /// The outbox goes to the scheduler after the messages already in the mailbox.
+    fn queue_flush(&mut self) {
+        if !self.flush_queued && !self.outbox.is_empty() {
+            self.flush_queued = true;
             let _ = self.myself.send_message(FlowRunnerMsg::FlushDispatch);
+        }
+    }
+
+    /// A body's call was handled: on an idle runner (no other call waiting in the
+    /// mailbox, and none of its calls out but those in the outbox: a chain's next
+    /// step) the outbox goes now; else after the messages in the mailbox, so a
+    /// fan-out's calls go in batches.
+    fn call_handled(&mut self) {
+        self.in_call = false;
+        let left = self
+            .in_mailbox
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            .saturating_sub(1);
+        if left == 0 && self.calls.len() <= self.outbox.len() {
+            self.flush_dispatch();
+        } else {
+            self.queue_flush();
         }
     }
 
@@ -1593,7 +1625,9 @@ impl Actor for FlowRunner {
             tracing::info!(flow_run_id = %flow_run_id, journaled_calls = r.calls.len(), resume = r.unfinished, "replaying the run's journal");
         }
         // `RunStarted` is journaled (and flushed) by `Coordinator::start_run_with`
+        let in_mailbox = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let ctx = FlowContext {
+            in_mailbox: in_mailbox.clone(),
             runner: myself.clone(),
             flow_run_id,
             default_cache: shared.config.default_cache,
@@ -1623,6 +1657,9 @@ impl Actor for FlowRunner {
             early: CallMap::default(),
             adoptable: CallMap::default(),
             outbox: Vec::new(),
+            flush_queued: false,
+            in_call: false,
+            in_mailbox: in_mailbox.clone(),
             myself: myself.clone(),
             names: HashMap::new(),
             replay,
@@ -1717,7 +1754,11 @@ impl Actor for FlowRunner {
                 key,
                 priority,
                 reply,
-            } => state.new_call(&myself, task, args, args_json, (key, priority), reply),
+            } => {
+                state.in_call = true;
+                state.new_call(&myself, task, args, args_json, (key, priority), reply);
+                state.call_handled();
+            }
             // (each step only from the phase it leaves: a duplicate or late message
             // finds the call elsewhere and changes nothing)
             FlowRunnerMsg::CacheChecked { call_id, hit } => {
@@ -1738,7 +1779,10 @@ impl Actor for FlowRunner {
                     }
                 }
             }
-            FlowRunnerMsg::FlushDispatch => state.flush_dispatch(),
+            FlowRunnerMsg::FlushDispatch => {
+                state.flush_queued = false;
+                state.flush_dispatch();
+            }
             FlowRunnerMsg::RetryDue(call_id) => {
                 if state.phase(call_id) == Some(CallPhase::RetryDue) {
                     state.dispatch(call_id);

@@ -29,6 +29,12 @@ pub trait ResultSink: Send + Sync + 'static {
     fn started(&self, started: AttemptStarted);
     /// An attempt ended (success, failure, timeout, panic or cancellation).
     fn finished(&self, finished: AttemptFinished);
+    /// It gathers reports into batches itself (a distributed agent's reporter): the
+    /// supervisor hands it each report at once instead of through a batching task of
+    /// its own (one hop fewer on a lone attempt's way back).
+    fn batches(&self) -> bool {
+        false
+    }
     /// Several reports at once, in order (the coordinator routes them as one message per
     /// run: fewer mailbox operations than one per report).
     fn report(&self, reports: Vec<Report>) {

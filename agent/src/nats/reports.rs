@@ -26,6 +26,10 @@ pub(super) struct NatsReportSink {
 }
 
 impl ResultSink for NatsReportSink {
+    fn batches(&self) -> bool {
+        true
+    }
+
     fn started(&self, s: AttemptStarted) {
         if let Ok(mut t) = self.tracker.lock() {
             t.start(RunningAttempt::new(s.flow_run_id, s.call_id, s.attempt_id));

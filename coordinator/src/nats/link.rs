@@ -139,14 +139,29 @@ impl NatsAgentLink {
         });
     }
 
+    /// Hands attempts to the NATS client at once when it has room (the common case),
+    /// else through the ordered publisher: no task hop on an idle system's dispatch.
+    fn send_now(&self, subject: &str, bytes: Bytes) {
+        use futures_util::FutureExt;
+        match self
+            .client
+            .publish(subject.to_string(), bytes.clone())
+            .now_or_never()
+        {
+            Some(Ok(())) => {}
+            Some(Err(e)) => tracing::warn!(subject, error = %e, "NATS publish failed"),
+            // the client's queue is full: wait in the publisher's
+            None => self.publisher.publish(subject.to_string(), bytes),
+        }
+    }
+
     fn publish_batch(&self, subject: &str, tasks: &[SpawnTask]) {
         match encode_envelope(&tasks) {
             Ok(bytes) if bytes.len() <= self.max_payload || tasks.len() == 1 => {
                 if bytes.len() > self.max_payload {
                     tracing::error!(subject, bytes = bytes.len(), max = self.max_payload, task = %tasks[0].task, "attempt arguments exceed the NATS max payload; the attempt will be reported lost and retried");
                 }
-                self.publisher
-                    .publish(subject.to_string(), Bytes::from(bytes));
+                self.send_now(subject, Bytes::from(bytes));
             }
             Ok(_) => {
                 let (a, b) = tasks.split_at(tasks.len() / 2);
