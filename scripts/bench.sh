@@ -115,7 +115,7 @@ kill "$poll_pid" 2>/dev/null || true
 stop_cluster
 
 # default settings: what a user gets with no flags (embedded: an agent per core, 4 slots
-# each; distributed: the JetStream journal, two agents of 4 slots) -- issue 13's rows
+# each; distributed: the JetStream journal, two agents of 64 slots) -- issue 13's rows
 echo "default settings..." >&2
 measure embedded-default W1 --flow w1_fanout --n=10000
 measure embedded-default W2 --flow w2_chain --n=300

@@ -2,7 +2,7 @@
 # A local cluster for demos and benchmarks: nats-server, one coordinator and N agents of
 # one example app, all on this machine.
 #
-#   scripts/cluster.sh start [--app parallel_flow] [--agents 3] [--slots 4] [--port 4222] [--build]
+#   scripts/cluster.sh start [--app parallel_flow] [--agents 3] [--slots 64] [--port 4222] [--build]
 #   scripts/cluster.sh stop
 #   scripts/cluster.sh status
 #
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 state=${PINAZU_CLUSTER_DIR:-${TMPDIR:-/tmp}/pinazu-cluster-$(id -u)}
 cmd=${1:-}
 shift || true
-app=parallel_flow agents=3 slots=4 port=4222 build=0
+app=parallel_flow agents=3 slots=64 port=4222 build=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --app) app=$2; shift 2 ;;

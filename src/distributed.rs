@@ -253,8 +253,9 @@ pub enum JournalBackend {
 /// `agent` settings.
 #[derive(Args, Debug, Clone)]
 pub struct AgentArgs {
-    /// Attempts this agent runs at once.
-    #[arg(long, env = "PINAZU_SLOTS", default_value_t = 4, value_parser = crate::cli::at_least_one, allow_negative_numbers = true)]
+    /// Attempts this agent runs at once (more wait in its queue). Tasks are async: a
+    /// slot bounds concurrency, it is not a thread (see the README, "Choosing --slots").
+    #[arg(long, env = "PINAZU_SLOTS", default_value_t = 64, value_parser = crate::cli::at_least_one, allow_negative_numbers = true)]
     pub slots: u32,
     /// Labels tasks may require, `k=v` (repeat or comma separate).
     #[arg(long, value_delimiter = ',')]
