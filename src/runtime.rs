@@ -206,7 +206,7 @@ impl AgentLink for EmbeddedLink {
                 return Vec::new();
             };
             let ask = pinazu_agent::agent::StealAsk {
-                epoch,
+                epoch: Some(epoch),
                 max: max as usize,
                 max_bytes: usize::MAX,
             };

@@ -125,11 +125,13 @@ impl Actor for Agent {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         // The supervisor only stops with the agent; if it fails, start a new one so the
-        // agent keeps serving. Its running attempts were reported as crashed by nobody, so
-        // the coordinator's attempt timeout (distributed mode) or retries recover them.
+        // agent keeps serving. Its attempts (running and waiting) were reported by nobody:
+        // the agent stops listing them, so the coordinator takes them for lost and runs
+        // them again (distributed mode).
         if let SupervisionEvent::ActorFailed(cell, err) = evt {
             if cell.get_id() == state.supervisor.get_id() {
                 state.supervisor_restarts += 1;
+                state.sink.forget_all();
                 tracing::error!(agent = %state.config.id, error = %err, restarts = state.supervisor_restarts, "task supervisor failed; restarting it");
                 state.supervisor = start_supervisor(&myself, &state.config, &state.sink).await?;
             }

@@ -37,8 +37,9 @@ pub enum SupervisorMsg {
 /// Which waiting attempts a coordinator asks back.
 #[derive(Clone, Copy, Debug)]
 pub struct StealAsk {
-    /// The asking coordinator process's epoch (only its own attempts).
-    pub epoch: u32,
+    /// The asking coordinator process's epoch (only its own attempts); `None`: any (the
+    /// agent drops its queue after it was frozen).
+    pub epoch: Option<u32>,
     /// At most this many.
     pub max: usize,
     /// At most about this many bytes of arguments in all.
@@ -183,7 +184,9 @@ impl Actor for TaskSupervisor {
                 while i > 0 && given.len() < ask.max {
                     i -= 1;
                     let t = &state.waiting[i];
-                    if t.attempt_id.epoch() != ask.epoch || bytes + t.args.len() > ask.max_bytes {
+                    if ask.epoch.is_some_and(|e| t.attempt_id.epoch() != e)
+                        || bytes + t.args.len() > ask.max_bytes
+                    {
                         continue;
                     }
                     bytes += t.args.len();

@@ -1709,6 +1709,12 @@ impl Coordinator {
     }
 }
 
+/// How long an ended attempt ran, if it ran (a cancelled or unrunnable one reports no
+/// time): the scheduler sizes agents' windows from it.
+fn ran_for(f: &AttemptFinished) -> Option<u64> {
+    (f.outcome.is_ok() || f.elapsed_us > 0).then_some(f.elapsed_us)
+}
+
 /// Routes agents' reports: slot accounting to the scheduler, outcomes to the run's runner.
 struct Inbound {
     shared: Arc<CoordShared>,
@@ -1740,7 +1746,7 @@ impl ResultSink for Inbound {
             .send_message(SchedulerMsg::SlotsFreed(vec![(
                 finished.flow_run_id,
                 finished.attempt_id,
-                finished.elapsed_us,
+                ran_for(&finished),
             )]));
         self.route(finished.flow_run_id, FlowRunnerMsg::Finished(finished));
     }
@@ -1753,7 +1759,7 @@ impl ResultSink for Inbound {
             let run = match &r {
                 Report::Started(s) => s.flow_run_id,
                 Report::Finished(f) => {
-                    freed.push((f.flow_run_id, f.attempt_id, f.elapsed_us));
+                    freed.push((f.flow_run_id, f.attempt_id, ran_for(f)));
                     f.flow_run_id
                 }
             };

@@ -134,6 +134,9 @@ pub enum FlowRunnerMsg {
         call_id: CallId,
         /// The attempt.
         attempt_id: AttemptId,
+        /// It waits in the agent's queue, not started yet (its start is reported
+        /// when it starts).
+        queued: bool,
     },
     /// Another coordinator took the run over (its journal is fenced from this one):
     /// stop at once, publishing nothing, leaving its attempts to the new owner.
@@ -265,7 +268,7 @@ pub struct RunnerState {
     early: CallMap<AttemptFinished>,
     /// Attempts an earlier coordinator process dispatched that agents still run, for
     /// calls the flow body has not made again yet.
-    adoptable: CallMap<AttemptId>,
+    adoptable: CallMap<(AttemptId, bool)>,
     /// Attempts dispatched and not yet handed to the scheduler: a burst of calls goes as
     /// one `Submit` (flushed by a `FlushDispatch` this runner sends itself, which it
     /// handles after the messages already in its mailbox, or at `DISPATCH_BATCH`).
@@ -530,15 +533,19 @@ impl RunnerState {
             self.finished(myself, f);
             return;
         }
-        if let Some(attempt_id) = adopted {
-            // still running on an agent since before the coordinator restarted
+        if let Some((attempt_id, queued)) = adopted {
+            // still on an agent since before the coordinator restarted: running, or
+            // waiting in its queue (counted and shown running when it starts)
             let call = self.calls.get_mut(&call_id).expect("call present");
             call.attempt = 1;
-            call.executions = 1;
             call.phase = CallPhase::Dispatched {
                 attempt: attempt_id,
-                started: true,
+                started: !queued,
             };
+            if queued {
+                return;
+            }
+            call.executions = 1;
             RunStats::bump(&self.stats.executions);
             call.started_ms = self.log.now();
             self.log.running(ordinal, call.started_ms, NONE, 1);
@@ -879,7 +886,7 @@ impl RunnerState {
     /// answers its call, now or when the flow body makes the call again; a failure is
     /// not counted (the call runs under this process's retry policy).
     fn foreign_result(&mut self, myself: &ActorRef<FlowRunnerMsg>, f: AttemptFinished) {
-        if self.adoptable.get(&f.call_id) == Some(&f.attempt_id) {
+        if self.adoptable.get(&f.call_id).map(|a| a.0) == Some(f.attempt_id) {
             self.adoptable.remove(&f.call_id);
         }
         if f.outcome.is_err() || self.finished {
@@ -943,7 +950,7 @@ impl RunnerState {
         self.occurrences.get(&call_id.key).copied().unwrap_or(0)
     }
 
-    fn adopt(&mut self, call_id: CallId, attempt_id: AttemptId) {
+    fn adopt(&mut self, call_id: CallId, attempt_id: AttemptId, queued: bool) {
         if self.finished || attempt_id.epoch() == self.shared.epoch {
             return;
         }
@@ -951,12 +958,12 @@ impl RunnerState {
         let journaled = self.journaled(call_id);
         if !made && !journaled && self.adoptable.len() < MAX_EARLY {
             tracing::debug!(flow_run_id = %self.flow_run_id, %call_id, %attempt_id, "an attempt from before the coordinator restarted is still running; the call will wait for it");
-            self.adoptable.insert(call_id, attempt_id);
+            self.adoptable.insert(call_id, (attempt_id, queued));
         }
     }
 
     fn lost(&mut self, call_id: CallId, attempt_id: AttemptId, reason: String, ran: bool) {
-        if self.adoptable.get(&call_id) == Some(&attempt_id) {
+        if self.adoptable.get(&call_id).map(|a| a.0) == Some(attempt_id) {
             self.adoptable.remove(&call_id);
         }
         let Some(call) = self.calls.get_mut(&call_id) else {
@@ -1835,7 +1842,8 @@ impl Actor for FlowRunner {
             FlowRunnerMsg::Adopt {
                 call_id,
                 attempt_id,
-            } => state.adopt(call_id, attempt_id),
+                queued,
+            } => state.adopt(call_id, attempt_id, queued),
             FlowRunnerMsg::Barrier(reply) => {
                 let _ = reply.send(());
             }

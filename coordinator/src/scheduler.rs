@@ -37,9 +37,10 @@ const WINDOW_RTTS: f64 = 4.0;
 /// Waiting attempts are taken back for an idle agent when they would wait at least this
 /// many round trips where they are (and 2 ms).
 const STEAL_RTTS: f64 = 4.0;
-/// Steals from one agent at most this often (returned attempts an idle agent cannot run
-/// go back to it).
+/// Steals from one agent at most this often; doubled up to `STEAL_BACKOFF_MAX` while its
+/// steals bring back nothing an idle agent can run.
 const STEAL_COOLDOWN: Duration = Duration::from_millis(20);
+const STEAL_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// Timing of liveness checks.
 #[derive(Clone, Debug)]
@@ -79,8 +80,8 @@ pub enum SchedulerMsg {
     Tick,
     /// Attempts (of one run) want slots.
     Submit(Vec<SpawnTask>),
-    /// Attempts ended; their slots are free (with each attempt's duration, µs).
-    SlotsFreed(Vec<(FlowRunId, AttemptId, u64)>),
+    /// Attempts ended; their slots are free (with each attempt's duration, µs, if it ran).
+    SlotsFreed(Vec<(FlowRunId, AttemptId, Option<u64>)>),
     /// Attempts an agent handed back unstarted, from its queue (a steal's answer).
     Returned(AgentId, Vec<SpawnTask>),
     /// Time to look again at agents with idle slots and others with waiting attempts.
@@ -161,6 +162,8 @@ struct AgentSlot {
     /// A steal from it is under way, or was just made.
     stealing: bool,
     last_steal: Option<Instant>,
+    /// How long after a steal the next one from it may be.
+    steal_backoff: Duration,
     /// `None` for in-process agents.
     last_seen: Option<Instant>,
     alive: bool,
@@ -179,6 +182,7 @@ impl AgentSlot {
             last_end: now,
             stealing: false,
             last_steal: None,
+            steal_backoff: STEAL_COOLDOWN,
             last_seen: None,
             alive,
             draining: false,
@@ -193,15 +197,15 @@ impl AgentSlot {
 
     /// How many attempts may wait in its queue beyond its slots: enough of its work
     /// to cover `WINDOW_RTTS` dispatch round trips (at least one, at most
-    /// `MAX_WINDOW`); as many as its slots before an attempt has ended there. None if
-    /// it keeps no queue (an older agent).
+    /// `MAX_WINDOW`); one before an attempt has ended there (its tasks may be long).
+    /// None if it keeps no queue (an older agent).
     fn window(&self, rtt_us: f64) -> u32 {
         if !self.info.queues {
             return 0;
         }
         let slots = self.info.slots.max(1);
         match self.avg_us {
-            None => slots.min(MAX_WINDOW),
+            None => 1,
             Some(avg) => {
                 let w = (f64::from(slots) * WINDOW_RTTS * rtt_us / avg.max(1.0)).ceil();
                 (w as u32).clamp(1, MAX_WINDOW)
@@ -215,7 +219,10 @@ impl AgentSlot {
         if !self.accepts() {
             return 0;
         }
-        let cap = self.info.slots + if direct { 0 } else { self.window(rtt_us) };
+        let cap = self
+            .info
+            .slots
+            .saturating_add(if direct { 0 } else { self.window(rtt_us) });
         cap.saturating_sub(self.busy)
     }
 
@@ -256,13 +263,21 @@ struct Dispatched {
     direct: bool,
     /// Its limits and priority (it goes back to the queue with them if handed back).
     sched: Option<Box<SchedInfo>>,
+    /// Its run was cancelled here or moved to another coordinator: if handed back
+    /// unstarted, it is dropped, not queued again.
+    dropped: bool,
 }
 
 /// Whether an attempt must go to an idle slot, not wait in an agent's queue: one under a
-/// limit (a permit or token it takes must not wait behind other work on one agent).
-fn must_start(task: &SpawnTask) -> bool {
+/// rate or named limit, or a concurrency limit below the live agents' slots
+/// (`total_slots`): a permit or token it takes must not wait behind other work on one
+/// agent while the limit binds. (A concurrency limit at or above every slot there is
+/// cannot bind on what runs: its attempts pipeline like any.)
+fn must_start(task: &SpawnTask, total_slots: u32) -> bool {
     task.sched.as_deref().is_some_and(|s| {
-        s.limits.concurrency.is_some() || s.limits.rate.is_some() || s.limits.limit.is_some()
+        s.limits.rate.is_some()
+            || s.limits.limit.is_some()
+            || s.limits.concurrency.is_some_and(|c| c < total_slots)
     })
 }
 
@@ -629,6 +644,14 @@ impl SchedulerState {
         LimitsView { named, gates }
     }
 
+    /// Slots of the agents taking work.
+    fn total_slots(&self) -> u32 {
+        self.agents
+            .iter()
+            .filter(|a| a.accepts())
+            .fold(0u32, |n, a| n.saturating_add(a.info.slots))
+    }
+
     fn free_slots(&self) -> u32 {
         self.agents.iter().map(|a| a.room(false, self.rtt_us)).sum()
     }
@@ -642,7 +665,7 @@ impl SchedulerState {
         {
             return Some((i, true));
         }
-        if must_start(task) {
+        if must_start(task, self.total_slots()) {
             return None;
         }
         order()
@@ -746,6 +769,7 @@ impl SchedulerState {
                         gates,
                         direct,
                         sched: task.sched.take(),
+                        dropped: false,
                     },
                 );
                 batches.entry(i).or_default().push(task);
@@ -782,11 +806,13 @@ impl SchedulerState {
             if !a.alive || !a.info.queues || waiting == 0 || a.stealing {
                 continue;
             }
-            if a.last_steal
-                .is_some_and(|t| now.duration_since(t) < STEAL_COOLDOWN)
-            {
-                recheck = Some(recheck.map_or(20_000.0, |r: f64| r.min(20_000.0)));
-                continue;
+            if let Some(t) = a.last_steal {
+                let since = now.duration_since(t);
+                if since < a.steal_backoff {
+                    let in_us = (a.steal_backoff - since).as_micros() as f64;
+                    recheck = Some(recheck.map_or(in_us, |r: f64| r.min(in_us)));
+                    continue;
+                }
             }
             // how long its last waiting attempt would wait there: its attempts' mean
             // duration, or the time since one last ended if longer (long tasks that
@@ -820,11 +846,20 @@ impl SchedulerState {
             if !self.steal_armed {
                 self.steal_armed = true;
                 let me = self.myself.clone();
-                let d = Duration::from_micros(us.min(100_000.0) as u64);
+                let d = Duration::from_micros(us.clamp(1000.0, 2_000_000.0) as u64);
                 tokio::spawn(async move {
                     tokio::time::sleep(d).await;
                     let _ = me.send_message(SchedulerMsg::StealDue);
                 });
+            }
+        }
+    }
+
+    /// A run cancelled here or moved: its attempts handed back later are dropped.
+    fn mark_dropped(&mut self, run: FlowRunId) {
+        for (k, d) in self.running.iter_mut() {
+            if k.0 == run {
+                d.dropped = true;
             }
         }
     }
@@ -839,18 +874,41 @@ impl SchedulerState {
         self.agents[i].stealing = false;
         let now = Instant::now();
         let n = tasks.len();
+        let mut runnable = 0;
         for mut task in tasks {
             let key = (task.flow_run_id, task.attempt_id);
             if self.running.get(&key).is_none_or(|d| d.agent != i) {
                 continue;
             }
-            if let Some(d) = self.untrack(&key) {
-                task.sched = d.sched;
-                self.queue.push_front(Queued::new(now, task));
+            let Some(d) = self.untrack(&key) else {
+                continue;
+            };
+            // (of a run cancelled, ended or moved meanwhile: it never started; dropped)
+            if d.dropped || !self.runs.contains_key(&key.0) {
+                continue;
             }
+            if self
+                .agents
+                .iter()
+                .enumerate()
+                .any(|(j, a)| j != i && a.idle() > 0 && a.serves(&task))
+            {
+                runnable += 1;
+            }
+            task.sched = d.sched;
+            self.queue.push_front(Queued::new(now, task));
         }
+        // nothing handed back, or nothing an idle agent can run: ask this agent again
+        // only after a while (its waiting attempts may be another coordinator's, of an
+        // earlier process, or of tasks only it serves)
+        let a = &mut self.agents[i];
+        a.steal_backoff = if runnable == 0 {
+            (a.steal_backoff * 2).clamp(STEAL_COOLDOWN, STEAL_BACKOFF_MAX)
+        } else {
+            STEAL_COOLDOWN
+        };
         if n > 0 {
-            tracing::debug!(%agent, attempts = n, "waiting attempts handed back");
+            tracing::debug!(%agent, attempts = n, runnable, "waiting attempts handed back");
         }
     }
 
@@ -937,12 +995,14 @@ impl SchedulerState {
                         gates: None,
                         direct: false,
                         sched: None,
+                        dropped: false,
                     },
                 );
                 self.agents[i].busy += 1;
                 let _ = runner.send_message(FlowRunnerMsg::Adopt {
                     call_id: r.call_id,
                     attempt_id: r.attempt_id,
+                    queued: r.queued,
                 });
             }
         }
@@ -1296,17 +1356,21 @@ impl Actor for Scheduler {
                 // idempotent: only an attempt we dispatched frees a slot, once
                 let mut freed = false;
                 let now = Instant::now();
-                for (run, attempt, elapsed_us) in attempts {
+                for (run, attempt, ran_us) in attempts {
                     if let Some(d) = state.untrack(&(run, attempt)) {
-                        let e = elapsed_us as f64;
-                        if d.direct {
-                            // dispatch to hearing of its end, less its own run
-                            let rtt = (now.duration_since(d.at).as_micros() as f64 - e).max(50.0);
-                            state.rtt_us = 0.8 * state.rtt_us + 0.2 * rtt;
+                        // (an attempt cancelled before it ran, or that could not run,
+                        // says nothing about its agent's pace)
+                        if let Some(e) = ran_us.map(|us| us as f64) {
+                            if d.direct {
+                                // dispatch to hearing of its end, less its own run
+                                let rtt =
+                                    (now.duration_since(d.at).as_micros() as f64 - e).max(50.0);
+                                state.rtt_us = 0.8 * state.rtt_us + 0.2 * rtt;
+                            }
+                            let a = &mut state.agents[d.agent];
+                            a.avg_us = Some(a.avg_us.map_or(e, |m| 0.9 * m + 0.1 * e));
                         }
-                        let a = &mut state.agents[d.agent];
-                        a.avg_us = Some(a.avg_us.map_or(e, |m| 0.9 * m + 0.1 * e));
-                        a.last_end = now;
+                        state.agents[d.agent].last_end = now;
                         freed = true;
                     }
                 }
@@ -1324,6 +1388,7 @@ impl Actor for Scheduler {
             }
             SchedulerMsg::ForgetRun(run) => {
                 state.forget_queued(run);
+                state.mark_dropped(run);
                 state.dispatch();
             }
             SchedulerMsg::TrackOrigins(o) => state.origins = Some(o),
@@ -1340,6 +1405,7 @@ impl Actor for Scheduler {
             }
             SchedulerMsg::CancelRun(run) => {
                 state.forget_queued(run);
+                state.mark_dropped(run);
                 state.dispatch();
                 let mut per_agent: HashMap<usize, Vec<(FlowRunId, AttemptId)>> = HashMap::new();
                 for (&(r, attempt), d) in &state.running {

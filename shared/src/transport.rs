@@ -35,6 +35,10 @@ pub trait ResultSink: Send + Sync + 'static {
     fn batches(&self) -> bool {
         false
     }
+    /// The agent's task supervisor failed and was started again: the attempts it held
+    /// are gone without a report (the coordinator takes them for lost once the agent no
+    /// longer lists them).
+    fn forget_all(&self) {}
     /// Several reports at once, in order (the coordinator routes them as one message per
     /// run: fewer mailbox operations than one per report).
     fn report(&self, reports: Vec<Report>) {

@@ -143,6 +143,8 @@ pub(super) struct FreezeWatch {
     pub(super) beat_ms: std::sync::atomic::AtomicU64,
     /// Spawns are dropped until then (ms since `base`).
     pub(super) drop_until_ms: std::sync::atomic::AtomicU64,
+    /// A freeze was seen and the agent's queue not yet dropped for it.
+    pub(super) froze: std::sync::atomic::AtomicBool,
 }
 
 /// A gap this long between ticks (every 250 ms) is a freeze.
@@ -157,7 +159,13 @@ impl FreezeWatch {
             base: Instant::now(),
             beat_ms: std::sync::atomic::AtomicU64::new(0),
             drop_until_ms: std::sync::atomic::AtomicU64::new(0),
+            froze: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether a freeze was seen since last asked.
+    pub(super) fn take_froze(&self) -> bool {
+        self.froze.swap(false, Relaxed)
     }
 
     pub(super) fn now_ms(&self) -> u64 {
@@ -168,6 +176,7 @@ impl FreezeWatch {
     /// are dropped for a while.
     pub(super) fn frozen_now(&self, now: u64, last: u64) -> bool {
         if now.saturating_sub(last) > FROZEN_AFTER.as_millis() as u64 {
+            self.froze.store(true, Relaxed);
             self.drop_until_ms
                 .fetch_max(now + DROP_AFTER_FREEZE.as_millis() as u64, Relaxed);
             tracing::warn!(

@@ -81,6 +81,12 @@ impl Tracker {
         self.running.remove(a);
     }
 
+    /// Forgets every attempt (its task supervisor failed: they are gone).
+    pub(super) fn clear(&mut self) {
+        self.running.clear();
+        self.waiting.clear();
+    }
+
     /// Attempts here, running or waiting.
     pub(super) fn len(&self) -> usize {
         self.running.len() + self.waiting.len()
@@ -95,6 +101,23 @@ impl Tracker {
                 .map(|a| RunningAttempt { queued: true, ..*a }),
         );
         v
+    }
+}
+
+/// Attempts that left the agent's queue unstarted (handed back or dropped) leave the
+/// list of what runs here.
+fn forget_given(tracker: &Mutex<Tracker>, idle: &Notify, given: &[SpawnTask]) {
+    if let Ok(mut t) = tracker.lock() {
+        for task in given {
+            t.end(&RunningAttempt::new(
+                task.flow_run_id,
+                task.call_id,
+                task.attempt_id,
+            ));
+        }
+        if t.len() == 0 {
+            idle.notify_waiters();
+        }
     }
 }
 
@@ -347,11 +370,28 @@ pub async fn serve_agent(
     let freeze = Arc::new(FreezeWatch::new());
     let ticker = {
         let (freeze, recheck) = (freeze.clone(), recheck_id.clone());
+        let (a, tr, idle) = (agent.clone(), tracker.clone(), idle.clone());
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 if freeze.beat() {
                     recheck.notify_one();
+                }
+                if freeze.take_froze() {
+                    // attempts waiting here may have run elsewhere meanwhile (the
+                    // coordinator took this process for dead): dropped, unstarted; any
+                    // still wanted here is missing from the heartbeats, so taken for
+                    // lost and sent again
+                    let all = StealAsk {
+                        epoch: None,
+                        max: usize::MAX,
+                        max_bytes: usize::MAX,
+                    };
+                    let dropped = ractor::call!(a, AgentMsg::Steal, all).unwrap_or_default();
+                    if !dropped.is_empty() {
+                        tracing::warn!(attempts = dropped.len(), "this process was frozen: the attempts waiting in its queue are dropped (the coordinator sends them again)");
+                    }
+                    forget_given(&tr, &idle, &dropped);
                 }
             }
         })
@@ -417,6 +457,7 @@ pub async fn serve_agent(
         tracker.clone(),
         client.clone(),
     );
+    let idle_s = idle.clone();
     let max_bytes = cfg.payload_threshold / 2;
     let steal_loop = tokio::spawn(async move {
         while let Some(msg) = steals.next().await {
@@ -425,7 +466,7 @@ pub async fn serve_agent(
             };
             let ask = match decode_envelope::<StealRequest>(&msg.payload) {
                 Ok(r) => StealAsk {
-                    epoch: r.epoch,
+                    epoch: Some(r.epoch),
                     max: r.max as usize,
                     max_bytes,
                 },
@@ -434,16 +475,10 @@ pub async fn serve_agent(
                     continue;
                 }
             };
-            let given = ractor::call_t!(a, AgentMsg::Steal, 2000, ask).unwrap_or_default();
-            if let Ok(mut t) = tr.lock() {
-                for task in &given {
-                    t.end(&RunningAttempt::new(
-                        task.flow_run_id,
-                        task.call_id,
-                        task.attempt_id,
-                    ));
-                }
-            }
+            // (no time bound here: the supervisor always answers, and what it hands
+            // back must leave the list of what runs here)
+            let given = ractor::call!(a, AgentMsg::Steal, ask).unwrap_or_default();
+            forget_given(&tr, &idle_s, &given);
             match encode_envelope(&given) {
                 Ok(b) => {
                     let _ = c.publish(reply, Bytes::from(b)).await;

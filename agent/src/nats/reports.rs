@@ -30,6 +30,12 @@ impl ResultSink for NatsReportSink {
         true
     }
 
+    fn forget_all(&self) {
+        if let Ok(mut t) = self.tracker.lock() {
+            t.clear();
+        }
+    }
+
     fn started(&self, s: AttemptStarted) {
         if let Ok(mut t) = self.tracker.lock() {
             t.start(RunningAttempt::new(s.flow_run_id, s.call_id, s.attempt_id));
