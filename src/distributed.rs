@@ -1643,10 +1643,11 @@ fn print_run_table(runs: &[RunInfo]) {
 
 fn print_agent_table(agents: &[AgentSummary]) {
     out!(
-        "{:<28}  {:>5}  {:>7}  {:>8}  {:>9}  {:<20}  TASKS",
+        "{:<28}  {:>5}  {:>7}  {:>6}  {:>8}  {:>9}  {:<20}  TASKS",
         "AGENT",
         "SLOTS",
         "RUNNING",
+        "QUEUED",
         "DRAINING",
         "SEEN(ms)",
         "LABELS"
@@ -1654,10 +1655,11 @@ fn print_agent_table(agents: &[AgentSummary]) {
     for a in agents {
         let labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         out!(
-            "{:<28}  {:>5}  {:>7}  {:>8}  {:>9}  {:<20}  {}",
+            "{:<28}  {:>5}  {:>7}  {:>6}  {:>8}  {:>9}  {:<20}  {}",
             a.agent_id.to_string(),
             a.slots,
             a.running,
+            a.queued,
             if a.draining { "yes" } else { "no" },
             a.last_seen_ms,
             if labels.is_empty() {

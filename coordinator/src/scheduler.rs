@@ -1427,6 +1427,7 @@ impl Actor for Scheduler {
                         agent_id: a.info.agent_id.clone(),
                         slots: a.info.slots,
                         running: a.busy.min(a.info.slots),
+                        queued: a.busy.saturating_sub(a.info.slots),
                         tasks: {
                             let mut t: Vec<String> = a.tasks.iter().cloned().collect();
                             t.sort();

@@ -256,6 +256,9 @@ pub struct AgentSummary {
     pub slots: u32,
     /// Attempts running on it.
     pub running: u32,
+    /// Attempts waiting in its queue for a slot (pipelined dispatch).
+    #[serde(default)]
+    pub queued: u32,
     /// Task names it serves.
     pub tasks: Vec<String>,
     /// Its labels.

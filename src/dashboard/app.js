@@ -182,7 +182,7 @@ function agentsPage(main) {
           el('td', { text: a.labels.map(([k, v]) => k + '=' + v).join(', ') }),
           el('td', { text: a.tasks.length + ' (' + a.tasks.slice(0, 4).join(', ') + (a.tasks.length > 4 ? ', …' : '') + ')' }),
           el('td', { text: a.last_seen_ms + ' ms ago' }),
-          el('td', { text: a.draining ? 'draining' : 'serving' }));
+          el('td', { text: (a.draining ? 'draining' : 'serving') + (a.queued ? ', ' + fmtNum(a.queued) + ' queued' : '') }));
       }));
       info.textContent = agents.length + ' live agent(s)';
       setLive(true);
