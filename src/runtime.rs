@@ -197,7 +197,7 @@ impl AgentLink for EmbeddedLink {
     fn steal(
         &self,
         agent: &AgentId,
-        epoch: u32,
+        epochs: Vec<u32>,
         max: u32,
     ) -> pinazu_shared::BoxFuture<'static, Vec<SpawnTask>> {
         let a = self.agents.get(agent).map(|a| a.clone());
@@ -206,7 +206,7 @@ impl AgentLink for EmbeddedLink {
                 return Vec::new();
             };
             let ask = pinazu_agent::agent::StealAsk {
-                epoch: Some(epoch),
+                epochs: Some(epochs),
                 max: max as usize,
                 max_bytes: usize::MAX,
             };

@@ -35,11 +35,12 @@ pub enum SupervisorMsg {
 }
 
 /// Which waiting attempts a coordinator asks back.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct StealAsk {
-    /// The asking coordinator process's epoch (only its own attempts); `None`: any (the
-    /// agent drops its queue after it was frozen).
-    pub epoch: Option<u32>,
+    /// Only attempts issued by coordinator processes of these epochs (the asker's own,
+    /// and earlier processes' whose attempts it re-attached); `None`: any (the agent
+    /// drops its queue after it was frozen, or when it drains).
+    pub epochs: Option<Vec<u32>>,
     /// At most this many.
     pub max: usize,
     /// At most about this many bytes of arguments in all.
@@ -184,7 +185,10 @@ impl Actor for TaskSupervisor {
                 while i > 0 && given.len() < ask.max {
                     i -= 1;
                     let t = &state.waiting[i];
-                    if ask.epoch.is_some_and(|e| t.attempt_id.epoch() != e)
+                    if ask
+                        .epochs
+                        .as_ref()
+                        .is_some_and(|e| !e.contains(&t.attempt_id.epoch()))
                         || bytes + t.args.len() > ask.max_bytes
                     {
                         continue;
@@ -286,7 +290,13 @@ impl Actor for TaskSupervisor {
             }
             _ => {}
         }
-        // a slot freed: the next waiting attempts start
+        // a slot freed: the next waiting attempts start (unless this process was just
+        // frozen: they may have run elsewhere meanwhile, so they are dropped)
+        if ended && !state.waiting.is_empty() && !state.args.sink.may_start_waiting() {
+            let dropped: Vec<SpawnTask> = state.waiting.drain(..).collect();
+            tracing::warn!(attempts = dropped.len(), "this process was frozen: the attempts waiting in its queue are dropped (the coordinator sends them again)");
+            state.args.sink.unstarted(&dropped);
+        }
         while ended && state.running.len() < state.args.slots as usize {
             match state.waiting.pop_front() {
                 Some(next) => start(&myself, state, next).await,

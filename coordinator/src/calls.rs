@@ -373,6 +373,7 @@ impl CallLog {
     /// Bytes this table holds, about.
     pub fn bytes(&self) -> usize {
         self.rows.len() * std::mem::size_of::<Row>()
+            + self.results.len()
             + self.log_bytes
             + self
                 .errors

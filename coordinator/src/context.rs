@@ -189,20 +189,31 @@ pub fn in_flow() -> bool {
     FLOW_CONTEXT.try_with(|_| ()).is_ok()
 }
 
-/// Runs `f` over `items` with at most `concurrency` calls in flight, keeping input order:
-/// the helper for very large fan-outs, where creating every future at once would hold
-/// every argument and result in memory at the same time.
-pub async fn map<I, F, Fut, T>(items: I, concurrency: usize, f: F) -> Vec<Result<T, TaskError>>
+/// Runs `f` over `items` with at most `concurrency` calls in flight; the results come
+/// back in input order. The helper for very large fan-outs, where creating every future
+/// at once would hold every argument and result in memory at the same time. A call that
+/// takes long holds only its own place: the next calls start as others end, not in a
+/// window behind it.
+pub async fn map<I, F, Fut, T>(items: I, concurrency: usize, mut f: F) -> Vec<Result<T, TaskError>>
 where
     I: IntoIterator,
     F: FnMut(I::Item) -> Fut,
     Fut: Future<Output = Result<T, TaskError>>,
 {
-    futures_util::stream::iter(items)
-        .map(f)
-        .buffered(concurrency.max(1))
-        .collect()
-        .await
+    let mut out: Vec<Option<Result<T, TaskError>>> = Vec::new();
+    let mut done = futures_util::stream::iter(items.into_iter().enumerate())
+        .map(|(i, item)| {
+            let call = f(item);
+            async move { (i, call.await) }
+        })
+        .buffer_unordered(concurrency.max(1));
+    while let Some((i, r)) = done.next().await {
+        if out.len() <= i {
+            out.resize_with(i + 1, || None);
+        }
+        out[i] = Some(r);
+    }
+    out.into_iter().flatten().collect()
 }
 
 /// `tokio::spawn` for flow code: the spawned future keeps the flow context, so the task

@@ -404,9 +404,11 @@ pub struct CoordShared {
 }
 
 /// Task tables of ended runs kept in memory (a page of a run that just ended, or one
-/// being looked at, is not read from the store again and again).
+/// being looked at, is not read from the store again and again): at most 8, and 64 MiB
+/// in all besides the newest (a million-call table takes about 40 MB; back-to-back big
+/// runs must not keep several).
 const RECENT_LOGS: usize = 8;
-const RECENT_LOGS_BYTES: usize = 256 * 1024 * 1024;
+const RECENT_LOGS_BYTES: usize = 64 * 1024 * 1024;
 
 /// What is done with a run a flow started here as its child.
 pub type RunWatcher = Arc<dyn Fn(FlowRunId) + Send + Sync>;

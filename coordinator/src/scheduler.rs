@@ -195,16 +195,17 @@ impl AgentSlot {
         self.alive && !self.draining
     }
 
-    /// How many attempts may wait in its queue beyond its slots: enough of its work
-    /// to cover `WINDOW_RTTS` dispatch round trips (at least one, at most
-    /// `MAX_WINDOW`); one before an attempt has ended there (its tasks may be long).
-    /// None if it keeps no queue (an older agent).
-    fn window(&self, rtt_us: f64) -> u32 {
+    /// How many attempts of a task whose attempts take `avg_us` (moving average; `None`
+    /// before one has ended) may wait in its queue beyond its slots: enough to cover
+    /// `WINDOW_RTTS` dispatch round trips (at least one, at most `MAX_WINDOW`); one for
+    /// a task not measured yet (it may be long). None if it keeps no queue (an older
+    /// agent).
+    fn window(&self, rtt_us: f64, avg_us: Option<f64>) -> u32 {
         if !self.info.queues {
             return 0;
         }
         let slots = self.info.slots.max(1);
-        match self.avg_us {
+        match avg_us {
             None => 1,
             Some(avg) => {
                 let w = (f64::from(slots) * WINDOW_RTTS * rtt_us / avg.max(1.0)).ceil();
@@ -213,16 +214,13 @@ impl AgentSlot {
         }
     }
 
-    /// How many more attempts it takes now: up to its slots for one that must start at
-    /// once (`direct`), else up to its slots plus its window.
-    fn room(&self, direct: bool, rtt_us: f64) -> u32 {
+    /// How many more attempts of a task taking `avg_us` it takes now: up to its slots
+    /// plus its window for that task.
+    fn room(&self, rtt_us: f64, avg_us: Option<f64>) -> u32 {
         if !self.accepts() {
             return 0;
         }
-        let cap = self
-            .info
-            .slots
-            .saturating_add(if direct { 0 } else { self.window(rtt_us) });
+        let cap = self.info.slots.saturating_add(self.window(rtt_us, avg_us));
         cap.saturating_sub(self.busy)
     }
 
@@ -266,6 +264,9 @@ struct Dispatched {
     /// Its run was cancelled here or moved to another coordinator: if handed back
     /// unstarted, it is dropped, not queued again.
     dropped: bool,
+    /// Its task (its duration feeds the task's window); `None` for one adopted from a
+    /// heartbeat.
+    task: Option<Arc<str>>,
 }
 
 /// Whether an attempt must go to an idle slot, not wait in an agent's queue: one under a
@@ -350,6 +351,9 @@ pub struct SchedulerState {
     rtt_us: f64,
     /// A `StealDue` is on its way.
     steal_armed: bool,
+    /// Each task's attempts' mean duration (µs, moving average): sizes the window of
+    /// attempts of that task kept waiting in agents' queues.
+    task_avg: HashMap<Arc<str>, f64>,
 }
 
 impl SchedulerState {
@@ -653,7 +657,18 @@ impl SchedulerState {
     }
 
     fn free_slots(&self) -> u32 {
-        self.agents.iter().map(|a| a.room(false, self.rtt_us)).sum()
+        // (a budget for one dispatch pass: the widest window any task may get)
+        self.agents
+            .iter()
+            .filter(|a| a.accepts())
+            .map(|a| {
+                let cap = a
+                    .info
+                    .slots
+                    .saturating_add(if a.info.queues { MAX_WINDOW } else { 0 });
+                cap.saturating_sub(a.busy)
+            })
+            .fold(0u32, u32::saturating_add)
     }
 
     /// An agent for it: one with an idle slot first (it starts at once), else one whose
@@ -669,7 +684,10 @@ impl SchedulerState {
             return None;
         }
         order()
-            .find(|&i| self.agents[i].room(false, self.rtt_us) > 0 && self.agents[i].serves(task))
+            .find(|&i| {
+                self.agents[i].room(self.rtt_us, self.task_avg.get(&task.task).copied()) > 0
+                    && self.agents[i].serves(task)
+            })
             .map(|i| (i, false))
     }
 
@@ -770,6 +788,7 @@ impl SchedulerState {
                         direct,
                         sched: task.sched.take(),
                         dropped: false,
+                        task: Some(task.task.clone()),
                     },
                 );
                 batches.entry(i).or_default().push(task);
@@ -835,10 +854,18 @@ impl SchedulerState {
             a.stealing = true;
             a.last_steal = Some(now);
             let agent = a.info.agent_id.clone();
-            let (link, me, epoch) = (self.link.clone(), self.myself.clone(), self.epoch);
+            // this process's attempts, and those of earlier processes it re-attached
+            let mut epochs = vec![self.epoch];
+            for (k, d) in &self.running {
+                let e = k.1.epoch();
+                if d.agent == i && !epochs.contains(&e) && epochs.len() < 16 {
+                    epochs.push(e);
+                }
+            }
+            let (link, me) = (self.link.clone(), self.myself.clone());
             tracing::debug!(%agent, max, "taking waiting attempts back for an idle agent");
             tokio::spawn(async move {
-                let tasks = link.steal(&agent, epoch, max).await;
+                let tasks = link.steal(&agent, epochs, max).await;
                 let _ = me.send_message(SchedulerMsg::Returned(agent, tasks));
             });
         }
@@ -996,6 +1023,7 @@ impl SchedulerState {
                         direct: false,
                         sched: None,
                         dropped: false,
+                        task: None,
                     },
                 );
                 self.agents[i].busy += 1;
@@ -1084,6 +1112,15 @@ impl SchedulerState {
         // full `dead_after` to be heard again
         if self.lease.as_ref().is_some_and(|l| !l.healthy()) {
             self.judge_after = Some(now + self.timing.dead_after);
+        }
+        // nor while this process's NATS connection is down or came back less than
+        // `dead_after` ago (agents' heartbeats were cut off with it; their first ones
+        // after it may come a second later)
+        if let Some(back) = pinazu_shared::nats::outage::since_back() {
+            if back < self.timing.dead_after {
+                let until = now + (self.timing.dead_after - back);
+                self.judge_after = Some(self.judge_after.map_or(until, |t| t.max(until)));
+            }
         }
         if self.judge_after.is_some_and(|t| now < t) {
             self.expire_unservable(now);
@@ -1293,6 +1330,7 @@ impl Actor for Scheduler {
             origins: None,
             rtt_us: DEFAULT_RTT_US,
             steal_armed: false,
+            task_avg: HashMap::new(),
         })
     }
 
@@ -1369,6 +1407,11 @@ impl Actor for Scheduler {
                             }
                             let a = &mut state.agents[d.agent];
                             a.avg_us = Some(a.avg_us.map_or(e, |m| 0.9 * m + 0.1 * e));
+                            // the window is sized per task: its own attempts' pace
+                            if let Some(t) = d.task {
+                                let m = state.task_avg.entry(t).or_insert(e);
+                                *m = 0.9 * *m + 0.1 * e;
+                            }
                         }
                         state.agents[d.agent].last_end = now;
                         freed = true;

@@ -110,8 +110,14 @@ impl NatsConfig {
                 async move {
                 match event {
                     async_nats::Event::Connected if first => tracing::debug!("NATS connected"),
-                    async_nats::Event::Connected => tracing::info!("NATS connection re-established"),
-                    async_nats::Event::Disconnected => tracing::warn!("NATS connection lost; reconnecting"),
+                    async_nats::Event::Connected => {
+                        outage::ended();
+                        tracing::info!("NATS connection re-established")
+                    }
+                    async_nats::Event::Disconnected => {
+                        outage::began();
+                        tracing::warn!("NATS connection lost; reconnecting")
+                    }
                     async_nats::Event::SlowConsumer(sid) => tracing::error!(sid, "NATS slow consumer: messages were dropped; lost attempts are recovered by heartbeat reconciliation"),
                     async_nats::Event::Closed => tracing::debug!("NATS connection closed"),
                     async_nats::Event::ServerError(e) if e.to_string().contains("Permissions Violation") => {
@@ -381,5 +387,45 @@ impl Drops {
     /// Messages dropped so far.
     pub fn count(&self) -> u64 {
         self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// This process's NATS connection outages, as its client saw them: a coordinator judges
+/// no agent dead while its own connection is down or just came back (the agents'
+/// heartbeats were cut off with it).
+pub mod outage {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    static DOWN: AtomicBool = AtomicBool::new(false);
+    /// When the connection last came back (ms since `BASE`, plus one; 0: never).
+    static BACK_MS: AtomicU64 = AtomicU64::new(0);
+
+    fn now_ms() -> u64 {
+        BASE.get_or_init(Instant::now).elapsed().as_millis() as u64
+    }
+
+    pub(crate) fn began() {
+        let _ = now_ms();
+        DOWN.store(true, Relaxed);
+    }
+
+    pub(crate) fn ended() {
+        BACK_MS.store(now_ms() + 1, Relaxed);
+        DOWN.store(false, Relaxed);
+    }
+
+    /// `None` when connected and never back from an outage; else how long ago the
+    /// connection came back (zero while it is down).
+    pub fn since_back() -> Option<Duration> {
+        if DOWN.load(Relaxed) {
+            return Some(Duration::ZERO);
+        }
+        match BACK_MS.load(Relaxed) {
+            0 => None,
+            back => Some(Duration::from_millis(now_ms().saturating_sub(back - 1))),
+        }
     }
 }

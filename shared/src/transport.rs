@@ -13,12 +13,18 @@ pub trait AgentLink: Send + Sync + 'static {
     fn spawn(&self, agent: &AgentId, tasks: Vec<SpawnTask>);
     /// Asks `agent` to stop these attempts.
     fn cancel(&self, agent: &AgentId, attempts: Vec<(FlowRunId, AttemptId)>);
-    /// Asks `agent` to hand back up to `max` attempts of the coordinator process `epoch`
+    /// Asks `agent` to hand back up to `max` attempts of the coordinator processes
+    /// `epochs` (the asker's, then earlier ones whose attempts it re-attached)
     /// that wait in its queue, unstarted; resolves to those it handed back (none if it
     /// did not answer in time: attempts it gave up all the same are then missing from
     /// its heartbeats, so the scheduler takes them for lost and they run again).
-    fn steal(&self, agent: &AgentId, epoch: u32, max: u32) -> BoxFuture<'static, Vec<SpawnTask>> {
-        let _ = (agent, epoch, max);
+    fn steal(
+        &self,
+        agent: &AgentId,
+        epochs: Vec<u32>,
+        max: u32,
+    ) -> BoxFuture<'static, Vec<SpawnTask>> {
+        let _ = (agent, epochs, max);
         Box::pin(async { Vec::new() })
     }
 }
@@ -34,6 +40,18 @@ pub trait ResultSink: Send + Sync + 'static {
     /// its own (one hop fewer on a lone attempt's way back).
     fn batches(&self) -> bool {
         false
+    }
+    /// Whether attempts waiting in the agent's queue may start now. `false` when the
+    /// agent process was just frozen (stopped, paused) long enough that the coordinator
+    /// may have sent them elsewhere: the supervisor then drops its queue
+    /// (`unstarted`) instead of starting them.
+    fn may_start_waiting(&self) -> bool {
+        true
+    }
+    /// Attempts the supervisor dropped from its queue, never started: they leave the
+    /// agent's list of what it holds (so the coordinator takes them for lost).
+    fn unstarted(&self, tasks: &[SpawnTask]) {
+        let _ = tasks;
     }
     /// The agent's task supervisor failed and was started again: the attempts it held
     /// are gone without a report (the coordinator takes them for lost once the agent no

@@ -193,12 +193,16 @@ impl RunningAttempt {
 
 /// Coordinator -> agent (`P.agent.<id>.steal`, request/reply): hand back attempts that
 /// wait in your queue, unstarted; the reply is the `Vec<SpawnTask>` handed back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StealRequest {
-    /// Only attempts of the coordinator process with this epoch (the asker's).
+    /// Only attempts of the coordinator process with this epoch (the asker's)...
     pub epoch: u32,
     /// At most this many.
     pub max: u32,
+    /// ...or with one of these (earlier processes whose attempts the asker re-attached
+    /// after a restart).
+    #[serde(default)]
+    pub also: Vec<u32>,
 }
 
 /// Agent -> coordinator: a batch of reports. Batches holding results are numbered and

@@ -163,6 +163,14 @@ impl FreezeWatch {
         }
     }
 
+    /// Whether this process was frozen and has not ticked since, or spawns are still
+    /// being dropped after a freeze (no side effect).
+    pub(super) fn holding(&self) -> bool {
+        let now = self.now_ms();
+        now.saturating_sub(self.beat_ms.load(Relaxed)) > FROZEN_AFTER.as_millis() as u64
+            || now < self.drop_until_ms.load(Relaxed)
+    }
+
     /// Whether a freeze was seen since last asked.
     pub(super) fn take_froze(&self) -> bool {
         self.froze.swap(false, Relaxed)

@@ -106,7 +106,7 @@ impl Tracker {
 
 /// Attempts that left the agent's queue unstarted (handed back or dropped) leave the
 /// list of what runs here.
-fn forget_given(tracker: &Mutex<Tracker>, idle: &Notify, given: &[SpawnTask]) {
+pub(super) fn forget_given(tracker: &Mutex<Tracker>, idle: &Notify, given: &[SpawnTask]) {
     if let Ok(mut t) = tracker.lock() {
         for task in given {
             t.end(&RunningAttempt::new(
@@ -239,11 +239,14 @@ pub async fn serve_agent(
     // asks the serve loop to check the id now (after a freeze)
     let recheck_id = Arc::new(Notify::new());
     let (tx, mut rx) = mpsc::unbounded_channel::<Report>();
+    let freeze = Arc::new(FreezeWatch::new());
     let sink = Arc::new(NatsReportSink {
         agent_id: agent_id.clone(),
         tx: Mutex::new(Some(tx)),
         tracker: tracker.clone(),
         metrics: cfg.metrics.clone(),
+        freeze: freeze.clone(),
+        idle: idle.clone(),
     });
 
     // reports: one task, so their order is kept; batched under load, numbered, and kept
@@ -367,7 +370,9 @@ pub async fn serve_agent(
     // meanwhile: the coordinator took it for dead and sent those attempts elsewhere, and
     // another process may hold its id now. They are dropped (until a heartbeat had time
     // to reach the coordinator), and the id is checked again at once.
-    let freeze = Arc::new(FreezeWatch::new());
+
+    // (the watch starts from now: setting up since it was made is no freeze)
+    freeze.beat_ms.store(freeze.now_ms(), Relaxed);
     let ticker = {
         let (freeze, recheck) = (freeze.clone(), recheck_id.clone());
         let (a, tr, idle) = (agent.clone(), tracker.clone(), idle.clone());
@@ -383,7 +388,7 @@ pub async fn serve_agent(
                     // still wanted here is missing from the heartbeats, so taken for
                     // lost and sent again
                     let all = StealAsk {
-                        epoch: None,
+                        epochs: None,
                         max: usize::MAX,
                         max_bytes: usize::MAX,
                     };
@@ -466,7 +471,7 @@ pub async fn serve_agent(
             };
             let ask = match decode_envelope::<StealRequest>(&msg.payload) {
                 Ok(r) => StealAsk {
-                    epoch: Some(r.epoch),
+                    epochs: Some(std::iter::once(r.epoch).chain(r.also).collect()),
                     max: r.max as usize,
                     max_bytes,
                 },
@@ -638,6 +643,19 @@ pub async fn serve_agent(
     // drain: take nothing new, let what runs finish, hand over the reports; the drain
     // timeout bounds all of it (NATS may be down: every wait on it is inside)
     tracing::info!(agent = %agent_id, timeout_s = cfg.drain_timeout.as_secs(), "draining: finishing running attempts, taking no new ones");
+    // attempts waiting in its queue are handed back, unstarted: they leave the list the
+    // draining heartbeat shows, so the coordinator sends them to other agents (started
+    // here, they could outlast the drain and run twice)
+    let all = StealAsk {
+        epochs: None,
+        max: usize::MAX,
+        max_bytes: usize::MAX,
+    };
+    let waiting = ractor::call!(agent, AgentMsg::Steal, all).unwrap_or_default();
+    if !waiting.is_empty() {
+        tracing::info!(attempts = waiting.len(), "draining: attempts waiting in the queue handed back (the coordinator runs them elsewhere)");
+    }
+    forget_given(&tracker, &idle, &waiting);
     let drain = async {
         publish(
             &client,

@@ -23,11 +23,22 @@ pub(super) struct NatsReportSink {
     pub(super) tx: Mutex<Option<mpsc::UnboundedSender<Report>>>,
     pub(super) tracker: Arc<Mutex<Tracker>>,
     pub(super) metrics: Option<Arc<crate::metrics::AgentMetrics>>,
+    /// Whether this process was just frozen.
+    pub(super) freeze: Arc<super::identity::FreezeWatch>,
+    pub(super) idle: Arc<tokio::sync::Notify>,
 }
 
 impl ResultSink for NatsReportSink {
     fn batches(&self) -> bool {
         true
+    }
+
+    fn may_start_waiting(&self) -> bool {
+        !self.freeze.holding()
+    }
+
+    fn unstarted(&self, tasks: &[SpawnTask]) {
+        super::forget_given(&self.tracker, &self.idle, tasks);
     }
 
     fn forget_all(&self) {

@@ -201,10 +201,16 @@ impl AgentLink for NatsAgentLink {
         }
     }
 
-    fn steal(&self, agent: &AgentId, epoch: u32, max: u32) -> BoxFuture<'static, Vec<SpawnTask>> {
+    fn steal(
+        &self,
+        agent: &AgentId,
+        epochs: Vec<u32>,
+        max: u32,
+    ) -> BoxFuture<'static, Vec<SpawnTask>> {
         let (client, subject) = (self.client.clone(), self.subjects.agent_steal(agent));
         Box::pin(async move {
-            let Ok(body) = encode_envelope(&StealRequest { epoch, max }) else {
+            let (epoch, also) = (epochs.first().copied().unwrap_or(0), epochs[1..].to_vec());
+            let Ok(body) = encode_envelope(&StealRequest { epoch, max, also }) else {
                 return Vec::new();
             };
             let asked = tokio::time::timeout(
