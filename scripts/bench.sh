@@ -125,8 +125,10 @@ measure distributed-default W2 w2_chain --n=300
 # the floor under W2: one NATS request/reply round trip, coordinator to agent
 measure nats-floor W2 nats_floor --n=1000 --agent=bench-1
 measure distributed-default W4 w4_payload --n=50 --bytes=1048576
-# the big run: 1,000,000 calls in one flow (10,000 in flight), once; the coordinator's
-# peak RSS with it
+stop_cluster
+# the big run: 1,000,000 calls in one flow (10,000 in flight), once, on a fresh cluster;
+# the coordinator's peak RSS with it
+start_cluster default on
 line=$(NATS_URL="nats://127.0.0.1:$port" "$bin" run --no-progress w1_big --n=1000000 2>/dev/null | tail -n1)
 echo "{\"mode\":\"distributed-default-1M\",\"label\":\"W1\",\"run\":1,\"line\":$line}" >>"$out"
 echo "{\"big\":{\"coordinator_rss_mib\":$(rss $coord_pid)}}" >>"$out"

@@ -213,7 +213,17 @@ where
         }
         out[i] = Some(r);
     }
-    out.into_iter().flatten().collect()
+    // (every place is filled; mapped in place, not collected into a second vector)
+    out.into_iter()
+        .map(|r| {
+            r.unwrap_or_else(|| {
+                Err(TaskError::RunClosed {
+                    task: String::new(),
+                    reason: "the call never ended".into(),
+                })
+            })
+        })
+        .collect()
 }
 
 /// `tokio::spawn` for flow code: the spawned future keeps the flow context, so the task
