@@ -47,6 +47,15 @@ pub struct StealAsk {
     pub max_bytes: usize,
 }
 
+impl StealAsk {
+    /// Every waiting attempt, whoever dispatched it.
+    pub const ALL: StealAsk = StealAsk {
+        epochs: None,
+        max: usize::MAX,
+        max_bytes: usize::MAX,
+    };
+}
+
 /// What the supervisor starts with.
 pub struct SupervisorArgs {
     /// The agent it belongs to.

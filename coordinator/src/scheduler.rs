@@ -274,11 +274,11 @@ struct Dispatched {
 /// (`total_slots`): a permit or token it takes must not wait behind other work on one
 /// agent while the limit binds. (A concurrency limit at or above every slot there is
 /// cannot bind on what runs: its attempts pipeline like any.)
-fn must_start(task: &SpawnTask, total_slots: u32) -> bool {
+fn must_start(task: &SpawnTask, total_slots: impl FnOnce() -> u32) -> bool {
     task.sched.as_deref().is_some_and(|s| {
         s.limits.rate.is_some()
             || s.limits.limit.is_some()
-            || s.limits.concurrency.is_some_and(|c| c < total_slots)
+            || s.limits.concurrency.is_some_and(|c| c < total_slots())
     })
 }
 
@@ -680,7 +680,8 @@ impl SchedulerState {
         {
             return Some((i, true));
         }
-        if must_start(task, self.total_slots()) {
+        // (the slots are summed only for an attempt under a concurrency limit)
+        if must_start(task, || self.total_slots()) {
             return None;
         }
         order()

@@ -104,6 +104,14 @@ impl Tracker {
     }
 }
 
+/// Empties the agent's queue (the attempts never start here) and takes them off the list
+/// of what runs here; how many there were.
+async fn drop_queue(agent: &ActorRef<AgentMsg>, tracker: &Mutex<Tracker>, idle: &Notify) -> usize {
+    let dropped = ractor::call!(agent, AgentMsg::Steal, StealAsk::ALL).unwrap_or_default();
+    forget_given(tracker, idle, &dropped);
+    dropped.len()
+}
+
 /// Attempts that left the agent's queue unstarted (handed back or dropped) leave the
 /// list of what runs here.
 pub(super) fn forget_given(tracker: &Mutex<Tracker>, idle: &Notify, given: &[SpawnTask]) {
@@ -387,16 +395,10 @@ pub async fn serve_agent(
                     // coordinator took this process for dead): dropped, unstarted; any
                     // still wanted here is missing from the heartbeats, so taken for
                     // lost and sent again
-                    let all = StealAsk {
-                        epochs: None,
-                        max: usize::MAX,
-                        max_bytes: usize::MAX,
-                    };
-                    let dropped = ractor::call!(a, AgentMsg::Steal, all).unwrap_or_default();
-                    if !dropped.is_empty() {
-                        tracing::warn!(attempts = dropped.len(), "this process was frozen: the attempts waiting in its queue are dropped (the coordinator sends them again)");
+                    let n = drop_queue(&a, &tr, &idle).await;
+                    if n > 0 {
+                        tracing::warn!(attempts = n, "this process was frozen: the attempts waiting in its queue are dropped (the coordinator sends them again)");
                     }
-                    forget_given(&tr, &idle, &dropped);
                 }
             }
         })
@@ -646,16 +648,10 @@ pub async fn serve_agent(
     // attempts waiting in its queue are handed back, unstarted: they leave the list the
     // draining heartbeat shows, so the coordinator sends them to other agents (started
     // here, they could outlast the drain and run twice)
-    let all = StealAsk {
-        epochs: None,
-        max: usize::MAX,
-        max_bytes: usize::MAX,
-    };
-    let waiting = ractor::call!(agent, AgentMsg::Steal, all).unwrap_or_default();
-    if !waiting.is_empty() {
-        tracing::info!(attempts = waiting.len(), "draining: attempts waiting in the queue handed back (the coordinator runs them elsewhere)");
+    let n = drop_queue(&agent, &tracker, &idle).await;
+    if n > 0 {
+        tracing::info!(attempts = n, "draining: attempts waiting in the queue handed back (the coordinator runs them elsewhere)");
     }
-    forget_given(&tracker, &idle, &waiting);
     let drain = async {
         publish(
             &client,
