@@ -1006,6 +1006,23 @@ async fn coordinator(
         Err(e) => return usage_error(format!("could not subscribe on NATS: {e}")),
     };
     publisher.publish(subjects.hello(), Bytes::new());
+    // back from a NATS outage, however short: report batches agents sent meanwhile may
+    // be lost on the way here; they send every unacknowledged one again (before their
+    // attempts, missing from heartbeats, are taken for lost and run twice)
+    {
+        let (publisher, subjects) = (publisher.clone(), subjects.clone());
+        tokio::spawn(async move {
+            let mut seen = pinazu_shared::nats::outage::reconnects();
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let now = pinazu_shared::nats::outage::reconnects();
+                if now != seen {
+                    seen = now;
+                    publisher.publish(subjects.hello(), Bytes::new());
+                }
+            }
+        });
+    }
     coordinator
         .metrics()
         .register_collector(pinazu_coordinator::metrics::NatsCollector(

@@ -402,6 +402,8 @@ pub mod outage {
     static DOWN: AtomicBool = AtomicBool::new(false);
     /// When the connection last came back (ms since `BASE`, plus one; 0: never).
     static BACK_MS: AtomicU64 = AtomicU64::new(0);
+    /// How many times it came back.
+    static BACKS: AtomicU64 = AtomicU64::new(0);
 
     fn now_ms() -> u64 {
         BASE.get_or_init(Instant::now).elapsed().as_millis() as u64
@@ -414,7 +416,14 @@ pub mod outage {
 
     pub(crate) fn ended() {
         BACK_MS.store(now_ms() + 1, Relaxed);
+        BACKS.fetch_add(1, Relaxed);
         DOWN.store(false, Relaxed);
+    }
+
+    /// How many times the connection came back from an outage (however short: one
+    /// between two looks at `is connected` is counted too).
+    pub fn reconnects() -> u64 {
+        BACKS.load(Relaxed)
     }
 
     /// `None` when connected and never back from an outage; else how long ago the

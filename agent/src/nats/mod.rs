@@ -548,6 +548,7 @@ pub async fn serve_agent(
     let reports_subject = subjects.reports_of(&agent_id);
     let mut failure: Option<String> = None;
     let mut was_connected = true;
+    let mut reconnects_seen = pinazu_shared::nats::outage::reconnects();
     loop {
         let all = tokio::select! {
             _ = &mut shutdown => break,
@@ -637,8 +638,10 @@ pub async fn serve_agent(
         // before the coordinator misses those attempts in the heartbeats and runs them
         // again
         let now_connected = connected(&client);
-        let all = all || (now_connected && !was_connected);
+        let backs = pinazu_shared::nats::outage::reconnects();
+        let all = all || (now_connected && (!was_connected || backs != reconnects_seen));
         was_connected = now_connected;
+        reconnects_seen = backs;
         resend(&client, &reports_subject, &outbox, all).await;
     }
 
